@@ -1,0 +1,108 @@
+"""The `prs-jax` command line: one subcommand per stage (later stages add theirs here)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+from prs_jax.errors import PrsJaxError
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    import jax
+    from flax import nnx
+    from rich.console import Console
+    from rich.table import Table
+
+    from prs_jax.models import from_pretrained
+    from prs_jax.models.tokenizer import has_chat_template, load_tokenizer
+    from prs_jax.models.transformer import RewardModel
+
+    model = from_pretrained(args.checkpoint, dtype=args.dtype)
+    cfg = model.config
+    params = nnx.state(model, nnx.Param)
+    leaves = jax.tree.leaves(params)
+    n_params = sum(int(x.size) for x in leaves)
+    dtypes = sorted({str(x.dtype) for x in leaves})
+    table = Table(title=str(args.checkpoint), show_header=False)
+    kind = f"reward model (head '{model.head_name}', {model.num_labels} label(s))" if isinstance(
+        model, RewardModel) else "causal LM"
+    rows = [
+        ("architecture", f"{cfg.model_type} ({cfg.family} family), {kind}"),
+        ("parameters", f"{n_params:,}"),
+        ("dtype", ", ".join(dtypes)),
+        ("layers", str(cfg.num_hidden_layers)),
+        ("hidden / intermediate", f"{cfg.hidden_size} / {cfg.intermediate_size}"),
+        ("heads / kv heads / head dim", f"{cfg.num_attention_heads} / {cfg.num_key_value_heads} / {cfg.head_dim}"),
+        ("vocab", str(cfg.vocab_size)),
+        ("context", str(cfg.max_position_embeddings)),
+        ("rope", f"{cfg.rope.rope_type}, theta={cfg.rope.theta:g}, rotary dims={cfg.rotary_dim}"),
+        ("tied embeddings", str(cfg.tie_word_embeddings)),
+    ]
+    if cfg.sliding_window:
+        rows.append(("sliding window", str(cfg.sliding_window)))
+    try:
+        tok = load_tokenizer(args.checkpoint)
+        rows.append(("tokenizer", f"{type(tok).__name__}, {len(tok)} tokens, chat template: "
+                                  f"{'yes' if has_chat_template(tok) else 'no'}"))
+    except PrsJaxError as e:
+        rows.append(("tokenizer", f"none ({e})"))
+    for k, v in rows:
+        table.add_row(k, v)
+    Console().print(table)
+    return 0
+
+
+def _cmd_quickstart(args: argparse.Namespace) -> int:
+    from prs_jax.quickstart import run_quickstart
+
+    return run_quickstart(out_dir=Path(args.out), seed=args.seed, smoke=args.smoke)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of `prs-jax` with all subcommands."""
+    parser = argparse.ArgumentParser(
+        prog="prs-jax",
+        description="prs_jax: tree-expansion sampling (PRS, best-of-N, verbalized sampling), Sr-DPO/Sr-IPO and "
+                    "RLAIF on Flax NNX models loaded from Hugging Face checkpoints.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("info", help="print a checkpoint's architecture, parameter count and dtype")
+    p.add_argument("checkpoint", type=Path, help="local Hugging Face checkpoint directory")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.set_defaults(func=_cmd_info)
+
+    p = sub.add_parser("quickstart", help="the main job: build a tiny model and run the engine end to end")
+    p.add_argument("--out", default="runs/quickstart", help="output directory (checkpoint, results)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--smoke", action="store_true", help="tiny sizes for CI")
+    p.set_defaults(func=_cmd_quickstart)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `prs-jax` console script."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    start = time.perf_counter()
+    try:
+        code = args.func(args)
+    except PrsJaxError as e:
+        print(f"prs-jax {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    if args.command != "info":
+        print(f"[prs-jax {args.command}] done in {time.perf_counter() - start:.1f}s", file=sys.stderr)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,17 @@
+"""Exceptions raised for user-facing problems; messages say what, where, and what to do."""
+
+
+class PrsJaxError(Exception):
+    """Base class of all prs_jax user errors."""
+
+
+class CheckpointError(PrsJaxError):
+    """A checkpoint directory, config or weight file is missing, malformed or incompatible."""
+
+
+class ConfigError(PrsJaxError):
+    """A YAML config or command-line override is invalid (unknown key, wrong type)."""
+
+
+class TokenizerError(PrsJaxError):
+    """A tokenizer or chat template is missing or cannot be used as asked."""

@@ -1,0 +1,257 @@
+"""Building blocks shared by the decoders: dense layers with logical axes, norms, RoPE, attention, KV cache."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from prs_jax.models.config import ModelConfig, RopeConfig
+from prs_jax.models.sharding import constrain
+
+Axes = tuple[str | None, ...]
+_INIT_STD = 0.02
+
+
+def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], dtype: jnp.dtype) -> jax.Array:
+    return (jax.random.normal(rngs.params(), shape, jnp.float32) * _INIT_STD).astype(dtype)
+
+
+class Dense(nnx.Module):
+    """y = x @ kernel (+ bias); kernel is [in, out] and carries logical axis names for sharding."""
+
+    def __init__(self, din: int, dout: int, axes: Axes, *, bias: bool, dtype: jnp.dtype, rngs: nnx.Rngs):
+        self.kernel = nnx.Param(_normal(rngs, (din, dout), dtype), logical_axes=axes)
+        self.bias = nnx.Param(jnp.zeros((dout,), dtype), logical_axes=axes[1:]) if bias else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = x @ self.kernel[...]
+        if self.bias is not None:
+            y = y + self.bias[...]
+        return y
+
+
+class Embed(nnx.Module):
+    """Token embedding table [vocab, hidden]; `attend` is the tied unembedding."""
+
+    def __init__(self, vocab: int, dim: int, *, dtype: jnp.dtype, rngs: nnx.Rngs):
+        self.embedding = nnx.Param(_normal(rngs, (vocab, dim), dtype), logical_axes=("vocab", "embed"))
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding[...], ids, axis=0)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        return x @ self.embedding[...].T
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm computed in float32, scaled by a learned weight (Llama convention: x * w, w initialised to 1)."""
+
+    def __init__(self, dim: int, eps: float, *, dtype: jnp.dtype):
+        self.weight = nnx.Param(jnp.ones((dim,), dtype), logical_axes=("norm",))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...] * xf.astype(x.dtype)
+
+
+class LayerNorm(nnx.Module):
+    """LayerNorm with weight and bias, computed in float32 (GPT-NeoX)."""
+
+    def __init__(self, dim: int, eps: float, *, dtype: jnp.dtype):
+        self.weight = nnx.Param(jnp.ones((dim,), dtype), logical_axes=("norm",))
+        self.bias = nnx.Param(jnp.zeros((dim,), dtype), logical_axes=("norm",))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        mean = jnp.mean(xf, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+        y = (xf - mean) * jax.lax.rsqrt(var + self.eps)
+        return (y * self.weight[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(x.dtype)
+
+
+def rope_inv_freq(rope: RopeConfig, rotary_dim: int) -> np.ndarray:
+    """Inverse frequencies [rotary_dim // 2] in float32, with linear or llama3 scaling applied."""
+    exponents = np.arange(0, rotary_dim, 2, dtype=np.float32) / np.float32(rotary_dim)
+    inv = (1.0 / (np.float32(rope.theta) ** exponents)).astype(np.float32)
+    if rope.rope_type == "linear":
+        inv = inv / np.float32(rope.factor)
+    elif rope.rope_type == "llama3":
+        old = rope.original_max_position_embeddings
+        low_wavelen = old / rope.low_freq_factor
+        high_wavelen = old / rope.high_freq_factor
+        wavelen = 2 * math.pi / inv
+        scaled = np.where(wavelen > low_wavelen, inv / rope.factor, inv)
+        smooth = (old / wavelen - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        inv = np.where(medium, smoothed, scaled).astype(np.float32)
+    return inv
+
+
+def rope_cos_sin(positions_bt: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, jax.Array]:
+    """cos/sin tables [B, T, rotary_dim] for integer positions (HF's rotate-half layout)."""
+    freqs = positions_bt.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)[None, None, :]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x_bthd: jax.Array, cos_btr: jax.Array, sin_btr: jax.Array) -> jax.Array:
+    """Rotate the first rotary_dim features of every head; the rest pass through (partial rotary)."""
+    rot = cos_btr.shape[-1]
+    x_rot, x_pass = x_bthd[..., :rot], x_bthd[..., rot:]
+    half = rot // 2
+    rotated = jnp.concatenate([-x_rot[..., half:], x_rot[..., :half]], axis=-1)
+    cos = cos_btr[:, :, None, :].astype(x_bthd.dtype)
+    sin = sin_btr[:, :, None, :].astype(x_bthd.dtype)
+    out = x_rot * cos + rotated * sin
+    return jnp.concatenate([out, x_pass], axis=-1) if x_pass.shape[-1] else out
+
+
+def attention(q_bthd: jax.Array, k_bksd: jax.Array, v_bksd: jax.Array, mask_bts: jax.Array) -> jax.Array:
+    """Grouped-query attention of T queries against S keys; softmax in float32. Returns [B, T, H, D]."""
+    b, t, h, d = q_bthd.shape
+    kvh = k_bksd.shape[1]
+    q = q_bthd.reshape(b, t, kvh, h // kvh, d)
+    scores = jnp.einsum("btkgd,bksd->bkgts", q, k_bksd, preferred_element_type=jnp.float32)
+    scores = scores * (1.0 / math.sqrt(d))
+    scores = jnp.where(mask_bts[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_bksd.dtype)
+    out = jnp.einsum("bkgts,bksd->btkgd", probs, v_bksd)
+    return out.reshape(b, t, h, d)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+    """Per-layer key/value slots [B, kv_heads, S, head_dim] plus slot validity and the next write slot.
+
+    Token i of a row lives in slot i; `mask` marks slots holding real tokens (left padding leaves holes),
+    and `index` is the slot where the next forward call writes. Queries attend to valid slots at or before
+    their own slot, so one layout serves left-padded prompts and incremental decoding alike.
+    """
+
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
+    mask: jax.Array  # [B, S] bool
+    index: jax.Array  # int32 scalar
+
+    @classmethod
+    def init(cls, cfg: ModelConfig, batch: int, max_len: int, dtype: jnp.dtype = jnp.float32) -> "KVCache":
+        """An empty cache with room for `max_len` tokens per row."""
+        shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        zeros = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_hidden_layers))
+        return cls(k=zeros, v=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_hidden_layers)),
+                   mask=jnp.zeros((batch, max_len), bool), index=jnp.zeros((), jnp.int32))
+
+    @property
+    def max_len(self) -> int:
+        return self.mask.shape[1]
+
+    @property
+    def lengths(self) -> jax.Array:
+        """Number of real tokens held per row [B]."""
+        return jnp.sum(self.mask, axis=-1, dtype=jnp.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class AttnContext:
+    """What every layer needs to attend: rope tables, the mask and (in cache mode) the write slot."""
+
+    cos: jax.Array
+    sin: jax.Array
+    mask_bts: jax.Array
+    write_index: jax.Array | None  # None: no cache (keys are the current tokens)
+
+
+class Attention(nnx.Module):
+    """Multi-head attention with GQA, optional q/k/v/o bias, optional per-head q/k RMSNorm, partial RoPE."""
+
+    def __init__(self, cfg: ModelConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs):
+        h, hd = cfg.hidden_size, cfg.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, hd
+        self.q_proj = Dense(h, self.num_heads * hd, ("embed", "heads"), bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
+        self.k_proj = Dense(h, self.num_kv_heads * hd, ("embed", "kv_heads"), bias=cfg.qkv_bias, dtype=dtype,
+                            rngs=rngs)
+        self.v_proj = Dense(h, self.num_kv_heads * hd, ("embed", "kv_heads"), bias=cfg.qkv_bias, dtype=dtype,
+                            rngs=rngs)
+        self.o_proj = Dense(self.num_heads * hd, h, ("heads", "embed"), bias=cfg.o_bias, dtype=dtype, rngs=rngs)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(hd, cfg.norm_eps, dtype=dtype)
+            self.k_norm = RMSNorm(hd, cfg.norm_eps, dtype=dtype)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def __call__(self, x_btd: jax.Array, ctx: AttnContext, kv: tuple[jax.Array, jax.Array] | None
+                 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+        b, t, _ = x_btd.shape
+        q = self.q_proj(x_btd).reshape(b, t, self.num_heads, self.head_dim)
+        k = self.k_proj(x_btd).reshape(b, t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x_btd).reshape(b, t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rope(q, ctx.cos, ctx.sin)
+        k = apply_rope(k, ctx.cos, ctx.sin)
+        k_bksd = k.transpose(0, 2, 1, 3)
+        v_bksd = v.transpose(0, 2, 1, 3)
+        if kv is not None:
+            k_cache, v_cache = kv
+            start = (0, 0, ctx.write_index, 0)
+            k_bksd = jax.lax.dynamic_update_slice(k_cache, k_bksd.astype(k_cache.dtype), start)
+            v_bksd = jax.lax.dynamic_update_slice(v_cache, v_bksd.astype(v_cache.dtype), start)
+            kv = (k_bksd, v_bksd)
+        out = attention(q, k_bksd, v_bksd, ctx.mask_bts)
+        out = constrain(out, ("batch", None, "heads", None))
+        return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim)), kv
+
+
+def activation(name: str):
+    """The HF activation named `name` as a JAX function."""
+    table = {
+        "silu": jax.nn.silu,
+        "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+        "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+        "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
+        "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+        "relu": jax.nn.relu,
+    }
+    if name not in table:
+        raise ValueError(f"activation {name!r} is not supported; supported: {sorted(table)}")
+    return table[name]
+
+
+class GatedMLP(nnx.Module):
+    """SwiGLU feed-forward (Llama family): down(act(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: ModelConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs):
+        h, i, bias = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
+        self.gate_proj = Dense(h, i, ("embed", "mlp"), bias=bias, dtype=dtype, rngs=rngs)
+        self.up_proj = Dense(h, i, ("embed", "mlp"), bias=bias, dtype=dtype, rngs=rngs)
+        self.down_proj = Dense(i, h, ("mlp", "embed"), bias=bias, dtype=dtype, rngs=rngs)
+        self.act_name = cfg.hidden_act
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        act = activation(self.act_name)
+        hidden = constrain(act(self.gate_proj(x)) * self.up_proj(x), ("batch", None, "mlp"))
+        return self.down_proj(hidden)
+
+
+class PlainMLP(nnx.Module):
+    """Two-layer feed-forward with bias (GPT-NeoX): dense_4h_to_h(act(dense_h_to_4h(x)))."""
+
+    def __init__(self, cfg: ModelConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs):
+        h, i = cfg.hidden_size, cfg.intermediate_size
+        self.up_proj = Dense(h, i, ("embed", "mlp"), bias=True, dtype=dtype, rngs=rngs)
+        self.down_proj = Dense(i, h, ("mlp", "embed"), bias=True, dtype=dtype, rngs=rngs)
+        self.act_name = cfg.hidden_act
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        hidden = constrain(activation(self.act_name)(self.up_proj(x)), ("batch", None, "mlp"))
+        return self.down_proj(hidden)

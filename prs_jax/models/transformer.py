@@ -1,0 +1,154 @@
+"""Flax NNX decoders: one backbone for the Llama family (Llama 2/3, Mistral, Qwen2, Qwen3) and GPT-NeoX (Pythia).
+
+One forward serves training and decoding:
+
+    hidden, cache = backbone(ids_bt, attention_mask=mask_bt, positions=pos_bt, cache=None | KVCache)
+
+Without a cache the T tokens attend causally to each other (padding masked). With a cache the T tokens are
+written at `cache.index` and attend to every valid slot up to their own (prefill and incremental decode are
+the same call). `CausalLM.unembed` is separate so training can send only response positions through the
+vocabulary projection.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from prs_jax.models.config import ModelConfig
+from prs_jax.models.layers import (
+    AttnContext, Attention, Dense, Embed, GatedMLP, KVCache, LayerNorm, PlainMLP, RMSNorm, rope_cos_sin,
+    rope_inv_freq,
+)
+from prs_jax.models.sharding import constrain
+
+
+class Block(nnx.Module):
+    """One decoder layer: pre-norm attention + MLP, sequential (Llama) or parallel residual (GPT-NeoX)."""
+
+    def __init__(self, cfg: ModelConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs):
+        norm = RMSNorm if cfg.family == "llama" else LayerNorm
+        self.input_layernorm = norm(cfg.hidden_size, cfg.norm_eps, dtype=dtype)
+        self.post_attention_layernorm = norm(cfg.hidden_size, cfg.norm_eps, dtype=dtype)
+        self.self_attn = Attention(cfg, dtype=dtype, rngs=rngs)
+        self.mlp = GatedMLP(cfg, dtype=dtype, rngs=rngs) if cfg.family == "llama" else PlainMLP(cfg, dtype=dtype,
+                                                                                                 rngs=rngs)
+        self.parallel_residual = cfg.use_parallel_residual
+
+    def __call__(self, x: jax.Array, ctx: AttnContext, kv: tuple[jax.Array, jax.Array] | None):
+        attn_out, kv = self.self_attn(self.input_layernorm(x), ctx, kv)
+        if self.parallel_residual:
+            x = x + attn_out + self.mlp(self.post_attention_layernorm(x))
+        else:
+            x = x + attn_out
+            x = x + self.mlp(self.post_attention_layernorm(x))
+        return constrain(x, ("batch", None, "embed_act")), kv
+
+
+def default_positions(attention_mask_bt: jax.Array, offset_b: jax.Array | None = None) -> jax.Array:
+    """Positions counting real tokens only: left padding does not shift RoPE positions."""
+    pos = jnp.cumsum(attention_mask_bt.astype(jnp.int32), axis=-1) - 1
+    if offset_b is not None:
+        pos = pos + offset_b[:, None]
+    return jnp.maximum(pos, 0)
+
+
+class Backbone(nnx.Module):
+    """Embedding, decoder layers and final norm; returns hidden states [B, T, hidden]."""
+
+    def __init__(self, cfg: ModelConfig, *, dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
+        self.config = cfg
+        self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, rngs=rngs)
+        self.layers = nnx.List([Block(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.num_hidden_layers)])
+        norm = RMSNorm if cfg.family == "llama" else LayerNorm
+        self.norm = norm(cfg.hidden_size, cfg.norm_eps, dtype=dtype)
+
+    def _mask(self, q_slot_bt: jax.Array, kv_valid_bs: jax.Array) -> jax.Array:
+        s = jnp.arange(kv_valid_bs.shape[1], dtype=jnp.int32)
+        allowed = kv_valid_bs[:, None, :] & (s[None, None, :] <= q_slot_bt[:, :, None])
+        if self.config.sliding_window is not None:
+            allowed &= s[None, None, :] > q_slot_bt[:, :, None] - self.config.sliding_window
+        return allowed
+
+    def __call__(self, input_ids: jax.Array, *, attention_mask: jax.Array | None = None,
+                 positions: jax.Array | None = None, cache: KVCache | None = None
+                 ) -> tuple[jax.Array, KVCache | None]:
+        b, t = input_ids.shape
+        if attention_mask is None:
+            attention_mask = jnp.ones((b, t), bool)
+        attention_mask = attention_mask.astype(bool)
+        if cache is None:
+            if positions is None:
+                positions = default_positions(attention_mask)
+            q_slot = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+            mask = self._mask(q_slot, attention_mask)
+            write_index = None
+        else:
+            if positions is None:
+                positions = default_positions(attention_mask, cache.lengths)
+            write_index = cache.index
+            valid = jax.lax.dynamic_update_slice(cache.mask, attention_mask, (0, write_index))
+            q_slot = write_index + jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+            mask = self._mask(q_slot, valid)
+        cos, sin = rope_cos_sin(positions, rope_inv_freq(self.config.rope, self.config.rotary_dim))
+        ctx = AttnContext(cos=cos, sin=sin, mask_bts=mask, write_index=write_index)
+        x = constrain(self.embed_tokens(input_ids), ("batch", None, "embed_act"))
+        new_k, new_v = [], []
+        for i, layer in enumerate(self.layers):
+            kv = (cache.k[i], cache.v[i]) if cache is not None else None
+            x, kv = layer(x, ctx, kv)
+            if kv is not None:
+                new_k.append(kv[0])
+                new_v.append(kv[1])
+        x = self.norm(x)
+        if cache is not None:
+            cache = KVCache(k=tuple(new_k), v=tuple(new_v), mask=valid, index=write_index + t)
+        return x, cache
+
+
+class CausalLM(nnx.Module):
+    """Backbone + vocabulary projection (tied to the embedding or separate)."""
+
+    def __init__(self, cfg: ModelConfig, *, dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
+        self.config = cfg
+        self.model = Backbone(cfg, dtype=dtype, rngs=rngs)
+        self.lm_head = None if cfg.tie_word_embeddings else Dense(
+            cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), bias=False, dtype=dtype, rngs=rngs)
+
+    def unembed(self, hidden: jax.Array) -> jax.Array:
+        """Logits [..., vocab] for hidden states [..., hidden]."""
+        if self.lm_head is None:
+            return self.model.embed_tokens.attend(hidden)
+        return self.lm_head(hidden)
+
+    def __call__(self, input_ids: jax.Array, *, attention_mask: jax.Array | None = None,
+                 positions: jax.Array | None = None, cache: KVCache | None = None
+                 ) -> tuple[jax.Array, KVCache | None]:
+        """Logits [B, T, vocab] for every position and the updated cache (None without one)."""
+        hidden, cache = self.model(input_ids, attention_mask=attention_mask, positions=positions, cache=cache)
+        return self.unembed(hidden), cache
+
+
+class RewardModel(nnx.Module):
+    """Backbone + linear head; the reward is the head's output at each row's last real token."""
+
+    def __init__(self, cfg: ModelConfig, *, num_labels: int = 1, head_name: str = "score", head_bias: bool = False,
+                 dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
+        self.config = cfg
+        self.head_name = head_name
+        self.num_labels = num_labels
+        self.model = Backbone(cfg, dtype=dtype, rngs=rngs)
+        self.head = Dense(cfg.hidden_size, num_labels, ("embed", None), bias=head_bias, dtype=dtype, rngs=rngs)
+
+    def __call__(self, input_ids: jax.Array, *, attention_mask: jax.Array | None = None,
+                 positions: jax.Array | None = None) -> jax.Array:
+        """Rewards [B] (or [B, num_labels] when num_labels > 1)."""
+        if attention_mask is None:
+            attention_mask = jnp.ones(input_ids.shape, bool)
+        hidden, _ = self.model(input_ids, attention_mask=attention_mask, positions=positions)
+        t = input_ids.shape[1]
+        last = jnp.max(jnp.where(attention_mask.astype(bool), jnp.arange(t)[None, :], 0), axis=-1)
+        h_last = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
+        out = self.head(h_last)
+        return out[:, 0] if self.num_labels == 1 else out
