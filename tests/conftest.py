@@ -1,0 +1,82 @@
+"""Shared fixtures: tiny HF-format checkpoints built on the fly (random weights, local tokenizer), offline."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from prs_jax.models.tiny import build_checkpoint, build_tokenizer  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A byte-level BPE tokenizer directory with a chat template."""
+    return build_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def make_checkpoint(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path):
+    """Factory: make_checkpoint(model_type, **config_overrides) -> checkpoint dir (cached per arguments)."""
+    cache: dict[tuple, Path] = {}
+
+    def make(model_type: str = "llama", *, task: str = "causal_lm", seed: int = 0, head_name: str = "score",
+             **overrides) -> Path:
+        key = (model_type, task, seed, head_name, tuple(sorted((k, repr(v)) for k, v in overrides.items())))
+        if key not in cache:
+            out = tmp_path_factory.mktemp(f"{model_type}-{task}")
+            cache[key] = build_checkpoint(out, model_type, seed=seed, task=task, head_name=head_name,
+                                          tokenizer_dir=tokenizer_dir, **overrides)
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def llama_dir(make_checkpoint) -> Path:
+    """The default tiny Llama (GQA 4:2, untied)."""
+    return make_checkpoint("llama")
+
+
+class HFReference:
+    """transformers' PyTorch implementation run on the same checkpoint: the independent reference."""
+
+    @staticmethod
+    def causal_lm(path: Path):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32,
+                                                    attn_implementation="eager").eval()
+
+    @staticmethod
+    def sequence_classifier(path: Path):
+        import torch
+        from transformers import AutoModelForSequenceClassification
+
+        return AutoModelForSequenceClassification.from_pretrained(str(path), dtype=torch.float32,
+                                                                  attn_implementation="eager").eval()
+
+    @staticmethod
+    def run(model, ids, mask=None, positions=None):
+        """Model outputs (logits) as float32 NumPy."""
+        import numpy as np
+        import torch
+
+        kwargs = {}
+        if mask is not None:
+            kwargs["attention_mask"] = torch.tensor(np.asarray(mask, dtype=np.int64))
+        if positions is not None:
+            kwargs["position_ids"] = torch.tensor(np.asarray(positions, dtype=np.int64))
+        with torch.no_grad():
+            return model(torch.tensor(np.asarray(ids, dtype=np.int64)), **kwargs).logits.float().numpy()
+
+
+@pytest.fixture(scope="session")
+def hf_ref() -> HFReference:
+    return HFReference()

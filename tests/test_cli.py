@@ -1,0 +1,41 @@
+"""The `prs-jax` console script: --help, info on a fixture checkpoint, the quickstart (smoke size)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from prs_jax.cli import main
+
+
+def test_help_lists_subcommands(capsys):
+    proc = subprocess.run([sys.executable, "-m", "prs_jax.cli", "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0
+    assert "info" in proc.stdout and "quickstart" in proc.stdout
+
+
+def test_info_on_fixture_checkpoint(llama_dir, make_checkpoint, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    assert main(["info", str(llama_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "llama" in out and "parameters" in out and "float32" in out and "chat template: yes" in out
+    rm = make_checkpoint("gpt_neox", task="reward")
+    assert main(["info", str(rm)]) == 0
+    assert "reward model" in capsys.readouterr().out
+
+
+def test_info_error_is_reported(tmp_path, capsys):
+    assert main(["info", str(tmp_path)]) == 1
+    assert "no config.json" in capsys.readouterr().err
+
+
+def test_quickstart_smoke(tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    proc = subprocess.run([sys.executable, "-m", "prs_jax.cli", "quickstart", "--smoke", "--out", str(tmp_path)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in (tmp_path / "samples-smoke.jsonl").read_text().splitlines()]
+    assert len(rows) == 8 and {r["mode"] for r in rows} == {"greedy", "T=1.0 top_p=0.9"}
+    assert all(0 < r["new_tokens"] <= 16 for r in rows)
