@@ -19,7 +19,8 @@ from rich.table import Table
 
 from prs_jax.models import encode_chat, load_causal_lm, load_tokenizer
 from prs_jax.models.tiny import build_checkpoint
-from prs_jax.tree.decode import SamplingConfig, generate, left_pad
+from prs_jax.tree.decode import generate, left_pad
+from prs_jax.tree.sampling import SamplingParams
 
 PROMPTS = [
     "List three fruits in alphabetical order.",
@@ -52,8 +53,8 @@ def run_quickstart(out_dir: Path, seed: int = 0, smoke: bool = False) -> int:
     table = Table(title=f"{ckpt.name}: random weights, {len(prompts)} prompts x {new_tokens} new tokens")
     for col in ("mode", "compile+run s", "steady s", "new tok/s", "first completion (random weights)"):
         table.add_column(col)
-    for mode, sampling in (("greedy", SamplingConfig(greedy=True)), ("T=1.0 top_p=0.9",
-                                                                     SamplingConfig(temperature=1.0, top_p=0.9))):
+    for mode, sampling in (("greedy", SamplingParams(greedy=True)), ("T=1.0 top_p=0.9",
+                                                                     SamplingParams(temperature=1.0, top_p=0.9))):
         key = jax.random.key(seed)
         t0 = time.perf_counter()
         out = generate(model, ids, mask, max_new_tokens=new_tokens, sampling=sampling, key=key,

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from prs_jax.kernels.cascade import cascade_attention
 from prs_jax.models.config import ModelConfig, RopeConfig
 from prs_jax.models.sharding import constrain
 
@@ -161,14 +162,56 @@ class KVCache:
         return jnp.sum(self.mask, axis=-1, dtype=jnp.int32)
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class CascadeCache:
+    """KV for cascade decoding: G shared prefixes (one per group of n sibling rows) + each row's own suffix.
+
+    prefix_k/v[layer]: [G, K, P, D] with `prefix_mask` [G, P] and `prefix_len` [G] real tokens (positions of
+    a row's new tokens continue after its group's prefix); suffix_k/v[layer]: [R, K, S, D] with R = G * n,
+    `suffix_mask` [R, S] valid slots, `index` the next suffix slot to write. `impl` picks the prefix-attention
+    implementation ("reference" or "pallas").
+    """
+
+    prefix_k: tuple[jax.Array, ...]
+    prefix_v: tuple[jax.Array, ...]
+    prefix_mask: jax.Array
+    prefix_len: jax.Array
+    suffix_k: tuple[jax.Array, ...]
+    suffix_v: tuple[jax.Array, ...]
+    suffix_mask: jax.Array
+    index: jax.Array
+    impl: str = dataclasses.field(default="reference", metadata=dict(static=True))
+
+    @classmethod
+    def init(cls, cfg: ModelConfig, prefix_k: tuple[jax.Array, ...], prefix_v: tuple[jax.Array, ...],
+             prefix_mask: jax.Array, rows_per_group: int, suffix_len: int, impl: str = "reference"
+             ) -> "CascadeCache":
+        """A cascade cache over given prefixes with an empty suffix of `suffix_len` slots per row."""
+        g = prefix_mask.shape[0]
+        r = g * rows_per_group
+        shape = (r, cfg.num_key_value_heads, suffix_len, cfg.head_dim)
+        dtype = prefix_k[0].dtype
+        return cls(prefix_k=tuple(prefix_k), prefix_v=tuple(prefix_v), prefix_mask=prefix_mask,
+                   prefix_len=jnp.sum(prefix_mask, axis=-1, dtype=jnp.int32),
+                   suffix_k=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_hidden_layers)),
+                   suffix_v=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_hidden_layers)),
+                   suffix_mask=jnp.zeros((r, suffix_len), bool), index=jnp.zeros((), jnp.int32), impl=impl)
+
+    @property
+    def rows_per_group(self) -> int:
+        return self.suffix_mask.shape[0] // self.prefix_mask.shape[0]
+
+
 @dataclasses.dataclass(frozen=True)
 class AttnContext:
     """What every layer needs to attend: rope tables, the mask and (in cache mode) the write slot."""
 
     cos: jax.Array
     sin: jax.Array
-    mask_bts: jax.Array
+    mask_bts: jax.Array  # plain: [B, T, S]; cascade: the suffix mask [R, T, S]
     write_index: jax.Array | None  # None: no cache (keys are the current tokens)
+    cascade: CascadeCache | None = None  # set in cascade mode (prefix mask, groups, impl)
 
 
 class Attention(nnx.Module):
@@ -201,6 +244,16 @@ class Attention(nnx.Module):
         k = apply_rope(k, ctx.cos, ctx.sin)
         k_bksd = k.transpose(0, 2, 1, 3)
         v_bksd = v.transpose(0, 2, 1, 3)
+        if ctx.cascade is not None:
+            pk, pv, sk, sv = kv
+            start = (0, 0, ctx.write_index, 0)
+            sk = jax.lax.dynamic_update_slice(sk, k_bksd.astype(sk.dtype), start)
+            sv = jax.lax.dynamic_update_slice(sv, v_bksd.astype(sv.dtype), start)
+            g = ctx.cascade.prefix_mask.shape[0]
+            out = cascade_attention(q.reshape(g, b // g, t, self.num_heads, self.head_dim), pk, pv,
+                                    ctx.cascade.prefix_mask, sk, sv, ctx.mask_bts, impl=ctx.cascade.impl)
+            out = out.reshape(b, t, self.num_heads * self.head_dim)
+            return self.o_proj(out), (pk, pv, sk, sv)
         if kv is not None:
             k_cache, v_cache = kv
             start = (0, 0, ctx.write_index, 0)

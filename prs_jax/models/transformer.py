@@ -12,13 +12,15 @@ vocabulary projection.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from prs_jax.models.config import ModelConfig
 from prs_jax.models.layers import (
-    AttnContext, Attention, Dense, Embed, GatedMLP, KVCache, LayerNorm, PlainMLP, RMSNorm, rope_cos_sin,
+    AttnContext, Attention, CascadeCache, Dense, Embed, GatedMLP, KVCache, LayerNorm, PlainMLP, RMSNorm, rope_cos_sin,
     rope_inv_freq,
 )
 from prs_jax.models.sharding import constrain
@@ -72,37 +74,54 @@ class Backbone(nnx.Module):
         return allowed
 
     def __call__(self, input_ids: jax.Array, *, attention_mask: jax.Array | None = None,
-                 positions: jax.Array | None = None, cache: KVCache | None = None
-                 ) -> tuple[jax.Array, KVCache | None]:
+                 positions: jax.Array | None = None, cache: KVCache | CascadeCache | None = None
+                 ) -> tuple[jax.Array, KVCache | CascadeCache | None]:
         b, t = input_ids.shape
         if attention_mask is None:
             attention_mask = jnp.ones((b, t), bool)
         attention_mask = attention_mask.astype(bool)
+        cascade = cache if isinstance(cache, CascadeCache) else None
         if cache is None:
             if positions is None:
                 positions = default_positions(attention_mask)
             q_slot = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
             mask = self._mask(q_slot, attention_mask)
-            write_index = None
+            write_index = valid = None
         else:
-            if positions is None:
-                positions = default_positions(attention_mask, cache.lengths)
             write_index = cache.index
-            valid = jax.lax.dynamic_update_slice(cache.mask, attention_mask, (0, write_index))
+            old_valid = cache.suffix_mask if cascade is not None else cache.mask
+            valid = jax.lax.dynamic_update_slice(old_valid, attention_mask, (0, write_index))
+            if positions is None:
+                offset = jnp.sum(old_valid, axis=-1, dtype=jnp.int32)
+                if cascade is not None:
+                    offset = offset + jnp.repeat(cascade.prefix_len, cascade.rows_per_group)
+                positions = default_positions(attention_mask, offset)
             q_slot = write_index + jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+            if cascade is not None and self.config.sliding_window is not None:
+                total = cascade.prefix_mask.shape[1] + cascade.suffix_mask.shape[1]
+                if total > self.config.sliding_window:
+                    raise NotImplementedError(
+                        f"cascade decoding with sliding_window={self.config.sliding_window} over contexts of up "
+                        f"to {total} tokens is not supported; use plain decoding for this model.")
             mask = self._mask(q_slot, valid)
         cos, sin = rope_cos_sin(positions, rope_inv_freq(self.config.rope, self.config.rotary_dim))
-        ctx = AttnContext(cos=cos, sin=sin, mask_bts=mask, write_index=write_index)
+        ctx = AttnContext(cos=cos, sin=sin, mask_bts=mask, write_index=write_index, cascade=cascade)
         x = constrain(self.embed_tokens(input_ids), ("batch", None, "embed_act"))
         new_k, new_v = [], []
         for i, layer in enumerate(self.layers):
-            kv = (cache.k[i], cache.v[i]) if cache is not None else None
+            if cascade is not None:
+                kv = (cascade.prefix_k[i], cascade.prefix_v[i], cascade.suffix_k[i], cascade.suffix_v[i])
+            else:
+                kv = (cache.k[i], cache.v[i]) if cache is not None else None
             x, kv = layer(x, ctx, kv)
             if kv is not None:
-                new_k.append(kv[0])
-                new_v.append(kv[1])
+                new_k.append(kv[-2])
+                new_v.append(kv[-1])
         x = self.norm(x)
-        if cache is not None:
+        if cascade is not None:
+            cache = dataclasses.replace(cascade, suffix_k=tuple(new_k), suffix_v=tuple(new_v), suffix_mask=valid,
+                                        index=write_index + t)
+        elif cache is not None:
             cache = KVCache(k=tuple(new_k), v=tuple(new_v), mask=valid, index=write_index + t)
         return x, cache
 
@@ -123,8 +142,8 @@ class CausalLM(nnx.Module):
         return self.lm_head(hidden)
 
     def __call__(self, input_ids: jax.Array, *, attention_mask: jax.Array | None = None,
-                 positions: jax.Array | None = None, cache: KVCache | None = None
-                 ) -> tuple[jax.Array, KVCache | None]:
+                 positions: jax.Array | None = None, cache: KVCache | CascadeCache | None = None
+                 ) -> tuple[jax.Array, KVCache | CascadeCache | None]:
         """Logits [B, T, vocab] for every position and the updated cache (None without one)."""
         hidden, cache = self.model(input_ids, attention_mask=attention_mask, positions=positions, cache=cache)
         return self.unembed(hidden), cache

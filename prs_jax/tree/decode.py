@@ -16,25 +16,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from prs_jax.models.layers import KVCache
+from prs_jax.tree.sampling import SamplingParams, sample
 from prs_jax.models.transformer import CausalLM
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplingConfig:
-    """Next-token sampling: greedy, or temperature with optional top-k / top-p truncation."""
-
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    greedy: bool = False
-
-    def __post_init__(self) -> None:
-        if not self.greedy and self.temperature <= 0:
-            raise ValueError(f"SamplingConfig.temperature must be > 0 (got {self.temperature}); use greedy=True.")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"SamplingConfig.top_p must be in (0, 1] (got {self.top_p}).")
-        if self.top_k < 0:
-            raise ValueError(f"SamplingConfig.top_k must be >= 0 (got {self.top_k}).")
 
 
 @jax.tree_util.register_dataclass
@@ -47,48 +30,9 @@ class Generation:
     lengths: jax.Array
 
 
-def _first_argmax(x: jax.Array) -> jax.Array:
-    # Cheaper than a fused value+index argmax on XLA:CPU; ties resolve to the lowest index like argmax.
-    m = jnp.max(x, axis=-1, keepdims=True)
-    iota = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
-    return jnp.min(jnp.where(x == m, iota, x.shape[-1]), axis=-1)
-
-
-def truncate_logits(logits: jax.Array, sampling: SamplingConfig) -> jax.Array:
-    """Temperature-scaled logits with everything outside top-k / top-p set to -inf."""
-    x = logits.astype(jnp.float32) / sampling.temperature
-    if sampling.top_k:
-        kth = jax.lax.top_k(x, sampling.top_k)[0][..., -1:]
-        x = jnp.where(x < kth, -jnp.inf, x)
-    if sampling.top_p < 1.0:
-        sorted_x = jnp.sort(x, axis=-1)[..., ::-1]
-        probs = jax.nn.softmax(sorted_x, axis=-1)
-        cum_before = jnp.cumsum(probs, axis=-1) - probs
-        keep = cum_before < sampling.top_p
-        threshold = jnp.min(jnp.where(keep, sorted_x, jnp.inf), axis=-1, keepdims=True)
-        x = jnp.where(x < threshold, -jnp.inf, x)
-    return x
-
-
-def sample_token(logits: jax.Array, key: jax.Array, sampling: SamplingConfig) -> tuple[jax.Array, jax.Array]:
-    """Sample one token per row; returns (token [B], log-prob of that token under the truncated dist [B])."""
-    if sampling.greedy:
-        tok = _first_argmax(logits)
-        logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    else:
-        x = truncate_logits(logits, sampling)
-        logp = jax.nn.log_softmax(x, axis=-1)
-        # Inverse-CDF sampling from one uniform per row: no per-vocabulary random bits.
-        u = jax.random.uniform(key, x.shape[:-1] + (1,), jnp.float32)
-        cdf = jnp.cumsum(jnp.exp(logp), axis=-1)
-        tok = jnp.minimum(jnp.sum(cdf < u * cdf[..., -1:], axis=-1), x.shape[-1] - 1).astype(jnp.int32)
-        tok = jnp.where(jnp.isneginf(jnp.take_along_axis(x, tok[:, None], -1)[:, 0]), _first_argmax(x), tok)
-    return tok, jnp.take_along_axis(logp, tok[:, None], axis=-1)[:, 0]
-
-
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampling", "eos_ids", "pad_id"))
 def _generate(graphdef: nnx.GraphDef, state: nnx.State, input_ids: jax.Array, attention_mask: jax.Array,
-              key: jax.Array, *, max_new_tokens: int, sampling: SamplingConfig,
+              key: jax.Array, *, max_new_tokens: int, sampling: SamplingParams,
               eos_ids: tuple[int, ...], pad_id: int) -> Generation:
     model = nnx.merge(graphdef, state)
     b, t = input_ids.shape
@@ -107,7 +51,7 @@ def _generate(graphdef: nnx.GraphDef, state: nnx.State, input_ids: jax.Array, at
     def body(carry):
         step, last, cache, done, lengths, out_tok, out_lp, key = carry
         key, sub = jax.random.split(key)
-        tok, lp = sample_token(last, sub, sampling)
+        tok, lp = sample(last, jax.random.uniform(sub, (b,)), sampling)
         tok = jnp.where(done, pad_id, tok)
         lp = jnp.where(done, 0.0, lp)
         out_tok = jax.lax.dynamic_update_slice(out_tok, tok[:, None], (0, step))
@@ -137,11 +81,14 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_id: int, length: int | None
 
 
 def generate(model: CausalLM, input_ids: jax.Array, attention_mask: jax.Array, *, max_new_tokens: int,
-             sampling: SamplingConfig = SamplingConfig(), key: jax.Array | None = None,
+             sampling: SamplingParams = SamplingParams(), key: jax.Array | None = None,
              eos_ids: Sequence[int] = (), pad_id: int = 0) -> Generation:
     """Decode up to `max_new_tokens` for each left-padded prompt row; stops early when all rows hit EOS."""
     if max_new_tokens <= 0:
         raise ValueError(f"generate: max_new_tokens must be positive (got {max_new_tokens}).")
+    if sampling.needs_counts:
+        raise ValueError("generate: repetition/presence/frequency penalties are applied by the tree engine "
+                         "(prs_jax.tree.TreeEngine.expand); the flat decoder does not track token counts.")
     b, t = input_ids.shape
     limit = model.config.max_position_embeddings
     if t + max_new_tokens > limit:

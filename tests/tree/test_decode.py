@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from prs_jax.models import load_causal_lm
-from prs_jax.tree.decode import SamplingConfig, generate, left_pad, truncate_logits
+from prs_jax.tree.decode import generate, left_pad
+from prs_jax.tree.sampling import SamplingParams, truncate
 
 
 @pytest.mark.parametrize("model_type", ["llama", "gpt_neox"])
@@ -21,7 +22,7 @@ def test_greedy_matches_transformers_generate(model_type, make_checkpoint, hf_re
     prompts = [list(rng.integers(7, 500, size=n)) for n in (9, 4, 6)]
     ids, mask = left_pad(prompts, pad_id=0)
     n_new = 12
-    out = generate(model, ids, mask, max_new_tokens=n_new, sampling=SamplingConfig(greedy=True), eos_ids=[6],
+    out = generate(model, ids, mask, max_new_tokens=n_new, sampling=SamplingParams(greedy=True), eos_ids=[6],
                    pad_id=0)
     ref_model = hf_ref.causal_lm(path)
     with torch.no_grad():
@@ -40,7 +41,7 @@ def test_greedy_matches_transformers_generate(model_type, make_checkpoint, hf_re
 def test_same_seed_same_samples_and_lengths(llama_dir):
     model = load_causal_lm(llama_dir)
     ids, mask = left_pad([[5, 6, 7], [8, 9]], pad_id=0)
-    kw = dict(max_new_tokens=10, sampling=SamplingConfig(temperature=1.3, top_k=50), eos_ids=[6], pad_id=0)
+    kw = dict(max_new_tokens=10, sampling=SamplingParams(temperature=1.3, top_k=50), eos_ids=[6], pad_id=0)
     a = generate(model, ids, mask, key=jax.random.key(1), **kw)
     b = generate(model, ids, mask, key=jax.random.key(1), **kw)
     c = generate(model, ids, mask, key=jax.random.key(2), **kw)
@@ -53,9 +54,9 @@ def test_same_seed_same_samples_and_lengths(llama_dir):
 
 def test_truncation_top_k_top_p():
     logits = jnp.log(jnp.asarray([[0.5, 0.25, 0.15, 0.1]]))
-    k2 = truncate_logits(logits, SamplingConfig(top_k=2))
+    k2 = truncate(logits, SamplingParams(top_k=2))
     assert np.isfinite(np.asarray(k2)).sum() == 2
-    p = truncate_logits(logits, SamplingConfig(top_p=0.7))  # 0.5 + 0.25 reaches 0.7
+    p = truncate(logits, SamplingParams(top_p=0.7))  # 0.5 + 0.25 reaches 0.7
     np.testing.assert_array_equal(np.isfinite(np.asarray(p))[0], [True, True, False, False])
 
 
@@ -69,4 +70,4 @@ def test_bad_inputs(llama_dir):
     with pytest.raises(ValueError, match="sequence 1 is empty"):
         left_pad([[1], []], pad_id=0)
     with pytest.raises(ValueError, match="temperature must be > 0"):
-        SamplingConfig(temperature=0.0)
+        SamplingParams(temperature=0.0)

@@ -1,0 +1,167 @@
+"""Cascade (shared-prefix) attention: attention over a prefix shared by a group of sibling rows, merged exactly
+with attention over each row's own suffix by log-sum-exp.
+
+Shapes (G groups of n sibling rows, R = G * n rows, T new tokens per row, H query heads, K kv heads, D dims):
+
+    q_gnthd         [G, n, T, H, D]     queries of the new tokens
+    prefix_k/v      [G, K, P, D]        one copy of the shared context per group
+    prefix_mask_gp  [G, P]              valid prefix slots (ragged prefix lengths)
+    suffix_k/v      [R, K, S, D]        each row's own tokens (rows of group g are g*n .. g*n+n-1)
+    suffix_mask_rts [R, T, S]           causal + validity mask of the suffix slots per query
+
+The prefix part batches the queries of all n siblings (and of the H/K query heads sharing a kv head) against
+one prefix: a [n*T*H/K, D] x [D, P] matrix product per (group, kv head) instead of n matrix-vector products
+over n copies of the prefix. Both parts return normalised outputs and log-sum-exps; the merge
+    lse = logaddexp(lse1, lse2);  o = o1 * exp(lse1 - lse) + o2 * exp(lse2 - lse)
+is exact. A part that sees no valid key has lse = -inf and weight 0.
+
+`prefix_attention_reference` is the pure-JAX definition; `prefix_attention_pallas` is a Pallas kernel (online
+softmax over prefix blocks) verified against it in interpret mode. `cascade_attention` dispatches.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+NEG_INF = float("-inf")
+
+
+def attention_with_lse(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Softmax attention returning (out [..., M, D] float32, lse [..., M] float32); q is pre-scaled.
+
+    q [..., M, D], k/v [..., S, D], mask broadcastable to [..., M, S]. Rows with no valid key give out = 0 and
+    lse = -inf.
+    """
+    s = jnp.einsum("...md,...sd->...ms", q, k, preferred_element_type=jnp.float32)
+    s = jnp.where(mask, s, NEG_INF)
+    m = jnp.max(s, axis=-1, keepdims=True)
+    m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
+    p = jnp.exp(s - m_safe)
+    l = jnp.sum(p, axis=-1, keepdims=True)
+    out = jnp.einsum("...ms,...sd->...md", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    out = jnp.where(l > 0, out / jnp.where(l > 0, l, 1.0), 0.0)
+    lse = jnp.where(l[..., 0] > 0, m_safe[..., 0] + jnp.log(jnp.where(l[..., 0] > 0, l[..., 0], 1.0)), NEG_INF)
+    return out, lse
+
+
+def merge_partials(o1: jax.Array, lse1: jax.Array, o2: jax.Array, lse2: jax.Array) -> jax.Array:
+    """Exact merge of two normalised partial attentions by their log-sum-exps."""
+    lse = jnp.logaddexp(lse1, lse2)
+    lse_safe = jnp.where(jnp.isfinite(lse), lse, 0.0)
+    w1 = jnp.where(jnp.isfinite(lse1), jnp.exp(lse1 - lse_safe), 0.0)
+    w2 = jnp.where(jnp.isfinite(lse2), jnp.exp(lse2 - lse_safe), 0.0)
+    return o1 * w1[..., None] + o2 * w2[..., None]
+
+
+def prefix_attention_reference(q_gkmd: jax.Array, k_gkpd: jax.Array, v_gkpd: jax.Array, mask_gp: jax.Array
+                               ) -> tuple[jax.Array, jax.Array]:
+    """Prefix part, pure JAX: q [G, K, M, D] (pre-scaled) against the group's prefix [G, K, P, D]."""
+    return attention_with_lse(q_gkmd, k_gkpd, v_gkpd, mask_gp[:, None, None, :])
+
+
+def _prefix_kernel(q_ref, k_ref, v_ref, mask_ref, o_ref, lse_ref, *, block_p: int, num_blocks: int):
+    q = q_ref[0, 0].astype(jnp.float32)  # [M, D]
+    m_rows = q.shape[0]
+
+    def body(i, carry):
+        m_prev, l_prev, acc = carry
+        start = pl.multiple_of(i * block_p, block_p)
+        k = k_ref[0, 0, pl.ds(start, block_p), :].astype(jnp.float32)  # [bp, D]
+        v = v_ref[0, 0, pl.ds(start, block_p), :].astype(jnp.float32)
+        valid = mask_ref[0, pl.ds(start, block_p)] != 0  # [bp]
+        s = jnp.dot(q, k.T, preferred_element_type=jnp.float32)  # [M, bp]
+        s = jnp.where(valid[None, :], s, NEG_INF)
+        m_new = jnp.maximum(m_prev, jnp.max(s, axis=-1))
+        m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+        alpha = jnp.where(jnp.isfinite(m_prev), jnp.exp(m_prev - m_safe), 0.0)
+        p = jnp.exp(s - m_safe[:, None])
+        l_new = alpha * l_prev + jnp.sum(p, axis=-1)
+        acc = acc * alpha[:, None] + jnp.dot(p, v, preferred_element_type=jnp.float32)
+        return m_new, l_new, acc
+
+    init = (jnp.full((m_rows,), NEG_INF, jnp.float32), jnp.zeros((m_rows,), jnp.float32),
+            jnp.zeros(q.shape, jnp.float32))
+    m, l, acc = jax.lax.fori_loop(0, num_blocks, body, init)
+    has = l > 0
+    o_ref[0, 0] = jnp.where(has[:, None], acc / jnp.where(has, l, 1.0)[:, None], 0.0).astype(o_ref.dtype)
+    lse_ref[0, 0] = jnp.where(has, jnp.where(jnp.isfinite(m), m, 0.0) + jnp.log(jnp.where(has, l, 1.0)), NEG_INF)
+
+
+@functools.partial(jax.jit, static_argnames=("block_p", "interpret"))
+def prefix_attention_pallas(q_gkmd: jax.Array, k_gkpd: jax.Array, v_gkpd: jax.Array, mask_gp: jax.Array, *,
+                            block_p: int = 128, interpret: bool | object = False) -> tuple[jax.Array, jax.Array]:
+    """Prefix part as a Pallas kernel: one program per (group, kv head), online softmax over prefix blocks.
+
+    P is padded up to a multiple of `block_p` (padding masked). `interpret` is passed to `pallas_call`
+    (True on CPU; `pltpu.InterpretParams()` for TPU-semantics checks).
+    """
+    g, kh, m_rows, d = q_gkmd.shape
+    p_len = k_gkpd.shape[2]
+    block_p = min(block_p, max(8, 1 << (p_len - 1).bit_length()))
+    pad = (-p_len) % block_p
+    if pad:
+        k_gkpd = jnp.pad(k_gkpd, ((0, 0), (0, 0), (0, pad), (0, 0)))
+        v_gkpd = jnp.pad(v_gkpd, ((0, 0), (0, 0), (0, pad), (0, 0)))
+        mask_gp = jnp.pad(mask_gp, ((0, 0), (0, pad)))
+    p_pad = p_len + pad
+    kernel = functools.partial(_prefix_kernel, block_p=block_p, num_blocks=p_pad // block_p)
+    o, lse = pl.pallas_call(
+        kernel,
+        grid=(g, kh),
+        in_specs=[
+            pl.BlockSpec((1, 1, m_rows, d), lambda i, j: (i, j, 0, 0)),
+            pl.BlockSpec((1, 1, p_pad, d), lambda i, j: (i, j, 0, 0)),
+            pl.BlockSpec((1, 1, p_pad, d), lambda i, j: (i, j, 0, 0)),
+            pl.BlockSpec((1, p_pad), lambda i, j: (i, 0)),
+        ],
+        out_specs=[
+            pl.BlockSpec((1, 1, m_rows, d), lambda i, j: (i, j, 0, 0)),
+            pl.BlockSpec((1, 1, m_rows), lambda i, j: (i, j, 0)),
+        ],
+        out_shape=[jax.ShapeDtypeStruct((g, kh, m_rows, d), jnp.float32),
+                   jax.ShapeDtypeStruct((g, kh, m_rows), jnp.float32)],
+        interpret=interpret,
+    )(q_gkmd, k_gkpd, v_gkpd, mask_gp.astype(jnp.int32))
+    return o, lse
+
+
+def use_pallas_default() -> bool:
+    """The kernel is the default only on accelerators; CPU always uses the reference."""
+    return jax.default_backend() in ("gpu", "tpu")
+
+
+def cascade_attention(q_gnthd: jax.Array, prefix_k: jax.Array, prefix_v: jax.Array, prefix_mask_gp: jax.Array,
+                      suffix_k: jax.Array, suffix_v: jax.Array, suffix_mask_rts: jax.Array, *,
+                      impl: str = "reference") -> jax.Array:
+    """Attention of each row's new tokens over (shared prefix ++ own suffix); returns [G, n, T, H, D].
+
+    impl: "reference" (pure JAX) or "pallas" (prefix part as a Pallas kernel; interpret mode on CPU).
+    """
+    g, n, t, h, d = q_gnthd.shape
+    kh = prefix_k.shape[1]
+    gq = h // kh
+    q = (q_gnthd.astype(jnp.float32) * (1.0 / math.sqrt(d))).astype(q_gnthd.dtype)
+    # prefix: all siblings' queries of one kv head form one [n*T*gq, D] matrix
+    q_pre = q.reshape(g, n, t, kh, gq, d).transpose(0, 3, 1, 2, 4, 5).reshape(g, kh, n * t * gq, d)
+    if impl == "pallas":
+        o1, lse1 = prefix_attention_pallas(q_pre, prefix_k, prefix_v, prefix_mask_gp,
+                                           interpret=jax.default_backend() == "cpu")
+    elif impl == "reference":
+        o1, lse1 = prefix_attention_reference(q_pre, prefix_k, prefix_v, prefix_mask_gp)
+    else:
+        raise ValueError(f"cascade_attention: impl must be 'reference' or 'pallas', got {impl!r}")
+    o1 = o1.reshape(g, kh, n, t, gq, d).transpose(0, 2, 3, 1, 4, 5)  # [G, n, T, K, gq, D]
+    lse1 = lse1.reshape(g, kh, n, t, gq).transpose(0, 2, 3, 1, 4)
+    # suffix: per row, [K, T*gq, D] against its own [K, S, D]
+    q_suf = q.reshape(g * n, t, kh, gq, d).transpose(0, 2, 1, 3, 4).reshape(g * n, kh, t * gq, d)
+    mask = jnp.repeat(suffix_mask_rts, gq, axis=1)[:, None]  # [R, 1, T*gq, S]
+    o2, lse2 = attention_with_lse(q_suf, suffix_k, suffix_v, mask)
+    o2 = o2.reshape(g, n, kh, t, gq, d).transpose(0, 1, 3, 2, 4, 5)
+    lse2 = lse2.reshape(g, n, kh, t, gq).transpose(0, 1, 3, 2, 4)
+    out = merge_partials(o1, lse1, o2, lse2)
+    return out.reshape(g, n, t, h, d).astype(q_gnthd.dtype)

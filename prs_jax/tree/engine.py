@@ -1,0 +1,375 @@
+"""The tree-expansion engine: batched, jit-compiled prefill and decode over a tree with shared prefixes.
+
+Every node stores the KV of its own tokens once. To build on a node X (append fixed text, or expand children)
+the engine assembles X's context KV from the segments on its root-to-X path, once per X, and runs all new
+rows against it with cascade attention: siblings share the prefix, each row has its own suffix.
+
+Invariant: a segment's KV covers all its tokens or all but the last. The context's last token is always fed
+again as the first suffix token of what is built on it (that gives the logits the first child token is drawn
+from, with no logits stored); the KV it produces completes the parent's segment.
+
+Shapes are bucketed (groups, rows per group, prefix length, new tokens) so a long run compiles a handful of
+programs; `compilations` counts them. Randomness: row keys derive from (seed, parent id, expansion index,
+child index), so the same seed reproduces the same tree however prompts are batched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Literal, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from prs_jax.kernels.cascade import use_pallas_default
+from prs_jax.models.layers import CascadeCache
+from prs_jax.models.tokenizer import encode_chat
+from prs_jax.models.transformer import CausalLM
+from prs_jax.tree.sampling import SamplingParams, sample
+from prs_jax.tree.tree import Node, Tree
+
+
+def bucket(x: int, minimum: int = 1) -> int:
+    """Smallest power of two >= max(x, minimum)."""
+    x = max(int(x), int(minimum), 1)
+    return 1 << (x - 1).bit_length()
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """Engine settings: attention implementation, prefix sharing, bucket floors."""
+
+    attention_impl: Literal["auto", "reference", "pallas"] = "auto"
+    share_prefix: bool = True  # False copies the parent's KV for every child (baseline for benchmarks)
+    min_prefix_bucket: int = 16
+    min_new_tokens_bucket: int = 16
+    min_groups_bucket: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Stop:
+    """When a generated segment ends: EOS token ids (checked in the loop) and stop strings (on decoded text)."""
+
+    eos_ids: tuple[int, ...] = ()
+    strings: tuple[str, ...] = ()
+
+    @classmethod
+    def parse(cls, spec: Any, default_eos: tuple[int, ...]) -> "Stop":
+        """Accept None, a Stop, a string, or a list of strings (stop strings; EOS always applies)."""
+        if spec is None:
+            return cls(eos_ids=default_eos)
+        if isinstance(spec, Stop):
+            return spec if spec.eos_ids else dataclasses.replace(spec, eos_ids=default_eos)
+        if isinstance(spec, str):
+            spec = [spec]
+        if isinstance(spec, (list, tuple)) and all(isinstance(s, str) and s for s in spec):
+            return cls(eos_ids=default_eos, strings=tuple(spec))
+        raise ValueError(f"stop: expected None, a non-empty string, a list of non-empty strings or a Stop; "
+                         f"got {spec!r}")
+
+
+def _stack_layers(kv: jax.Array) -> tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]:
+    # [L, 2, G, K, P, D] -> per-layer tuples of [G, K, P, D]
+    return tuple(kv[i, 0] for i in range(kv.shape[0])), tuple(kv[i, 1] for i in range(kv.shape[0]))
+
+
+class TreeEngine:
+    """Builds and expands sampling trees with a causal LM (and optionally its tokenizer for text I/O)."""
+
+    def __init__(self, model: CausalLM, tokenizer: Any = None, *, seed: int = 0,
+                 config: EngineConfig = EngineConfig(), eos_ids: Sequence[int] | None = None,
+                 pad_id: int | None = None):
+        self.model = model
+        self.cfg = model.config
+        self.tokenizer = tokenizer
+        self.config = config
+        self.tree = Tree()
+        self.compilations = 0
+        self._graphdef, self._state = nnx.split(model)
+        self._dtype = model.model.embed_tokens.embedding[...].dtype
+        self._key = jax.random.key(seed)
+        self._expansions: dict[int, int] = {}
+        impl = config.attention_impl
+        self._impl = ("pallas" if use_pallas_default() else "reference") if impl == "auto" else impl
+        if eos_ids is None:
+            eos_ids = []
+            if tokenizer is not None and tokenizer.eos_token_id is not None:
+                eos_ids.append(tokenizer.eos_token_id)
+            cfg_eos = self.cfg.eos_token_id
+            eos_ids.extend(cfg_eos if isinstance(cfg_eos, tuple) else ([cfg_eos] if cfg_eos is not None else []))
+        self.eos_ids = tuple(sorted(set(int(e) for e in eos_ids)))
+        if pad_id is None:
+            pad_id = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else (
+                self.cfg.pad_token_id if self.cfg.pad_token_id is not None else 0)
+        self.pad_id = int(pad_id)
+        self._extend_jit = jax.jit(self._extend_program,
+                                   static_argnames=("graphdef", "rows_per_group", "impl", "want_hidden"))
+        self._decode_jit = jax.jit(self._decode_program,
+                                   static_argnames=("graphdef", "rows_per_group", "buf", "params", "eos_ids",
+                                                    "pad_id", "impl"))
+
+    # ----------------------------------------------------------------------------------------- programs
+    def _extend_program(self, state, prefix_kv, prefix_mask, tokens, mask, *, graphdef, rows_per_group, impl,
+                        want_hidden):
+        self.compilations += 1  # runs at trace time only
+        module = nnx.merge(graphdef, state)
+        pk, pv = _stack_layers(prefix_kv)
+        cache = CascadeCache.init(module.config, pk, pv, prefix_mask, rows_per_group, tokens.shape[1], impl)
+        hidden, cache = module.model(tokens, attention_mask=mask, cache=cache)
+        suffix = jnp.stack([jnp.stack([k, v]) for k, v in zip(cache.suffix_k, cache.suffix_v)])
+        if not want_hidden:
+            return suffix, None
+        last = jnp.max(jnp.where(mask, jnp.arange(tokens.shape[1])[None, :], 0), axis=-1)
+        return suffix, jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
+
+    def _decode_program(self, state, prefix_kv, prefix_mask, first_tok, row_keys, active, max_new, context_seen,
+                        *, graphdef, rows_per_group, buf, params, eos_ids, pad_id, impl):
+        self.compilations += 1
+        model = nnx.merge(graphdef, state)
+        r = first_tok.shape[0]
+        pk, pv = _stack_layers(prefix_kv)
+        cache = CascadeCache.init(model.config, pk, pv, prefix_mask, rows_per_group, buf, impl)
+        eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
+        vocab = model.config.vocab_size
+        counts = jnp.zeros((r, vocab), jnp.int32) if params.needs_counts else None
+        seen = None
+        if context_seen is not None:
+            seen = jnp.repeat(context_seen, rows_per_group, axis=0)
+
+        def cond(carry):
+            step, _, _, done, *_ = carry
+            return (step < max_new) & ~jnp.all(done)
+
+        def body(carry):
+            step, cur, cache, done, lengths, out_tok, out_lp, counts = carry
+            logits, cache = model(cur[:, None], cache=cache)
+            keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys, step)
+            u = jax.vmap(jax.random.uniform)(keys)
+            tok, lp = sample(logits[:, 0], u, params, counts, seen)
+            tok = jnp.where(done, pad_id, tok)
+            lp = jnp.where(done, 0.0, lp)
+            out_tok = jax.lax.dynamic_update_slice(out_tok, tok[:, None], (0, step))
+            out_lp = jax.lax.dynamic_update_slice(out_lp, lp[:, None], (0, step))
+            lengths = lengths + (~done).astype(jnp.int32)
+            if counts is not None:
+                counts = counts.at[jnp.arange(r), tok].add((~done).astype(jnp.int32))
+            done = done | jnp.any(tok[:, None] == eos[None, :], axis=-1)
+            return step + 1, tok, cache, done, lengths, out_tok, out_lp, counts
+
+        init = (jnp.int32(0), first_tok, cache, ~active, jnp.zeros((r,), jnp.int32),
+                jnp.full((r, buf), pad_id, jnp.int32), jnp.zeros((r, buf), jnp.float32), counts)
+        _, _, cache, done, lengths, out_tok, out_lp, _ = jax.lax.while_loop(cond, body, init)
+        suffix = jnp.stack([jnp.stack([k, v]) for k, v in zip(cache.suffix_k, cache.suffix_v)])
+        hit_eos = jnp.any(jnp.take_along_axis(out_tok, jnp.maximum(lengths - 1, 0)[:, None], 1) == eos[None, :],
+                          axis=-1) & (lengths > 0)
+        return out_tok, out_lp, lengths, hit_eos, suffix
+
+    # ----------------------------------------------------------------------------------------- KV helpers
+    def _empty_kv(self, length: int = 0) -> jax.Array:
+        c = self.cfg
+        return jnp.zeros((c.num_hidden_layers, 2, c.num_key_value_heads, length, c.head_dim), self._dtype)
+
+    def _context_kv(self, node: Node | None, length: int) -> jax.Array:
+        """KV [L, 2, K, length, D] of the first `length` context tokens of `node` (from stored segments)."""
+        if node is None or length == 0:
+            return self._empty_kv(0)
+        parts, have = [], 0
+        for n in node.path():
+            if have >= length:
+                break
+            if n.kv is None or (n.kv_len < len(n.tokens) and have + n.kv_len < length):
+                raise RuntimeError(f"tree engine: node #{n.id} lacks KV for tokens needed by node #{node.id} "
+                                   "(segments must be built through the engine).")
+            take = min(n.kv_len, length - have)
+            parts.append(n.kv[:, :, :, :take])
+            have += take
+        return jnp.concatenate(parts, axis=3) if len(parts) > 1 else parts[0]
+
+    def _prefix_batch(self, parents: Sequence[Node | None], lengths: Sequence[int], groups: int
+                      ) -> tuple[jax.Array, jax.Array]:
+        p_bucket = bucket(max(lengths, default=0), self.config.min_prefix_bucket)
+        kvs, mask = [], np.zeros((groups, p_bucket), bool)
+        for g, (node, n) in enumerate(zip(parents, lengths)):
+            kv = self._context_kv(node, n)
+            kvs.append(jnp.pad(kv, ((0, 0), (0, 0), (0, 0), (0, p_bucket - n), (0, 0))))
+            mask[g, :n] = True
+        kvs.extend([self._empty_kv(p_bucket)] * (groups - len(kvs)))
+        return jnp.stack(kvs, axis=2), jnp.asarray(mask)
+
+    def _complete(self, node: Node, kv_last: jax.Array) -> None:
+        if node.kv_len == len(node.tokens) - 1:
+            node.kv = jnp.concatenate([node.kv, kv_last], axis=3)
+
+    def _check_context(self, total: int, what: str) -> None:
+        limit = self.cfg.max_position_embeddings
+        if total > limit:
+            raise ValueError(f"{what}: context of {total} tokens exceeds the model's window of {limit} "
+                             "(config.json max_position_embeddings).")
+
+    # ----------------------------------------------------------------------------------------- public API
+    def encode(self, item: str | Sequence[int] | Sequence[dict[str, str]], *, special_tokens: bool = True
+               ) -> list[int]:
+        """Token ids of a text, a token list, or a chat message list (rendered with the chat template)."""
+        if isinstance(item, str):
+            if self.tokenizer is None:
+                raise ValueError("text given but the engine has no tokenizer; pass token ids or a tokenizer.")
+            return list(self.tokenizer(item, add_special_tokens=special_tokens)["input_ids"])
+        items = list(item)
+        if items and isinstance(items[0], dict):
+            if self.tokenizer is None:
+                raise ValueError("chat messages given but the engine has no tokenizer.")
+            return encode_chat(self.tokenizer, items)
+        return [int(t) for t in items]
+
+    def decode(self, tokens: Sequence[int]) -> str:
+        """Text of generated tokens (special tokens dropped); empty without a tokenizer."""
+        if self.tokenizer is None:
+            return ""
+        return self.tokenizer.decode(list(tokens), skip_special_tokens=True)
+
+    def _extend(self, parents: Sequence[Node | None], prefix_lengths: Sequence[int],
+                new_tokens: Sequence[list[int]]) -> list[jax.Array]:
+        """KV [L, 2, K, len, D] of `new_tokens[i]` placed after the first `prefix_lengths[i]` context tokens
+        of `parents[i]`, for all items in one batched program."""
+        todo = [i for i, t in enumerate(new_tokens) if t]
+        out = [self._empty_kv(0) for _ in new_tokens]
+        if not todo:
+            return out
+        groups = bucket(len(todo), self.config.min_groups_bucket)
+        lengths = [prefix_lengths[i] for i in todo]
+        prefix_kv, prefix_mask = self._prefix_batch([parents[i] for i in todo], lengths, groups)
+        t_bucket = bucket(max(len(new_tokens[i]) for i in todo), 8)
+        tokens = np.full((groups, t_bucket), self.pad_id, np.int32)
+        mask = np.zeros((groups, t_bucket), bool)
+        for g, i in enumerate(todo):
+            tokens[g, :len(new_tokens[i])] = new_tokens[i]
+            mask[g, :len(new_tokens[i])] = True
+        suffix, _ = self._extend_jit(self._state, prefix_kv, prefix_mask, jnp.asarray(tokens), jnp.asarray(mask),
+                                     graphdef=self._graphdef, rows_per_group=1, impl=self._impl, want_hidden=False)
+        for g, i in enumerate(todo):
+            out[i] = suffix[:, :, g, :, :len(new_tokens[i])]
+        return out
+
+    def add_prompts(self, prompts: Sequence[str | Sequence[int] | Sequence[dict[str, str]]],
+                    metadata: Sequence[dict[str, Any]] | None = None) -> list[Node]:
+        """Create root nodes (text, token ids, or chat messages) and prefill all but their last token."""
+        roots = []
+        for i, p in enumerate(prompts):
+            toks = self.encode(p)
+            if not toks:
+                raise ValueError(f"add_prompts: prompt {i} is empty (no tokens); every prompt needs text.")
+            self._check_context(len(toks) + 1, f"add_prompts: prompt {i}")
+            text = p if isinstance(p, str) else (self.tokenizer.decode(toks) if self.tokenizer else "")
+            roots.append(self.tree.add("prompt", toks, None, text=text,
+                                       metadata=dict(metadata[i]) if metadata else {}))
+        kvs = self._extend([None] * len(roots), [0] * len(roots), [r.tokens[:-1] for r in roots])
+        for r, kv in zip(roots, kvs):
+            r.kv = kv
+        return roots
+
+    def append(self, parents: Sequence[Node], texts: Sequence[str | Sequence[int]],
+               metadata: Sequence[dict[str, Any]] | None = None) -> list[Node]:
+        """Append a fixed-text node to each parent, prefilled on top of the parent's context (not recomputed)."""
+        if len(parents) != len(texts):
+            raise ValueError(f"append: {len(parents)} parents but {len(texts)} texts.")
+        nodes = []
+        for i, (parent, text) in enumerate(zip(parents, texts)):
+            toks = self.encode(text, special_tokens=False)
+            if not toks:
+                raise ValueError(f"append: text {i} is empty.")
+            self._check_context(parent.context_len + len(toks) + 1, f"append: node {i}")
+            nodes.append(self.tree.add("fixed", toks, parent, text=text if isinstance(text, str) else self.decode(
+                toks), metadata=dict(metadata[i]) if metadata else {}))
+        # feed [parent's last token] + fixed[:-1] after the parent's context minus its last token
+        items = [[p.tokens[-1]] + n.tokens[:-1] for p, n in zip(parents, nodes)]
+        kvs = self._extend(parents, [p.context_len - 1 for p in parents], items)
+        for p, n, kv in zip(parents, nodes, kvs):
+            self._complete(p, kv[:, :, :, :1])
+            n.kv = kv[:, :, :, 1:]
+        return nodes
+
+    def expand(self, parents: Sequence[Node], n: int, sampling: SamplingParams = SamplingParams(), *,
+               max_new_tokens: int, stop: Any = None) -> list[list[Node]]:
+        """Generate `n` children for each parent in one batched decode; returns children per parent."""
+        if n <= 0:
+            raise ValueError(f"expand: n must be a positive number of children (got {n}).")
+        if max_new_tokens <= 0:
+            raise ValueError(f"expand: max_new_tokens must be positive (got {max_new_tokens}).")
+        if not parents:
+            return []
+        stop_spec = Stop.parse(stop, self.eos_ids)
+        for p in parents:
+            self._check_context(p.context_len + max_new_tokens, f"expand: node #{p.id}")
+        share = self.config.share_prefix
+        rows_per_group = n if share else 1
+        g_real = len(parents) if share else len(parents) * n
+        groups = bucket(g_real, self.config.min_groups_bucket)
+        buf = bucket(max_new_tokens, self.config.min_new_tokens_bucket)
+        group_parents = list(parents) if share else [p for p in parents for _ in range(n)]
+        lengths = [p.context_len - 1 for p in group_parents]
+        prefix_kv, prefix_mask = self._prefix_batch(group_parents, lengths, groups)
+        r = groups * rows_per_group
+        first = np.full((r,), self.pad_id, np.int32)
+        active = np.zeros((r,), bool)
+        keys = []
+        for pi, p in enumerate(parents):
+            e = self._expansions.get(p.id, 0)
+            self._expansions[p.id] = e + 1
+            base = jax.random.fold_in(jax.random.fold_in(self._key, p.id), e)
+            for c in range(n):
+                row = pi * n + c
+                first[row] = p.tokens[-1]
+                active[row] = True
+                keys.append(jax.random.fold_in(base, c))
+        keys.extend([self._key] * (r - len(keys)))
+        context_seen = None
+        if sampling.repetition_penalty != 1.0:
+            seen = np.zeros((groups, self.cfg.vocab_size), bool)
+            for g, p in enumerate(group_parents):
+                seen[g, p.context_tokens()] = True
+            context_seen = jnp.asarray(seen)
+        out_tok, out_lp, out_len, hit_eos, suffix = self._decode_jit(
+            self._state, prefix_kv, prefix_mask, jnp.asarray(first), jnp.stack(keys), jnp.asarray(active),
+            jnp.int32(max_new_tokens), context_seen, graphdef=self._graphdef, rows_per_group=rows_per_group,
+            buf=buf, params=sampling, eos_ids=stop_spec.eos_ids, pad_id=self.pad_id, impl=self._impl)
+        toks, lps = np.asarray(out_tok), np.asarray(out_lp)
+        lens, eos_hit = np.asarray(out_len), np.asarray(hit_eos)
+        result = []
+        for pi, p in enumerate(parents):
+            self._complete(p, suffix[:, :, pi * n, :, :1])
+            kids = []
+            for c in range(n):
+                row = pi * n + c
+                length = int(lens[row])
+                tokens = toks[row, :length].tolist()
+                reason = "eos" if eos_hit[row] else "length"
+                text = self.decode(tokens)
+                cut = self._stop_cut(tokens, stop_spec.strings) if stop_spec.strings else None
+                if cut is not None:
+                    tokens, text, reason = tokens[:cut[0]], cut[1], "stop"
+                node = self.tree.add("generated", tokens, p, text=text, logprobs=lps[row, :len(tokens)].tolist(),
+                                     finish_reason=reason)
+                node.kv = suffix[:, :, row, :, 1:len(tokens)]
+                kids.append(node)
+            result.append(kids)
+        return result
+
+    def _stop_cut(self, tokens: list[int], strings: tuple[str, ...]) -> tuple[int, str] | None:
+        """(tokens to keep, text before the stop string) for the earliest stop string in the decoded text."""
+        text = self.decode(tokens)
+        hits = [(text.find(s), s) for s in strings if s in text]
+        if not hits:
+            return None
+        pos, s = min(hits)
+        for k in range(1, len(tokens) + 1):  # the shortest token prefix whose text contains the stop string
+            if len(self.decode(tokens[:k])) >= pos + len(s) and s in self.decode(tokens[:k]):
+                return k, text[:pos]
+        return len(tokens), text[:pos]
+
+    def release(self, nodes: Sequence[Node]) -> None:
+        """Drop the stored KV of nodes that will not be built on (their text and tokens stay)."""
+        for n in nodes:
+            n.kv = None
