@@ -47,6 +47,7 @@ class EngineConfig:
     min_prefix_bucket: int = 16
     min_new_tokens_bucket: int = 16
     min_groups_bucket: int = 1
+    min_extend_bucket: int = 8  # new tokens per prefill call
 
 
 @dataclasses.dataclass(frozen=True)
@@ -241,7 +242,7 @@ class TreeEngine:
         groups = bucket(len(todo), self.config.min_groups_bucket)
         lengths = [prefix_lengths[i] for i in todo]
         prefix_kv, prefix_mask = self._prefix_batch([parents[i] for i in todo], lengths, groups)
-        t_bucket = bucket(max(len(new_tokens[i]) for i in todo), 8)
+        t_bucket = bucket(max(len(new_tokens[i]) for i in todo), self.config.min_extend_bucket)
         tokens = np.full((groups, t_bucket), self.pad_id, np.int32)
         mask = np.zeros((groups, t_bucket), bool)
         for g, i in enumerate(todo):

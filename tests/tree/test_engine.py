@@ -1,0 +1,150 @@
+"""The tree engine: shared-prefix expansion equals decoding each sequence alone; determinism; stop strings;
+greedy parity with transformers; compilation counts; bad inputs."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from prs_jax.models import load_causal_lm, load_tokenizer
+from prs_jax.tree.engine import EngineConfig, TreeEngine
+from prs_jax.tree.sampling import SamplingParams
+from prs_jax.tree.tree import render
+
+
+@pytest.fixture(scope="module")
+def model_tok(llama_dir):
+    return load_causal_lm(llama_dir), load_tokenizer(llama_dir)
+
+
+def _logprobs_alone(model, node):
+    """Log-probs of node's tokens from one full forward over its context (no cache, no sharing)."""
+    ctx = node.context_tokens()
+    logits, _ = model(jnp.asarray([ctx]))
+    lp = np.asarray(jax.nn.log_softmax(logits[0].astype(jnp.float32), -1))
+    start = len(ctx) - len(node.tokens)
+    return np.array([lp[start - 1 + i, t] for i, t in enumerate(node.tokens)])
+
+
+def test_siblings_match_full_sequence_forward_through_fixed_nodes(model_tok):
+    model, tok = model_tok
+    eng = TreeEngine(model, tok, seed=0)
+    roots = eng.add_prompts(["Hello there, how are you today?", "A", [5, 9, 13]])
+    drafts = eng.expand(roots, 3, SamplingParams(temperature=1.0, top_k=100), max_new_tokens=9)
+    asks = eng.append([drafts[0][1], drafts[1][0], roots[2]], [" Feedback please:", " ok", " then"])
+    second = eng.expand(asks, 2, SamplingParams(temperature=0.7), max_new_tokens=7)
+    third = eng.expand([second[0][0]], 2, SamplingParams(greedy=True), max_new_tokens=5)
+    for node in [k for ks in drafts + second + third for k in ks]:
+        np.testing.assert_allclose(node.logprobs, _logprobs_alone(model, node), atol=1e-4)
+    assert "[prompt #0]" in render(roots[0]) and "[fixed" in render(roots[0])
+    # the same parent expanded twice gives different children (fresh keys), both correct
+    again = eng.expand([roots[0]], 3, SamplingParams(temperature=1.0, top_k=100), max_new_tokens=9)[0]
+    assert [k.tokens for k in again] != [k.tokens for k in drafts[0]]
+
+
+def test_seed_determines_tree_independent_of_batching(model_tok):
+    model, tok = model_tok
+    prompts = ["one two three", "four five", "six"]
+    params = SamplingParams(temperature=1.2, top_p=0.95)
+
+    def run(batches, seed=3, share=True):
+        eng = TreeEngine(model, tok, seed=seed, config=EngineConfig(share_prefix=share))
+        roots = eng.add_prompts(prompts)
+        out = {}
+        for b in batches:
+            for i, kids in zip(b, eng.expand([roots[i] for i in b], 4, params, max_new_tokens=8)):
+                out[i] = [k.tokens for k in kids]
+        return out
+
+    together = run([[0, 1, 2]])
+    assert together == run([[2], [0, 1]])  # batching does not change the tree
+    assert together == run([[0, 1, 2]], share=False)  # copied-prefix path: same samples
+    assert together != run([[0, 1, 2]], seed=4)
+
+
+def test_greedy_engine_matches_transformers_generate(model_tok, llama_dir, hf_ref):
+    import torch
+
+    model, tok = model_tok
+    eng = TreeEngine(model, tok, seed=0)
+    prompts = [[7, 8, 9, 10, 11, 12], [20, 21], [30, 31, 32, 33]]
+    roots = eng.add_prompts(prompts)
+    kids = eng.expand(roots, 1, SamplingParams(greedy=True), max_new_tokens=10)
+    ref_model = hf_ref.causal_lm(llama_dir)
+    for p, (k,) in zip(prompts, kids):
+        with torch.no_grad():
+            ref = ref_model.generate(torch.tensor([p]), max_new_tokens=10, do_sample=False,
+                                     eos_token_id=eng.eos_ids[0], pad_token_id=0)[0, len(p):].tolist()
+        assert k.tokens == ref[:len(k.tokens)]
+
+
+def test_stop_strings_cut_on_decoded_text(model_tok):
+    model, tok = model_tok
+    eng = TreeEngine(model, tok, seed=0)
+    root = eng.add_prompts(["The quick brown fox"])[0]
+    (free,) = eng.expand([root], 1, SamplingParams(greedy=True), max_new_tokens=24)[0]
+    text = free.text
+    assert len(text) > 6
+    stop = text[len(text) // 2: len(text) // 2 + 3]
+    (cut,) = eng.expand([root], 1, SamplingParams(greedy=True), max_new_tokens=24, stop=[stop, "\x00never"])[0]
+    assert cut.finish_reason == "stop"
+    assert cut.text == text[: text.find(stop)]
+    assert stop in tok.decode(cut.tokens, skip_special_tokens=True)
+    assert cut.tokens == free.tokens[: len(cut.tokens)] and len(cut.logprobs) == len(cut.tokens)
+    # building on a stop-truncated node stays exact
+    (child,) = eng.expand([cut], 1, SamplingParams(greedy=True), max_new_tokens=4)[0]
+    np.testing.assert_allclose(child.logprobs, _logprobs_alone(model, child), atol=1e-4)
+
+
+def test_compilations_are_few_and_counted(model_tok):
+    model, tok = model_tok
+    # bucket floors that cover this workload's envelope: every call below lands in the same shapes
+    eng = TreeEngine(model, tok, seed=0, config=EngineConfig(min_prefix_bucket=32, min_groups_bucket=8,
+                                                             min_extend_bucket=16))
+
+    def run(rng, rounds):
+        for _ in range(rounds):
+            rows = int(rng.integers(3, 9))
+            roots = eng.add_prompts([list(rng.integers(7, 400, size=rng.integers(3, 14))) for _ in range(rows)])
+            kids = eng.expand(roots, 2, SamplingParams(), max_new_tokens=int(rng.integers(3, 12)))
+            eng.append([k[0] for k in kids], [" more"] * len(kids))
+
+    run(np.random.default_rng(0), 2)
+    warm = eng.compilations
+    assert warm == 2, warm  # one prefill program (prompts and fixed text alike) and one decode program
+    # more prompts of other lengths and other token budgets inside the same buckets: nothing new to compile
+    run(np.random.default_rng(1), 4)
+    assert eng.compilations == warm
+
+
+def test_bad_inputs(model_tok):
+    model, tok = model_tok
+    eng = TreeEngine(model, tok, seed=0)
+    with pytest.raises(ValueError, match="prompt 0 is empty"):
+        eng.add_prompts([""])
+    with pytest.raises(ValueError, match="exceeds the model's window"):
+        eng.add_prompts([[5] * (model.config.max_position_embeddings + 3)])
+    root = eng.add_prompts(["hi"])[0]
+    with pytest.raises(ValueError, match="n must be a positive"):
+        eng.expand([root], 0, max_new_tokens=4)
+    with pytest.raises(ValueError, match="stop: expected"):
+        eng.expand([root], 1, max_new_tokens=4, stop=42)
+    with pytest.raises(ValueError, match="stop: expected"):
+        eng.expand([root], 1, max_new_tokens=4, stop=[""])
+    with pytest.raises(ValueError, match="exceeds the model's window"):
+        eng.expand([root], 1, max_new_tokens=model.config.max_position_embeddings)
+
+
+def test_tree_json_round_trip(model_tok, tmp_path):
+    import json
+
+    model, tok = model_tok
+    eng = TreeEngine(model, tok, seed=0)
+    root = eng.add_prompts(["abc"], metadata=[{"id": "p0"}])[0]
+    kids = eng.expand([root], 2, max_new_tokens=3)[0]
+    kids[0].reward = 0.5
+    data = json.loads(eng.tree.to_json(tmp_path / "tree.json"))
+    assert data[0]["metadata"] == {"id": "p0"} and len(data[0]["children"]) == 2
+    assert data[0]["children"][0]["reward"] == 0.5 and data[0]["children"][0]["finish_reason"] in ("eos", "length")

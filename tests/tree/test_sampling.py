@@ -1,0 +1,80 @@
+"""Sampling processors: empirical frequencies match the truncated softmax; penalties match a NumPy reference."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from prs_jax.tree.sampling import SamplingParams, apply_penalties, sample, sampling_distribution
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(temperature=1.0),
+    SamplingParams(temperature=0.6, top_k=5),
+    SamplingParams(temperature=1.3, top_p=0.8),
+    SamplingParams(temperature=1.0, min_p=0.1),
+    SamplingParams(temperature=0.9, top_k=8, top_p=0.9),
+])
+def test_empirical_frequencies_match_truncated_softmax(params):
+    rng = np.random.default_rng(0)
+    v, draws = 12, 40_000
+    logits = jnp.asarray(rng.normal(size=(v,)) * 1.5, jnp.float32)
+    u = jax.random.uniform(jax.random.key(0), (draws,))
+    toks, _ = sample(jnp.broadcast_to(logits, (draws, v)), u, params)
+    counts = np.bincount(np.asarray(toks), minlength=v)
+    # independent expectation: NumPy softmax(logits / T) restricted by top-k, top-p, min-p
+    x = np.asarray(logits, np.float64) / params.temperature
+    keep = np.ones(v, bool)
+    if params.top_k:
+        keep &= x >= np.sort(x)[-params.top_k]
+    p = np.exp(x - x.max()) * keep
+    p /= p.sum()
+    if params.top_p < 1:
+        order = np.argsort(-p)
+        before = np.cumsum(p[order]) - p[order]
+        k2 = np.zeros(v, bool)
+        k2[order[before < params.top_p]] = True
+        p = p * k2
+        p /= p.sum()
+    if params.min_p:
+        p = p * (p >= params.min_p * p.max())
+        p /= p.sum()
+    np.testing.assert_allclose(np.asarray(sampling_distribution(logits[None], params))[0], p, atol=1e-6)
+    assert (counts[p == 0] == 0).all()
+    expected = p * draws
+    chi2 = (((counts - expected) ** 2) / np.where(expected > 0, expected, 1))[p > 0].sum()
+    dof = int((p > 0).sum()) - 1
+    assert chi2 < dof + 6 * np.sqrt(2 * max(dof, 1)), (chi2, dof)
+
+
+def test_log_probs_are_raw_model_log_probs():
+    logits = jnp.asarray([[2.0, 1.0, 0.0, -1.0]])
+    tok, lp = sample(logits, jnp.asarray([0.3]), SamplingParams(temperature=0.5, top_k=2))
+    np.testing.assert_allclose(float(lp[0]), float(jax.nn.log_softmax(logits[0])[tok[0]]), rtol=1e-6)
+    tok, _ = sample(logits, jnp.asarray([0.99]), SamplingParams(greedy=True))
+    assert int(tok[0]) == 0
+
+
+def test_penalties_match_numpy():
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(3, 10)).astype(np.float32)
+    counts = rng.integers(0, 3, size=(3, 10)).astype(np.int32)
+    seen = rng.random((3, 10)) < 0.3
+    params = SamplingParams(presence_penalty=0.5, frequency_penalty=0.25, repetition_penalty=1.3)
+    out = np.asarray(apply_penalties(jnp.asarray(logits), jnp.asarray(counts), jnp.asarray(seen), params))
+    ref = logits.copy()
+    rep = (counts > 0) | seen
+    ref = np.where(rep, np.where(ref > 0, ref / 1.3, ref * 1.3), ref)
+    ref = ref - 0.5 * (counts > 0) - 0.25 * counts
+    np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-6)
+
+
+def test_invalid_params():
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=0.0)
+    with pytest.raises(ValueError, match="min_p"):
+        SamplingParams(min_p=1.0)
+    with pytest.raises(ValueError, match="repetition_penalty"):
+        SamplingParams(repetition_penalty=0.0)
