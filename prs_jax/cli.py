@@ -63,6 +63,21 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
     return run_quickstart(out_dir=Path(args.out), seed=args.seed, smoke=args.smoke)
 
 
+def _cmd_sample(args: argparse.Namespace) -> int:
+    from prs_jax.tree.sample_run import run_sample
+    from prs_jax.tree.sampling import SamplingParams
+
+    params = SamplingParams(temperature=args.temperature if not args.greedy else 1.0, top_k=args.top_k,
+                            top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                            presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+                            greedy=args.greedy)
+    n = run_sample(args.checkpoint, args.prompts, args.out, n=args.n, max_new_tokens=args.max_new_tokens,
+                   sampling=params, seed=args.seed, batch_size=args.batch_size, chat=not args.raw,
+                   stop=args.stop)
+    print(f"wrote {n} rows to {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `prs-jax` with all subcommands."""
     parser = argparse.ArgumentParser(
@@ -75,6 +90,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", type=Path, help="local Hugging Face checkpoint directory")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.set_defaults(func=_cmd_info)
+
+    p = sub.add_parser("sample", help="n completions per prompt of a JSONL file, on the tree engine")
+    p.add_argument("checkpoint", type=Path, help="local HF causal-LM checkpoint directory")
+    p.add_argument("prompts", type=Path, help="JSONL with a 'prompt' string or 'messages' list per row")
+    p.add_argument("--out", type=Path, required=True, help="output JSONL (input row + 'completions')")
+    p.add_argument("--n", type=int, default=1, help="completions per prompt (they share the prompt KV)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--presence-penalty", type=float, default=0.0)
+    p.add_argument("--frequency-penalty", type=float, default=0.0)
+    p.add_argument("--greedy", action="store_true")
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--raw", action="store_true", help="use 'prompt' as raw text instead of a user chat turn")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=16, help="prompts per engine call")
+    p.set_defaults(func=_cmd_sample)
 
     p = sub.add_parser("quickstart", help="the main job: build a tiny model and run the engine end to end")
     p.add_argument("--out", default="runs/quickstart", help="output directory (checkpoint, results)")

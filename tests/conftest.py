@@ -80,3 +80,32 @@ class HFReference:
 @pytest.fixture(scope="session")
 def hf_ref() -> HFReference:
     return HFReference()
+
+
+@pytest.fixture(scope="session")
+def run_padded():
+    """run_padded(module, token_list) -> outputs of one jitted call, right-padded to a fixed 128-token shape.
+
+    Eager NNX calls compile every primitive per new shape (seconds each on 2 cores); one jitted call on a
+    fixed shape compiles once. Right padding does not change the outputs at real positions (causal mask), and
+    reward models read the last real token.
+    """
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    @nnx.jit
+    def call(module, ids, mask):
+        out = module(ids, attention_mask=mask)
+        return out[0] if isinstance(out, tuple) else out
+
+    def run(module, tokens, length: int = 128):
+        tokens = list(tokens)
+        assert len(tokens) <= length
+        ids = np.zeros((1, length), np.int32)
+        ids[0, :len(tokens)] = tokens
+        mask = np.arange(length)[None, :] < len(tokens)
+        out = np.asarray(call(module, jnp.asarray(ids), jnp.asarray(mask)))
+        return out[0, :len(tokens)] if out.ndim == 3 else out[0]
+
+    return run

@@ -39,3 +39,24 @@ def test_quickstart_smoke(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "samples-smoke.jsonl").read_text().splitlines()]
     assert len(rows) == 8 and {r["mode"] for r in rows} == {"greedy", "T=1.0 top_p=0.9"}
     assert all(0 < r["new_tokens"] <= 16 for r in rows)
+
+
+def test_sample_command_writes_jsonl(llama_dir, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "Hello there", "id": 1}\n\n{"messages": [{"role": "user", "content": "Hi"}]}\n'
+                       '{"prompt": "Third"}\n')
+    out = tmp_path / "out.jsonl"
+    assert main(["sample", str(llama_dir), str(prompts), "--out", str(out), "--n", "3", "--max-new-tokens", "5",
+                 "--top-p", "0.9", "--batch-size", "2", "--seed", "7"]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 3 and rows[0]["id"] == 1
+    assert all(len(r["completions"]) == 3 for r in rows)
+    assert all(1 <= c["num_tokens"] <= 5 and c["finish_reason"] in ("eos", "length", "stop")
+               for r in rows for c in r["completions"])
+
+
+def test_sample_command_bad_file(llama_dir, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "ok"}\n{"text": "no prompt key"}\n')
+    assert main(["sample", str(llama_dir), str(bad), "--out", str(tmp_path / "o.jsonl")]) == 1
+    assert "bad.jsonl:2: each row needs a 'prompt'" in capsys.readouterr().err

@@ -77,6 +77,23 @@ def _stack_layers(kv: jax.Array) -> tuple[tuple[jax.Array, ...], tuple[jax.Array
     return tuple(kv[i, 0] for i in range(kv.shape[0])), tuple(kv[i, 1] for i in range(kv.shape[0]))
 
 
+def extend_rows(module: Any, prefix_kv: jax.Array, prefix_mask: jax.Array, tokens: jax.Array, mask: jax.Array, *,
+                rows_per_group: int, impl: str, want_hidden: bool) -> tuple[jax.Array, jax.Array | None]:
+    """Run `tokens` [R, T] (valid where `mask`) after their group's prefix KV [L, 2, G, K, P, D].
+
+    Works for any module with a `.model` backbone (causal LM or reward model). Returns the new tokens' KV
+    [L, 2, R, K, T, D] and, if asked, the final hidden state at each row's last valid token [R, hidden].
+    """
+    pk, pv = _stack_layers(prefix_kv)
+    cache = CascadeCache.init(module.config, pk, pv, prefix_mask, rows_per_group, tokens.shape[1], impl)
+    hidden, cache = module.model(tokens, attention_mask=mask, cache=cache)
+    suffix = jnp.stack([jnp.stack([k, v]) for k, v in zip(cache.suffix_k, cache.suffix_v)])
+    if not want_hidden:
+        return suffix, None
+    last = jnp.max(jnp.where(mask, jnp.arange(tokens.shape[1])[None, :], 0), axis=-1)
+    return suffix, jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
+
+
 class TreeEngine:
     """Builds and expands sampling trees with a causal LM (and optionally its tokenizer for text I/O)."""
 
@@ -116,15 +133,8 @@ class TreeEngine:
     def _extend_program(self, state, prefix_kv, prefix_mask, tokens, mask, *, graphdef, rows_per_group, impl,
                         want_hidden):
         self.compilations += 1  # runs at trace time only
-        module = nnx.merge(graphdef, state)
-        pk, pv = _stack_layers(prefix_kv)
-        cache = CascadeCache.init(module.config, pk, pv, prefix_mask, rows_per_group, tokens.shape[1], impl)
-        hidden, cache = module.model(tokens, attention_mask=mask, cache=cache)
-        suffix = jnp.stack([jnp.stack([k, v]) for k, v in zip(cache.suffix_k, cache.suffix_v)])
-        if not want_hidden:
-            return suffix, None
-        last = jnp.max(jnp.where(mask, jnp.arange(tokens.shape[1])[None, :], 0), axis=-1)
-        return suffix, jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
+        return extend_rows(nnx.merge(graphdef, state), prefix_kv, prefix_mask, tokens, mask,
+                           rows_per_group=rows_per_group, impl=impl, want_hidden=want_hidden)
 
     def _decode_program(self, state, prefix_kv, prefix_mask, first_tok, row_keys, active, max_new, context_seen,
                         *, graphdef, rows_per_group, buf, params, eos_ids, pad_id, impl):

@@ -19,16 +19,16 @@ def model_tok(llama_dir):
     return load_causal_lm(llama_dir), load_tokenizer(llama_dir)
 
 
-def _logprobs_alone(model, node):
+def _logprobs_alone(model, node, run_padded):
     """Log-probs of node's tokens from one full forward over its context (no cache, no sharing)."""
     ctx = node.context_tokens()
-    logits, _ = model(jnp.asarray([ctx]))
-    lp = np.asarray(jax.nn.log_softmax(logits[0].astype(jnp.float32), -1))
+    logits = run_padded(model, ctx)
+    lp = np.asarray(jax.nn.log_softmax(jnp.asarray(logits, jnp.float32), -1))
     start = len(ctx) - len(node.tokens)
     return np.array([lp[start - 1 + i, t] for i, t in enumerate(node.tokens)])
 
 
-def test_siblings_match_full_sequence_forward_through_fixed_nodes(model_tok):
+def test_siblings_match_full_sequence_forward_through_fixed_nodes(model_tok, run_padded):
     model, tok = model_tok
     eng = TreeEngine(model, tok, seed=0)
     roots = eng.add_prompts(["Hello there, how are you today?", "A", [5, 9, 13]])
@@ -37,7 +37,7 @@ def test_siblings_match_full_sequence_forward_through_fixed_nodes(model_tok):
     second = eng.expand(asks, 2, SamplingParams(temperature=0.7), max_new_tokens=7)
     third = eng.expand([second[0][0]], 2, SamplingParams(greedy=True), max_new_tokens=5)
     for node in [k for ks in drafts + second + third for k in ks]:
-        np.testing.assert_allclose(node.logprobs, _logprobs_alone(model, node), atol=1e-4)
+        np.testing.assert_allclose(node.logprobs, _logprobs_alone(model, node, run_padded), atol=1e-4)
     assert "[prompt #0]" in render(roots[0]) and "[fixed" in render(roots[0])
     # the same parent expanded twice gives different children (fresh keys), both correct
     again = eng.expand([roots[0]], 3, SamplingParams(temperature=1.0, top_k=100), max_new_tokens=9)[0]
@@ -80,7 +80,7 @@ def test_greedy_engine_matches_transformers_generate(model_tok, llama_dir, hf_re
         assert k.tokens == ref[:len(k.tokens)]
 
 
-def test_stop_strings_cut_on_decoded_text(model_tok):
+def test_stop_strings_cut_on_decoded_text(model_tok, run_padded):
     model, tok = model_tok
     eng = TreeEngine(model, tok, seed=0)
     root = eng.add_prompts(["The quick brown fox"])[0]
@@ -95,7 +95,7 @@ def test_stop_strings_cut_on_decoded_text(model_tok):
     assert cut.tokens == free.tokens[: len(cut.tokens)] and len(cut.logprobs) == len(cut.tokens)
     # building on a stop-truncated node stays exact
     (child,) = eng.expand([cut], 1, SamplingParams(greedy=True), max_new_tokens=4)[0]
-    np.testing.assert_allclose(child.logprobs, _logprobs_alone(model, child), atol=1e-4)
+    np.testing.assert_allclose(child.logprobs, _logprobs_alone(model, child, run_padded), atol=1e-4)
 
 
 def test_compilations_are_few_and_counted(model_tok):
