@@ -1,0 +1,1 @@
+"""prs_jax.train"""
