@@ -38,8 +38,8 @@ def _generate(graphdef: nnx.GraphDef, state: nnx.State, input_ids: jax.Array, at
     b, t = input_ids.shape
     # The cache is born inside the program, so XLA updates it in place without a donated input.
     cache = KVCache.init(model.config, b, t + max_new_tokens, model.model.embed_tokens.embedding[...].dtype)
-    logits, cache = model(input_ids, attention_mask=attention_mask, cache=cache)
-    last = logits[:, -1]
+    hidden, cache = model.model(input_ids, attention_mask=attention_mask, cache=cache)
+    last = model.unembed(hidden[:, -1])  # only the last prompt position needs the vocabulary projection
     eos = jnp.asarray(eos_ids, jnp.int32)
     out_tok = jnp.full((b, max_new_tokens), pad_id, jnp.int32)
     out_lp = jnp.zeros((b, max_new_tokens), jnp.float32)

@@ -63,7 +63,7 @@ class Stop:
         if spec is None:
             return cls(eos_ids=default_eos)
         if isinstance(spec, Stop):
-            return spec if spec.eos_ids else dataclasses.replace(spec, eos_ids=default_eos)
+            return spec  # taken as given: Stop(eos_ids=()) decodes to the token budget
         if isinstance(spec, str):
             spec = [spec]
         if isinstance(spec, (list, tuple)) and all(isinstance(s, str) and s for s in spec):
@@ -110,6 +110,7 @@ class TreeEngine:
         self._dtype = model.model.embed_tokens.embedding[...].dtype
         self._key = jax.random.key(seed)
         self._expansions: dict[int, int] = {}
+        self.last_decode_stats: dict[str, int] = {}
         impl = config.attention_impl
         self._impl = ("pallas" if use_pallas_default() else "reference") if impl == "auto" else impl
         if eos_ids is None:
@@ -346,6 +347,8 @@ class TreeEngine:
             self._state, prefix_kv, prefix_mask, jnp.asarray(first), jnp.stack(keys), jnp.asarray(active),
             jnp.int32(max_new_tokens), context_seen, graphdef=self._graphdef, rows_per_group=rows_per_group,
             buf=buf, params=sampling, eos_ids=stop_spec.eos_ids, pad_id=self.pad_id, impl=self._impl)
+        self.last_decode_stats = {"groups": groups, "rows": r, "prefix_kv_bytes": int(prefix_kv.nbytes),
+                                  "suffix_kv_bytes": int(suffix.nbytes)}
         toks, lps = np.asarray(out_tok), np.asarray(out_lp)
         lens, eos_hit = np.asarray(out_len), np.asarray(hit_eos)
         result = []

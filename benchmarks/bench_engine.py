@@ -1,0 +1,223 @@
+"""Tree-engine benchmarks B1-B3 and the compilation count, side by side with transformers' PyTorch (same run).
+
+    python benchmarks/bench_engine.py --out benchmarks/results/engine.json [--quick]
+
+Same random tiny Llama for every contender: hidden 256, 4 layers, 4 heads, vocab 32000, float32.
+B1 plain batch sampling (16 x (64 prompt + 64 new)); B2 shared prefix (one 1024-token prompt, 32 children x 64
+new); B3 prefill throughput (16 x 256 = 4096 tokens per call) as MFU against the f32 matmul peak measured in
+this run, and against torch's forward. Medians of repeats, contenders alternated; compile time reported apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from prs_jax.models import load_causal_lm  # noqa: E402
+from prs_jax.models.tiny import build_checkpoint  # noqa: E402
+from prs_jax.tree.decode import generate, left_pad  # noqa: E402
+from prs_jax.tree.engine import EngineConfig, Stop, TreeEngine  # noqa: E402
+from prs_jax.tree.sampling import SamplingParams  # noqa: E402
+
+CONFIG = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
+              num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048)
+NO_EOS = Stop(eos_ids=())
+
+
+def timed(fn, repeats: int) -> tuple[float, list[float]]:
+    """(first call seconds incl. compile, steady-state times of `repeats` further calls)."""
+    t0 = time.perf_counter()
+    fn()
+    first = time.perf_counter() - t0
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return first, times
+
+
+def matmul_peak(repeats: int = 5) -> float:
+    """Measured f32 matmul GFLOP/s (2048^3) on this machine, this run."""
+    a = jnp.ones((2048, 2048), jnp.float32)
+    f = jax.jit(lambda x, y: x @ y)
+    f(a, a).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        f(a, a).block_until_ready()
+        times.append(time.perf_counter() - t0)
+    return 2 * 2048**3 / statistics.median(times) / 1e9
+
+
+def forward_flops(cfg, batch: int, length: int) -> float:
+    """Matmul FLOPs of one full forward (projections, attention scores/values, lm_head)."""
+    h, i, l, v = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.vocab_size
+    q = cfg.num_attention_heads * cfg.head_dim
+    kv = cfg.num_key_value_heads * cfg.head_dim
+    per_token_layer = 2 * (h * q + 2 * h * kv + q * h + 3 * h * i)
+    attn = 2 * 2 * q * length  # QK^T and PV (full square; causal half not exploited)
+    return batch * length * (l * (per_token_layer + attn) + 2 * h * v)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/engine.json"))
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--quick", action="store_true", help="fewer tokens, for a smoke run")
+    args = ap.parse_args()
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(2)
+    tmp = Path(tempfile.mkdtemp(prefix="prs_bench_"))
+    ckpt = build_checkpoint(tmp / "llama-h256", "llama", seed=0, **CONFIG)
+    model = load_causal_lm(ckpt)
+    cfg = model.config
+    hf = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32, attn_implementation="sdpa").eval()
+    rng = np.random.default_rng(0)
+    reps = args.repeats
+    new = 16 if args.quick else 64
+    results: dict = {"date": datetime.date.today().isoformat(), "machine": f"{platform.machine()}, "
+                     f"{os.cpu_count()} cpus, jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__}",
+                     "model": CONFIG, "repeats": reps}
+
+    # ---------------- B1: plain batch sampling
+    b, t = 16, 64
+    prompts = [list(rng.integers(10, cfg.vocab_size, size=t)) for _ in range(b)]
+    ids, mask = left_pad(prompts, 0)
+    params = SamplingParams(temperature=1.0)
+
+    def hf_b1():
+        with torch.no_grad():
+            hf.generate(torch.tensor(np.asarray(ids), dtype=torch.long), do_sample=True, max_new_tokens=new,
+                        min_new_tokens=new, top_k=0, pad_token_id=0)
+
+    def flat_b1():
+        out = generate(model, ids, mask, max_new_tokens=new, sampling=params, eos_ids=[], pad_id=0)
+        out.tokens.block_until_ready()
+
+    engine = TreeEngine(model, None, seed=0)
+
+    def engine_b1():
+        roots = engine.add_prompts(prompts)
+        engine.expand(roots, 1, params, max_new_tokens=new, stop=NO_EOS)
+
+    b1 = {}
+    for name, fn in (("hf_generate", hf_b1), ("prs_jax_flat", flat_b1), ("prs_jax_engine", engine_b1)):
+        first, times = timed(fn, reps)
+        b1[name] = {"first_call_s": first, "steady_s": statistics.median(times),
+                    "new_tok_per_s": b * new / statistics.median(times)}
+    for k in ("prs_jax_flat", "prs_jax_engine"):
+        b1[k]["speedup_vs_hf"] = b1[k]["new_tok_per_s"] / b1["hf_generate"]["new_tok_per_s"]
+    b1["goal"] = "prs_jax >= 4x HF new tokens/s"
+    results["B1_batch_sampling"] = b1
+    print("B1", json.dumps(b1, indent=1))
+
+    # ---------------- B2: shared prefix
+    p_len, kids = (256, 32) if args.quick else (1024, 32)
+    long_prompt = list(rng.integers(10, cfg.vocab_size, size=p_len))
+
+    def hf_b2():
+        with torch.no_grad():
+            hf.generate(torch.tensor([long_prompt], dtype=torch.long), do_sample=True, max_new_tokens=new,
+                        min_new_tokens=new, num_return_sequences=kids, top_k=0, pad_token_id=0)
+
+    shared = TreeEngine(model, None, seed=0)
+    copied = TreeEngine(model, None, seed=0, config=EngineConfig(share_prefix=False))
+    stats = {}
+
+    def run_engine(eng, name):
+        def fn():
+            root = eng.add_prompts([long_prompt])[0]
+            eng.expand([root], kids, params, max_new_tokens=new, stop=NO_EOS)
+            stats[name] = dict(eng.last_decode_stats)
+        return fn
+
+    b2 = {}
+    for name, fn in (("hf_generate", hf_b2), ("prs_jax_shared", run_engine(shared, "prs_jax_shared")),
+                     ("prs_jax_copied", run_engine(copied, "prs_jax_copied"))):
+        first, times = timed(fn, reps)
+        b2[name] = {"first_call_s": first, "steady_s": statistics.median(times),
+                    "new_tok_per_s": kids * new / statistics.median(times)}
+        if name in stats:
+            b2[name]["decode_kv_bytes"] = stats[name]["prefix_kv_bytes"] + stats[name]["suffix_kv_bytes"]
+    b2["speedup_shared_vs_hf"] = b2["prs_jax_shared"]["new_tok_per_s"] / b2["hf_generate"]["new_tok_per_s"]
+    b2["speedup_shared_vs_copied"] = b2["prs_jax_shared"]["new_tok_per_s"] / b2["prs_jax_copied"]["new_tok_per_s"]
+    b2["kv_ratio_shared_over_copied"] = b2["prs_jax_shared"]["decode_kv_bytes"] / b2["prs_jax_copied"][
+        "decode_kv_bytes"]
+    b2["goals"] = ">= 10x HF, >= 2x copied, KV <= 1/8 of copied"
+    results["B2_shared_prefix"] = b2
+    print("B2", json.dumps(b2, indent=1))
+
+    # ---------------- B3: prefill throughput
+    pb, pt = 16, 256
+    x = jnp.asarray(rng.integers(10, cfg.vocab_size, size=(pb, pt)), jnp.int32)
+    fwd = nnx.jit(lambda m, ids: m(ids)[0])
+    hidden_only = nnx.jit(lambda m, ids: m.model(ids)[0])
+    xt = torch.tensor(np.asarray(x), dtype=torch.long)
+
+    def jax_fwd():
+        fwd(model, x).block_until_ready()
+
+    def jax_hidden():
+        hidden_only(model, x).block_until_ready()
+
+    def torch_fwd():
+        with torch.no_grad():
+            hf(xt)
+
+    peak = matmul_peak()
+    flops = forward_flops(cfg, pb, pt)
+    b3 = {"tokens_per_call": pb * pt, "matmul_peak_gflops": peak, "forward_gflop": flops / 1e9}
+    for name, fn in (("torch_forward", torch_fwd), ("prs_jax_forward", jax_fwd), ("prs_jax_hidden_only", jax_hidden)):
+        first, times = timed(fn, reps)
+        med = statistics.median(times)
+        b3[name] = {"first_call_s": first, "steady_s": med, "tok_per_s": pb * pt / med}
+    b3["prs_jax_forward"]["mfu"] = flops / b3["prs_jax_forward"]["steady_s"] / 1e9 / peak
+    b3["torch_forward"]["mfu"] = flops / b3["torch_forward"]["steady_s"] / 1e9 / peak
+    b3["prs_jax_vs_torch"] = b3["prs_jax_forward"]["tok_per_s"] / b3["torch_forward"]["tok_per_s"]
+    b3["goals"] = ">= 75% MFU and >= 1.0x torch"
+    results["B3_prefill"] = b3
+    print("B3", json.dumps(b3, indent=1))
+
+    # ---------------- compilations over a 100-prompt PRS-shaped run
+    eng = TreeEngine(model, None, seed=0, config=EngineConfig(min_groups_bucket=32, min_prefix_bucket=128,
+                                                              min_extend_bucket=64))
+    small_new = 8
+    t0 = time.perf_counter()
+    for start in range(0, 100, 25):
+        roots = eng.add_prompts([list(rng.integers(10, cfg.vocab_size, size=rng.integers(20, 60)))
+                                 for _ in range(25)])
+        drafts = eng.expand(roots, 4, params, max_new_tokens=small_new, stop=NO_EOS)
+        asks = eng.append([d[0] for d in drafts], [[11, 12, 13, 14, 15]] * len(drafts))
+        fb = eng.expand(asks, 1, params, max_new_tokens=small_new, stop=NO_EOS)
+        refine = eng.append([f[0] for f in fb], [[21, 22, 23]] * len(fb))
+        eng.expand(refine, 4, params, max_new_tokens=small_new, stop=NO_EOS)
+    results["compilations_prs_100_prompts"] = {"compilations": eng.compilations, "nodes": len(eng.tree),
+                                               "seconds": time.perf_counter() - t0,
+                                               "goal": "a handful, independent of the number of prompts"}
+    print("compilations", results["compilations_prs_100_prompts"])
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
