@@ -1,0 +1,163 @@
+"""Per-token and per-sequence log-probs of target ids, without materialising [B, T, V] logits.
+
+Methods of `token_logprobs` (all return float32 [B, T] log p(target | prefix)):
+
+- "plain":   logits = hidden @ w, log_softmax, gather. Materialises [B*T, V] (and keeps it for the backward).
+- "chunked": pure JAX, the default on every backend. A `lax.scan` over vocabulary chunks keeps an online
+             log-sum-exp (running max, running sum) and the target logit. It is a `jax.custom_vjp`, not a remat:
+             the forward saves only hidden, w, targets and the LSE [B*T]; the backward is a second scan over
+             the same chunks that recomputes each chunk's logits and forms
+             d logits = g * (onehot(target) - exp(logits - lse)), accumulating d hidden ([B*T, D], float32)
+             and writing d w chunk by chunk into a [D, V] buffer of w's dtype. Peak temporaries are about one
+             [B*T, chunk] tile, forward and backward. Gradients equal plain's up to float rounding.
+- "pallas":  prs_jax.kernels.logprobs.token_logprobs_pallas (same algorithm as Pallas kernels; interpret
+             mode on CPU, which is slow: use it there for tests only).
+
+A vocabulary that is not a multiple of the chunk is not padded (padding would copy w): the last chunk starts
+at V - chunk and masks with -inf the columns an earlier chunk already covered.
+
+Targets must lie in [0, V). Positions to ignore (prompt, padding, the -100 of TRL labels) should hold any valid
+id such as 0 and be dropped by the mask given to `sequence_logprobs`.
+The unembedding is [hidden, vocab] (the Dense kernel layout); for tied embeddings pass embedding.T.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from prs_jax.kernels.logprobs import token_logprobs_pallas, token_logprobs_reference
+
+__all__ = ["token_logprobs", "token_logprobs_chunked", "sequence_logprobs"]
+
+Method = Literal["plain", "chunked", "pallas"]
+DEFAULT_CHUNK = 2048
+DEFAULT_BLOCK_VOCAB = 512
+
+
+def _chunk_tile(hidden_nd, w_dv, c, chunk: int):
+    """Masked float32 logits of chunk c [N, chunk] and the chunk's global column ids [1, chunk]."""
+    vocab = w_dv.shape[1]
+    lo = c * chunk
+    start = jnp.minimum(lo, vocab - chunk)
+    w_c = lax.dynamic_slice_in_dim(w_dv, start, chunk, axis=1)
+    logits = jnp.dot(hidden_nd, w_c, preferred_element_type=jnp.float32)
+    cols = start + lax.broadcasted_iota(jnp.int32, (1, chunk), 1)
+    # Columns below lo belong to an earlier chunk (only the clamped last chunk has any).
+    valid = cols >= lo
+    return jnp.where(valid, logits, -jnp.inf), cols, valid, start, w_c
+
+
+def _chunked_forward(hidden_nd, w_dv, targets_n, chunk: int):
+    n = hidden_nd.shape[0]
+    n_chunks = -(-w_dv.shape[1] // chunk)
+
+    def body(carry, c):
+        m, l, tgt = carry
+        logits, cols, valid, _, _ = _chunk_tile(hidden_nd, w_dv, c, chunk)
+        m_new = jnp.maximum(m, jnp.max(logits, axis=1))
+        # Every chunk has at least one valid column, so m_new is finite and exp(-inf - m_new) = 0.
+        l_new = l * jnp.exp(m - m_new) + jnp.sum(jnp.exp(logits - m_new[:, None]), axis=1)
+        hit = valid & (cols == targets_n[:, None])
+        tgt = tgt + jnp.sum(jnp.where(hit, logits, 0.0), axis=1)
+        return (m_new, l_new, tgt), None
+
+    init = (jnp.full((n,), -jnp.inf, jnp.float32), jnp.zeros((n,), jnp.float32), jnp.zeros((n,), jnp.float32))
+    (m, l, tgt), _ = lax.scan(body, init, jnp.arange(n_chunks, dtype=jnp.int32))
+    lse = m + jnp.log(l)
+    return tgt - lse, lse
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _chunked(hidden_nd, w_dv, targets_n, chunk: int):
+    return _chunked_forward(hidden_nd, w_dv, targets_n, chunk)[0]
+
+
+def _chunked_fwd(hidden_nd, w_dv, targets_n, chunk):
+    logp, lse = _chunked_forward(hidden_nd, w_dv, targets_n, chunk)
+    return logp, (hidden_nd, w_dv, targets_n, lse)
+
+
+def _chunked_bwd(chunk, residuals, g_n):
+    hidden_nd, w_dv, targets_n, lse = residuals
+    n_chunks = -(-w_dv.shape[1] // chunk)
+    g = g_n.astype(jnp.float32)
+
+    def body(carry, c):
+        dh, dw = carry
+        logits, cols, valid, start, w_c = _chunk_tile(hidden_nd, w_dv, c, chunk)
+        p = jnp.exp(logits - lse[:, None])  # 0 on masked columns
+        onehot = (valid & (cols == targets_n[:, None])).astype(jnp.float32)
+        dlog = g[:, None] * (onehot - p)
+        dh = dh + jnp.dot(dlog.astype(w_c.dtype), w_c.T, preferred_element_type=jnp.float32)
+        dw_c = jnp.dot(hidden_nd.T, dlog.astype(hidden_nd.dtype), preferred_element_type=jnp.float32)
+        # Masked (already covered) columns have dlog = 0, so adding keeps what an earlier chunk wrote.
+        old = lax.dynamic_slice_in_dim(dw, start, chunk, axis=1).astype(jnp.float32)
+        dw = lax.dynamic_update_slice_in_dim(dw, (old + dw_c).astype(dw.dtype), start, axis=1)
+        return (dh, dw), None
+
+    init = (jnp.zeros(hidden_nd.shape, jnp.float32), jnp.zeros(w_dv.shape, w_dv.dtype))
+    (dh, dw), _ = lax.scan(body, init, jnp.arange(n_chunks, dtype=jnp.int32))
+    return dh.astype(hidden_nd.dtype), dw, None
+
+
+_chunked.defvjp(_chunked_fwd, _chunked_bwd)
+
+
+def token_logprobs_chunked(hidden_nd: jax.Array, w_dv: jax.Array, targets_n: jax.Array, *,
+                           chunk_size: int = DEFAULT_CHUNK) -> jax.Array:
+    """Vocabulary-chunked log_softmax(hidden @ w)[target] as float32 [N] (custom_vjp; memory ~ one chunk)."""
+    if chunk_size < 1:
+        raise ValueError(f"token_logprobs: chunk_size must be positive, got {chunk_size}.")
+    chunk = min(chunk_size, w_dv.shape[1])
+    return _chunked(hidden_nd, w_dv, targets_n.astype(jnp.int32), chunk)
+
+
+def token_logprobs(hidden_btd: jax.Array, unembed_w_dv: jax.Array, targets_bt: jax.Array, *,
+                   method: Method = "chunked", chunk_size: int | None = None, block_rows: int = 128,
+                   interpret: bool | None = None) -> jax.Array:
+    """Float32 [B, T] log-probs of targets_bt under softmax(hidden_btd @ unembed_w_dv), never [B, T, V] unless plain.
+
+    chunk_size: vocabulary chunk for "chunked" (default 2048) and vocabulary block for "pallas" (default 512).
+    block_rows and interpret are passed to the Pallas kernel only.
+    """
+    if hidden_btd.ndim != 3 or unembed_w_dv.ndim != 2 or targets_bt.ndim != 2:
+        raise ValueError(f"token_logprobs: expected hidden_btd [B, T, D], unembed_w_dv [D, V], targets_bt "
+                         f"[B, T]; got {hidden_btd.shape}, {unembed_w_dv.shape}, {targets_bt.shape}.")
+    b, t, d = hidden_btd.shape
+    if unembed_w_dv.shape[0] != d:
+        raise ValueError(f"token_logprobs: unembed_w_dv {unembed_w_dv.shape} must be [D={d}, V] (the Dense "
+                         f"kernel layout); for tied embeddings pass embedding.T.")
+    if targets_bt.shape != (b, t):
+        raise ValueError(f"token_logprobs: targets_bt {targets_bt.shape} must match hidden_btd's [B, T] = {(b, t)}.")
+    if not jnp.issubdtype(targets_bt.dtype, jnp.integer):
+        raise ValueError(f"token_logprobs: targets_bt must be integer token ids, got {targets_bt.dtype}.")
+    hidden_nd = hidden_btd.reshape(b * t, d)
+    targets_n = targets_bt.reshape(b * t).astype(jnp.int32)
+    if method == "plain":
+        logp_n = token_logprobs_reference(hidden_nd, unembed_w_dv, targets_n)
+    elif method == "chunked":
+        logp_n = token_logprobs_chunked(hidden_nd, unembed_w_dv, targets_n,
+                                        chunk_size=DEFAULT_CHUNK if chunk_size is None else chunk_size)
+    elif method == "pallas":
+        logp_n = token_logprobs_pallas(hidden_nd, unembed_w_dv, targets_n, block_rows=block_rows,
+                                       block_vocab=DEFAULT_BLOCK_VOCAB if chunk_size is None else chunk_size,
+                                       interpret=interpret)
+    else:
+        raise ValueError(f"token_logprobs: unknown method {method!r}; use 'plain', 'chunked' or 'pallas'.")
+    return logp_n.reshape(b, t)
+
+
+def sequence_logprobs(token_logps_bt: jax.Array, mask_bt: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Masked sums of token log-probs [B] (float32) and token counts [B] (float32); nonzero mask = kept."""
+    if token_logps_bt.shape != mask_bt.shape or token_logps_bt.ndim != 2:
+        raise ValueError(f"sequence_logprobs: token_logps_bt {token_logps_bt.shape} and mask_bt "
+                         f"{mask_bt.shape} must both be [B, T].")
+    keep = mask_bt.astype(bool)
+    # where, not multiply: a dropped position may hold -inf or NaN (e.g. an out-of-range id).
+    sums = jnp.sum(jnp.where(keep, token_logps_bt.astype(jnp.float32), 0.0), axis=-1)
+    return sums, jnp.sum(keep, axis=-1, dtype=jnp.float32)

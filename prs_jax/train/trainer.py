@@ -1,0 +1,375 @@
+"""One training loop for SFT, reward models, the DPO family and (later) A2C.
+
+A task plugs in a pure loss `loss_fn(model, batch, static) -> (loss, metrics)` and a `BatchSource`; the loop
+owns the rest: optax chain (clip -> adamw/rmsprop, warmup + schedule), gradient accumulation (a scan over
+micro-batches), optional bf16 compute with fp32 master weights, sharding over a (data, fsdp, tensor) mesh,
+Orbax checkpoints (async, keep-k, best-k by an eval metric) with exact resume (step, optimizer, data order),
+evaluation every k steps, metrics to JSONL and TensorBoard, a progress bar, and a guard that stops on a
+non-finite loss without overwriting good checkpoints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable, Literal, Mapping, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+from tqdm import tqdm
+
+from prs_jax.errors import PrsJaxError
+from prs_jax.models.sharding import MeshConfig, shard_model
+
+Metrics = dict[str, jax.Array]
+LossFn = Callable[[nnx.Module, dict[str, jax.Array], Any], tuple[jax.Array, Metrics]]
+
+
+class TrainingError(PrsJaxError):
+    """Training cannot go on (non-finite loss, incompatible checkpoint)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """Optimizer: gradient clipping, AdamW or RMSprop, linear warmup then constant / cosine / linear decay."""
+
+    name: Literal["adamw", "rmsprop", "sgd"] = "adamw"
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    clip_norm: float | None = 1.0
+    warmup_steps: int = 0
+    schedule: Literal["constant", "cosine", "linear"] = "constant"
+    min_lr_ratio: float = 0.0
+
+
+def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
+    """The optax chain for `cfg` over `total_steps` optimizer steps."""
+    decay_steps = max(total_steps - cfg.warmup_steps, 1)
+    if cfg.schedule == "constant":
+        after = optax.constant_schedule(cfg.lr)
+    elif cfg.schedule == "cosine":
+        after = optax.cosine_decay_schedule(cfg.lr, decay_steps, alpha=cfg.min_lr_ratio)
+    else:
+        after = optax.linear_schedule(cfg.lr, cfg.lr * cfg.min_lr_ratio, decay_steps)
+    schedule = (optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, cfg.warmup_steps), after],
+                                     [cfg.warmup_steps]) if cfg.warmup_steps else after)
+    if cfg.name == "adamw":
+        opt = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    elif cfg.name == "rmsprop":
+        opt = optax.rmsprop(schedule, eps=cfg.eps)
+    else:
+        opt = optax.sgd(schedule)
+    parts = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm else []
+    return optax.chain(*parts, opt)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainerConfig:
+    """Loop settings. `batch_size` is examples per optimizer step, split into `grad_accum` micro-batches."""
+
+    out_dir: str = "runs/train"
+    steps: int = 100
+    batch_size: int = 8
+    grad_accum: int = 1
+    seed: int = 0
+    eval_every: int = 0  # 0: no periodic evaluation
+    eval_batches: int = 0  # 0: the whole eval set
+    save_every: int = 0  # 0: save only at the end
+    keep: int = 2
+    best_metric: str | None = None  # e.g. "eval/accuracy": keep the best checkpoints by it
+    best_mode: Literal["max", "min"] = "max"
+    log_every: int = 1
+    compute_dtype: Literal["float32", "bfloat16"] = "float32"
+    mesh: MeshConfig | None = None
+    tensorboard: bool = True
+    progress: bool = True
+    async_checkpoint: bool = True
+
+    def __post_init__(self) -> None:
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"TrainerConfig.batch_size {self.batch_size} is not divisible by grad_accum "
+                             f"{self.grad_accum}.")
+
+
+class BatchSource(Protocol):
+    """Examples addressable by index; `collate` turns indices into fixed-shape arrays plus static info."""
+
+    def __len__(self) -> int: ...
+
+    def collate(self, indices: np.ndarray) -> tuple[dict[str, np.ndarray], Any]: ...
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def data_order(n: int, seed: int, step: int, batch_size: int) -> np.ndarray:
+    """Indices for optimizer step `step`: epochs are fresh permutations seeded by (seed, epoch). Deterministic,
+    so a resumed run sees exactly the batches an uninterrupted run would."""
+    start = step * batch_size
+    return np.array([_epoch_permutation(n, seed, (start + j) // n)[(start + j) % n] for j in range(batch_size)])
+
+
+def _cast_floats(tree: Any, dtype: Any) -> Any:
+    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+class Trainer:
+    """Runs `loss_fn` over a `BatchSource` with optax, orbax and logging; see the module docstring."""
+
+    def __init__(self, model: nnx.Module, loss_fn: LossFn, config: TrainerConfig, optim: OptimConfig,
+                 frozen: Mapping[str, nnx.Module] | None = None, run_config: Mapping[str, Any] | None = None):
+        self.model = model
+        self.loss_fn = loss_fn
+        self.config = config
+        self.frozen = dict(frozen or {})
+        self.out_dir = Path(config.out_dir)
+        self.mesh = config.mesh.make_mesh() if config.mesh is not None else None
+        if self.mesh is not None:
+            shard_model(model, self.mesh)
+            for m in self.frozen.values():
+                shard_model(m, self.mesh)
+        self.tx = make_optimizer(optim, config.steps)
+        self.step = 0
+        self.run_config = dict(run_config or {})
+        self._graphdef, params_state, self._rest = nnx.split(model, nnx.Param, ...)
+        # Parameters travel as a flat {name: array} dict: plain for optax and for Orbax's checkpoint layout.
+        leaves, self._treedef = jax.tree_util.tree_flatten_with_path(params_state)
+        self._keys = [jax.tree_util.keystr(p) for p, _ in leaves]
+        self._params = {k: leaf for k, (_, leaf) in zip(self._keys, leaves)}
+        self._frozen_split = {k: nnx.split(m) for k, m in self.frozen.items()}
+        self._train_step = jax.jit(self._train_step_impl, static_argnames=("static",), donate_argnums=(0, 1))
+        self._eval_step = jax.jit(self._eval_step_impl, static_argnames=("static",))
+
+    # ---------------------------------------------------------------------------------------- compiled
+    def _state(self, params: dict[str, jax.Array]) -> nnx.State:
+        return jax.tree.unflatten(self._treedef, [params[k] for k in self._keys])
+
+    def _loss(self, params, rest, frozen_states, batch, static):
+        compute = jnp.bfloat16 if self.config.compute_dtype == "bfloat16" else None
+        p = _cast_floats(params, compute) if compute is not None else params
+        model = nnx.merge(self._graphdef, self._state(p), rest)
+        frozen = {k: nnx.merge(self._frozen_split[k][0], s) for k, s in frozen_states.items()}
+        if compute is not None:
+            frozen = {k: nnx.merge(self._frozen_split[k][0], _cast_floats(s, compute))
+                      for k, s in frozen_states.items()}
+        loss, metrics = self.loss_fn(model, batch, static, **({"frozen": frozen} if frozen else {}))
+        return loss.astype(jnp.float32), metrics
+
+    def _train_step_impl(self, params, opt_state, rest, frozen_states, batch, *, static):
+        accum = self.config.grad_accum
+        micro = jax.tree.map(lambda x: x.reshape((accum, x.shape[0] // accum) + x.shape[1:]), batch)
+        grad_fn = jax.value_and_grad(self._loss, has_aux=True)
+
+        def one(carry, mb):
+            g_sum, l_sum, m_sum = carry
+            (loss, metrics), grads = grad_fn(params, rest, frozen_states, mb, static)
+            g_sum = jax.tree.map(jnp.add, g_sum, grads)
+            m_sum = jax.tree.map(jnp.add, m_sum, metrics)
+            return (g_sum, l_sum + loss, m_sum), None
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        first = jax.tree.map(lambda x: x[0], micro)
+        metric_shape = jax.eval_shape(lambda: self._loss(params, rest, frozen_states, first, static)[1])
+        m0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shape)
+        (g_sum, l_sum, m_sum), _ = jax.lax.scan(one, (zeros, jnp.float32(0), m0), micro)
+        grads = jax.tree.map(lambda g: g / accum, g_sum)
+        updates, opt_state = self.tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        metrics = jax.tree.map(lambda m: m / accum, m_sum)
+        metrics["loss"] = l_sum / accum
+        metrics["grad_norm"] = optax.global_norm(grads)
+        return params, opt_state, metrics
+
+    def _eval_step_impl(self, params, rest, frozen_states, batch, *, static):
+        loss, metrics = self._loss(params, rest, frozen_states, batch, static)
+        return dict(metrics, loss=loss)
+
+    # ---------------------------------------------------------------------------------------- plumbing
+    def _device_batch(self, arrays: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        if self.mesh is None:
+            return {k: jnp.asarray(v) for k, v in arrays.items()}
+        sharding = NamedSharding(self.mesh, P(("data", "fsdp")))
+        return {k: jax.device_put(v, sharding) for k, v in arrays.items()}
+
+    def _manager(self) -> ocp.CheckpointManager:
+        cfg = self.config
+        best_fn = None
+        if cfg.best_metric:
+            key = cfg.best_metric
+            best_fn = lambda metrics: float(metrics.get(key, float("nan")))  # noqa: E731
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=cfg.keep, best_fn=best_fn, best_mode=cfg.best_mode,
+            keep_checkpoints_without_metrics=best_fn is None, enable_async_checkpointing=cfg.async_checkpoint)
+        return ocp.CheckpointManager((self.out_dir / "checkpoints").absolute(), options=options)
+
+    def _fingerprint(self) -> dict[str, str]:
+        return {k: f"{v.dtype}{list(v.shape)}" for k, v in self._params.items()}
+
+    def _state_tree(self) -> dict[str, Any]:
+        return {"params": self._params, "opt_state": self._opt_state_tree}
+
+    def restore(self, manager: ocp.CheckpointManager) -> bool:
+        """Restore the latest checkpoint if there is one; returns whether it did."""
+        step = manager.latest_step()
+        if step is None:
+            return False
+        meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        mine = self._fingerprint()
+        theirs = meta.get("params", {})
+        if theirs != mine:
+            diff = sorted(set(theirs.items()) ^ set(mine.items()))[:3] if isinstance(theirs, dict) else theirs
+            raise TrainingError(f"{manager.directory}: checkpoint at step {step} does not match this model "
+                                f"(another architecture or config?); differing parameters: {diff}. Use another "
+                                "out_dir or delete the old checkpoints.")
+        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+                              self._state_tree())
+        try:
+            restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
+                                                                     meta=ocp.args.JsonRestore()))
+        except (ValueError, KeyError, TypeError) as e:
+            raise TrainingError(f"{manager.directory}: checkpoint at step {step} does not match this model/optimizer "
+                                f"(another architecture or config?): {e}") from e
+        state = restored["state"]
+        self._params = dict(state["params"])
+        self._opt_state_tree = state["opt_state"]
+        self.step = int(restored["meta"]["step"])
+        return True
+
+    def fit(self, train: BatchSource, eval_source: BatchSource | None = None) -> dict[str, float]:
+        """Train to `config.steps` optimizer steps (resuming from the latest checkpoint); returns last metrics."""
+        cfg = self.config
+        if len(train) == 0:
+            raise TrainingError("the training set is empty.")
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / "config.json").write_text(json.dumps(self.run_config, indent=2, default=str))
+        self._opt_state_tree = self.tx.init(self._params)
+        manager = self._manager()
+        resumed = self.restore(manager)
+        frozen_states = {k: s for k, (_, s) in self._frozen_split.items()}
+        log_file = open(self.out_dir / "metrics.jsonl", "a")
+        writer = None
+        if cfg.tensorboard:
+            from tensorboardX import SummaryWriter
+
+            writer = SummaryWriter(str(self.out_dir / "tensorboard"))
+        bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step", disable=not cfg.progress)
+        last: dict[str, float] = {}
+        params, opt_state, rest = self._params, self._opt_state_tree, self._rest
+        t_last, tokens_since = time.perf_counter(), 0
+        try:
+            while self.step < cfg.steps:
+                idx = data_order(len(train), cfg.seed, self.step, cfg.batch_size)
+                arrays, static = train.collate(idx)
+                tokens_since += int(sum(int(np.asarray(v).sum()) for k, v in arrays.items() if k.endswith("mask")
+                                        and not k.endswith("loss_mask")))
+                batch = self._device_batch(arrays)
+                new_params, new_opt, metrics = self._train_step(params, opt_state, rest, frozen_states, batch,
+                                                                static=static)
+                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
+                    good = manager.latest_step()
+                    raise TrainingError(
+                        f"non-finite loss {metrics['loss']} at step {self.step + 1}; stopped without saving. The "
+                        f"last good checkpoint is step {good} in {manager.directory}." if good is not None else
+                        f"non-finite loss {metrics['loss']} at step {self.step + 1}; stopped, nothing was saved.")
+                params, opt_state = new_params, new_opt
+                self.step += 1
+                now = time.perf_counter()
+                metrics["tokens_per_s"] = tokens_since / max(now - t_last, 1e-9)
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    t_last, tokens_since = now, 0
+                    self._log(log_file, writer, "train", metrics)
+                eval_metrics = None
+                if eval_source is not None and cfg.eval_every and (self.step % cfg.eval_every == 0
+                                                                   or self.step == cfg.steps):
+                    eval_metrics = self.evaluate(eval_source, params, rest, frozen_states)
+                    self._log(log_file, writer, "eval", eval_metrics)
+                if (cfg.save_every and self.step % cfg.save_every == 0) or self.step == cfg.steps:
+                    self._params, self._opt_state_tree, self._rest = params, opt_state, rest
+                    self._save(manager, {f"eval/{k}": v for k, v in (eval_metrics or {}).items()})
+                last = metrics
+                bar.update(1)
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+        finally:
+            bar.close()
+            manager.wait_until_finished()
+            manager.close()
+            log_file.close()
+            if writer is not None:
+                writer.close()
+            self._params, self._opt_state_tree, self._rest = params, opt_state, rest
+            nnx.update(self.model, self._state(params), rest)
+        return last
+
+    def _save(self, manager: ocp.CheckpointManager, metrics: dict[str, float]) -> None:
+        manager.save(self.step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(self._state_tree()),
+            meta=ocp.args.JsonSave({"step": self.step, "params": self._fingerprint(),
+                                    "run_config": json.loads(json.dumps(self.run_config, default=str))})),
+            metrics=metrics or None)
+
+    def evaluate(self, source: BatchSource, params=None, rest=None, frozen_states=None) -> dict[str, float]:
+        """Mean metrics over the eval source (in order, `eval_batches` batches or all)."""
+        params = self._params if params is None else params
+        rest = self._rest if rest is None else rest
+        frozen_states = frozen_states if frozen_states is not None else {
+            k: s for k, (_, s) in self._frozen_split.items()}
+        bs = self.config.batch_size
+        n_batches = max(1, math.ceil(len(source) / bs))
+        if self.config.eval_batches:
+            n_batches = min(n_batches, self.config.eval_batches)
+        sums: dict[str, float] = {}
+        count = 0
+        for b in range(n_batches):
+            idx = np.arange(b * bs, min((b + 1) * bs, len(source)))
+            if len(idx) < bs:  # keep shapes fixed: pad with repeats, weight only the real ones
+                idx = np.concatenate([idx, np.resize(idx, bs - len(idx))])
+                real = len(source) - b * bs
+            else:
+                real = bs
+            arrays, static = source.collate(idx)
+            m = jax.device_get(self._eval_step(params, rest, frozen_states, self._device_batch(arrays), static=static))
+            for k, v in m.items():
+                sums[k] = sums.get(k, 0.0) + float(v) * real
+            count += real
+        return {k: v / count for k, v in sums.items()}
+
+    def _log(self, fh, writer, split: str, metrics: dict[str, float]) -> None:
+        fh.write(json.dumps({"step": self.step, "split": split, **metrics}) + "\n")
+        fh.flush()
+        if writer is not None:
+            for k, v in metrics.items():
+                writer.add_scalar(f"{split}/{k}", v, self.step)
+
+
+class ArraySource:
+    """A BatchSource over equally long NumPy arrays (already tokenised and padded); `static_fn` derives the
+    static facts of a batch (e.g. the bucketed response length) from its arrays."""
+
+    def __init__(self, arrays: Mapping[str, np.ndarray], static_fn: Callable[[dict[str, np.ndarray]], Any]):
+        lengths = {k: len(v) for k, v in arrays.items()}
+        if len(set(lengths.values())) != 1:
+            raise ValueError(f"ArraySource: arrays differ in length: {lengths}")
+        self.arrays = {k: np.asarray(v) for k, v in arrays.items()}
+        self.static_fn = static_fn
+
+    def __len__(self) -> int:
+        return len(next(iter(self.arrays.values())))
+
+    def collate(self, indices: np.ndarray) -> tuple[dict[str, np.ndarray], Any]:
+        batch = {k: v[indices] for k, v in self.arrays.items()}
+        return batch, self.static_fn(batch)

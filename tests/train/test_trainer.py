@@ -1,0 +1,136 @@
+"""The shared trainer on tiny models: DPO at init equals log 2, losses fall, exact kill-and-resume, NaN guard,
+Sr-DPO with lambda 0 equals DPO, SFT and reward-model training, a checkpoint of another architecture."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from prs_jax.models import load_causal_lm, load_reward_model
+from prs_jax.train.objectives import PreferenceLoss, RewardLoss, Static, bucket_r_max, sft_loss
+from prs_jax.train.trainer import ArraySource, OptimConfig, Trainer, TrainerConfig, TrainingError
+
+T = 24
+
+
+def pair_arrays(n: int = 16, seed: int = 0, aug: bool = False) -> dict[str, np.ndarray]:
+    """Separable preferences: chosen responses repeat token 40, rejected repeat token 90 (prompt 8 tokens)."""
+    rng = np.random.default_rng(seed)
+    out: dict[str, list] = {}
+    for _ in range(n):
+        prompt = list(rng.integers(100, 400, size=8))
+        for name, tok in (("chosen", 40), ("rejected", 90)):
+            resp_len = int(rng.integers(4, 10))
+            for suffix, pre in (("", []), ("_aug", [7, 7, 7])) if aug else (("", []),):
+                ids = pre + prompt + [tok] * resp_len
+                row = np.zeros(T, np.int32)
+                row[:len(ids)] = ids
+                mask = np.arange(T) < len(ids)
+                loss_mask = (np.arange(T) >= len(pre) + len(prompt)) & mask
+                out.setdefault(f"{name}{suffix}_ids", []).append(row)
+                out.setdefault(f"{name}{suffix}_mask", []).append(mask)
+                out.setdefault(f"{name}{suffix}_loss_mask", []).append(loss_mask)
+    return {k: np.stack(v) for k, v in out.items()}
+
+
+def pair_static(batch):
+    return Static(r_max=bucket_r_max(batch["chosen_loss_mask"], batch["rejected_loss_mask"]))
+
+
+def cfg(tmp_path, **kw):
+    base = dict(out_dir=str(tmp_path / "run"), steps=6, batch_size=4, progress=False, tensorboard=False,
+                async_checkpoint=False)
+    base.update(kw)
+    return TrainerConfig(**base)
+
+
+def test_dpo_starts_at_log2_and_learns(llama_dir, tmp_path):
+    policy, ref = load_causal_lm(llama_dir), load_causal_lm(llama_dir)
+    src = ArraySource(pair_arrays(), pair_static)
+    trainer = Trainer(policy, PreferenceLoss("sigmoid", beta=0.5), cfg(tmp_path, steps=12, eval_every=12,
+                                                                         tensorboard=True),
+                      OptimConfig(lr=3e-3), frozen={"ref": ref})
+    before = trainer.evaluate(src)
+    assert before["loss"] == pytest.approx(math.log(2), abs=1e-5)
+    trainer.fit(src, eval_source=src)
+    after = trainer.evaluate(src)
+    assert after["loss"] < before["loss"] - 0.1
+    assert after["accuracy"] > 0.9
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["split"] == "train"] == list(range(1, 13))
+    assert any(r["split"] == "eval" for r in rows)
+    assert any((tmp_path / "run" / "tensorboard").iterdir())
+
+
+def test_kill_and_resume_is_exact(llama_dir, tmp_path):
+    src = ArraySource(pair_arrays(n=10), pair_static)
+    loss = PreferenceLoss("ipo", beta=0.3)
+
+    def losses(run_dir):
+        return [json.loads(x)["loss"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+    full = Trainer(load_causal_lm(llama_dir), loss, cfg(tmp_path / "a", steps=6, save_every=3), OptimConfig(lr=1e-3),
+                   frozen={"ref": load_causal_lm(llama_dir)})
+    full.fit(src)
+    part = Trainer(load_causal_lm(llama_dir), loss, cfg(tmp_path / "b", steps=3, save_every=3), OptimConfig(lr=1e-3),
+                   frozen={"ref": load_causal_lm(llama_dir)})
+    part.fit(src)
+    # "killed" after step 3; a new process resumes from the checkpoint and runs to step 6
+    resumed = Trainer(load_causal_lm(llama_dir), loss, cfg(tmp_path / "b", steps=6, save_every=3),
+                      OptimConfig(lr=1e-3), frozen={"ref": load_causal_lm(llama_dir)})
+    resumed.fit(src)
+    assert losses(tmp_path / "a" / "run") == losses(tmp_path / "b" / "run")  # bitwise on CPU
+
+
+def test_sr_dpo_lambda_zero_equals_dpo(llama_dir, tmp_path):
+    src = ArraySource(pair_arrays(n=8, aug=True), pair_static)
+    results = []
+    for loss in (PreferenceLoss("sigmoid", beta=0.2), PreferenceLoss("sr_dpo", beta=0.2, lam=0.0)):
+        tr = Trainer(load_causal_lm(llama_dir), loss, cfg(tmp_path / loss.name, steps=3), OptimConfig(lr=1e-3),
+                     frozen={"ref": load_causal_lm(llama_dir)})
+        tr.fit(src)
+        results.append(tr.evaluate(src))
+    np.testing.assert_allclose(results[0]["loss"], results[1]["loss"], rtol=1e-6)
+    assert "prompt_augmented_accuracy" in results[1]
+
+
+def test_nan_guard_stops_without_saving(llama_dir, tmp_path):
+    src = ArraySource(pair_arrays(n=8), pair_static)
+    tr = Trainer(load_causal_lm(llama_dir), PreferenceLoss("sigmoid"), cfg(tmp_path, steps=4, save_every=1),
+                 OptimConfig(lr=1e30, clip_norm=None, name="sgd"), frozen={"ref": load_causal_lm(llama_dir)})
+    with pytest.raises(TrainingError, match="non-finite loss .* at step"):
+        tr.fit(src)
+    saved = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit())
+    assert "4" not in saved
+
+
+def test_sft_and_reward_model_training(llama_dir, make_checkpoint, tmp_path):
+    arrays = pair_arrays(n=12)
+    sft = ArraySource({"input_ids": arrays["chosen_ids"], "attention_mask": arrays["chosen_mask"],
+                       "loss_mask": arrays["chosen_loss_mask"]},
+                      lambda b: Static(r_max=bucket_r_max(b["loss_mask"])))
+    tr = Trainer(load_causal_lm(llama_dir), sft_loss, cfg(tmp_path / "sft", steps=8, grad_accum=2),
+                 OptimConfig(lr=3e-3, warmup_steps=2, schedule="cosine"))
+    first = tr.evaluate(sft)["loss"]
+    tr.fit(sft)
+    assert tr.evaluate(sft)["loss"] < first - 0.5
+
+    rm = load_reward_model(make_checkpoint("llama", task="reward"))
+    src = ArraySource({k: v for k, v in arrays.items()}, lambda b: None)
+    tr = Trainer(rm, RewardLoss(), cfg(tmp_path / "rm", steps=10), OptimConfig(lr=3e-3))
+    tr.fit(src)
+    assert tr.evaluate(src)["accuracy"] > 0.9
+
+
+def test_checkpoint_of_other_architecture_is_clear_error(llama_dir, make_checkpoint, tmp_path):
+    src = ArraySource(pair_arrays(n=8), pair_static)
+    Trainer(load_causal_lm(llama_dir), PreferenceLoss(), cfg(tmp_path, steps=1), OptimConfig(),
+            frozen={"ref": load_causal_lm(llama_dir)}).fit(src)
+    other = make_checkpoint("llama", hidden_size=32, intermediate_size=64)
+    tr = Trainer(load_causal_lm(other), PreferenceLoss(), cfg(tmp_path, steps=2), OptimConfig(),
+                 frozen={"ref": load_causal_lm(other)})
+    with pytest.raises(TrainingError, match="does not match this model"):
+        tr.fit(src)
