@@ -134,3 +134,33 @@ def test_checkpoint_of_other_architecture_is_clear_error(llama_dir, make_checkpo
                  frozen={"ref": load_causal_lm(other)})
     with pytest.raises(TrainingError, match="does not match this model"):
         tr.fit(src)
+
+
+def test_precomputed_reference_cache_matches_live_reference(llama_dir, tmp_path):
+    from prs_jax.train.reference import cache_key, cached_reference, compute_reference
+
+    arrays = pair_arrays(n=6, aug=True)
+    ref = load_causal_lm(llama_dir)
+    key = cache_key(llama_dir, arrays)
+    assert key == cache_key(llama_dir, arrays) != cache_key(llama_dir, pair_arrays(n=6, seed=1, aug=True))
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return compute_reference(ref, arrays, batch_size=4, augmented=True)
+
+    first, hit1 = cached_reference(tmp_path / "cache", key, compute)
+    second, hit2 = cached_reference(tmp_path / "cache", key, compute)
+    assert (hit1, hit2) == (False, True) and len(calls) == 1
+    for k in first:
+        np.testing.assert_array_equal(first[k], second[k])
+    # training with cached reference log-probs equals training with the live reference model
+    live = Trainer(load_causal_lm(llama_dir), PreferenceLoss("sr_dpo", lam=0.3),
+                   cfg(tmp_path / "live", steps=2), OptimConfig(lr=1e-3), frozen={"ref": ref})
+    live.fit(ArraySource(arrays, pair_static))
+    cached = Trainer(load_causal_lm(llama_dir), PreferenceLoss("sr_dpo", lam=0.3),
+                     cfg(tmp_path / "cached", steps=2), OptimConfig(lr=1e-3))
+    cached.fit(ArraySource({**arrays, **second}, pair_static))
+    a = live.evaluate(ArraySource(arrays, pair_static), )
+    b = cached.evaluate(ArraySource({**arrays, **second}, pair_static))
+    np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)

@@ -1,0 +1,83 @@
+"""Reference log-probs computed once per data set and cached on disk (safetensors), keyed by a hash of the
+reference weights, the tokenised data and the tokenizer. A run with a cache hit never loads the reference."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import jax
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from prs_jax.models.safetensors_io import SafetensorsFile, iter_checkpoint_files, save_file
+from prs_jax.models.transformer import CausalLM
+from prs_jax.train.objectives import Static, _pair_logps, bucket_r_max
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "chat_template.jinja")
+
+
+def _update_file(h: "hashlib._Hash", path: Path, chunk: int = 1 << 24) -> None:
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+
+
+def cache_key(ref_dir: str | Path, arrays: Mapping[str, np.ndarray], tokenizer_dir: str | Path | None = None,
+              extra: Iterable[str] = ()) -> str:
+    """sha256 over the reference checkpoint (config + every weight byte), the data arrays and the tokenizer."""
+    h = hashlib.sha256()
+    ref_dir = Path(ref_dir)
+    _update_file(h, ref_dir / "config.json")
+    for f in iter_checkpoint_files(ref_dir):
+        _update_file(h, f)
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        h.update(f"{name}:{a.dtype}:{a.shape}".encode())
+        h.update(a.tobytes())
+    tok_dir = Path(tokenizer_dir or ref_dir)
+    for name in _TOKENIZER_FILES:
+        if (tok_dir / name).is_file():
+            _update_file(h, tok_dir / name)
+    for e in extra:
+        h.update(e.encode())
+    return h.hexdigest()[:32]
+
+
+def compute_reference(ref: CausalLM, arrays: Mapping[str, np.ndarray], *, batch_size: int = 8,
+                      augmented: bool = False, logprob_method: str = "chunked") -> dict[str, np.ndarray]:
+    """ref_chosen / ref_rejected (and *_aug) sequence log-probs [N] for pair arrays, in batches."""
+    n = len(arrays["chosen_ids"])
+    graphdef, state = nnx.split(ref)
+    suffixes = ("", "_aug") if augmented else ("",)
+
+    run = jax.jit(lambda state, batch, static, suffix: _pair_logps(nnx.merge(graphdef, state), batch, static,
+                                                                  suffix)[:2], static_argnums=(2, 3))
+    out = {f"ref_{side}{s}": np.zeros(n, np.float32) for s in suffixes for side in ("chosen", "rejected")}
+    for start in tqdm(range(0, n, batch_size), desc="reference log-probs", unit="batch"):
+        idx = np.arange(start, min(start + batch_size, n))
+        pad = np.concatenate([idx, np.resize(idx, batch_size - len(idx))]) if len(idx) < batch_size else idx
+        for s in suffixes:
+            batch = {k: arrays[k][pad] for k in arrays if k.startswith(("chosen" + s + "_", "rejected" + s + "_"))}
+            static = Static(r_max=bucket_r_max(batch[f"chosen{s}_loss_mask"], batch[f"rejected{s}_loss_mask"]),
+                            logprob_method=logprob_method)
+            c, r = run(state, {k: jax.numpy.asarray(v) for k, v in batch.items()}, static, s)
+            out[f"ref_chosen{s}"][idx] = np.asarray(c)[:len(idx)]
+            out[f"ref_rejected{s}"][idx] = np.asarray(r)[:len(idx)]
+    return out
+
+
+def cached_reference(cache_dir: str | Path, key: str, compute) -> tuple[dict[str, np.ndarray], bool]:
+    """Load `cache_dir/ref-logps-{key}.safetensors` or compute and write it; returns (arrays, was_cached)."""
+    path = Path(cache_dir) / f"ref-logps-{key}.safetensors"
+    if path.is_file():
+        with SafetensorsFile(path) as st:
+            return {k: np.array(st.get(k)) for k in st.keys()}, True
+    arrays = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file(arrays, tmp, metadata={"key": key})
+    tmp.replace(path)
+    return arrays, False
