@@ -15,3 +15,7 @@ class ConfigError(PrsJaxError):
 
 class TokenizerError(PrsJaxError):
     """A tokenizer or chat template is missing or cannot be used as asked."""
+
+
+class DataError(PrsJaxError):
+    """A data file, data set or row is missing, malformed or cannot be tokenised as asked."""

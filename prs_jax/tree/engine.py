@@ -72,6 +72,26 @@ class Stop:
                          f"got {spec!r}")
 
 
+@functools.partial(jax.jit, static_argnames=("size",))
+def _take_segment(buf: jax.Array, row: jax.Array, start: jax.Array, *, size: int) -> jax.Array:
+    """buf [L, 2, R, K, S, D] -> row's slots start..start+size as [L, 2, K, size, D] (zeros past the end)."""
+    rows = jax.lax.dynamic_index_in_dim(buf, row, axis=2, keepdims=False)
+    return jnp.take(rows, start + jnp.arange(size), axis=3, mode="fill", fill_value=0)
+
+
+@functools.partial(jax.jit, donate_argnums=(0,))
+def _place_segment(prefix: jax.Array, seg: jax.Array, group: jax.Array, offset: jax.Array) -> jax.Array:
+    """Write seg [L, 2, K, Sb, D] into prefix [L, 2, G, K, P, D] at (group, offset..); writes past P drop."""
+    idx = offset + jnp.arange(seg.shape[3])
+    return prefix.at[:, :, group, :, idx, :].set(jnp.moveaxis(seg, 3, 0), mode="drop")
+
+
+@functools.partial(jax.jit, donate_argnums=(0,))
+def _put_slot(kv: jax.Array, tok: jax.Array, pos: jax.Array) -> jax.Array:
+    """Write one slot tok [L, 2, K, 1, D] into kv [L, 2, K, Sb, D] at pos."""
+    return jax.lax.dynamic_update_slice(kv, tok, (0, 0, 0, pos, 0))
+
+
 def _stack_layers(kv: jax.Array) -> tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]:
     # [L, 2, G, K, P, D] -> per-layer tuples of [G, K, P, D]
     return tuple(kv[i, 0] for i in range(kv.shape[0])), tuple(kv[i, 1] for i in range(kv.shape[0]))
@@ -180,40 +200,51 @@ class TreeEngine:
         return out_tok, out_lp, lengths, hit_eos, suffix
 
     # ----------------------------------------------------------------------------------------- KV helpers
-    def _empty_kv(self, length: int = 0) -> jax.Array:
-        c = self.cfg
-        return jnp.zeros((c.num_hidden_layers, 2, c.num_key_value_heads, length, c.head_dim), self._dtype)
-
-    def _context_kv(self, node: Node | None, length: int) -> jax.Array:
-        """KV [L, 2, K, length, D] of the first `length` context tokens of `node` (from stored segments)."""
-        if node is None or length == 0:
-            return self._empty_kv(0)
-        parts, have = [], 0
-        for n in node.path():
-            if have >= length:
-                break
-            if n.kv is None or (n.kv_len < len(n.tokens) and have + n.kv_len < length):
-                raise RuntimeError(f"tree engine: node #{n.id} lacks KV for tokens needed by node #{node.id} "
-                                   "(segments must be built through the engine).")
-            take = min(n.kv_len, length - have)
-            parts.append(n.kv[:, :, :, :take])
-            have += take
-        return jnp.concatenate(parts, axis=3) if len(parts) > 1 else parts[0]
+    def _segment(self, buf: jax.Array, row: int, start: int, valid: int) -> tuple[jax.Array | None, int]:
+        """A node segment: slots start..start+valid of `row`, stored padded to a bucketed length."""
+        if valid <= 0:
+            return None, 0
+        return _take_segment(buf, jnp.int32(row), jnp.int32(start), size=bucket(valid, 8)), valid
 
     def _prefix_batch(self, parents: Sequence[Node | None], lengths: Sequence[int], groups: int
                       ) -> tuple[jax.Array, jax.Array]:
-        p_bucket = bucket(max(lengths, default=0), self.config.min_prefix_bucket)
-        kvs, mask = [], np.zeros((groups, p_bucket), bool)
-        for g, (node, n) in enumerate(zip(parents, lengths)):
-            kv = self._context_kv(node, n)
-            kvs.append(jnp.pad(kv, ((0, 0), (0, 0), (0, 0), (0, p_bucket - n), (0, 0))))
-            mask[g, :n] = True
-        kvs.extend([self._empty_kv(p_bucket)] * (groups - len(kvs)))
-        return jnp.stack(kvs, axis=2), jnp.asarray(mask)
+        """Prefix KV [L, 2, G, K, P, D] holding the first lengths[g] context tokens of parents[g], and its mask.
 
-    def _complete(self, node: Node, kv_last: jax.Array) -> None:
-        if node.kv_len == len(node.tokens) - 1:
-            node.kv = jnp.concatenate([node.kv, kv_last], axis=3)
+        Segments are written in root-to-node order; each write may spill padding past its valid tokens, which
+        the next segment overwrites or the mask hides."""
+        c = self.cfg
+        p_bucket = bucket(max(lengths, default=0), self.config.min_prefix_bucket)
+        prefix = jnp.zeros((c.num_hidden_layers, 2, groups, c.num_key_value_heads, p_bucket, c.head_dim),
+                           self._dtype)
+        mask = np.zeros((groups, p_bucket), bool)
+        for g, (node, length) in enumerate(zip(parents, lengths)):
+            mask[g, :length] = True
+            have = 0
+            for n in (node.path() if node is not None and length else []):
+                if have >= length:
+                    break
+                need = min(len(n.tokens), length - have)
+                if n.kv_len < need:
+                    raise RuntimeError(f"tree engine: node #{n.id} holds KV for {n.kv_len} of the {need} tokens "
+                                       f"needed below it (segments must be built through the engine).")
+                if need:
+                    prefix = _place_segment(prefix, n.kv, jnp.int32(g), jnp.int32(have))
+                have += need
+        return prefix, jnp.asarray(mask)
+
+    def _complete(self, node: Node, buf: jax.Array, row: int, slot: int) -> None:
+        """Store the KV of node's last token (computed as slot `slot` of `row` in `buf`) if it is missing."""
+        if node.kv_len != len(node.tokens) - 1:
+            return
+        tok = _take_segment(buf, jnp.int32(row), jnp.int32(slot), size=1)
+        if node.kv is None:
+            node.kv, node.kv_valid = jnp.pad(tok, ((0, 0),) * 3 + ((0, 7), (0, 0))), 1
+            return
+        if node.kv.shape[3] <= node.kv_valid:  # no padding slot left: grow to the next bucket
+            grow = bucket(node.kv_valid + 1) - node.kv.shape[3]
+            node.kv = jnp.pad(node.kv, ((0, 0),) * 3 + ((0, grow), (0, 0)))
+        node.kv = _put_slot(node.kv, tok, jnp.int32(node.kv_valid))
+        node.kv_valid += 1
 
     def _check_context(self, total: int, what: str) -> None:
         limit = self.cfg.max_position_embeddings
@@ -243,27 +274,26 @@ class TreeEngine:
         return self.tokenizer.decode(list(tokens), skip_special_tokens=True)
 
     def _extend(self, parents: Sequence[Node | None], prefix_lengths: Sequence[int],
-                new_tokens: Sequence[list[int]]) -> list[jax.Array]:
-        """KV [L, 2, K, len, D] of `new_tokens[i]` placed after the first `prefix_lengths[i]` context tokens
-        of `parents[i]`, for all items in one batched program."""
+                new_tokens: Sequence[list[int]]) -> tuple[jax.Array | None, list[int]]:
+        """Run `new_tokens[i]` after the first `prefix_lengths[i]` context tokens of `parents[i]`, all items in
+        one batched program. Returns the new tokens' KV buffer [L, 2, G, K, T, D] and each item's row in it."""
         todo = [i for i, t in enumerate(new_tokens) if t]
-        out = [self._empty_kv(0) for _ in new_tokens]
+        rows = [-1] * len(new_tokens)
         if not todo:
-            return out
+            return None, rows
         groups = bucket(len(todo), self.config.min_groups_bucket)
-        lengths = [prefix_lengths[i] for i in todo]
-        prefix_kv, prefix_mask = self._prefix_batch([parents[i] for i in todo], lengths, groups)
+        prefix_kv, prefix_mask = self._prefix_batch([parents[i] for i in todo], [prefix_lengths[i] for i in todo],
+                                                    groups)
         t_bucket = bucket(max(len(new_tokens[i]) for i in todo), self.config.min_extend_bucket)
         tokens = np.full((groups, t_bucket), self.pad_id, np.int32)
         mask = np.zeros((groups, t_bucket), bool)
         for g, i in enumerate(todo):
             tokens[g, :len(new_tokens[i])] = new_tokens[i]
             mask[g, :len(new_tokens[i])] = True
+            rows[i] = g
         suffix, _ = self._extend_jit(self._state, prefix_kv, prefix_mask, jnp.asarray(tokens), jnp.asarray(mask),
                                      graphdef=self._graphdef, rows_per_group=1, impl=self._impl, want_hidden=False)
-        for g, i in enumerate(todo):
-            out[i] = suffix[:, :, g, :, :len(new_tokens[i])]
-        return out
+        return suffix, rows
 
     def add_prompts(self, prompts: Sequence[str | Sequence[int] | Sequence[dict[str, str]]],
                     metadata: Sequence[dict[str, Any]] | None = None) -> list[Node]:
@@ -277,9 +307,10 @@ class TreeEngine:
             text = p if isinstance(p, str) else (self.tokenizer.decode(toks) if self.tokenizer else "")
             roots.append(self.tree.add("prompt", toks, None, text=text,
                                        metadata=dict(metadata[i]) if metadata else {}))
-        kvs = self._extend([None] * len(roots), [0] * len(roots), [r.tokens[:-1] for r in roots])
-        for r, kv in zip(roots, kvs):
-            r.kv = kv
+        buf, rows = self._extend([None] * len(roots), [0] * len(roots), [r.tokens[:-1] for r in roots])
+        for r, row in zip(roots, rows):
+            if row >= 0:
+                r.kv, r.kv_valid = self._segment(buf, row, 0, len(r.tokens) - 1)
         return roots
 
     def append(self, parents: Sequence[Node], texts: Sequence[str | Sequence[int]],
@@ -297,10 +328,10 @@ class TreeEngine:
                 toks), metadata=dict(metadata[i]) if metadata else {}))
         # feed [parent's last token] + fixed[:-1] after the parent's context minus its last token
         items = [[p.tokens[-1]] + n.tokens[:-1] for p, n in zip(parents, nodes)]
-        kvs = self._extend(parents, [p.context_len - 1 for p in parents], items)
-        for p, n, kv in zip(parents, nodes, kvs):
-            self._complete(p, kv[:, :, :, :1])
-            n.kv = kv[:, :, :, 1:]
+        buf, rows = self._extend(parents, [p.context_len - 1 for p in parents], items)
+        for p, n, row in zip(parents, nodes, rows):
+            self._complete(p, buf, row, 0)
+            n.kv, n.kv_valid = self._segment(buf, row, 1, len(n.tokens) - 1)
         return nodes
 
     def expand(self, parents: Sequence[Node], n: int, sampling: SamplingParams = SamplingParams(), *,
@@ -353,7 +384,7 @@ class TreeEngine:
         lens, eos_hit = np.asarray(out_len), np.asarray(hit_eos)
         result = []
         for pi, p in enumerate(parents):
-            self._complete(p, suffix[:, :, pi * n, :, :1])
+            self._complete(p, suffix, pi * n, 0)
             kids = []
             for c in range(n):
                 row = pi * n + c
@@ -366,7 +397,7 @@ class TreeEngine:
                     tokens, text, reason = tokens[:cut[0]], cut[1], "stop"
                 node = self.tree.add("generated", tokens, p, text=text, logprobs=lps[row, :len(tokens)].tolist(),
                                      finish_reason=reason)
-                node.kv = suffix[:, :, row, :, 1:len(tokens)]
+                node.kv, node.kv_valid = self._segment(suffix, row, 1, len(tokens) - 1)
                 kids.append(node)
             result.append(kids)
         return result
@@ -386,4 +417,4 @@ class TreeEngine:
     def release(self, nodes: Sequence[Node]) -> None:
         """Drop the stored KV of nodes that will not be built on (their text and tokens stay)."""
         for n in nodes:
-            n.kv = None
+            n.kv, n.kv_valid = None, 0

@@ -25,9 +25,11 @@ class Node:
     reward: float | None = None
     metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
     children: list["Node"] = dataclasses.field(default_factory=list, repr=False)
-    # Device KV of this segment's tokens [L, 2, kv_heads, kv_len, head_dim]; kv_len is len(tokens) or one less
-    # (a segment's last token is computed when something is built on it). Managed by the engine.
+    # Device KV of this segment's tokens [L, 2, kv_heads, Sb, head_dim], padded to a bucketed length Sb; the
+    # first `kv_valid` slots are real: len(tokens) or one less (a segment's last token is computed when
+    # something is built on it). Managed by the engine.
     kv: Any = dataclasses.field(default=None, repr=False)
+    kv_valid: int = dataclasses.field(default=0, repr=False)
 
     @property
     def depth(self) -> int:
@@ -35,7 +37,7 @@ class Node:
 
     @property
     def kv_len(self) -> int:
-        return 0 if self.kv is None else int(self.kv.shape[3])
+        return 0 if self.kv is None else self.kv_valid
 
     def path(self) -> list["Node"]:
         """Nodes from the root to this node."""

@@ -1,0 +1,201 @@
+"""Row readers: JSONL / JSON, Parquet and Hugging Face `datasets` sources, read offline.
+
+Every row comes back with `where`, the place it was read from ("pairs.jsonl:12", "pairs.parquet row 3",
+"data/hh [train] row 7"), so that validation errors further down can name the file and the line.
+
+`iter_rows(source, split)` picks the reader:
+    *.jsonl, *.ndjson, *.jsonl.gz   one JSON object per line (blank lines skipped)
+    *.json                          a JSON array of objects, or JSONL
+    *.parquet, *.pq                 pyarrow, read batch by batch
+    a directory saved by `datasets` (save_to_disk)            datasets.load_from_disk
+    another directory, or a data set name in the local cache  datasets.load_dataset(..., split=split)
+Nothing here touches the network: HF_HUB_OFFLINE is set (unless the caller set it) before `datasets` loads.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping
+
+from prs_jax.errors import DataError
+
+__all__ = ["Row", "iter_rows", "read_rows", "write_jsonl", "JSONL_SUFFIXES", "PARQUET_SUFFIXES"]
+
+JSONL_SUFFIXES = (".jsonl", ".ndjson", ".jsonl.gz", ".ndjson.gz")
+PARQUET_SUFFIXES = (".parquet", ".pq")
+_DATASET_MARKERS = ("dataset_dict.json", "state.json", "dataset_info.json")
+
+
+@dataclass(frozen=True)
+class Row:
+    """One row of a source and where it was read from (file:line, or source plus row index)."""
+
+    data: dict[str, Any]
+    where: str
+
+
+def _check_single_split(split: str | None, where: str) -> None:
+    # A single file is one split; HF's json/parquet builders call it "train", so accept that name too.
+    if split not in (None, "train"):
+        raise DataError(f"{where}: split {split!r} asked for, but a single file holds one split. Pass split=None "
+                        "(or 'train'), or point at a data set directory that has the split.")
+
+
+def _open_text(path: Path):
+    if path.name.endswith(".gz"):
+        return gzip.open(path, "rt", encoding="utf-8")
+    return open(path, encoding="utf-8")
+
+
+def _iter_jsonl(path: Path) -> Iterator[Row]:
+    lineno = 0
+    try:
+        with _open_text(path) as fh:
+            for lineno, line in enumerate(fh, start=1):
+                if not line.strip():
+                    continue
+                where = f"{path}:{lineno}"
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno}). Each line of a JSONL "
+                                    "file must be one complete JSON object.") from None
+                if not isinstance(obj, dict):
+                    raise DataError(f"{where}: expected a JSON object (one row per line), got "
+                                    f"{type(obj).__name__}.")
+                yield Row(obj, where)
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}:{lineno + 1}: not UTF-8 text ({e.reason}).") from None
+    except (OSError, EOFError) as e:  # gzip errors are OSError/EOFError
+        raise DataError(f"{path}: cannot read: {e}") from None
+
+
+def _iter_json(path: Path) -> Iterator[Row]:
+    with _open_text(path) as fh:
+        head = fh.read(4096).lstrip()
+    if not head.startswith("["):
+        yield from _iter_jsonl(path)
+        return
+    try:
+        with _open_text(path) as fh:
+            data = json.load(fh)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno}).") from None
+    for i, obj in enumerate(data):
+        where = f"{path} [{i}]"
+        if not isinstance(obj, dict):
+            raise DataError(f"{where}: expected a JSON object per array element, got {type(obj).__name__}.")
+        yield Row(obj, where)
+
+
+def _iter_parquet(path: Path) -> Iterator[Row]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"{path}: not a readable Parquet file: {e}") from None
+    i = 0
+    for batch in pf.iter_batches(batch_size=1024):
+        for obj in batch.to_pylist():
+            yield Row(obj, f"{path} row {i}")
+            i += 1
+
+
+def _import_datasets() -> Any:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    try:
+        import datasets
+    except ImportError as e:
+        raise DataError("reading a data set directory or name needs the `datasets` package: "
+                        "pip install datasets") from e
+    return datasets
+
+
+def _iter_dataset(ds: Any, label: str) -> Iterator[Row]:
+    for i, obj in enumerate(ds):
+        yield Row(dict(obj), f"{label} row {i}")
+
+
+def _pick_split(dd: Any, split: str | None, where: str) -> tuple[Any, str]:
+    names = list(dd.keys())
+    if split is None:
+        if len(names) == 1:
+            return dd[names[0]], names[0]
+        raise DataError(f"{where}: holds splits {names}; say which one with split=...")
+    if split not in dd:
+        raise DataError(f"{where}: has no split {split!r}; it holds {names}.")
+    return dd[split], split
+
+
+def _iter_saved_dataset(path: Path, split: str | None) -> Iterator[Row]:
+    datasets = _import_datasets()
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as e:  # datasets raises FileNotFoundError, ValueError, ArrowInvalid, ...
+        raise DataError(f"{path}: cannot load the saved data set: {type(e).__name__}: {e}") from None
+    if isinstance(ds, datasets.DatasetDict):
+        ds, split = _pick_split(ds, split, str(path))
+    elif split is not None and split != "train" and split != str(getattr(ds, "split", None)):
+        raise DataError(f"{path}: is a single data set (split {getattr(ds, 'split', None)}), not a DatasetDict; "
+                        f"split {split!r} does not exist. Pass split=None.")
+    yield from _iter_dataset(ds, f"{path} [{split}]" if split else str(path))
+
+
+def _iter_load_dataset(name: str, split: str | None, local: bool) -> Iterator[Row]:
+    datasets = _import_datasets()
+    try:
+        ds = datasets.load_dataset(name, split=split)
+    except Exception as e:  # offline misses, unknown names and bad files all surface as various types
+        hint = ("" if local else " prs_jax reads data offline: download the data set first (or save_to_disk) and "
+                "pass its local path.")
+        raise DataError(f"{name}: cannot load with datasets.load_dataset(split={split!r}): "
+                        f"{type(e).__name__}: {e}.{hint}") from None
+    if isinstance(ds, datasets.DatasetDict):
+        ds, split = _pick_split(ds, None, name)
+    yield from _iter_dataset(ds, f"{name} [{split}]" if split else name)
+
+
+def iter_rows(source: str | Path, split: str | None = None) -> Iterator[Row]:
+    """Rows of a JSONL/JSON/Parquet file, a saved `datasets` directory, or an (offline) `load_dataset` source."""
+    path = Path(source)
+    name = path.name.lower()
+    if path.is_file():
+        _check_single_split(split, str(path))
+        if name.endswith(JSONL_SUFFIXES):
+            return _iter_jsonl(path)
+        if name.endswith((".json", ".json.gz")):
+            return _iter_json(path)
+        if name.endswith(PARQUET_SUFFIXES):
+            return _iter_parquet(path)
+        raise DataError(f"{path}: unknown data file type; use .jsonl, .json, .parquet, a directory saved with "
+                        "datasets' save_to_disk, or a data set name.")
+    if path.is_dir():
+        if any((path / m).is_file() for m in _DATASET_MARKERS):
+            return _iter_saved_dataset(path, split)
+        return _iter_load_dataset(str(path), split, local=True)
+    if name.endswith(JSONL_SUFFIXES + PARQUET_SUFFIXES + (".json",)) or str(source).startswith((".", "/", "~")):
+        raise DataError(f"{path}: no such file or directory.")
+    return _iter_load_dataset(str(source), split, local=False)
+
+
+def read_rows(source: str | Path, split: str | None = None) -> list[dict[str, Any]]:
+    """All rows of `source` as plain dicts (see iter_rows for the sources understood)."""
+    return [r.data for r in iter_rows(source, split)]
+
+
+def write_jsonl(path: str | Path, rows: Iterable[Mapping[str, Any]]) -> Path:
+    """Write rows as JSONL (UTF-8, one object per line); returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    opener = gzip.open if path.name.endswith(".gz") else open
+    with opener(path, "wt", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(dict(row), ensure_ascii=False) + "\n")
+    return path
