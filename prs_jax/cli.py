@@ -49,7 +49,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
         tok = load_tokenizer(args.checkpoint)
         rows.append(("tokenizer", f"{type(tok).__name__}, {len(tok)} tokens, chat template: "
                                   f"{'yes' if has_chat_template(tok) else 'no'}"))
-    except PrsJaxError as e:
+    except (PrsJaxError, ValueError) as e:
         rows.append(("tokenizer", f"none ({e})"))
     for k, v in rows:
         table.add_row(k, v)
@@ -75,6 +75,28 @@ def _cmd_sample(args: argparse.Namespace) -> int:
                    sampling=params, seed=args.seed, batch_size=args.batch_size, chat=not args.raw,
                    stop=args.stop)
     print(f"wrote {n} rows to {args.out}")
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from prs_jax.config import load_config
+    from prs_jax.train.run import TrainRunConfig, run_train
+
+    config, overrides = args.config, list(args.overrides)
+    if config is not None and "=" in str(config) and not config.exists():  # no file given, only overrides
+        config, overrides = None, [str(config)] + overrides
+    cfg = load_config(TrainRunConfig, config, overrides)
+    run_train(args.task, cfg)
+    return 0
+
+
+def _cmd_tiny(args: argparse.Namespace) -> int:
+    from prs_jax.models.tiny import build_checkpoint
+
+    out = build_checkpoint(args.out, args.model_type, seed=args.seed, task=args.task, hidden_size=args.hidden,
+                           intermediate_size=2 * args.hidden, num_hidden_layers=args.layers,
+                           max_position_embeddings=args.context)
+    print(f"wrote a random {args.model_type} {args.task} checkpoint to {out}")
     return 0
 
 
@@ -111,6 +133,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16, help="prompts per engine call")
     p.set_defaults(func=_cmd_sample)
 
+    p = sub.add_parser("train", help="train a policy (sft, dpo family incl. Sr-DPO/Sr-IPO) or a reward model (rm)")
+    p.add_argument("task", choices=["sft", "rm", "dpo"])
+    p.add_argument("config", type=Path, nargs="?", default=None, help="YAML run config (experiments/configs/*.yaml)")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. loss.name=sr_dpo optim.lr=1e-5")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("tiny", help="write a random tiny HF checkpoint (with a local tokenizer) for experiments")
+    p.add_argument("out", type=Path)
+    p.add_argument("--model-type", default="llama", choices=["llama", "mistral", "qwen2", "qwen3", "gpt_neox"])
+    p.add_argument("--task", default="causal_lm", choices=["causal_lm", "reward"])
+    p.add_argument("--hidden", type=int, default=64)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--context", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_tiny)
+
     p = sub.add_parser("quickstart", help="the main job: build a tiny model and run the engine end to end")
     p.add_argument("--out", default="runs/quickstart", help="output directory (checkpoint, results)")
     p.add_argument("--seed", type=int, default=0)
@@ -131,7 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         code = args.func(args)
-    except PrsJaxError as e:
+    except (PrsJaxError, ValueError) as e:
         print(f"prs-jax {args.command}: error: {e}", file=sys.stderr)
         return 1
     if args.command != "info":

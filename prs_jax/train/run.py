@@ -1,0 +1,159 @@
+"""`prs-jax train sft|rm|dpo CONFIG [key=value ...]`: typed run configs wired to data, models and the trainer."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Literal
+
+import numpy as np
+from rich.console import Console
+
+from prs_jax.config import to_dict
+from prs_jax.data.batching import ExampleSource, pad_id_of
+from prs_jax.data.io import iter_rows
+from prs_jax.data.pairs import collate_pairs, tokenize_pairs
+from prs_jax.data.sft import collate_sft, tokenize_sft
+from prs_jax.models import load_causal_lm, load_reward_model, load_tokenizer, save_pretrained
+from prs_jax.train.objectives import PreferenceLoss, RewardLoss, Static, bucket_r_max, sft_loss
+from prs_jax.train.reference import cache_key, cached_reference, compute_reference
+from prs_jax.train.trainer import ArraySource, OptimConfig, Trainer, TrainerConfig
+
+Task = Literal["sft", "rm", "dpo"]
+
+# The prompt-augmentation text p of Sr-DPO / Sr-IPO (our wording; replace it with `loss.prompt_prefix=...`).
+DEFAULT_PROMPT_PREFIX = ("Give the best response you can to the request below: one that a careful expert would "
+                         "score 100 out of 100 for helpfulness, accuracy and clarity, while staying honest and "
+                         "harmless.")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where the data is and how it is tokenised (see prs_jax.data)."""
+
+    train: str = ""
+    eval: str | None = None
+    split: str | None = None
+    eval_split: str | None = None
+    max_length: int = 512
+    max_prompt_length: int | None = 256
+    truncation: Literal["keep_start", "keep_end"] = "keep_end"
+    on_too_long: Literal["error", "drop"] = "error"
+    use_chat_template: bool | None = None
+    pad_to: Literal["bucket", "max_length"] = "bucket"
+    soft_label_column: str = "p_chosen"
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """DPO-family loss (name in prs_jax.train.losses.LOSSES), Sr-* prompt augmentation, RM label mode."""
+
+    name: str = "sigmoid"
+    beta: float = 0.1
+    lam: float = 0.5
+    eps: float = 0.1
+    ipo_normalize: Literal["sum", "mean"] = "sum"
+    prompt_prefix: str = DEFAULT_PROMPT_PREFIX
+    placement: Literal["user_turn_start", "system", "raw_prefix"] = "user_turn_start"
+    soft_labels: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainRunConfig:
+    """One training run: model(s), data, loss, optimizer, loop."""
+
+    model: str = ""
+    ref_model: str | None = None  # default: the policy's starting checkpoint
+    tokenizer: str | None = None  # default: the model directory
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    data: DataConfig = DataConfig()
+    loss: LossConfig = LossConfig()
+    optim: OptimConfig = OptimConfig()
+    trainer: TrainerConfig = TrainerConfig()
+    precompute_ref: bool = False
+    ref_cache_dir: str = "runs/ref_cache"
+    export_dir: str | None = None
+    logprob_method: Literal["plain", "chunked", "pallas"] = "chunked"
+    rm_head_name: str | None = None
+    rm_init_head: bool = True
+
+
+def _static_sft(method: str, batch: dict[str, np.ndarray]) -> Static:
+    return Static(r_max=bucket_r_max(batch["loss_mask"]), logprob_method=method)
+
+
+def _static_pairs(method: str, augmented: bool, batch: dict[str, np.ndarray]) -> Static:
+    masks = [batch["chosen_loss_mask"], batch["rejected_loss_mask"]]
+    if augmented:
+        masks += [batch["chosen_aug_loss_mask"], batch["rejected_aug_loss_mask"]]
+    return Static(r_max=bucket_r_max(*masks), logprob_method=method)
+
+
+def run_train(task: Task, cfg: TrainRunConfig, console: Console | None = None) -> dict[str, float]:
+    """Run a training job end to end; returns the final evaluation metrics (or the last train metrics)."""
+    console = console or Console()
+    if not cfg.model:
+        raise ValueError("train: `model` (a local HF checkpoint directory) is required.")
+    if not cfg.data.train:
+        raise ValueError("train: `data.train` (JSONL / Parquet / datasets source) is required.")
+    tok = load_tokenizer(cfg.tokenizer or cfg.model)
+    pad = pad_id_of(tok)
+    d = cfg.data
+    common = dict(max_length=d.max_length, max_prompt_length=d.max_prompt_length, truncation=d.truncation,
+                  on_too_long=d.on_too_long, use_chat_template=d.use_chat_template)
+    frozen: dict[str, Any] = {}
+    loss_fn: Any
+    if task == "sft":
+        model: Any = load_causal_lm(cfg.model, dtype=cfg.dtype)
+
+        def make(source, split):
+            examples, report = tokenize_sft(iter_rows(source, split), tok, **common)
+            console.print(f"data: {source}: {report.summary()}", markup=False)
+            return ExampleSource(examples, functools.partial(collate_sft, max_length=d.max_length, pad_id=pad,
+                                                             pad_to=d.pad_to),
+                                 functools.partial(_static_sft, cfg.logprob_method))
+
+        loss_fn = sft_loss
+    else:
+        loss = PreferenceLoss(cfg.loss.name, cfg.loss.beta, cfg.loss.lam, cfg.loss.eps, cfg.loss.ipo_normalize)
+        augmented = task == "dpo" and loss.augmented
+        pair_kw = dict(common, soft_label_column=d.soft_label_column,
+                       prompt_prefix=cfg.loss.prompt_prefix if augmented else None, placement=cfg.loss.placement)
+        if task == "rm":
+            model = load_reward_model(cfg.model, dtype=cfg.dtype, head_name=cfg.rm_head_name,
+                                      init_head=cfg.rm_init_head)
+            loss_fn = RewardLoss(soft_labels=cfg.loss.soft_labels)
+        else:
+            model = load_causal_lm(cfg.model, dtype=cfg.dtype)
+            loss_fn = loss
+        ref_dir = cfg.ref_model or cfg.model
+
+        def make(source, split):
+            examples, report = tokenize_pairs(iter_rows(source, split), tok, **pair_kw)
+            console.print(f"data: {source}: {report.summary()}", markup=False)
+            collate = functools.partial(collate_pairs, max_length=d.max_length, pad_id=pad, pad_to=d.pad_to)
+            static = functools.partial(_static_pairs, cfg.logprob_method, augmented)
+            if task != "dpo" or not cfg.precompute_ref:
+                return ExampleSource(examples, collate, static if task == "dpo" else None)
+            arrays = collate_pairs(examples, d.max_length, pad, pad_to="max_length")
+            key = cache_key(ref_dir, arrays, cfg.tokenizer or cfg.model, extra=[cfg.logprob_method, cfg.dtype])
+            refs, hit = cached_reference(cfg.ref_cache_dir, key, lambda: compute_reference(
+                load_causal_lm(ref_dir, dtype=cfg.dtype), arrays, batch_size=cfg.trainer.batch_size,
+                augmented=augmented, logprob_method=cfg.logprob_method))
+            console.print(f"reference log-probs {'loaded from cache' if hit else 'computed and cached'} "
+                          f"({cfg.ref_cache_dir}, key {key})", markup=False)
+            return ArraySource({**arrays, **refs}, static)
+
+        if task == "dpo" and not cfg.precompute_ref:
+            frozen["ref"] = load_causal_lm(ref_dir, dtype=cfg.dtype)
+    train_src = make(d.train, d.split)
+    eval_src = make(d.eval, d.eval_split) if d.eval else None
+    trainer = Trainer(model, loss_fn, cfg.trainer, cfg.optim, frozen=frozen,
+                      run_config={"task": task, **to_dict(cfg)})
+    last = trainer.fit(train_src, eval_source=eval_src)
+    result = trainer.evaluate(eval_src) if eval_src is not None else last
+    if cfg.export_dir:
+        out = save_pretrained(trainer.model, cfg.export_dir, tokenizer=cfg.tokenizer or cfg.model)
+        console.print(f"export: HF checkpoint written to {out}", markup=False)
+    console.print("final metrics: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(result.items())))
+    return result
