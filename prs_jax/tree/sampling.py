@@ -86,6 +86,39 @@ def first_argmax(x: jax.Array) -> jax.Array:
     return jnp.min(jnp.where(x == m, iota, x.shape[-1]), axis=-1)
 
 
+_BLOCK = 128
+
+
+def _last_positive(mass: jax.Array) -> jax.Array:
+    iota = jax.lax.broadcasted_iota(jnp.int32, mass.shape, mass.ndim - 1)
+    return jnp.max(jnp.where(mass > 0, iota, 0), axis=-1)
+
+
+def inverse_cdf(x: jax.Array, u: jax.Array) -> jax.Array:
+    """Token whose CDF interval under softmax(x) holds u (one uniform per row), in two levels.
+
+    A full-vocabulary cumsum costs ~8 ms for [16, 32000] on XLA:CPU; block sums (128 tokens per block), a
+    cumsum over the blocks, then a cumsum inside the chosen block cost a fraction of that. Counting CDF values
+    <= target and clamping to the last token with mass guarantees a token of positive probability (a removed
+    token is never drawn, even at float round-off)."""
+    r, v = x.shape
+    pad = (-v) % _BLOCK
+    m = jnp.max(x, axis=-1, keepdims=True)
+    e = jnp.exp(x - m)  # removed tokens (-inf) get exactly 0
+    if pad:
+        e = jnp.pad(e, ((0, 0), (0, pad)))
+    blocks = e.reshape(r, -1, _BLOCK)
+    block_mass = jnp.sum(blocks, axis=-1)
+    block_cdf = jnp.cumsum(block_mass, axis=-1)
+    target = u * block_cdf[:, -1]
+    k = jnp.minimum(jnp.sum(block_cdf <= target[:, None], axis=-1), _last_positive(block_mass))
+    inner = jnp.take_along_axis(blocks, k[:, None, None], axis=1)[:, 0]  # [R, BLOCK]
+    before = jnp.take_along_axis(block_cdf - block_mass, k[:, None], axis=1)[:, 0]
+    inner_cdf = jnp.cumsum(inner, axis=-1)
+    j = jnp.minimum(jnp.sum(inner_cdf <= (target - before)[:, None], axis=-1), _last_positive(inner))
+    return (k * _BLOCK + j).astype(jnp.int32)
+
+
 def sample(logits: jax.Array, u: jax.Array, params: SamplingParams, gen_counts: jax.Array | None = None,
            context_seen: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """Next token per row from logits [R, V] and uniforms u [R]; returns (tokens [R], raw log-probs [R])."""
@@ -94,15 +127,10 @@ def sample(logits: jax.Array, u: jax.Array, params: SamplingParams, gen_counts: 
     if params.greedy:
         tok = first_argmax(x)
     else:
-        x = truncate(x, params)
-        m = jnp.max(x, axis=-1, keepdims=True)
-        cdf = jnp.cumsum(jnp.exp(x - m), axis=-1)
-        tok = jnp.sum(cdf < u[:, None] * cdf[:, -1:], axis=-1).astype(jnp.int32)
-        tok = jnp.minimum(tok, x.shape[-1] - 1)
-        # float round-off can land on a removed token at the edge: fall back to the mode
-        tok = jnp.where(jnp.isneginf(jnp.take_along_axis(x, tok[:, None], -1)[:, 0]), first_argmax(x), tok)
-    raw_logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    return tok, jnp.take_along_axis(raw_logp, tok[:, None], axis=-1)[:, 0]
+        tok = inverse_cdf(truncate(x, params), u)
+    raw = logits.astype(jnp.float32)
+    raw_logp = jnp.take_along_axis(raw, tok[:, None], axis=-1)[:, 0] - jax.nn.logsumexp(raw, axis=-1)
+    return tok, raw_logp
 
 
 def sampling_distribution(logits: jax.Array, params: SamplingParams) -> jax.Array:

@@ -78,3 +78,20 @@ def test_invalid_params():
         SamplingParams(min_p=1.0)
     with pytest.raises(ValueError, match="repetition_penalty"):
         SamplingParams(repetition_penalty=0.0)
+
+
+def test_inverse_cdf_edges_never_draw_removed_tokens():
+    from prs_jax.tree.sampling import inverse_cdf
+
+    v = 300  # not a multiple of the 128-token block
+    x = np.full((4, v), -np.inf, np.float32)
+    x[:, 5] = 0.0
+    x[:, 130] = 1.0
+    x[:, 299] = -0.5
+    u = jnp.asarray([0.0, 0.5, 1.0 - 1e-7, 0.9999999])
+    tok = np.asarray(inverse_cdf(jnp.asarray(x), u))
+    assert set(tok.tolist()) <= {5, 130, 299}
+    assert tok[0] == 5 and tok[2] == 299
+    one = np.full((1, v), -np.inf, np.float32)
+    one[0, 77] = 3.0
+    assert int(inverse_cdf(jnp.asarray(one), jnp.asarray([0.999]))[0]) == 77
