@@ -114,6 +114,73 @@ def extend_rows(module: Any, prefix_kv: jax.Array, prefix_mask: jax.Array, token
     return suffix, jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
 
 
+def _extend_fn(state, prefix_kv, prefix_mask, tokens, mask, *, graphdef, rows_per_group, impl, want_hidden):
+    return extend_rows(nnx.merge(graphdef, state), prefix_kv, prefix_mask, tokens, mask,
+                       rows_per_group=rows_per_group, impl=impl, want_hidden=want_hidden)
+
+
+def _decode_fn(state, prefix_kv, prefix_mask, first_tok, row_keys, active, max_new, context_seen,
+               *, graphdef, rows_per_group, buf, params, eos_ids, pad_id, impl):
+    """The whole expansion in one program: cascade decode in a while_loop that stops when every row is done."""
+    model = nnx.merge(graphdef, state)
+    r = first_tok.shape[0]
+    pk, pv = _stack_layers(prefix_kv)
+    cache = CascadeCache.init(model.config, pk, pv, prefix_mask, rows_per_group, buf, impl)
+    eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
+    vocab = model.config.vocab_size
+    counts = jnp.zeros((r, vocab), jnp.int32) if params.needs_counts else None
+    seen = None
+    if context_seen is not None:
+        seen = jnp.repeat(context_seen, rows_per_group, axis=0)
+
+    def cond(carry):
+        step, _, _, done, *_ = carry
+        return (step < max_new) & ~jnp.all(done)
+
+    def body(carry):
+        step, cur, cache, done, lengths, out_tok, out_lp, counts = carry
+        logits, cache = model(cur[:, None], cache=cache)
+        keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys, step)
+        u = jax.vmap(jax.random.uniform)(keys)
+        tok, lp = sample(logits[:, 0], u, params, counts, seen)
+        tok = jnp.where(done, pad_id, tok)
+        lp = jnp.where(done, 0.0, lp)
+        out_tok = jax.lax.dynamic_update_slice(out_tok, tok[:, None], (0, step))
+        out_lp = jax.lax.dynamic_update_slice(out_lp, lp[:, None], (0, step))
+        lengths = lengths + (~done).astype(jnp.int32)
+        if counts is not None:
+            counts = counts.at[jnp.arange(r), tok].add((~done).astype(jnp.int32))
+        done = done | jnp.any(tok[:, None] == eos[None, :], axis=-1)
+        return step + 1, tok, cache, done, lengths, out_tok, out_lp, counts
+
+    init = (jnp.int32(0), first_tok, cache, ~active, jnp.zeros((r,), jnp.int32),
+            jnp.full((r, buf), pad_id, jnp.int32), jnp.zeros((r, buf), jnp.float32), counts)
+    _, _, cache, done, lengths, out_tok, out_lp, _ = jax.lax.while_loop(cond, body, init)
+    suffix = jnp.stack([jnp.stack([k, v]) for k, v in zip(cache.suffix_k, cache.suffix_v)])
+    hit_eos = jnp.any(jnp.take_along_axis(out_tok, jnp.maximum(lengths - 1, 0)[:, None], 1) == eos[None, :],
+                      axis=-1) & (lengths > 0)
+    return out_tok, out_lp, lengths, hit_eos, suffix
+
+
+# Compiled programs are shared by every engine (and scorer) in the process: a new engine on the same model
+# shapes reuses them. Engines count the programs compiled during their own calls.
+EXTEND = jax.jit(_extend_fn, static_argnames=("graphdef", "rows_per_group", "impl", "want_hidden"))
+DECODE = jax.jit(_decode_fn, static_argnames=("graphdef", "rows_per_group", "buf", "params", "eos_ids", "pad_id",
+                                              "impl"))
+
+
+def counting(fn, owner: Any):
+    """Call jitted `fn`, adding the number of programs it compiled to `owner.compilations`."""
+
+    def call(*args, **kwargs):
+        before = fn._cache_size()
+        out = fn(*args, **kwargs)
+        owner.compilations += fn._cache_size() - before
+        return out
+
+    return call
+
+
 class TreeEngine:
     """Builds and expands sampling trees with a causal LM (and optionally its tokenizer for text I/O)."""
 
@@ -144,61 +211,10 @@ class TreeEngine:
             pad_id = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else (
                 self.cfg.pad_token_id if self.cfg.pad_token_id is not None else 0)
         self.pad_id = int(pad_id)
-        self._extend_jit = jax.jit(self._extend_program,
-                                   static_argnames=("graphdef", "rows_per_group", "impl", "want_hidden"))
-        self._decode_jit = jax.jit(self._decode_program,
-                                   static_argnames=("graphdef", "rows_per_group", "buf", "params", "eos_ids",
-                                                    "pad_id", "impl"))
+        self._extend_jit = counting(EXTEND, self)
+        self._decode_jit = counting(DECODE, self)
 
     # ----------------------------------------------------------------------------------------- programs
-    def _extend_program(self, state, prefix_kv, prefix_mask, tokens, mask, *, graphdef, rows_per_group, impl,
-                        want_hidden):
-        self.compilations += 1  # runs at trace time only
-        return extend_rows(nnx.merge(graphdef, state), prefix_kv, prefix_mask, tokens, mask,
-                           rows_per_group=rows_per_group, impl=impl, want_hidden=want_hidden)
-
-    def _decode_program(self, state, prefix_kv, prefix_mask, first_tok, row_keys, active, max_new, context_seen,
-                        *, graphdef, rows_per_group, buf, params, eos_ids, pad_id, impl):
-        self.compilations += 1
-        model = nnx.merge(graphdef, state)
-        r = first_tok.shape[0]
-        pk, pv = _stack_layers(prefix_kv)
-        cache = CascadeCache.init(model.config, pk, pv, prefix_mask, rows_per_group, buf, impl)
-        eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
-        vocab = model.config.vocab_size
-        counts = jnp.zeros((r, vocab), jnp.int32) if params.needs_counts else None
-        seen = None
-        if context_seen is not None:
-            seen = jnp.repeat(context_seen, rows_per_group, axis=0)
-
-        def cond(carry):
-            step, _, _, done, *_ = carry
-            return (step < max_new) & ~jnp.all(done)
-
-        def body(carry):
-            step, cur, cache, done, lengths, out_tok, out_lp, counts = carry
-            logits, cache = model(cur[:, None], cache=cache)
-            keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys, step)
-            u = jax.vmap(jax.random.uniform)(keys)
-            tok, lp = sample(logits[:, 0], u, params, counts, seen)
-            tok = jnp.where(done, pad_id, tok)
-            lp = jnp.where(done, 0.0, lp)
-            out_tok = jax.lax.dynamic_update_slice(out_tok, tok[:, None], (0, step))
-            out_lp = jax.lax.dynamic_update_slice(out_lp, lp[:, None], (0, step))
-            lengths = lengths + (~done).astype(jnp.int32)
-            if counts is not None:
-                counts = counts.at[jnp.arange(r), tok].add((~done).astype(jnp.int32))
-            done = done | jnp.any(tok[:, None] == eos[None, :], axis=-1)
-            return step + 1, tok, cache, done, lengths, out_tok, out_lp, counts
-
-        init = (jnp.int32(0), first_tok, cache, ~active, jnp.zeros((r,), jnp.int32),
-                jnp.full((r, buf), pad_id, jnp.int32), jnp.zeros((r, buf), jnp.float32), counts)
-        _, _, cache, done, lengths, out_tok, out_lp, _ = jax.lax.while_loop(cond, body, init)
-        suffix = jnp.stack([jnp.stack([k, v]) for k, v in zip(cache.suffix_k, cache.suffix_v)])
-        hit_eos = jnp.any(jnp.take_along_axis(out_tok, jnp.maximum(lengths - 1, 0)[:, None], 1) == eos[None, :],
-                          axis=-1) & (lengths > 0)
-        return out_tok, out_lp, lengths, hit_eos, suffix
-
     # ----------------------------------------------------------------------------------------- KV helpers
     def _segment(self, buf: jax.Array, row: int, start: int, valid: int) -> tuple[jax.Array | None, int]:
         """A node segment: slots start..start+valid of `row`, stored padded to a bucketed length."""

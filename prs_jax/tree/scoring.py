@@ -8,7 +8,6 @@ token sequence starts with the tokens of its prompt part. Otherwise that pair is
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, Callable, Literal, Sequence
 
 import jax
@@ -19,7 +18,7 @@ from flax import nnx
 from prs_jax.kernels.cascade import use_pallas_default
 from prs_jax.models.tokenizer import encode_chat
 from prs_jax.models.transformer import RewardModel
-from prs_jax.tree.engine import bucket, extend_rows
+from prs_jax.tree.engine import bucket, counting, extend_rows
 from prs_jax.tree.tree import Node
 
 
@@ -71,6 +70,27 @@ class ScorerConfig:
     attention_impl: Literal["auto", "reference", "pallas"] = "auto"
 
 
+def _prefill_fn(state, tokens, mask, *, graphdef, impl):
+    rm = nnx.merge(graphdef, state)
+    c = rm.config
+    g = tokens.shape[0]
+    empty = jnp.zeros((c.num_hidden_layers, 2, g, c.num_key_value_heads, 1, c.head_dim), rm.head.kernel[...].dtype)
+    kv, _ = extend_rows(rm, empty, jnp.zeros((g, 1), bool), tokens, mask, rows_per_group=1, impl=impl,
+                        want_hidden=False)
+    return kv
+
+
+def _score_fn(state, prefix_kv, prefix_mask, tokens, mask, *, graphdef, rows_per_group, impl):
+    rm = nnx.merge(graphdef, state)
+    _, h_last = extend_rows(rm, prefix_kv, prefix_mask, tokens, mask, rows_per_group=rows_per_group, impl=impl,
+                            want_hidden=True)
+    return rm.head(h_last)[:, 0]
+
+
+PREFILL = jax.jit(_prefill_fn, static_argnames=("graphdef", "impl"))
+SCORE = jax.jit(_score_fn, static_argnames=("graphdef", "rows_per_group", "impl"))
+
+
 class RewardScorer:
     """Scores responses with a reward model, batched and bucketed, sharing each prompt's prefix KV."""
 
@@ -82,26 +102,8 @@ class RewardScorer:
         self.pad_id = int(pad_id if pad_id is not None else (tokenizer.pad_token_id or 0))
         impl = config.attention_impl
         self._impl = ("pallas" if use_pallas_default() else "reference") if impl == "auto" else impl
-        self._prefill = jax.jit(self._prefill_program, static_argnames=("graphdef", "impl"))
-        self._score = jax.jit(self._score_program, static_argnames=("graphdef", "rows_per_group", "impl"))
-
-    def _prefill_program(self, state, tokens, mask, *, graphdef, impl):
-        self.compilations += 1
-        rm = nnx.merge(graphdef, state)
-        c = rm.config
-        g = tokens.shape[0]
-        empty = jnp.zeros((c.num_hidden_layers, 2, g, c.num_key_value_heads, 1, c.head_dim), tokens.dtype
-                          ).astype(rm.head.kernel[...].dtype)
-        kv, _ = extend_rows(rm, empty, jnp.zeros((g, 1), bool), tokens, mask, rows_per_group=1, impl=impl,
-                            want_hidden=False)
-        return kv
-
-    def _score_program(self, state, prefix_kv, prefix_mask, tokens, mask, *, graphdef, rows_per_group, impl):
-        self.compilations += 1
-        rm = nnx.merge(graphdef, state)
-        _, h_last = extend_rows(rm, prefix_kv, prefix_mask, tokens, mask, rows_per_group=rows_per_group,
-                                impl=impl, want_hidden=True)
-        return rm.head(h_last)[:, 0]
+        self._prefill = counting(PREFILL, self)
+        self._score = counting(SCORE, self)
 
     def score_pairs(self, pairs: Sequence[tuple[str, str]]) -> list[float]:
         """Reward of each (prompt, response) pair, in input order."""

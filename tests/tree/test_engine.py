@@ -113,7 +113,9 @@ def test_compilations_are_few_and_counted(model_tok):
 
     run(np.random.default_rng(0), 2)
     warm = eng.compilations
-    assert warm == 2, warm  # one prefill program (prompts and fixed text alike) and one decode program
+    # at most one prefill program (prompts and fixed text alike) and one decode program; fewer if an earlier
+    # engine in this process already compiled these shapes (programs are shared)
+    assert warm <= 2, warm
     # more prompts of other lengths and other token budgets inside the same buckets: nothing new to compile
     run(np.random.default_rng(1), 4)
     assert eng.compilations == warm
