@@ -90,6 +90,41 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from prs_jax.config import load_config
+    from prs_jax.strategies.generate import GenerateConfig, merge_parts, read_prompt_items, run_generate
+
+    config, overrides = args.config, list(args.overrides)
+    if config is not None and "=" in str(config) and not config.exists():
+        config, overrides = None, [str(config)] + overrides
+    cfg = load_config(GenerateConfig, config, overrides)
+    index, count = 0, 1
+    if args.num_processes > 1:
+        import jax
+
+        jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
+                                   process_id=args.process_id)
+        index, count = jax.process_index(), jax.process_count()
+    out = run_generate(cfg, process_index=index, process_count=count)
+    print(f"wrote {out}")
+    if count > 1:
+        import jax
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("prs_jax_generate_done")
+        if index == 0:
+            merged = merge_parts(cfg.out, [it.id for it in read_prompt_items(cfg)])
+            print(f"merged parts into {merged}")
+    return 0
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from prs_jax.strategies.generate import merge_parts
+
+    print(f"merged into {merge_parts(args.out)}")
+    return 0
+
+
 def _cmd_tiny(args: argparse.Namespace) -> int:
     from prs_jax.models.tiny import build_checkpoint
 
@@ -138,6 +173,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", type=Path, nargs="?", default=None, help="YAML run config (experiments/configs/*.yaml)")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. loss.name=sr_dpo optim.lr=1e-5")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("generate", help="run a strategy (prs, rand, prand, greedy) over prompts; restartable JSONL")
+    p.add_argument("config", type=Path, nargs="?", default=None, help="YAML config (experiments/configs/*.yaml)")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. strategy.n=32")
+    p.add_argument("--coordinator", default="localhost:12355", help="jax.distributed coordinator (multi-process)")
+    p.add_argument("--num-processes", type=int, default=1)
+    p.add_argument("--process-id", type=int, default=0)
+    p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("merge", help="merge the per-process part files of a generate run")
+    p.add_argument("out", type=Path, help="the run's `out` path")
+    p.set_defaults(func=_cmd_merge)
 
     p = sub.add_parser("tiny", help="write a random tiny HF checkpoint (with a local tokenizer) for experiments")
     p.add_argument("out", type=Path)
