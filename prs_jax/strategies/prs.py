@@ -18,7 +18,7 @@ from typing import Literal, Sequence
 import numpy as np
 
 from prs_jax.strategies.base import PromptItem, Scorer, StrategyResult, join_preference, score_nodes
-from prs_jax.strategies.templates import PRSTemplates, next_turn_text
+from prs_jax.strategies.templates import PRSTemplates, require_turn_text
 from prs_jax.tree.engine import TreeEngine
 from prs_jax.tree.sampling import SamplingParams
 from prs_jax.tree.tree import Node
@@ -115,8 +115,8 @@ class PRS:
             fbs: list[Node | None] = [None] * len(items)
             if self.feedback:
                 if self.mode == "conversation":
-                    asks = engine.append(best, [next_turn_text(engine.tokenizer, tpl.feedback_turn.format(
-                        preference=z), b.finish_reason == "eos") for b, z in zip(best, prefs)])
+                    asks = engine.append(best, [require_turn_text(engine.tokenizer, tpl.feedback_turn.format(
+                        preference=z), b) for b, z in zip(best, prefs)])
                 else:
                     asks = engine.add_prompts([_policy_input(engine, tpl.feedback_template.format(
                         question=q, answer=b.text, preference=z)) for q, b, z in zip(questions, best, prefs)])
@@ -132,7 +132,7 @@ class PRS:
                 parents = [f if f is not None else b for f, b in zip(fbs, best)]
                 turn = [tpl.refine_turn if f is not None else tpl.refine_turn_no_feedback.format(preference=z)
                         for f, z in zip(fbs, prefs)]
-                reqs = engine.append(parents, [next_turn_text(engine.tokenizer, t, p.finish_reason == "eos")
+                reqs = engine.append(parents, [require_turn_text(engine.tokenizer, t, p)
                                                for t, p in zip(turn, parents)])
             else:
                 texts = [tpl.refine_template.format(question=q, answer=b.text, preference=z, feedback=f.text)

@@ -9,6 +9,7 @@ from typing import Any
 from prs_jax.errors import TokenizerError
 from prs_jax.models.tokenizer import has_chat_template, render_chat
 from prs_jax.strategies.base import load_template
+from prs_jax.tree.tree import Node
 
 DEFAULT_PREFERENCE = ("I would like an answer that is informative, precise and relevant, goes into useful depth "
                       "and detail, and is creative where that helps.")
@@ -54,23 +55,31 @@ class PRSTemplates:
 _SENTINEL = "\ue000"
 
 
-def next_turn_text(tokenizer: Any, user_text: str, previous_ended_with_eos: bool) -> str:
-    """Text that continues a rendered conversation after an assistant answer with one more user turn and the
-    generation prompt, so it can be appended to the answer's tree node (no re-encoding of what came before).
-
-    With a chat template the text is the template's own rendering of the extra turn; without one, a plain
-    "\\n\\nUser: ...\\n\\nAssistant: " layout is used."""
+def next_turn_text(tokenizer: Any, user_text: str, previous: Node | None = None) -> str | None:
+    """Text that closes an assistant answer and opens one more user turn plus the generation prompt, as the
+    tokenizer's chat template renders it, to append on top of the answer's tree node (nothing before it is
+    re-encoded). The end-of-turn token the model generated itself (finish_reason "eos") is not repeated.
+    None when the template re-renders earlier turns (the conversation must then be rendered afresh). Without a
+    chat template: a plain "User:/Assistant:" layout."""
     if tokenizer is None or not has_chat_template(tokenizer):
         return f"\n\nUser: {user_text}\n\nAssistant: "
-    base = [{"role": "user", "content": "q"}, {"role": "assistant", "content": _SENTINEL}]
-    prev = render_chat(tokenizer, base, add_generation_prompt=False)
-    full = render_chat(tokenizer, base + [{"role": "user", "content": user_text}], add_generation_prompt=True)
-    if not full.startswith(prev) or _SENTINEL not in prev:
+    convo = [{"role": "user", "content": "q"}, {"role": "assistant", "content": _SENTINEL}]
+    before = render_chat(tokenizer, convo, add_generation_prompt=False)
+    after = render_chat(tokenizer, convo + [{"role": "user", "content": user_text}], add_generation_prompt=True)
+    if _SENTINEL not in before or not after.startswith(before):
+        return None
+    text = before[before.index(_SENTINEL) + len(_SENTINEL):] + after[len(before):]
+    if previous is not None and previous.finish_reason == "eos" and previous.tokens:
+        end = tokenizer.decode([previous.tokens[-1]], skip_special_tokens=False)
+        if end and text.startswith(end):
+            text = text[len(end):]
+    return text
+
+
+def require_turn_text(tokenizer: Any, user_text: str, previous: Node | None = None) -> str:
+    """`next_turn_text`, or a clear error when the chat template cannot be continued turn by turn."""
+    text = next_turn_text(tokenizer, user_text, previous)
+    if text is None:
         raise TokenizerError("the chat template re-renders earlier turns when a turn is added, so a turn cannot be "
                              "appended to the tree; use PRS mode='template' for this model.")
-    after_answer = prev[prev.index(_SENTINEL) + 1:]
-    text = after_answer + full[len(prev):]
-    eos = getattr(tokenizer, "eos_token", None)
-    if previous_ended_with_eos and eos and text.startswith(eos):
-        text = text[len(eos):]
     return text

@@ -49,6 +49,7 @@ import numpy as np
 
 from prs_jax.models.tokenizer import has_chat_template, render_chat
 from prs_jax.strategies.base import PromptItem, Scorer, StrategyResult, join_preference, load_template, score_nodes
+from prs_jax.strategies.templates import next_turn_text
 from prs_jax.strategies.vs_parse import (
     WeightMode, jsonable, argmax_index, parse_verbalized, sample_index, split_reasoning, verbalized_distribution,
 )
@@ -90,32 +91,11 @@ DEFAULT_TEMPLATES: dict[str, str] = {
     "upper_bound": " Take them from the tails of the distribution: each probability must be below {bound}.",
 }
 
-_SENTINEL = "\ue001"
 
 
 def chunk_sizes(n: int, k: int) -> list[int]:
     """How many responses each call asks for: k per call, the remainder in a last call (n=7, k=3 -> [3, 3, 1])."""
     return [k] * (n // k) + ([n % k] if n % k else [])
-
-
-def turn_suffix(tokenizer: Any, user_text: str, previous: Node | None = None) -> str | None:
-    """Text that closes an assistant turn and opens one more user turn plus the generation prompt, rendered by
-    the tokenizer's chat template, to append on top of the assistant's generated node. The end-of-turn token the
-    model generated itself (finish_reason "eos") is not repeated. None when the template re-renders earlier turns
-    (then the conversation must be rendered afresh). Without a chat template: a plain "User:/Assistant:" layout."""
-    if tokenizer is None or not has_chat_template(tokenizer):
-        return f"\n\nUser: {user_text}\n\nAssistant: "
-    convo = [{"role": "user", "content": "q"}, {"role": "assistant", "content": _SENTINEL}]
-    before = render_chat(tokenizer, convo, add_generation_prompt=False)
-    after = render_chat(tokenizer, convo + [{"role": "user", "content": user_text}], add_generation_prompt=True)
-    if _SENTINEL not in before or not after.startswith(before):
-        return None
-    text = before[before.index(_SENTINEL) + len(_SENTINEL):] + after[len(before):]
-    if previous is not None and previous.finish_reason == "eos" and previous.tokens:
-        end = tokenizer.decode([previous.tokens[-1]], skip_special_tokens=False)
-        if end and text.startswith(end):
-            text = text[len(end):]
-    return text
 
 
 @dataclasses.dataclass(frozen=True)
@@ -210,7 +190,8 @@ class VerbalizedSampling:
     def _root_input(self, text: str, chat: bool) -> Any:
         return [{"role": "user", "content": text}] if chat else text
 
-    def _run_single(self, items, prompts, engine, tpl, chat) -> list[dict]:
+    def _run_single(self, items: list[PromptItem], prompts: list[str], engine: TreeEngine, tpl: dict[str, str],
+                    chat: bool) -> list[dict]:
         """Direct, CoT, Sequence, VS-Standard, VS-CoT: one round of sibling samples per (prompt, ask size)."""
         if self.method in ("direct", "cot"):
             plan = [(self.n, 1)]  # (expansions, responses asked per call)
@@ -232,7 +213,8 @@ class VerbalizedSampling:
                 g["calls"].extend((k, size, 0) for k in ks)  # (generation node, responses asked, turn)
         return gens
 
-    def _run_turns(self, items, prompts, engine, tpl, chat) -> list[dict]:
+    def _run_turns(self, items: list[PromptItem], prompts: list[str], engine: TreeEngine, tpl: dict[str, str],
+                   chat: bool) -> list[dict]:
         """Multi-turn and VS-Multi: each turn one child of the previous turn's request node, all prompts batched."""
         if self.method == "multi_turn":
             sizes, first, nxt = [1] * self.n, "multi_turn", "multi_turn_next"
@@ -264,7 +246,7 @@ class VerbalizedSampling:
             appended, fresh = [], []
             for i, ks in zip(active, kids):
                 history[i].append({"role": "user", "content": user})
-                suffix = turn_suffix(engine.tokenizer, user, ks[0]) if chat else turn_suffix(None, user)
+                suffix = next_turn_text(engine.tokenizer, user, ks[0]) if chat else next_turn_text(None, user)
                 if suffix is None:
                     fresh.append(i)
                     continue

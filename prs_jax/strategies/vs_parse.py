@@ -286,6 +286,7 @@ class _SyntaxErr(Exception):
 _QUOTES = {'"': '"', "'": "'", "\u201c": "\u201d", "\u2018": "\u2019"}
 _ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "b": "\b", "f": "\f", "/": "/", "\\": "\\", '"': '"', "'": "'"}
 _NUMBER_RE = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?(\s*%)?")
+_HEX4 = re.compile(r"[0-9a-fA-F]{4}")
 _WORD_RE = re.compile(r"[A-Za-z_][\w-]*")
 _LITERALS = {"true": True, "false": False, "null": None, "none": None, "nan": math.nan, "infinity": math.inf,
              "inf": math.inf}
@@ -364,9 +365,14 @@ class _Reader:
                 if self.i + 1 >= len(s):
                     break
                 e = s[self.i + 1]
-                if e == "u" and re.fullmatch(r"[0-9a-fA-F]{4}", s[self.i + 2:self.i + 6] or ""):
-                    out.append(chr(int(s[self.i + 2:self.i + 6], 16)))
+                if e == "u" and _HEX4.fullmatch(s, self.i + 2, self.i + 6):
+                    code = int(s[self.i + 2:self.i + 6], 16)
                     self.i += 6
+                    if 0xD800 <= code < 0xDC00 and s.startswith("\\u", self.i) and _HEX4.fullmatch(
+                            s, self.i + 2, self.i + 6) and 0xDC00 <= int(s[self.i + 2:self.i + 6], 16) < 0xE000:
+                        code = 0x10000 + ((code - 0xD800) << 10) + (int(s[self.i + 2:self.i + 6], 16) - 0xDC00)
+                        self.i += 6
+                    out.append("\ufffd" if 0xD800 <= code < 0xE000 else chr(code))  # no lone surrogates
                     continue
                 out.append(_ESCAPES.get(e, e))
                 self.i += 2
@@ -677,7 +683,8 @@ def _list_items(text: str) -> _Collector:
     return col
 
 
-_FENCE_RE = re.compile(r"```[A-Za-z0-9_+-]*")
+# Fence lines only (and a fence opening or closing the whole output): "```" inside a JSON string is content.
+_FENCE_RE = re.compile(r"^[ \t]*```[A-Za-z0-9_+-]*[ \t]*$|\A\s*```[A-Za-z0-9_+-]*|```\s*\Z", re.M)
 _THINK_RE = re.compile(r"<think>(.*?)</think>", re.DOTALL | re.IGNORECASE)
 
 

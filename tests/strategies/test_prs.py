@@ -110,5 +110,6 @@ def test_next_turn_text_matches_chat_template(model_tok):
     eos = tok.eos_token
     cut = prev.index("A") + 1
     # answer ended with EOS: the EOS text is part of the generated node, the rest is appended
-    assert prev[:cut] + eos + next_turn_text(tok, "more", True) == full
-    assert prev[:cut] + next_turn_text(tok, "more", False) == full
+    eos_node = type("N", (), {"finish_reason": "eos", "tokens": [tok.eos_token_id]})()
+    assert prev[:cut] + eos + next_turn_text(tok, "more", eos_node) == full
+    assert prev[:cut] + next_turn_text(tok, "more", None) == full

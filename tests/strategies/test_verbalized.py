@@ -14,8 +14,9 @@ from hypothesis import strategies as st
 
 from prs_jax.models.tokenizer import load_tokenizer, render_chat
 from prs_jax.strategies.base import CallableScorer, PromptItem
+from prs_jax.strategies.templates import next_turn_text
 from prs_jax.strategies.verbalized import (
-    DEFAULT_TEMPLATES, METHODS, VerbalizedSampling, chunk_sizes, turn_suffix,
+    DEFAULT_TEMPLATES, METHODS, VerbalizedSampling, chunk_sizes,
 )
 from prs_jax.strategies.vs_parse import (
     argmax_index, normalize_weights, parse_verbalized, repair_weight, repair_weights, sample_index,
@@ -146,7 +147,9 @@ def test_fuzz_perturbed_json(items, cut, mutation, pos, char):
         text = text[:pos % (len(text) + 1)] + char + text[pos % (len(text) + 1):]
     full = parse_verbalized(text)
     _check_sane(full)
-    if mutation in ("none", "fence", "prose", "trailing_comma", "bare_list"):
+    # the naive trailing-comma mutation also edits brackets inside the texts: only then is content changed
+    edits_content = mutation == "trailing_comma" and any(c in it["text"] for it in items for c in "}]")
+    if mutation in ("none", "fence", "prose", "trailing_comma", "bare_list") and not edits_content:
         kept = [it["text"].strip() for it in items if it["text"].strip()]
         assert full.texts == kept  # a valid (or cleanly wrapped) JSON payload loses nothing
     truncated = parse_verbalized(text[:int(cut * len(text))])
@@ -235,13 +238,13 @@ def test_turn_suffix_matches_full_rendering(tokenizer_dir):
     history = [{"role": "user", "content": "Name a fruit."}]
     first = render_chat(tok, history)
     answer = "Apple."
-    suffix = turn_suffix(tok, "Another one?")
+    suffix = next_turn_text(tok, "Another one?")
     full = render_chat(tok, history + [{"role": "assistant", "content": answer},
                                        {"role": "user", "content": "Another one?"}])
     assert first + answer + suffix == full  # generation cut by length: the suffix closes the turn itself
     eos_node = SimpleNamespace(finish_reason="eos", tokens=[tok.eos_token_id])
-    assert first + answer + tok.eos_token + turn_suffix(tok, "Another one?", eos_node) == full
-    assert turn_suffix(None, "more") == "\n\nUser: more\n\nAssistant: "
+    assert first + answer + tok.eos_token + next_turn_text(tok, "Another one?", eos_node) == full
+    assert next_turn_text(None, "more") == "\n\nUser: more\n\nAssistant: "
 
 
 # ----------------------------------------------------------------------------------------------- scripted engine
@@ -418,10 +421,10 @@ def test_real_engine_counts_and_determinism(llama_dir):
     assert req.kind == "fixed" and req.parent is mt.candidates[0]
     assert req.text.startswith("<|end|>") == (mt.candidates[0].finish_reason != "eos")
     assert eng.compilations <= 4
-    # same seed, fresh engine (reusing the compiled programs): the same trees and selections
+    # same seed, fresh engine (compiled programs are shared across engines): the same trees and selections
     eng2 = TreeEngine(model, tokenizer, seed=0, config=cfg)
-    eng2._extend_jit, eng2._decode_jit = eng._extend_jit, eng._decode_jit
     second = run_all(eng2)
+    assert eng2.compilations == 0
     for method in METHODS:
         for a, b in zip(first[method], second[method]):
             assert [c.text for c in a.candidates] == [c.text for c in b.candidates]
