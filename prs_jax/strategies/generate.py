@@ -19,7 +19,7 @@ from rich.console import Console
 from tqdm import tqdm
 
 from prs_jax.config import to_dict
-from prs_jax.data.io import iter_rows
+from prs_jax.data.prompt_sets import load_prompt_set
 from prs_jax.errors import DataError
 from prs_jax.strategies.base import CallableScorer, PromptItem, RewardModelScorer, Scorer
 from prs_jax.strategies.prs import PRS, BestOfN
@@ -98,6 +98,7 @@ class GenerateConfig:
 
     policy: str = ""
     prompts: str = ""
+    prompt_format: str = "generic"
     split: str | None = None
     prompt_column: str = "prompt"
     id_column: str = "id"
@@ -113,20 +114,13 @@ class GenerateConfig:
 
 
 def read_prompt_items(cfg: GenerateConfig) -> list[PromptItem]:
-    """Prompts from any supported source; ids from `id_column` or the row index (must be unique)."""
-    items, seen = [], set()
-    for i, row in enumerate(iter_rows(cfg.prompts, cfg.split)):
-        d = row.data
-        if cfg.prompt_column not in d or not isinstance(d[cfg.prompt_column], str) or not d[cfg.prompt_column]:
-            raise DataError(f"{row.where}: needs a non-empty string column {cfg.prompt_column!r}.")
-        pid = str(d.get(cfg.id_column, i))
-        if pid in seen:
-            raise DataError(f"{row.where}: duplicate prompt id {pid!r} (column {cfg.id_column!r}).")
-        seen.add(pid)
-        pref = d.get(cfg.preference_column)
-        items.append(PromptItem(pid, d[cfg.prompt_column], pref if isinstance(pref, str) and pref else None))
-        if cfg.max_prompts is not None and len(items) >= cfg.max_prompts:
-            break
+    """Prompts through the prompt-set loaders (`prompt_format`: generic, alpaca_eval, mt_bench, ultrafeedback,
+    hh, tldr); the generic format reads `prompt_column` / `id_column` / `preference_column`."""
+    options: dict = {"limit": cfg.max_prompts}
+    if cfg.prompt_format in ("generic", "jsonl"):
+        options.update(prompt_column=cfg.prompt_column, id_column=cfg.id_column,
+                       preference_column=cfg.preference_column)
+    items = load_prompt_set(cfg.prompt_format, cfg.prompts, cfg.split, **options)
     if not items:
         raise DataError(f"{cfg.prompts}: no prompts.")
     return items
