@@ -74,8 +74,8 @@ class Backbone(nnx.Module):
         return allowed
 
     def __call__(self, input_ids: jax.Array, *, attention_mask: jax.Array | None = None,
-                 positions: jax.Array | None = None, cache: KVCache | CascadeCache | None = None
-                 ) -> tuple[jax.Array, KVCache | CascadeCache | None]:
+                 positions: jax.Array | None = None, cache: KVCache | CascadeCache | None = None,
+                 remat: bool = False) -> tuple[jax.Array, KVCache | CascadeCache | None]:
         b, t = input_ids.shape
         if attention_mask is None:
             attention_mask = jnp.ones((b, t), bool)
@@ -113,7 +113,12 @@ class Backbone(nnx.Module):
                 kv = (cascade.prefix_k[i], cascade.prefix_v[i], cascade.suffix_k[i], cascade.suffix_v[i])
             else:
                 kv = (cache.k[i], cache.v[i]) if cache is not None else None
-            x, kv = layer(x, ctx, kv)
+            if remat and kv is None:
+                # training: keep only each layer's input; recompute the layer in the backward pass
+                graphdef, state = nnx.split(layer)
+                x = jax.checkpoint(lambda st, h, g=graphdef: nnx.merge(g, st)(h, ctx, None)[0])(state, x)
+            else:
+                x, kv = layer(x, ctx, kv)
             if kv is not None:
                 new_k.append(kv[-2])
                 new_v.append(kv[-1])

@@ -32,6 +32,7 @@ class Static:
 
     r_max: int
     logprob_method: Literal["plain", "chunked", "pallas"] = "chunked"
+    remat: bool = False  # recompute each decoder layer in the backward pass (activation memory ~ one layer)
 
 
 def bucket_r_max(*loss_masks: np.ndarray, minimum: int = 8) -> int:
@@ -51,8 +52,7 @@ def unembed_matrix(model: CausalLM) -> jax.Array:
 def response_logps(model: CausalLM, ids: jax.Array, mask: jax.Array, loss_mask: jax.Array, static: Static
                    ) -> tuple[jax.Array, jax.Array]:
     """Summed log-probs [B] of the scored tokens and their counts [B]; logits only at scored positions."""
-    hidden, _ = model.model(ids, attention_mask=mask)
-    t = ids.shape[1]
+    hidden, _ = model.model(ids, attention_mask=mask, remat=static.remat)
     scored = loss_mask.astype(bool).at[:, 0].set(False)  # token 0 has no prediction
     # indices of scored tokens first (stable, in order), padded with unscored ones
     order = jnp.argsort(~scored, axis=1, stable=True)[:, :static.r_max]
@@ -60,7 +60,6 @@ def response_logps(model: CausalLM, ids: jax.Array, mask: jax.Array, loss_mask: 
     h = jnp.take_along_axis(hidden, jnp.maximum(order - 1, 0)[..., None], axis=1)
     targets = jnp.take_along_axis(ids, order, axis=1)
     tok = token_logprobs(h, unembed_matrix(model).astype(h.dtype), targets, method=static.logprob_method)
-    del t
     return sequence_logprobs(tok, valid)
 
 

@@ -74,19 +74,20 @@ class TrainRunConfig:
     ref_cache_dir: str = "runs/ref_cache"
     export_dir: str | None = None
     logprob_method: Literal["plain", "chunked", "pallas"] = "chunked"
+    remat: bool = False  # rematerialise decoder layers in the backward pass (less memory, ~1.3x compute)
     rm_head_name: str | None = None
     rm_init_head: bool = True
 
 
-def _static_sft(method: str, batch: dict[str, np.ndarray]) -> Static:
-    return Static(r_max=bucket_r_max(batch["loss_mask"]), logprob_method=method)
+def _static_sft(method: str, remat: bool, batch: dict[str, np.ndarray]) -> Static:
+    return Static(r_max=bucket_r_max(batch["loss_mask"]), logprob_method=method, remat=remat)
 
 
-def _static_pairs(method: str, augmented: bool, batch: dict[str, np.ndarray]) -> Static:
+def _static_pairs(method: str, remat: bool, augmented: bool, batch: dict[str, np.ndarray]) -> Static:
     masks = [batch["chosen_loss_mask"], batch["rejected_loss_mask"]]
     if augmented:
         masks += [batch["chosen_aug_loss_mask"], batch["rejected_aug_loss_mask"]]
-    return Static(r_max=bucket_r_max(*masks), logprob_method=method)
+    return Static(r_max=bucket_r_max(*masks), logprob_method=method, remat=remat)
 
 
 def run_train(task: Task, cfg: TrainRunConfig, console: Console | None = None) -> dict[str, float]:
@@ -111,7 +112,7 @@ def run_train(task: Task, cfg: TrainRunConfig, console: Console | None = None) -
             console.print(f"data: {source}: {report.summary()}", markup=False)
             return ExampleSource(examples, functools.partial(collate_sft, max_length=d.max_length, pad_id=pad,
                                                              pad_to=d.pad_to),
-                                 functools.partial(_static_sft, cfg.logprob_method))
+                                 functools.partial(_static_sft, cfg.logprob_method, cfg.remat))
 
         loss_fn = sft_loss
     else:
@@ -132,7 +133,7 @@ def run_train(task: Task, cfg: TrainRunConfig, console: Console | None = None) -
             examples, report = tokenize_pairs(iter_rows(source, split), tok, **pair_kw)
             console.print(f"data: {source}: {report.summary()}", markup=False)
             collate = functools.partial(collate_pairs, max_length=d.max_length, pad_id=pad, pad_to=d.pad_to)
-            static = functools.partial(_static_pairs, cfg.logprob_method, augmented)
+            static = functools.partial(_static_pairs, cfg.logprob_method, cfg.remat, augmented)
             if task != "dpo" or not cfg.precompute_ref:
                 return ExampleSource(examples, collate, static if task == "dpo" else None)
             arrays = collate_pairs(examples, d.max_length, pad, pad_to="max_length")

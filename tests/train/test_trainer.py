@@ -164,3 +164,22 @@ def test_precomputed_reference_cache_matches_live_reference(llama_dir, tmp_path)
     a = live.evaluate(ArraySource(arrays, pair_static), )
     b = cached.evaluate(ArraySource({**arrays, **second}, pair_static))
     np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)
+
+
+def test_remat_gives_the_same_gradients(llama_dir):
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    model = load_causal_lm(llama_dir)
+    arrays = pair_arrays(n=4)
+    batch = {k: jnp.asarray(v) for k, v in arrays.items()}
+    loss = PreferenceLoss("sigmoid")
+    ref = load_causal_lm(llama_dir)
+    grads = []
+    for remat in (False, True):
+        static = Static(r_max=bucket_r_max(arrays["chosen_loss_mask"], arrays["rejected_loss_mask"]), remat=remat)
+        g = nnx.grad(lambda m: loss(m, batch, static, frozen={"ref": ref})[0])(model)
+        grads.append(jax.tree.leaves(g))
+    for a, b in zip(*grads):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-5)
