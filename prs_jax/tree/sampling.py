@@ -60,12 +60,42 @@ def apply_penalties(logits: jax.Array, gen_counts: jax.Array | None, context_see
     return x
 
 
+def topk_threshold(x: jax.Array, k: int, iters: int = 24, block: int = 128) -> jax.Array:
+    """The k-th largest value of each row [R, 1], without a full-vocabulary sort.
+
+    `lax.top_k` over [128, 32000] takes about 1 s on XLA:CPU. The k largest values lie in the k blocks with the
+    largest block maxima (any other block has k block maxima above all its values), so: block maxima, top-k
+    of those (a short sort), gather the candidate blocks, then bisect for the threshold on the candidates
+    (~33 ms for [128, 32000], k = 50). Values within 2^-iters of the candidate range of the k-th may count as
+    ties and be kept."""
+    r, v = x.shape
+    pad = (-v) % block
+    xp = jnp.pad(x, ((0, 0), (0, pad)), constant_values=-jnp.inf).reshape(r, -1, block)
+    bmax = jnp.max(xp, axis=-1)
+    kk = min(k, bmax.shape[1])
+    vals, idx = jax.lax.top_k(bmax, kk)
+    cand = jnp.take_along_axis(xp, idx[:, :, None], axis=1).reshape(r, -1)
+    if kk == bmax.shape[1]:  # every block is a candidate: start below every finite value
+        lo = jnp.min(jnp.where(jnp.isfinite(cand), cand, jnp.inf), axis=-1, keepdims=True)
+    else:
+        lo = vals[:, -1:]
+    hi = vals[:, :1]
+
+    def body(_, carry):
+        lo, hi = carry
+        mid = (lo + hi) * 0.5
+        ok = jnp.sum(cand >= mid, axis=-1, keepdims=True) >= k
+        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
+
+    lo, _ = jax.lax.fori_loop(0, iters, body, (lo, hi))
+    return jnp.min(jnp.where(cand >= lo, cand, jnp.inf), axis=-1, keepdims=True)
+
+
 def truncate(x: jax.Array, params: SamplingParams) -> jax.Array:
     """Temperature, then top-k / top-p / min-p truncation (removed tokens get -inf)."""
     x = x / params.temperature
-    if params.top_k:
-        kth = jax.lax.top_k(x, params.top_k)[0][..., -1:]
-        x = jnp.where(x < kth, -jnp.inf, x)
+    if params.top_k and params.top_k < x.shape[-1]:
+        x = jnp.where(x < topk_threshold(x, params.top_k), -jnp.inf, x)
     if params.top_p < 1.0:
         sorted_x = jnp.sort(x, axis=-1)[..., ::-1]
         probs = jax.nn.softmax(sorted_x, axis=-1)

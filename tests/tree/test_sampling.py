@@ -95,3 +95,15 @@ def test_inverse_cdf_edges_never_draw_removed_tokens():
     one = np.full((1, v), -np.inf, np.float32)
     one[0, 77] = 3.0
     assert int(inverse_cdf(jnp.asarray(one), jnp.asarray([0.999]))[0]) == 77
+
+
+@pytest.mark.parametrize("v,k", [(12, 5), (300, 7), (1000, 50), (1000, 999), (4096, 1)])
+def test_topk_threshold_equals_sort(v, k):
+    from prs_jax.tree.sampling import topk_threshold
+
+    x = jax.random.normal(jax.random.key(v + k), (6, v)) * 3
+    x = x.at[0, :v // 2].set(-jnp.inf)  # removed tokens (penalties, earlier truncation)
+    got = np.asarray(topk_threshold(x, k))[:, 0]
+    ref = np.sort(np.asarray(x), axis=-1)[:, ::-1][:, k - 1]
+    finite = np.isfinite(ref)
+    np.testing.assert_array_equal(got[finite], ref[finite])
