@@ -191,7 +191,7 @@ class Trainer:
         params = optax.apply_updates(params, updates)
         metrics = jax.tree.map(lambda m: m / accum, m_sum)
         metrics["loss"] = l_sum / accum
-        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["grad_norm"] = optax.tree.norm(grads)
         return params, opt_state, metrics
 
     def _eval_step_impl(self, params, rest, frozen_states, batch, *, static):
