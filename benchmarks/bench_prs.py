@@ -18,7 +18,6 @@ import argparse
 import datetime
 import json
 import os
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -26,14 +25,13 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from prs_jax.models import load_causal_lm, load_tokenizer  # noqa: E402
 from prs_jax.models.tiny import build_checkpoint  # noqa: E402
 from prs_jax.strategies.base import CallableScorer, PromptItem  # noqa: E402
 from prs_jax.strategies.prs import PRS  # noqa: E402
-from prs_jax.tree.engine import EngineConfig, Stop, TreeEngine  # noqa: E402
+from prs_jax.tree.engine import EngineConfig, TreeEngine  # noqa: E402
 from prs_jax.tree.sampling import SamplingParams  # noqa: E402
 
 CONFIG = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
@@ -94,8 +92,7 @@ def main() -> None:
         for start in range(0, len(items), args.batch):
             res = prs.run(items[start:start + args.batch], eng, scorer)
             kv_peak = max(kv_peak, eng.last_decode_stats["prefix_kv_bytes"] + eng.last_decode_stats["suffix_kv_bytes"])
-            new_tokens += sum(len(c.tokens) for r in res for c in r.candidates)
-            new_tokens += sum(len(f) for r in res for f in r.info["feedback_texts"]) * 0  # feedback counted below
+            new_tokens += sum(len(c.tokens) for r in res for c in r.candidates)  # the N samples (feedback excluded)
             eng.release(list(eng.tree))
         wall = time.perf_counter() - t0
         n_nodes = len(eng.tree)

@@ -47,7 +47,7 @@ from typing import Any, Literal, Mapping, Sequence
 
 import numpy as np
 
-from prs_jax.models.tokenizer import has_chat_template, render_chat
+from prs_jax.models.tokenizer import has_chat_template
 from prs_jax.strategies.base import PromptItem, Scorer, StrategyResult, join_preference, load_template, score_nodes
 from prs_jax.strategies.templates import next_turn_text
 from prs_jax.strategies.vs_parse import (

@@ -258,7 +258,8 @@ class Trainer:
         (self.out_dir / "config.json").write_text(json.dumps(self.run_config, indent=2, default=str))
         self._opt_state_tree = self.tx.init(self._params)
         manager = self._manager()
-        resumed = self.restore(manager)
+        if self.restore(manager):
+            tqdm.write(f"resumed from step {self.step} ({manager.directory})")
         frozen_states = {k: s for k, (_, s) in self._frozen_split.items()}
         log_file = open(self.out_dir / "metrics.jsonl", "a")
         writer = None
