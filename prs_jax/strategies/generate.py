@@ -23,6 +23,7 @@ from prs_jax.data.prompt_sets import load_prompt_set
 from prs_jax.errors import DataError
 from prs_jax.strategies.base import CallableScorer, PromptItem, RewardModelScorer, Scorer
 from prs_jax.strategies.prs import PRS, BestOfN
+from prs_jax.strategies.verbalized import VerbalizedSampling
 from prs_jax.tree.engine import EngineConfig, TreeEngine
 from prs_jax.tree.sampling import SamplingParams
 from prs_jax.tree.scoring import RewardFormatter, RewardScorer
@@ -32,8 +33,12 @@ from prs_jax.tree.scoring import RewardFormatter, RewardScorer
 class StrategyConfig:
     """Which strategy and its budget. PRS widths default to `n` split by `split` over `depth` layers."""
 
-    name: Literal["prs", "rand", "prand", "greedy"] = "prs"
+    name: Literal["prs", "rand", "prand", "greedy", "vs"] = "prs"
     n: int = 16
+    vs_method: Literal["direct", "cot", "sequence", "multi_turn", "vs_standard", "vs_cot", "vs_multi"] = "vs_standard"
+    k: int = 5  # verbalized sampling: responses per call
+    probability_upper_bound: float | None = None
+    tau: float = 0.0
     widths: tuple[int, ...] | None = None
     split: float = 0.5
     depth: int = 2
@@ -55,8 +60,12 @@ class StrategyConfig:
                               presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
                               repetition_penalty=self.repetition_penalty)
 
-    def build(self) -> PRS | BestOfN:
+    def build(self) -> PRS | BestOfN | VerbalizedSampling:
         """The strategy object."""
+        if self.name == "vs":
+            return VerbalizedSampling(method=self.vs_method, k=self.k, n=self.n, sampling=self.sampling(),
+                                      max_new_tokens=self.max_new_tokens,
+                                      probability_upper_bound=self.probability_upper_bound, tau=self.tau)
         if self.name == "prs":
             base = PRS(widths=self.widths) if self.widths else PRS.with_budget(self.n, self.split, self.depth)
             return dataclasses.replace(base, feedback=self.feedback, mode=self.mode, sampling=self.sampling(),

@@ -47,6 +47,11 @@ def test_generate_prs_end_to_end(ckpts, tmp_path):
     out2 = tmp_path / "rand.jsonl"
     assert main(["generate", *_args(policy, rm, out2, "strategy.name=rand")]) == 0
     assert all(len(r["candidates"]) == 4 for r in _rows(out2))
+    out3 = tmp_path / "vs.jsonl"  # random weights: nothing parses, so the raw generations are the candidates
+    assert main(["generate", *_args(policy, rm, out3, "strategy.name=vs", "strategy.vs_method=direct",
+                                    "max_prompts=2")]) == 0
+    rows = _rows(out3)
+    assert len(rows) == 2 and all(len(r["candidates"]) == 4 for r in rows)
 
 
 def test_kill_and_restart_loses_and_duplicates_nothing(ckpts, tmp_path):
