@@ -183,3 +183,16 @@ def test_remat_gives_the_same_gradients(llama_dir):
         grads.append(jax.tree.leaves(g))
     for a, b in zip(*grads):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-5)
+
+
+def test_best_k_checkpoints_by_eval_metric(llama_dir, tmp_path):
+    src = ArraySource(pair_arrays(n=8), pair_static)
+    tr = Trainer(load_causal_lm(llama_dir), PreferenceLoss("sigmoid", beta=0.5),
+                 cfg(tmp_path, steps=4, save_every=1, eval_every=1, keep=1, best_metric="eval/loss",
+                     best_mode="min"),
+                 OptimConfig(lr=3e-3), frozen={"ref": load_causal_lm(llama_dir)})
+    tr.fit(src, eval_source=src)
+    kept = sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit())
+    evals = {r["step"]: r["loss"] for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text()
+                                                .splitlines()) if r["split"] == "eval"}
+    assert kept == [min(evals, key=evals.get)]  # keep=1 by eval loss: the best step survives
