@@ -187,12 +187,16 @@ class Trainer:
         m0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shape)
         (g_sum, l_sum, m_sum), _ = jax.lax.scan(one, (zeros, jnp.float32(0), m0), micro)
         grads = jax.tree.map(lambda g: g / accum, g_sum)
-        updates, opt_state = self.tx.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
+        updates, new_opt_state = self.tx.update(grads, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
         metrics = jax.tree.map(lambda m: m / accum, m_sum)
         metrics["loss"] = l_sum / accum
         metrics["grad_norm"] = optax.tree.norm(grads)
-        return params, opt_state, metrics
+        # params and optimizer state are donated: on a non-finite step return the old ones, so the NaN guard
+        # leaves the model holding its last good weights
+        ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+        keep = lambda new, old: jnp.where(ok, new, old)  # noqa: E731
+        return jax.tree.map(keep, new_params, params), jax.tree.map(keep, new_opt_state, opt_state), metrics
 
     def _eval_step_impl(self, params, rest, frozen_states, batch, *, static):
         loss, metrics = self._loss(params, rest, frozen_states, batch, static)
@@ -281,13 +285,13 @@ class Trainer:
                 new_params, new_opt, metrics = self._train_step(params, opt_state, rest, frozen_states, batch,
                                                                 static=static)
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                params, opt_state = new_params, new_opt  # the old buffers were donated; a bad step returned them
                 if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
                     good = manager.latest_step()
                     raise TrainingError(
                         f"non-finite loss {metrics['loss']} at step {self.step + 1}; stopped without saving. The "
                         f"last good checkpoint is step {good} in {manager.directory}." if good is not None else
                         f"non-finite loss {metrics['loss']} at step {self.step + 1}; stopped, nothing was saved.")
-                params, opt_state = new_params, new_opt
                 self.step += 1
                 now = time.perf_counter()
                 metrics["tokens_per_s"] = tokens_since / max(now - t_last, 1e-9)

@@ -105,6 +105,8 @@ def test_nan_guard_stops_without_saving(llama_dir, tmp_path):
         tr.fit(src)
     saved = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit())
     assert "4" not in saved
+    # the model keeps the weights from before the failing step (not deleted, donated buffers) and stays usable
+    assert "loss" in tr.evaluate(src)
 
 
 def test_sft_and_reward_model_training(llama_dir, make_checkpoint, tmp_path):
