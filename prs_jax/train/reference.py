@@ -60,7 +60,9 @@ def compute_reference(ref: CausalLM, arrays: Mapping[str, np.ndarray], *, batch_
         idx = np.arange(start, min(start + batch_size, n))
         pad = np.concatenate([idx, np.resize(idx, batch_size - len(idx))]) if len(idx) < batch_size else idx
         for s in suffixes:
-            batch = {k: arrays[k][pad] for k in arrays if k.startswith(("chosen" + s + "_", "rejected" + s + "_"))}
+            # exactly this view's arrays ("chosen_" would also match the unused "chosen_aug_*" ones)
+            batch = {f"{side}{s}_{part}": arrays[f"{side}{s}_{part}"][pad] for side in ("chosen", "rejected")
+                     for part in ("ids", "mask", "loss_mask")}
             static = Static(r_max=bucket_r_max(batch[f"chosen{s}_loss_mask"], batch[f"rejected{s}_loss_mask"]),
                             logprob_method=logprob_method)
             c, r = run(state, {k: jax.numpy.asarray(v) for k, v in batch.items()}, static, s)
