@@ -1,1 +1,1 @@
-"""prs_jax.feedback"""
+"""AI feedback (RLAIF): labeler prompts, soft preference labels, direct scoring (d-RLAIF), labeler metrics."""

@@ -1,0 +1,194 @@
+"""Label log-probs on the tree engine: one batched, bucketed forward per chunk of queries.
+
+A query continues the context of a tree node (the first `keep` of its context tokens) with more tokens (the
+rest of the labeler prompt, ending included) and asks for the log-prob of each label right after them. The
+node's context KV is assembled once per (node, keep) and every row built on it (both candidate orders of a
+pair, all responses of one context, multi-token label continuations) runs as a suffix row against it with
+cascade attention, as `TreeEngine.expand` does. Only the few positions and tokens needed leave the device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from prs_jax.data.pairs import Encoder
+from prs_jax.feedback.probs import label_log_probs, plan_rows, split_labels
+from prs_jax.kernels.cascade import use_pallas_default
+from prs_jax.models.layers import CascadeCache
+from prs_jax.tree.engine import TreeEngine, bucket, counting
+from prs_jax.tree.tree import Node
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelQuery:
+    """Read label log-probs after node `parent`'s first `keep` context tokens followed by `tail`."""
+
+    parent: Node
+    keep: int
+    tail: list[int]
+    labels: list[list[int]]
+
+
+@dataclasses.dataclass(frozen=True)
+class ReaderConfig:
+    """Largest number of rows per program and the row-length bucket floor."""
+
+    max_rows: int = 128
+    min_row_bucket: int = 16
+
+
+def _label_fn(state, prefix_kv, prefix_mask, tokens, mask, positions, vocab_ids, *, graphdef, rows_per_group,
+              impl):
+    """log_softmax at `positions` [R, Q] of rows `tokens` [R, T] run after their group's prefix, restricted to
+    `vocab_ids` [U]: [R, Q, U] float32."""
+    model = nnx.merge(graphdef, state)
+    n_layers = prefix_kv.shape[0]
+    pk = tuple(prefix_kv[i, 0] for i in range(n_layers))
+    pv = tuple(prefix_kv[i, 1] for i in range(n_layers))
+    cache = CascadeCache.init(model.config, pk, pv, prefix_mask, rows_per_group, tokens.shape[1], impl)
+    hidden, _ = model.model(tokens, attention_mask=mask, cache=cache)
+    h = jnp.take_along_axis(hidden, positions[:, :, None], axis=1)
+    logits = model.unembed(h).astype(jnp.float32)  # vocabulary projection only where a label is read
+    logp = logits - jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+    return jnp.take(logp, vocab_ids, axis=-1)
+
+
+LABEL_LOGPROBS = jax.jit(_label_fn, static_argnames=("graphdef", "rows_per_group", "impl"))
+
+
+class LabelReader:
+    """Batched label log-probs for queries on one TreeEngine (its model, KV and bucket floors)."""
+
+    def __init__(self, engine: TreeEngine, config: ReaderConfig = ReaderConfig()):
+        self.engine, self.config = engine, config
+        self._graphdef, self._state = nnx.split(engine.model)
+        impl = engine.config.attention_impl
+        self._impl = ("pallas" if use_pallas_default() else "reference") if impl == "auto" else impl
+        self.compilations = 0
+        self._run = counting(LABEL_LOGPROBS, self)
+
+    def log_probs(self, queries: Sequence[LabelQuery], exclusive: bool = True) -> list[np.ndarray]:
+        """Log-prob of every label of every query (one array [K] per query, in query order)."""
+        groups: dict[tuple[int, int], tuple[Node, int, list[tuple[int, tuple[int, ...], list[int]]]]] = {}
+        for qi, q in enumerate(queries):
+            if not 1 <= q.keep <= q.parent.context_len:
+                raise ValueError(f"LabelQuery {qi}: keep={q.keep} outside 1..{q.parent.context_len} (node "
+                                 f"#{q.parent.id}'s context length).")
+            last = q.parent.context_tokens()[q.keep - 1]
+            _, _, rows = groups.setdefault((q.parent.id, q.keep), (q.parent, q.keep, []))
+            for ext in plan_rows(q.labels):
+                rows.append((qi, ext, [last, *q.tail, *ext]))
+        for q in queries:
+            self.engine._check_context(q.keep + len(q.tail) + max(len(t) for t in q.labels), "label query")
+        table: dict[int, dict[tuple[int, ...], dict[int, float]]] = {i: {} for i in range(len(queries))}
+        ordered = sorted(groups.values(), key=lambda g: -len(g[2]))
+        start = 0
+        while start < len(ordered):
+            n = bucket(len(ordered[start][2]))
+            chunk = ordered[start:start + max(1, self.config.max_rows // n)]
+            start += len(chunk)
+            self._run_chunk(chunk, n, queries, table)
+        return [label_log_probs(table[i], q.labels, exclusive) for i, q in enumerate(queries)]
+
+    def _run_chunk(self, chunk, n: int, queries: Sequence[LabelQuery], table) -> None:
+        engine = self.engine
+        g = bucket(len(chunk), engine.config.min_groups_bucket)
+        prefix_kv, prefix_mask = engine._prefix_batch([p for p, _, _ in chunk], [k - 1 for _, k, _ in chunk], g)
+        rows = [r for _, _, rs in chunk for r in rs]
+        t = bucket(max(len(r[2]) for r in rows), self.config.min_row_bucket)
+        qn = bucket(max(len(r[1]) for r in rows) + 1)
+        vocab = sorted({tok for q in queries for lab in q.labels for tok in lab})
+        u = bucket(len(vocab), 8)
+        col = {tok: i for i, tok in enumerate(vocab)}
+        tokens = np.full((g * n, t), engine.pad_id, np.int32)
+        mask = np.zeros((g * n, t), bool)
+        positions = np.zeros((g * n, qn), np.int32)
+        where: list[tuple[int, int, tuple[int, ...]]] = []  # (row, query, extension)
+        for gi, (_, _, members) in enumerate(chunk):
+            for j, (qi, ext, toks) in enumerate(members):
+                row = gi * n + j
+                tokens[row, :len(toks)] = toks
+                mask[row, :len(toks)] = True
+                first = len(toks) - len(ext) - 1  # the row position whose logits give the first label token
+                positions[row] = np.minimum(first + np.arange(qn), t - 1)
+                where.append((row, qi, ext))
+        out = np.asarray(self._run(self._state, prefix_kv, prefix_mask, jnp.asarray(tokens), jnp.asarray(mask),
+                                   jnp.asarray(positions), jnp.asarray(np.pad(vocab, (0, u - len(vocab)))),
+                                   graphdef=self._graphdef, rows_per_group=n, impl=self._impl))
+        for row, qi, ext in where:
+            for j in range(len(ext) + 1):
+                table[qi][ext[:j]] = {tok: float(out[row, j, c]) for tok, c in col.items()}
+
+
+def share_prefixes(engine: TreeEngine, groups: Sequence[Sequence[list[int]]], min_tail: int = 0
+                   ) -> list[list[tuple[Node, int, list[int]]]]:
+    """Put each group's common token prefix on the tree once (one batched `add_prompts`); returns, per
+    sequence, (root, tokens of the root it keeps, the rest of the sequence). `min_tail` tokens are left out of
+    the shared prefix (fixed text appended on top needs at least one token). A group without a common prefix
+    gets one root per sequence."""
+    heads: list[list[int]] = []
+    plan: list[list[tuple[int, int]]] = []  # per group, per sequence: (head index, head length)
+    for seqs in groups:
+        if any(len(s) <= min_tail for s in seqs):
+            raise ValueError(f"share_prefixes: every sequence needs more than {min_tail} token(s).")
+        k = min(len(s) for s in seqs) - min_tail
+        first = seqs[0]
+        for s in seqs[1:]:
+            m = 0
+            while m < k and s[m] == first[m]:
+                m += 1
+            k = m
+        if k >= 1:
+            heads.append(list(first[:k]))
+            plan.append([(len(heads) - 1, k)] * len(seqs))
+        else:
+            entry = []
+            for s in seqs:
+                heads.append(list(s[:len(s) - min_tail]))
+                entry.append((len(heads) - 1, len(s) - min_tail))
+            plan.append(entry)
+    roots = engine.add_prompts(heads)
+    return [[(roots[h], k, list(s[k:])) for (h, k), s in zip(entry, seqs)] for entry, seqs in zip(plan, groups)]
+
+
+def encode_text(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of text without special tokens (templates and leads add those)."""
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def raw_lead(tokenizer: Any) -> list[int]:
+    """The BOS id the tokenizer puts before raw text by default (Llama yes; GPT-NeoX, Qwen no)."""
+    return list(Encoder(tokenizer).raw_lead)
+
+
+def read_texts(reader: LabelReader, groups: Sequence[Sequence[str]], labels: Sequence[str], *, chat: bool,
+               exclusive: bool = True) -> list[list[np.ndarray]]:
+    """Label log-probs after each prompt text; the texts of one group share their common token prefix on the
+    tree (e.g. both candidate orders of a pair, or all responses to one context)."""
+    tok = reader.engine.tokenizer
+    lead = [] if chat else raw_lead(tok)
+    seqs, labs = [], []
+    for texts in groups:
+        g_seqs, g_labs = [], []
+        for text in texts:
+            ctx, ids = split_labels(lambda s: encode_text(tok, s), text, labels)
+            g_seqs.append(lead + encode_text(tok, ctx))
+            g_labs.append(ids)
+        seqs.append(g_seqs)
+        labs.append(g_labs)
+    shared = share_prefixes(reader.engine, seqs)
+    queries = [LabelQuery(root, keep, tail, lab) for sh, ls in zip(shared, labs) for (root, keep, tail), lab
+               in zip(sh, ls)]
+    flat = reader.log_probs(queries, exclusive)
+    out, i = [], 0
+    for texts in groups:
+        out.append(flat[i:i + len(texts)])
+        i += len(texts)
+    return out
