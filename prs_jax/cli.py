@@ -125,6 +125,19 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_label(args: argparse.Namespace) -> int:
+    from prs_jax.config import load_config
+    from prs_jax.feedback.run import LabelRunConfig, format_summary, run_label
+
+    config, overrides = args.config, list(args.overrides)
+    if config is not None and "=" in str(config) and not config.exists():
+        config, overrides = None, [str(config)] + overrides
+    out, summary = run_label(load_config(LabelRunConfig, config, overrides))
+    print(format_summary(summary))
+    print(f"wrote {out}")
+    return 0
+
+
 def _cmd_tiny(args: argparse.Namespace) -> int:
     from prs_jax.models.tiny import build_checkpoint
 
@@ -185,6 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("merge", help="merge the per-process part files of a generate run")
     p.add_argument("out", type=Path, help="the run's `out` path")
     p.set_defaults(func=_cmd_merge)
+
+    p = sub.add_parser("label", help="AI preference labels (RLAIF) for response pairs: soft labels, restartable JSONL")
+    p.add_argument("config", type=Path, nargs="?", default=None, help="YAML config (experiments/configs/label_*.yaml)")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. labeler.cot=true")
+    p.set_defaults(func=_cmd_label)
 
     p = sub.add_parser("tiny", help="write a random tiny HF checkpoint (with a local tokenizer) for experiments")
     p.add_argument("out", type=Path)
