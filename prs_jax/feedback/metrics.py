@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from prs_jax.eval.metrics import WinRate, win_rate_from_probs
+
 
 def verdicts(p_a: Sequence[float] | np.ndarray) -> np.ndarray:
     """0 where A wins (P(A) > 0.5), 1 where B wins, -1 for a tie."""
@@ -35,12 +37,15 @@ def labeler_alignment(p_a: Sequence[float] | np.ndarray, human: Sequence[int] | 
     return float(_credit(pred, target).mean()) if pred.size else math.nan
 
 
+def _first_position(q: Sequence[float] | np.ndarray) -> np.ndarray:
+    x = np.asarray(q, np.float64)
+    return x[:, 0] if x.ndim == 2 else x.reshape(-1)
+
+
 def position_bias_rate(q_ab: Sequence[float] | np.ndarray, q_ba: Sequence[float] | np.ndarray) -> float:
     """Share of pairs where the same POSITION wins in both orders. `q_ab` / `q_ba` are P(position 1 wins) with
     A first and with B first (or [N, 2] distributions over positions); a tie in either order is no win."""
-    a, b = np.asarray(q_ab, np.float64), np.asarray(q_ba, np.float64)
-    a = a[:, 0] if a.ndim == 2 else a.reshape(-1)
-    b = b[:, 0] if b.ndim == 2 else b.reshape(-1)
+    a, b = _first_position(q_ab), _first_position(q_ba)
     if a.shape != b.shape:
         raise ValueError(f"position_bias_rate: {a.size} judgements with A first but {b.size} with B first.")
     if not a.size:
@@ -54,6 +59,13 @@ def agreement(p_a_1: Sequence[float] | np.ndarray, p_a_2: Sequence[float] | np.n
     if v1.shape != v2.shape:
         raise ValueError(f"agreement: {v1.size} labels from the first variant but {v2.size} from the second.")
     return float(_credit(v1, v2).mean()) if v1.size else math.nan
+
+
+def judge_win_rate(q_ab: Sequence[float] | np.ndarray, q_ba: Sequence[float] | np.ndarray,
+                   tie_margin: float = 0.0) -> WinRate:
+    """Win rate of A over B with the AI labeler as judge, from its distributions over positions with A first
+    and with B first (as in PairLabel.ab.dist / .ba.dist, or P(position 1) alone); see eval.win_rate_from_probs."""
+    return win_rate_from_probs(_first_position(q_ab), _first_position(q_ba), tie_margin)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,6 +13,7 @@ from prs_jax.errors import ConfigError, DataError
 from prs_jax.feedback.labeler import AILabeler, Judgement, LabelerConfig
 from prs_jax.feedback.metrics import (
     agreement,
+    judge_win_rate,
     labeler_alignment,
     position_bias_rate,
     summarize,
@@ -170,6 +171,8 @@ def test_labeler_metrics():
     assert position_bias_rate([0.8, 0.7, 0.3, 0.5], [0.6, 0.4, 0.1, 0.9]) == pytest.approx(2 / 4)
     assert position_bias_rate(np.array([[0.8, 0.2]]), np.array([[0.6, 0.4]])) == 1.0
     assert agreement([0.9, 0.2, 0.5], [0.7, 0.6, 0.1]) == pytest.approx((1 + 0 + 0.5) / 3)
+    w = judge_win_rate(np.array([[0.9, 0.1], [0.6, 0.4]]), np.array([[0.3, 0.7], [0.6, 0.4]]))
+    assert (w.wins, w.ties, w.n) == (1, 1, 2) and w.probs == pytest.approx([0.8, 0.5])
     assert math.isnan(labeler_alignment([], []))
     with pytest.raises(ValueError, match="human labels must be 0"):
         labeler_alignment([0.5], [2])
