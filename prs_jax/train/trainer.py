@@ -1,11 +1,12 @@
-"""One training loop for SFT, reward models, the DPO family and (later) A2C.
+"""One training loop for SFT, reward models, the DPO family and A2C.
 
-A task plugs in a pure loss `loss_fn(model, batch, static) -> (loss, metrics)` and a `BatchSource`; the loop
-owns the rest: optax chain (clip -> adamw/rmsprop, warmup + schedule), gradient accumulation (a scan over
-micro-batches), optional bf16 compute with fp32 master weights, sharding over a (data, fsdp, tensor) mesh,
-Orbax checkpoints (async, keep-k, best-k by an eval metric) with exact resume (step, optimizer, data order),
-evaluation every k steps, metrics to JSONL and TensorBoard, a progress bar, and a guard that stops on a
-non-finite loss without overwriting good checkpoints.
+A task plugs in a pure loss `loss_fn(model, batch, static) -> (loss, metrics)` and a `BatchSource` (`fit`),
+or builds each batch itself and calls `start`, `train_on(batch, static)` per step and `close` (an RL outer
+loop that samples between steps); the loop owns the rest: optax chain (clip -> adamw/rmsprop, warmup +
+schedule), gradient accumulation (a scan over micro-batches), optional bf16 compute with fp32 master weights,
+sharding over a (data, fsdp, tensor) mesh, Orbax checkpoints (async, keep-k, best-k by an eval metric) with
+exact resume (step, optimizer, data order), evaluation every k steps, metrics to JSONL and TensorBoard, a
+progress bar, and a guard that stops on a non-finite loss without overwriting good checkpoints.
 """
 
 from __future__ import annotations
@@ -145,6 +146,10 @@ class Trainer:
         self.tx = make_optimizer(optim, config.steps)
         self.step = 0
         self.run_config = dict(run_config or {})
+        # extra JSON saved with every checkpoint (e.g. an outer loop's counters and RNG); `restored_meta` is
+        # the metadata of the checkpoint a resume read
+        self.checkpoint_meta: dict[str, Any] = {}
+        self.restored_meta: dict[str, Any] | None = None
         self._graphdef, params_state, self._rest = nnx.split(model, nnx.Param, ...)
         # Parameters travel as a flat {name: array} dict: plain for optax and for Orbax's checkpoint layout.
         leaves, self._treedef = jax.tree_util.tree_flatten_with_path(params_state)
@@ -251,79 +256,103 @@ class Trainer:
         self._params = dict(state["params"])
         self._opt_state_tree = state["opt_state"]
         self.step = int(restored["meta"]["step"])
+        self.restored_meta = dict(restored["meta"])
         return True
+
+    def start(self) -> bool:
+        """Open a run for step-by-step training (`train_on`): optimizer state, resume from the latest checkpoint,
+        logs. Returns whether it resumed; `restored_meta` then holds the checkpoint's JSON metadata."""
+        cfg = self.config
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / "config.json").write_text(json.dumps(self.run_config, indent=2, default=str))
+        self._opt_state_tree = self.tx.init(self._params)
+        self._ckpt = self._manager()
+        resumed = self.restore(self._ckpt)
+        self._frozen_states = {k: s for k, (_, s) in self._frozen_split.items()}
+        self._log_file = open(self.out_dir / "metrics.jsonl", "a")
+        self._writer = None
+        if cfg.tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self._writer = SummaryWriter(str(self.out_dir / "tensorboard"))
+        self._t_last, self._tokens_since = time.perf_counter(), 0
+        return resumed
+
+    def train_on(self, arrays: Mapping[str, np.ndarray], static: Any, eval_source: BatchSource | None = None,
+                 extra_metrics: Mapping[str, float] | None = None) -> dict[str, float]:
+        """One optimizer step on a batch the caller built (after `start`), with the NaN guard, logging (plus
+        `extra_metrics`), evaluation and checkpoints on the configured schedule; returns the step's metrics."""
+        cfg = self.config
+        self._tokens_since += int(sum(int(np.asarray(v).sum()) for k, v in arrays.items() if k.endswith("mask")
+                                      and not k.endswith("loss_mask")))
+        batch = self._device_batch(dict(arrays))
+        new_params, new_opt, metrics = self._train_step(self._params, self._opt_state_tree, self._rest,
+                                                        self._frozen_states, batch, static=static)
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        # the old buffers were donated; a bad step returned them
+        self._params, self._opt_state_tree = new_params, new_opt
+        if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
+            good = self._ckpt.latest_step()
+            raise TrainingError(
+                f"non-finite loss {metrics['loss']} at step {self.step + 1}; stopped without saving. The "
+                f"last good checkpoint is step {good} in {self._ckpt.directory}." if good is not None else
+                f"non-finite loss {metrics['loss']} at step {self.step + 1}; stopped, nothing was saved.")
+        self.step += 1
+        now = time.perf_counter()
+        metrics["tokens_per_s"] = self._tokens_since / max(now - self._t_last, 1e-9)
+        metrics.update(extra_metrics or {})
+        if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+            self._t_last, self._tokens_since = now, 0
+            self._log(self._log_file, self._writer, "train", metrics)
+        eval_metrics = None
+        if eval_source is not None and cfg.eval_every and (self.step % cfg.eval_every == 0
+                                                           or self.step == cfg.steps):
+            eval_metrics = self.evaluate(eval_source, self._params, self._rest, self._frozen_states)
+            self._log(self._log_file, self._writer, "eval", eval_metrics)
+        if (cfg.save_every and self.step % cfg.save_every == 0) or self.step == cfg.steps:
+            self._save(self._ckpt, {f"eval/{k}": v for k, v in (eval_metrics or {}).items()})
+        return metrics
+
+    def sync_model(self) -> None:
+        """Write the current parameters into `self.model` (the next `train_on` donates these buffers)."""
+        nnx.update(self.model, self._state(self._params), self._rest)
+
+    def close(self) -> None:
+        """End step-by-step training: wait for checkpoints, close the logs, write the parameters into `model`."""
+        try:
+            self._ckpt.wait_until_finished()
+            self._ckpt.close()
+            self._log_file.close()
+            if self._writer is not None:
+                self._writer.close()
+        finally:
+            self.sync_model()
 
     def fit(self, train: BatchSource, eval_source: BatchSource | None = None) -> dict[str, float]:
         """Train to `config.steps` optimizer steps (resuming from the latest checkpoint); returns last metrics."""
         cfg = self.config
         if len(train) == 0:
             raise TrainingError("the training set is empty.")
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        (self.out_dir / "config.json").write_text(json.dumps(self.run_config, indent=2, default=str))
-        self._opt_state_tree = self.tx.init(self._params)
-        manager = self._manager()
-        if self.restore(manager):
-            tqdm.write(f"resumed from step {self.step} ({manager.directory})")
-        frozen_states = {k: s for k, (_, s) in self._frozen_split.items()}
-        log_file = open(self.out_dir / "metrics.jsonl", "a")
-        writer = None
-        if cfg.tensorboard:
-            from tensorboardX import SummaryWriter
-
-            writer = SummaryWriter(str(self.out_dir / "tensorboard"))
+        if self.start():
+            tqdm.write(f"resumed from step {self.step} ({self._ckpt.directory})")
         bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step", disable=not cfg.progress)
         last: dict[str, float] = {}
-        params, opt_state, rest = self._params, self._opt_state_tree, self._rest
-        t_last, tokens_since = time.perf_counter(), 0
         try:
             while self.step < cfg.steps:
                 idx = data_order(len(train), cfg.seed, self.step, cfg.batch_size)
                 arrays, static = train.collate(idx)
-                tokens_since += int(sum(int(np.asarray(v).sum()) for k, v in arrays.items() if k.endswith("mask")
-                                        and not k.endswith("loss_mask")))
-                batch = self._device_batch(arrays)
-                new_params, new_opt, metrics = self._train_step(params, opt_state, rest, frozen_states, batch,
-                                                                static=static)
-                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                params, opt_state = new_params, new_opt  # the old buffers were donated; a bad step returned them
-                if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
-                    good = manager.latest_step()
-                    raise TrainingError(
-                        f"non-finite loss {metrics['loss']} at step {self.step + 1}; stopped without saving. The "
-                        f"last good checkpoint is step {good} in {manager.directory}." if good is not None else
-                        f"non-finite loss {metrics['loss']} at step {self.step + 1}; stopped, nothing was saved.")
-                self.step += 1
-                now = time.perf_counter()
-                metrics["tokens_per_s"] = tokens_since / max(now - t_last, 1e-9)
-                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                    t_last, tokens_since = now, 0
-                    self._log(log_file, writer, "train", metrics)
-                eval_metrics = None
-                if eval_source is not None and cfg.eval_every and (self.step % cfg.eval_every == 0
-                                                                   or self.step == cfg.steps):
-                    eval_metrics = self.evaluate(eval_source, params, rest, frozen_states)
-                    self._log(log_file, writer, "eval", eval_metrics)
-                if (cfg.save_every and self.step % cfg.save_every == 0) or self.step == cfg.steps:
-                    self._params, self._opt_state_tree, self._rest = params, opt_state, rest
-                    self._save(manager, {f"eval/{k}": v for k, v in (eval_metrics or {}).items()})
-                last = metrics
+                last = self.train_on(arrays, static, eval_source)
                 bar.update(1)
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+                bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{last['tokens_per_s']:.0f}")
         finally:
             bar.close()
-            manager.wait_until_finished()
-            manager.close()
-            log_file.close()
-            if writer is not None:
-                writer.close()
-            self._params, self._opt_state_tree, self._rest = params, opt_state, rest
-            nnx.update(self.model, self._state(params), rest)
+            self.close()
         return last
 
     def _save(self, manager: ocp.CheckpointManager, metrics: dict[str, float]) -> None:
         manager.save(self.step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(self._state_tree()),
-            meta=ocp.args.JsonSave({"step": self.step, "params": self._fingerprint(),
+            meta=ocp.args.JsonSave({**self.checkpoint_meta, "step": self.step, "params": self._fingerprint(),
                                     "run_config": json.loads(json.dumps(self.run_config, default=str))})),
             metrics=metrics or None)
 
