@@ -85,6 +85,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     config, overrides = args.config, list(args.overrides)
     if config is not None and "=" in str(config) and not config.exists():  # no file given, only overrides
         config, overrides = None, [str(config)] + overrides
+    if args.task == "a2c":
+        from prs_jax.train.a2c import A2CRunConfig, run_a2c
+
+        run_a2c(load_config(A2CRunConfig, config, overrides))
+        return 0
     cfg = load_config(TrainRunConfig, config, overrides)
     run_train(args.task, cfg)
     return 0
@@ -181,8 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16, help="prompts per engine call")
     p.set_defaults(func=_cmd_sample)
 
-    p = sub.add_parser("train", help="train a policy (sft, dpo family incl. Sr-DPO/Sr-IPO) or a reward model (rm)")
-    p.add_argument("task", choices=["sft", "rm", "dpo"])
+    p = sub.add_parser("train", help="train a policy (sft, dpo family incl. Sr-DPO/Sr-IPO, a2c RL against a reward) "
+                                     "or a reward model (rm)")
+    p.add_argument("task", choices=["sft", "rm", "dpo", "a2c"])
     p.add_argument("config", type=Path, nargs="?", default=None, help="YAML run config (experiments/configs/*.yaml)")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. loss.name=sr_dpo optim.lr=1e-5")
     p.set_defaults(func=_cmd_train)
