@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from prs_jax.errors import PrsJaxError
 
@@ -58,9 +60,30 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_quickstart(args: argparse.Namespace) -> int:
-    from prs_jax.quickstart import run_quickstart
+    from prs_jax.world.quickstart import QuickstartConfig, run_quickstart, smoke_config
 
-    return run_quickstart(out_dir=Path(args.out), seed=args.seed, smoke=args.smoke)
+    base = smoke_config() if args.smoke else QuickstartConfig()
+    given = {k: v for k, v in (("out_dir", args.out), ("world_root", args.world_root), ("prompts", args.prompts))
+             if v is not None}
+    cfg = dataclasses.replace(base, seed=args.seed, **given)
+    if args.budgets:
+        cfg = dataclasses.replace(cfg, budgets=tuple(int(n) for n in args.budgets.split(",")))
+    run_quickstart(cfg)
+    return 0
+
+
+def _cmd_world(args: argparse.Namespace) -> int:
+    from prs_jax.config import apply_overrides, from_dict, to_dict
+    from prs_jax.world.build import WorldConfig, build_world, preset
+
+    cfg = preset(args.preset, seed=args.seed)
+    if args.overrides:
+        cfg = from_dict(WorldConfig, apply_overrides(to_dict(cfg), args.overrides))
+    built = build_world(cfg, root=args.root, force=args.force)
+    print(json.dumps({"root": str(built.root), "policy": str(built.policy), "reward_model": str(built.reward_model),
+                      "rm_heldout_accuracy": built.report.get("rm_heldout_accuracy"),
+                      "timings": built.report.get("timings")}, indent=2))
+    return 0
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
@@ -97,7 +120,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_generate(args: argparse.Namespace) -> int:
     from prs_jax.config import load_config
-    from prs_jax.strategies.generate import GenerateConfig, merge_parts, read_prompt_items, run_generate
+    from prs_jax.strategies.generate import (
+        GenerateConfig,
+        merge_parts,
+        read_prompt_items,
+        run_generate,
+    )
 
     config, overrides = args.config, list(args.overrides)
     if config is not None and "=" in str(config) and not config.exists():
@@ -220,11 +248,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_tiny)
 
-    p = sub.add_parser("quickstart", help="the main job: build a tiny model and run the engine end to end")
-    p.add_argument("--out", default="runs/quickstart", help="output directory (checkpoint, results)")
+    p = sub.add_parser("quickstart", help="the main job: build (or reuse) the synthetic world and compare PRS, Rand "
+                                          "and PRand at N=1..32 by the gold reward (table + PNG)")
+    p.add_argument("--out", default=None, help="output directory for results JSON and plot (default runs/quickstart)")
+    p.add_argument("--world-root", default=None, help="where built worlds are cached (default runs/world)")
+    p.add_argument("--prompts", type=int, default=None, help="held-out prompts to evaluate")
+    p.add_argument("--budgets", default=None, help="comma-separated N values, e.g. 1,2,4,8,16,32")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--smoke", action="store_true", help="tiny sizes for CI")
+    p.add_argument("--smoke", action="store_true", help="tiny world and sizes for CI (checks the pipeline only)")
     p.set_defaults(func=_cmd_quickstart)
+
+    p = sub.add_parser("world", help="the synthetic preference world: `world build` trains (or reuses) its "
+                                     "tokenizer, policy and proxy reward model")
+    p.add_argument("action", choices=["build"])
+    p.add_argument("overrides", nargs="*", help="dotted WorldConfig overrides, e.g. sft_steps=800 policy.hidden_size=96")
+    p.add_argument("--preset", default="default", choices=["default", "smoke"])
+    p.add_argument("--root", default="runs/world", help="cache directory of built worlds")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="rebuild even if a cached build exists")
+    p.set_defaults(func=_cmd_world)
     return parser
 
 

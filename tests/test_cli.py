@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from prs_jax.cli import main
 
@@ -32,13 +33,27 @@ def test_info_error_is_reported(tmp_path, capsys):
 
 
 def test_quickstart_smoke(tmp_path):
+    """The main job at smoke size: builds the smoke world (tokenizer, SFT policy, proxy RM), compares the methods,
+    writes results + plot; a second run reuses the cached world and reproduces the table exactly."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    proc = subprocess.run([sys.executable, "-m", "prs_jax.cli", "quickstart", "--smoke", "--out", str(tmp_path)],
-                          capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr
-    rows = [json.loads(line) for line in (tmp_path / "samples-smoke.jsonl").read_text().splitlines()]
-    assert len(rows) == 8 and {r["mode"] for r in rows} == {"greedy", "T=1.0 top_p=0.9"}
-    assert all(0 < r["new_tokens"] <= 16 for r in rows)
+    cmd = [sys.executable, "-m", "prs_jax.cli", "quickstart", "--smoke", "--out", str(tmp_path / "q"),
+           "--world-root", str(tmp_path / "world")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "q" / "results-smoke.json").read_text())
+    assert (tmp_path / "q" / "reward_vs_n-smoke.png").stat().st_size > 1000
+    assert set(result["methods"]) == {"rand", "prand", "prs"}
+    for by_n in result["methods"].values():
+        assert set(by_n) == {"1", "2", "4"} and all(0.0 <= v["gold"] <= 1.0 for v in by_n.values())
+    assert result["git_commit"] is None or len(result["git_commit"]) == 40
+    assert {"refine_true_feedback", "refine_no_feedback", "oracle_best_of_4"} <= set(result["checks"])
+    world = Path(result["world"]["root"])
+    assert (world / "policy" / "config.json").is_file() and (world / "rm" / "config.json").is_file()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "reusing the cached build" in proc.stdout
+    again = json.loads((tmp_path / "q" / "results-smoke.json").read_text())
+    assert again["methods"] == result["methods"] and again["checks"] == result["checks"]
 
 
 def test_sample_command_writes_jsonl(llama_dir, tmp_path):

@@ -30,7 +30,10 @@ class Dense(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((dout,), dtype), logical_axes=axes[1:]) if bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = x @ self.kernel[...]
+        kernel = self.kernel[...]
+        # a 2-D matmul: XLA:CPU computes the weight gradient of [B, T, D] x [D, F] about 2x slower than of
+        # [B*T, D] x [D, F] (measured on the DPO step)
+        y = (x.reshape(-1, x.shape[-1]) @ kernel).reshape(*x.shape[:-1], kernel.shape[-1])
         if self.bias is not None:
             y = y + self.bias[...]
         return y
