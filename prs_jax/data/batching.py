@@ -58,12 +58,20 @@ class ExampleSource(Generic[T]):
     BatchSource protocol asks. `collate_fn` builds the arrays, `static_fn` (optional) the static facts."""
 
     def __init__(self, examples: Sequence[T], collate_fn: Callable[[Sequence[T]], dict[str, np.ndarray]],
-                 static_fn: Callable[[dict[str, np.ndarray]], Any] | None = None):
+                 static_fn: Callable[[dict[str, np.ndarray]], Any] | None = None,
+                 length_fn: Callable[[T], int] | None = None):
         if not examples:
             raise DataError("ExampleSource: no examples (every row was dropped, or the source is empty).")
         self.examples = list(examples)
         self.collate_fn = collate_fn
         self.static_fn = static_fn
+        self.length_fn = length_fn
+
+    def lengths(self) -> np.ndarray | None:
+        """Token length of every example (for length-grouped batches), or None without a `length_fn`."""
+        if self.length_fn is None:
+            return None
+        return np.array([self.length_fn(e) for e in self.examples], dtype=np.int64)
 
     def __len__(self) -> int:
         return len(self.examples)

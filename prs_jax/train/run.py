@@ -41,6 +41,7 @@ class DataConfig:
     on_too_long: Literal["error", "drop"] = "error"
     use_chat_template: bool | None = None
     pad_to: Literal["bucket", "max_length"] = "bucket"
+    pad_multiple: int = 64  # bucketed batches pad to a multiple of this (smaller: less padding, more compiles)
     soft_label_column: str = "p_chosen"
 
 
@@ -111,8 +112,9 @@ def run_train(task: Task, cfg: TrainRunConfig, console: Console | None = None) -
             examples, report = tokenize_sft(iter_rows(source, split), tok, **common)
             console.print(f"data: {source}: {report.summary()}", markup=False)
             return ExampleSource(examples, functools.partial(collate_sft, max_length=d.max_length, pad_id=pad,
-                                                             pad_to=d.pad_to),
-                                 functools.partial(_static_sft, cfg.logprob_method, cfg.remat))
+                                                             pad_to=d.pad_to, multiple=d.pad_multiple),
+                                 functools.partial(_static_sft, cfg.logprob_method, cfg.remat),
+                                 length_fn=lambda e: len(e.prompt_ids) + len(e.response_ids))
 
         loss_fn = sft_loss
     else:
@@ -132,10 +134,13 @@ def run_train(task: Task, cfg: TrainRunConfig, console: Console | None = None) -
         def make(source, split):
             examples, report = tokenize_pairs(iter_rows(source, split), tok, **pair_kw)
             console.print(f"data: {source}: {report.summary()}", markup=False)
-            collate = functools.partial(collate_pairs, max_length=d.max_length, pad_id=pad, pad_to=d.pad_to)
+            collate = functools.partial(collate_pairs, max_length=d.max_length, pad_id=pad, pad_to=d.pad_to,
+                                        multiple=d.pad_multiple)
             static = functools.partial(_static_pairs, cfg.logprob_method, cfg.remat, augmented)
             if task != "dpo" or not cfg.precompute_ref:
-                return ExampleSource(examples, collate, static if task == "dpo" else None)
+                return ExampleSource(examples, collate, static if task == "dpo" else None,
+                                     length_fn=lambda e: len(e.prompt_ids) + max(len(e.chosen_ids),
+                                                                                 len(e.rejected_ids)))
             arrays = collate_pairs(examples, d.max_length, pad, pad_to="max_length")
             key = cache_key(ref_dir, arrays, cfg.tokenizer or cfg.model, extra=[cfg.logprob_method, cfg.dtype])
             refs, hit = cached_reference(cfg.ref_cache_dir, key, lambda: compute_reference(

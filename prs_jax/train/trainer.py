@@ -97,6 +97,7 @@ class TrainerConfig:
     tensorboard: bool = True
     progress: bool = True
     async_checkpoint: bool = True
+    group_by_length: int = 0  # > 0: batches drawn from chunks of this many batches sorted by length (less padding)
 
     def __post_init__(self) -> None:
         if self.batch_size % self.grad_accum:
@@ -117,11 +118,33 @@ def _epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n)
 
 
-def data_order(n: int, seed: int, step: int, batch_size: int) -> np.ndarray:
-    """Indices for optimizer step `step`: epochs are fresh permutations seeded by (seed, epoch). Deterministic,
-    so a resumed run sees exactly the batches an uninterrupted run would."""
+def grouped_permutation(lengths: np.ndarray, seed: int, epoch: int, batch_size: int, group: int) -> np.ndarray:
+    """An epoch order whose consecutive batches hold examples of similar length: the epoch's permutation is cut
+    into chunks of `group` batches, each chunk sorted by length, then whole batches are shuffled (less padding)."""
+    n = len(lengths)
+    perm = _epoch_permutation(n, seed, epoch)
+    chunk = batch_size * group
+    order = np.concatenate([idx[np.argsort(-lengths[idx], kind="stable")]
+                            for idx in (perm[c:c + chunk] for c in range(0, n, chunk))])
+    nb = n // batch_size
+    blocks = order[:nb * batch_size].reshape(nb, batch_size)[np.random.default_rng([seed, epoch, 1]).permutation(nb)]
+    return np.concatenate([blocks.reshape(-1), order[nb * batch_size:]])
+
+
+def data_order(n: int, seed: int, step: int, batch_size: int, lengths: np.ndarray | None = None,
+               group: int = 0) -> np.ndarray:
+    """Indices for optimizer step `step`: epochs are fresh permutations seeded by (seed, epoch) (length-grouped
+    with `group` > 0 and `lengths`). Deterministic, so a resumed run sees exactly the batches an uninterrupted
+    run would."""
     start = step * batch_size
-    return np.array([_epoch_permutation(n, seed, (start + j) // n)[(start + j) % n] for j in range(batch_size)])
+    epochs = {(start + j) // n for j in range(batch_size)}
+    if group > 0 and lengths is not None:
+        if len(lengths) != n:
+            raise ValueError(f"data_order: {len(lengths)} lengths for {n} examples.")
+        orders = {e: grouped_permutation(np.asarray(lengths), seed, e, batch_size, group) for e in epochs}
+    else:
+        orders = {e: _epoch_permutation(n, seed, e) for e in epochs}
+    return np.array([orders[(start + j) // n][(start + j) % n] for j in range(batch_size)])
 
 
 def _cast_floats(tree: Any, dtype: Any) -> Any:
@@ -338,8 +361,9 @@ class Trainer:
         bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step", disable=not cfg.progress)
         last: dict[str, float] = {}
         try:
+            lengths = train.lengths() if cfg.group_by_length and hasattr(train, "lengths") else None
             while self.step < cfg.steps:
-                idx = data_order(len(train), cfg.seed, self.step, cfg.batch_size)
+                idx = data_order(len(train), cfg.seed, self.step, cfg.batch_size, lengths, cfg.group_by_length)
                 arrays, static = train.collate(idx)
                 last = self.train_on(arrays, static, eval_source)
                 bar.update(1)

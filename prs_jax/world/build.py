@@ -64,13 +64,15 @@ class WorldConfig:
     policy: PolicySize = PolicySize()
     behaviour: Behaviour = Behaviour()
     mixture: Mixture = Mixture()
-    sft_steps: int = 600
+    sft_steps: int = 500
     sft_batch_size: int = 32
     sft_lr: float = 3e-3
     rm_steps: int = 300
     rm_batch_size: int = 32
     rm_lr: float = 1e-3
     max_length: int = 192
+    pad_multiple: int = 32
+    group_by_length: int = 8
 
 
 def preset(name: Literal["default", "smoke"], **overrides: Any) -> WorldConfig:
@@ -81,7 +83,7 @@ def preset(name: Literal["default", "smoke"], **overrides: Any) -> WorldConfig:
         base = WorldConfig(train_prompts=200, heldout_prompts=16, sft_conversations=400, sft_eval_conversations=32,
                            rm_pairs=200, rm_eval_pairs=64, policy=PolicySize(hidden_size=64, intermediate_size=128,
                                                                              num_hidden_layers=2),
-                           sft_steps=30, sft_batch_size=16, rm_steps=20, rm_batch_size=16)
+                           sft_steps=30, sft_batch_size=16, rm_steps=20, rm_batch_size=16, pad_multiple=64)
         return dataclasses.replace(base, **overrides)
     raise ValueError(f"unknown world preset {name!r}; use 'default' or 'smoke'.")
 
@@ -190,14 +192,14 @@ def build_world(cfg: WorldConfig = WorldConfig(), root: str | Path = "runs/world
 
     t0 = time.perf_counter()
     data_cfg = DataConfig(train=str(data / "sft.jsonl"), eval=str(data / "sft_eval.jsonl"),
-                          max_length=cfg.max_length, max_prompt_length=None)
+                          max_length=cfg.max_length, max_prompt_length=None, pad_multiple=cfg.pad_multiple)
     sft_cfg = TrainRunConfig(
         model=str(init), data=data_cfg,
         optim=OptimConfig(lr=cfg.sft_lr, warmup_steps=max(cfg.sft_steps // 20, 1), schedule="cosine",
                           min_lr_ratio=0.05, weight_decay=0.0),
         trainer=TrainerConfig(out_dir=str(out / "runs" / "sft"), steps=cfg.sft_steps,
                               batch_size=cfg.sft_batch_size, seed=cfg.seed, log_every=10, progress=progress,
-                              async_checkpoint=False),
+                              async_checkpoint=False, group_by_length=cfg.group_by_length),
         export_dir=str(out / "policy"))
     sft_metrics = run_train("sft", sft_cfg, console=console)
     timings["sft_s"] = time.perf_counter() - t0
@@ -206,11 +208,13 @@ def build_world(cfg: WorldConfig = WorldConfig(), root: str | Path = "runs/world
     rm_cfg = TrainRunConfig(
         model=str(out / "policy"),
         data=DataConfig(train=str(data / "rm_train.jsonl"), eval=str(data / "rm_eval.jsonl"),
-                        max_length=cfg.max_length, max_prompt_length=None),
+                        max_length=cfg.max_length, max_prompt_length=None, use_chat_template=True,
+                        pad_multiple=cfg.pad_multiple),
         loss=LossConfig(), optim=OptimConfig(lr=cfg.rm_lr, warmup_steps=max(cfg.rm_steps // 20, 1),
                                              schedule="cosine", min_lr_ratio=0.05),
         trainer=TrainerConfig(out_dir=str(out / "runs" / "rm"), steps=cfg.rm_steps, batch_size=cfg.rm_batch_size,
-                              seed=cfg.seed, log_every=10, progress=progress, async_checkpoint=False),
+                              seed=cfg.seed, log_every=10, progress=progress, async_checkpoint=False,
+                              group_by_length=cfg.group_by_length),
         export_dir=str(out / "rm"))
     rm_metrics = run_train("rm", rm_cfg, console=console)
     timings["rm_s"] = time.perf_counter() - t0

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from prs_jax.data.pairs import augment_prompt
+from prs_jax.feedback.prompts import PromptBuilder, PromptConfig
 from prs_jax.strategies.base import join_preference
 from prs_jax.strategies.templates import PRSTemplates
 from prs_jax.world.behaviour import Condition, World
@@ -27,9 +28,14 @@ QUALITY_INSTRUCTION = "Give your best answer."
 FEEDBACK_TURN = "Check your answer against my preference. What should change?"
 REFINE_TURN = "Now write the improved answer."
 REFINE_TURN_NO_FEEDBACK = "Improve your answer for my preference."
-JUDGE_TEXT = "Which answer fits the request better?\nRequest: {query}\nAnswer 1: {a}\nAnswer 2: {b}"
-JUDGE_COT = "\nExplain before you decide."
-RATING_TEXT = "Rate the answer from 1 to 10.\nRequest: {query}\nAnswer: {a}"
+# The AI labeler's prompts (RLAIF): rendered by prs_jax.feedback.prompts, so `prs-jax label` with these configs
+# asks the world's policy exactly what it was trained to judge.
+JUDGE_PROMPT = PromptConfig(
+    task="helpful", preamble="Two answers to one request follow. Say which one fits the request and its preference "
+    "better: 1 or 2.", ending="Better answer=", context_name="Request", candidate_name="Answer", chat=True)
+RATING_PROMPT = PromptConfig(
+    task="helpful", preamble="Rate how well the answer fits the request and its preference, from 1 (poor) to 10 "
+    "(perfect).", ending="Rating=", context_name="Request", candidate_name="Answer", chat=True)
 VS_SUFFIX = "\n\nGive {k} possible answers with probabilities."
 NOTHING = "- nothing to change"
 
@@ -120,15 +126,19 @@ def conversation(world: World, kind: str, p: Prompt, rng: np.random.Generator) -
         a, b = world.draft(p, "xz", rng), world.draft(p, str(rng.choice(["x", "xz"])), rng)  # type: ignore[arg-type]
         if rng.random() < 0.5:
             a, b = b, a
-        text = JUDGE_TEXT.format(query=query(p), a=a.text(), b=b.text())
-        if rng.random() < 0.5:
+        judge = PromptBuilder.build(dataclasses.replace(JUDGE_PROMPT, chat=False), "pair")
+        if rng.random() < 0.5:  # chain of thought: the rationale lists each answer's problems, then the label
             label = world.judge(p, a, b, rng, cot=True)
-            msgs = [_user(text + JUDGE_COT), _assistant(f"{rationale_text(p, a, b)}\nPreferred: {label}")]
+            reply = (f"{judge.config.cot_start} {rationale_text(p, a, b)}{judge.config.cot_separator}"
+                     f"{judge.ending}{label}")
+            msgs = [_user(judge.body(query(p), [a.text(), b.text()], cot=True)), _assistant(reply)]
         else:
-            msgs = [_user(text), _assistant(f"Preferred: {world.judge(p, a, b, rng)}")]
+            msgs = [_user(judge.body(query(p), [a.text(), b.text()])),
+                    _assistant(f"{judge.ending}{world.judge(p, a, b, rng)}")]
     elif kind == "rating":
         a = world.draft(p, str(rng.choice(["x", "xz", "pxz"])), rng)  # type: ignore[arg-type]
-        msgs = [_user(RATING_TEXT.format(query=query(p), a=a.text())), _assistant(str(world.rating(p, a, rng)))]
+        rater = PromptBuilder.build(dataclasses.replace(RATING_PROMPT, chat=False), "direct")
+        msgs = [_user(rater.body(query(p), [a.text()])), _assistant(f"{rater.ending}{world.rating(p, a, rng)}")]
     elif kind == "verbalized":
         k = int(rng.integers(2, 5))
         items = world.verbalized(p, k, rng)
