@@ -72,6 +72,15 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_experiment(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from prs_jax.experiments import run_experiment
+
+    run_experiment(args.name, args.config, args.overrides, console=Console())
+    return 0
+
+
 def _cmd_world(args: argparse.Namespace) -> int:
     from prs_jax.config import apply_overrides, from_dict, to_dict
     from prs_jax.world.build import WorldConfig, build_world, preset
@@ -257,6 +266,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--smoke", action="store_true", help="tiny world and sizes for CI (checks the pipeline only)")
     p.set_defaults(func=_cmd_quickstart)
+
+    from prs_jax.experiments import STUDIES
+
+    p = sub.add_parser("experiment", help="run a study (results JSON + markdown table + PNG): " + ", ".join(STUDIES))
+    p.add_argument("name", choices=STUDIES)
+    p.add_argument("config", type=Path, help="YAML config, e.g. experiments/configs/reward_vs_n/cpu.yaml")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    p.set_defaults(func=_cmd_experiment)
 
     p = sub.add_parser("world", help="the synthetic preference world: `world build` trains (or reuses) its "
                                      "tokenizer, policy and proxy reward model")

@@ -37,6 +37,9 @@ RATING_PROMPT = PromptConfig(
     task="helpful", preamble="Rate how well the answer fits the request and its preference, from 1 (poor) to 10 "
     "(perfect).", ending="Rating=", context_name="Request", candidate_name="Answer", chat=True)
 VS_SUFFIX = "\n\nGive {k} possible answers with probabilities."
+VS_MORE = "Give {k} more possible answers with probabilities."
+SEQUENCE_SUFFIX = "\n\nGive {k} different answers."
+ONE_MORE = "Give me one more, different answer."
 NOTHING = "- nothing to change"
 
 
@@ -44,6 +47,17 @@ def world_templates() -> PRSTemplates:
     """PRS templates matching the reflection turns the world's policy was trained on (conversation mode)."""
     return PRSTemplates(default_preference="", feedback_turn=FEEDBACK_TURN, refine_turn=REFINE_TURN,
                         refine_turn_no_feedback=REFINE_TURN_NO_FEEDBACK)
+
+
+def world_vs_templates() -> dict[str, str]:
+    """Verbalized-sampling templates in the world's trained wording (prs_jax.strategies.verbalized keys). The
+    world trains direct, sequence, multi_turn, vs_standard and vs_multi; not cot / vs_cot or probability bounds."""
+    return {"sequence": "{prompt}" + SEQUENCE_SUFFIX, "multi_turn_next": ONE_MORE,
+            "vs_standard": "{prompt}" + VS_SUFFIX, "vs_multi": "{prompt}" + VS_SUFFIX, "vs_multi_next": VS_MORE}
+
+
+def _vs_list(items) -> str:
+    return "\n".join(f"- {a.text()} ({round(100 * w)}%)" for a, w in items)
 
 
 def issue_text(p: Prompt, issue: str) -> str:
@@ -93,13 +107,16 @@ class Mixture:
     """Shares of each conversation kind in the SFT corpus (normalised)."""
 
     answer_x: float = 0.12
-    answer_xz: float = 0.16
+    answer_xz: float = 0.14
     answer_pxz: float = 0.10
     reflect: float = 0.30
     reflect_no_feedback: float = 0.10
     judge: float = 0.08
     rating: float = 0.05
-    verbalized: float = 0.09
+    verbalized: float = 0.07
+    verbalized_more: float = 0.02
+    sequence: float = 0.02
+    multi_turn: float = 0.02
 
 
 def conversation(world: World, kind: str, p: Prompt, rng: np.random.Generator) -> dict[str, Any]:
@@ -142,11 +159,35 @@ def conversation(world: World, kind: str, p: Prompt, rng: np.random.Generator) -
     elif kind == "verbalized":
         k = int(rng.integers(2, 5))
         items = world.verbalized(p, k, rng)
-        msgs = [_user(query(p) + VS_SUFFIX.format(k=k)),
-                _assistant("\n".join(f"- {a.text()} ({round(100 * w)}%)" for a, w in items))]
+        msgs = [_user(query(p) + VS_SUFFIX.format(k=k)), _assistant(_vs_list(items))]
+    elif kind == "verbalized_more":  # VS-Multi: a first list, then k more answers not listed before
+        k = int(rng.integers(2, 4))
+        items = world.verbalized(p, 2 * k, rng)
+        if len(items) < 2 * k:
+            items = world.verbalized(p, k, rng) * 2
+        first, more = items[:k], items[k:2 * k]
+        msgs = [_user(query(p) + VS_SUFFIX.format(k=k)), _assistant(_vs_list(_renorm(first))),
+                _user(VS_MORE.format(k=k)), _assistant(_vs_list(_renorm(more)))]
+    elif kind == "sequence":
+        k = int(rng.integers(2, 5))
+        answers = [a for a, _ in world.verbalized(p, k, rng)]
+        msgs = [_user(query(p) + SEQUENCE_SUFFIX.format(k=k)), _assistant("\n".join(f"- {a.text()}" for a in answers))]
+    elif kind == "multi_turn":
+        answers = [a for a, _ in world.verbalized(p, int(rng.integers(2, 4)), rng)]
+        msgs = [_user(query(p)), _assistant(answers[0].text())]
+        for a in answers[1:]:
+            msgs += [_user(ONE_MORE), _assistant(a.text())]
     else:
         raise ValueError(f"unknown conversation kind {kind!r}; known: {[f.name for f in dataclasses.fields(Mixture)]}")
     return {"messages": msgs, "kind": kind, "id": p.id}
+
+
+def _renorm(items):
+    """Probabilities of a sub-list rescaled to sum to 1 (multiples of 0.05, at least 0.05 each)."""
+    w = np.array([x for _, x in items], dtype=float)
+    w = np.maximum(np.round(w / w.sum() * 20) / 20, 0.05)
+    w[0] += 1.0 - w.sum()
+    return [(a, float(round(x, 2))) for (a, _), x in zip(items, w)]
 
 
 def sft_corpus(world: World, prompts: list[Prompt], n: int, rng: np.random.Generator,

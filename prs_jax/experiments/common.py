@@ -1,0 +1,173 @@
+"""Shared pieces of the experiment scripts: where the policy / reward / prompts come from (the synthetic world or
+real HF checkpoints and prompt sets), the result record (config, git commit, seed, versions, wall time), markdown
+tables and plots.
+
+Every study is `prs_jax/experiments/<name>.py` with a typed `Config` and `run(cfg, console) -> Record`; configs
+live in `experiments/configs/<name>/{smoke,cpu,full}.yaml`; `prs-jax experiment NAME CONFIG [key=value ...]`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata as md
+import json
+import math
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Callable, Literal, Sequence
+
+import numpy as np
+
+from prs_jax.config import to_dict
+
+
+@dataclasses.dataclass(frozen=True)
+class WorldSpec:
+    """Which synthetic world to use (built or reused from the cache): a preset plus WorldConfig overrides
+    (dotted keys, e.g. {"policy.hidden_size": 96, "sft_steps": 300})."""
+
+    preset: Literal["default", "smoke"] = "default"
+    root: str = "runs/world"
+    seed: int = 0
+    overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class RealSpec:
+    """Real checkpoints for the `full` configs: policy and reward-model directories and a prompt set
+    (prs_jax.data.prompt_sets.load_prompt_set name + path). No gold reward exists there: studies report the RM."""
+
+    policy: str = ""
+    reward_model: str = ""
+    rm_head_name: str | None = None
+    prompt_set: str = "alpaca_eval"
+    prompts_path: str = ""
+    max_prompts: int | None = None
+    dtype: Literal["float32", "bfloat16"] = "bfloat16"
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """Where a study draws its models and prompts from."""
+
+    kind: Literal["world", "real"] = "world"
+    world: WorldSpec = WorldSpec()
+    real: RealSpec = RealSpec()
+
+
+def build_world_from(spec: WorldSpec, console: Any = None):
+    """Build or reuse the world of `spec` (prs_jax.world.build)."""
+    from prs_jax.config import apply_overrides, from_dict
+    from prs_jax.world.build import WorldConfig, build_world, preset
+
+    cfg = preset(spec.preset, seed=spec.seed)
+    if spec.overrides:
+        cfg = from_dict(WorldConfig, apply_overrides(to_dict(cfg), [f"{k}={json.dumps(v)}" for k, v in
+                                                                     spec.overrides.items()]))
+    return build_world(cfg, root=spec.root, console=console)
+
+
+def git_commit() -> str | None:
+    """HEAD of the checkout this package runs from (None outside a git checkout)."""
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def versions() -> dict[str, str]:
+    """Versions of the packages that shape a result."""
+    out = {}
+    for pkg in ("prs-jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "transformers", "tokenizers",
+                "numpy"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def mean_se(xs: Sequence[float]) -> tuple[float, float]:
+    """Mean and standard error (0 for fewer than two values)."""
+    a = np.asarray(list(xs), dtype=float)
+    if a.size == 0:
+        return float("nan"), float("nan")
+    return float(a.mean()), (float(a.std(ddof=1) / math.sqrt(a.size)) if a.size > 1 else 0.0)
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], floatfmt: str = ".3f") -> str:
+    """A GitHub markdown table; floats formatted with `floatfmt`."""
+    def cell(v: Any) -> str:
+        return format(v, floatfmt) if isinstance(v, float) else str(v)
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+class Record:
+    """What a study writes: results JSON (with config, commit, seed, versions, wall time), markdown, plots."""
+
+    def __init__(self, name: str, config: Any, out_dir: str | Path, seed: int):
+        self.name, self.config, self.seed = name, config, seed
+        self.out = Path(out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.results: dict[str, Any] = {}
+        self.tables: list[tuple[str, str]] = []
+        self.figures: list[Path] = []
+        self.notes: list[str] = []
+        self._t0 = time.perf_counter()
+
+    def table(self, title: str, headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+        """Add a markdown table (also printed by `finish`)."""
+        md_ = markdown_table(headers, rows)
+        self.tables.append((title, md_))
+        return md_
+
+    def figure(self, filename: str, draw: Callable[[Any], None], figsize: tuple[float, float] = (6, 4)) -> Path:
+        """Draw with `draw(fig)` on a fresh matplotlib figure and save it as PNG under the output directory."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig = plt.figure(figsize=figsize)
+        draw(fig)
+        fig.tight_layout()
+        path = self.out / filename
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        self.figures.append(path)
+        return path
+
+    def finish(self, console: Any = None) -> dict[str, Any]:
+        """Write results.json and results.md; print the tables; return the JSON record."""
+        record = {"study": self.name, "config": to_dict(self.config), "seed": self.seed, "git_commit": git_commit(),
+                  "versions": versions(), "wall_seconds": time.perf_counter() - self._t0,
+                  "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "results": self.results,
+                  "figures": [p.name for p in self.figures], "notes": self.notes}
+        (self.out / "results.json").write_text(json.dumps(record, indent=2, default=_jsonable))
+        parts = [f"# {self.name}", ""]
+        for title, md_ in self.tables:
+            parts += [f"## {title}", "", md_, ""]
+        parts += [f"![{p.stem}]({p.name})" for p in self.figures]
+        parts += ["", *[f"- {n}" for n in self.notes],
+                  f"\ncommit {record['git_commit']}, seed {self.seed}, {record['wall_seconds']:.0f} s"]
+        (self.out / "results.md").write_text("\n".join(parts) + "\n")
+        if console is not None:
+            for title, md_ in self.tables:
+                console.print(f"\n{title}\n{md_}", markup=False, highlight=False)
+            console.print(f"\n{self.name}: {self.out / 'results.json'}, {self.out / 'results.md'}"
+                          + "".join(f", {p}" for p in self.figures), markup=False)
+        return record
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, (np.floating, np.integer)):
+        return v.item()
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    if dataclasses.is_dataclass(v):
+        return to_dict(v)
+    return str(v)
