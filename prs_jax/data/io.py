@@ -19,7 +19,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 from prs_jax.errors import DataError
 
@@ -199,3 +199,28 @@ def write_jsonl(path: str | Path, rows: Iterable[Mapping[str, Any]]) -> Path:
         for row in rows:
             fh.write(json.dumps(dict(row), ensure_ascii=False) + "\n")
     return path
+
+
+def done_ids(path: Path) -> set[str]:
+    """Ids already written to a restartable JSONL output; cuts a torn last line left by a kill mid-write."""
+    if not path.exists():
+        return set()
+    raw = path.read_bytes()
+    end = raw.rfind(b"\n") + 1
+    if end < len(raw):
+        with open(path, "r+b") as fh:
+            fh.truncate(end)
+    done = set()
+    for line in raw[:end].splitlines():
+        if line.strip():
+            done.add(str(json.loads(line)["id"]))
+    return done
+
+
+def append_rows(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    """Append rows as JSON lines in one write, flushed and fsynced (a kill leaves at most one torn line)."""
+    data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode()
+    with open(path, "ab") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())

@@ -86,7 +86,7 @@ class LabelReader:
             for ext in plan_rows(q.labels):
                 rows.append((qi, ext, [last, *q.tail, *ext]))
         for q in queries:
-            self.engine._check_context(q.keep + len(q.tail) + max(len(t) for t in q.labels), "label query")
+            self.engine.check_context(q.keep + len(q.tail) + max(len(t) for t in q.labels), "label query")
         table: dict[int, dict[tuple[int, ...], dict[int, float]]] = {i: {} for i in range(len(queries))}
         ordered = sorted(groups.values(), key=lambda g: -len(g[2]))
         start = 0
@@ -100,7 +100,7 @@ class LabelReader:
     def _run_chunk(self, chunk, n: int, queries: Sequence[LabelQuery], table) -> None:
         engine = self.engine
         g = bucket(len(chunk), engine.config.min_groups_bucket)
-        prefix_kv, prefix_mask = engine._prefix_batch([p for p, _, _ in chunk], [k - 1 for _, k, _ in chunk], g)
+        prefix_kv, prefix_mask = engine.prefix_batch([p for p, _, _ in chunk], [k - 1 for _, k, _ in chunk], g)
         rows = [r for _, _, rs in chunk for r in rs]
         t = bucket(max(len(r[2]) for r in rows), self.config.min_row_bucket)
         qn = bucket(max(len(r[1]) for r in rows) + 1)

@@ -29,7 +29,7 @@ from prs_jax.data.pairs import prompt_and_responses
 from prs_jax.errors import ConfigError, DataError
 from prs_jax.feedback.labeler import AILabeler, LabelerConfig
 from prs_jax.feedback.metrics import LabelSummary, summarize
-from prs_jax.strategies.generate import _append, _done_ids
+from prs_jax.data.io import append_rows, done_ids
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,7 +168,7 @@ def run_label(cfg: LabelRunConfig, console: Console | None = None,
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tag = labeler_hash(cfg)
-    done = _done_ids(out)
+    done = done_ids(out)
     first = _first_row(out)
     if first is not None and first.get("labeler") != tag:
         raise DataError(f"{out}: holds labels from another labeler set-up (labeler {first.get('labeler')!r}, this "
@@ -187,7 +187,7 @@ def run_label(cfg: LabelRunConfig, console: Console | None = None,
                                        seed=_batch_seed(cfg.seed, [p.id for p in batch]))
                 rows = [{"id": p.id, "prompt": p.prompt, "chosen": p.a, "rejected": p.b, "p_chosen": lab.p_a,
                          **lab.to_dict(), "human_label": p.human, "labeler": tag} for p, lab in zip(batch, labels)]
-                _append(out, rows)
+                append_rows(out, rows)
                 written += len(batch)
                 bar.update(len(batch))
                 bar.set_postfix(p_a=f"{sum(lab.p_a for lab in labels) / len(labels):.3f}",

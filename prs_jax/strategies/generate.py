@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
-import os
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
@@ -19,6 +18,7 @@ from rich.console import Console
 from tqdm import tqdm
 
 from prs_jax.config import to_dict
+from prs_jax.data.io import append_rows, done_ids
 from prs_jax.data.prompt_sets import load_prompt_set
 from prs_jax.errors import DataError
 from prs_jax.strategies.base import CallableScorer, PromptItem, RewardModelScorer, Scorer
@@ -135,30 +135,6 @@ def read_prompt_items(cfg: GenerateConfig) -> list[PromptItem]:
     return items
 
 
-def _done_ids(path: Path) -> set[str]:
-    """Ids already written; cuts a torn last line left by a kill mid-write."""
-    if not path.exists():
-        return set()
-    raw = path.read_bytes()
-    end = raw.rfind(b"\n") + 1
-    if end < len(raw):
-        with open(path, "r+b") as fh:
-            fh.truncate(end)
-    done = set()
-    for line in raw[:end].splitlines():
-        if line.strip():
-            done.add(str(json.loads(line)["id"]))
-    return done
-
-
-def _append(path: Path, rows: Sequence[dict[str, Any]]) -> None:
-    data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode()
-    with open(path, "ab") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
 def part_path(out: Path, index: int, count: int) -> Path:
     """The file process `index` of `count` writes."""
     return out if count == 1 else out.with_name(f"{out.stem}.part{index:03d}-of-{count:03d}{out.suffix}")
@@ -176,7 +152,7 @@ def run_generate(cfg: GenerateConfig, console: Console | None = None, process_in
     mine = items[process_index::process_count]
     out = part_path(Path(cfg.out), process_index, process_count)
     out.parent.mkdir(parents=True, exist_ok=True)
-    done = _done_ids(out)
+    done = done_ids(out)
     todo = [it for it in mine if it.id not in done]
     console.print(f"generate: {len(mine)} prompts for process {process_index}/{process_count}, {len(done)} already "
                   f"in {out}, {len(todo)} to go", markup=False)
@@ -193,7 +169,7 @@ def run_generate(cfg: GenerateConfig, console: Console | None = None, process_in
         for start in range(0, len(todo), cfg.batch_size):
             batch = todo[start:start + cfg.batch_size]
             results = strategy.run(batch, engine, scorer)
-            _append(out, [r.to_row(with_tree=cfg.with_tree) for r in results])
+            append_rows(out, [r.to_row(with_tree=cfg.with_tree) for r in results])
             engine.release(list(engine.tree))  # the rows are written; the KV is not needed any more
             bar.update(len(batch))
             bar.set_postfix(reward=f"{sum(r.reward for r in results) / len(results):.3f}",
@@ -209,7 +185,7 @@ def merge_parts(out: str | Path, prompts_order: Sequence[str] | None = None) -> 
         raise DataError(f"{out}: no part files ({out.stem}.partNNN-of-MMM{out.suffix}) to merge.")
     rows: dict[str, dict[str, Any]] = {}
     for p in parts:
-        _done_ids(p)  # trims a torn line
+        done_ids(p)  # trims a torn line
         for line in p.read_text().splitlines():
             if line.strip():
                 row = json.loads(line)

@@ -48,6 +48,8 @@ class EngineConfig:
     min_new_tokens_bucket: int = 16
     min_groups_bucket: int = 1
     min_extend_bucket: int = 8  # new tokens per prefill call
+    min_rows_bucket: int = 0  # > 0: children per parent padded to a power of two >= this (fewer compiled
+    # programs when many different n are used, e.g. best-of-N sweeps; padded rows are inactive)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -222,7 +224,7 @@ class TreeEngine:
             return None, 0
         return _take_segment(buf, jnp.int32(row), jnp.int32(start), size=bucket(valid, 8)), valid
 
-    def _prefix_batch(self, parents: Sequence[Node | None], lengths: Sequence[int], groups: int
+    def prefix_batch(self, parents: Sequence[Node | None], lengths: Sequence[int], groups: int
                       ) -> tuple[jax.Array, jax.Array]:
         """Prefix KV [L, 2, G, K, P, D] holding the first lengths[g] context tokens of parents[g], and its mask.
 
@@ -262,7 +264,8 @@ class TreeEngine:
         node.kv = _put_slot(node.kv, tok, jnp.int32(node.kv_valid))
         node.kv_valid += 1
 
-    def _check_context(self, total: int, what: str) -> None:
+    def check_context(self, total: int, what: str) -> None:
+        """Raise a clear error when `total` tokens of context would exceed the model's positions."""
         limit = self.cfg.max_position_embeddings
         if total > limit:
             raise ValueError(f"{what}: context of {total} tokens exceeds the model's window of {limit} "
@@ -298,7 +301,7 @@ class TreeEngine:
         if not todo:
             return None, rows
         groups = bucket(len(todo), self.config.min_groups_bucket)
-        prefix_kv, prefix_mask = self._prefix_batch([parents[i] for i in todo], [prefix_lengths[i] for i in todo],
+        prefix_kv, prefix_mask = self.prefix_batch([parents[i] for i in todo], [prefix_lengths[i] for i in todo],
                                                     groups)
         t_bucket = bucket(max(len(new_tokens[i]) for i in todo), self.config.min_extend_bucket)
         tokens = np.full((groups, t_bucket), self.pad_id, np.int32)
@@ -319,7 +322,7 @@ class TreeEngine:
             toks = self.encode(p)
             if not toks:
                 raise ValueError(f"add_prompts: prompt {i} is empty (no tokens); every prompt needs text.")
-            self._check_context(len(toks) + 1, f"add_prompts: prompt {i}")
+            self.check_context(len(toks) + 1, f"add_prompts: prompt {i}")
             text = p if isinstance(p, str) else (self.tokenizer.decode(toks) if self.tokenizer else "")
             roots.append(self.tree.add("prompt", toks, None, text=text,
                                        metadata=dict(metadata[i]) if metadata else {}))
@@ -339,7 +342,7 @@ class TreeEngine:
             toks = self.encode(text, special_tokens=False)
             if not toks:
                 raise ValueError(f"append: text {i} is empty.")
-            self._check_context(parent.context_len + len(toks) + 1, f"append: node {i}")
+            self.check_context(parent.context_len + len(toks) + 1, f"append: node {i}")
             nodes.append(self.tree.add("fixed", toks, parent, text=text if isinstance(text, str) else self.decode(
                 toks), metadata=dict(metadata[i]) if metadata else {}))
         # feed [parent's last token] + fixed[:-1] after the parent's context minus its last token
@@ -361,15 +364,17 @@ class TreeEngine:
             return []
         stop_spec = Stop.parse(stop, self.eos_ids)
         for p in parents:
-            self._check_context(p.context_len + max_new_tokens, f"expand: node #{p.id}")
+            self.check_context(p.context_len + max_new_tokens, f"expand: node #{p.id}")
         share = self.config.share_prefix
-        rows_per_group = n if share else 1
+        rows_per_group = (bucket(n, self.config.min_rows_bucket) if self.config.min_rows_bucket > 0 else n
+                          ) if share else 1
+        stride = rows_per_group if share else n  # row of child c of parent pi: pi * stride + c
         g_real = len(parents) if share else len(parents) * n
         groups = bucket(g_real, self.config.min_groups_bucket)
         buf = bucket(max_new_tokens, self.config.min_new_tokens_bucket)
         group_parents = list(parents) if share else [p for p in parents for _ in range(n)]
         lengths = [p.context_len - 1 for p in group_parents]
-        prefix_kv, prefix_mask = self._prefix_batch(group_parents, lengths, groups)
+        prefix_kv, prefix_mask = self.prefix_batch(group_parents, lengths, groups)
         r = groups * rows_per_group
         first = np.full((r,), self.pad_id, np.int32)
         active = np.zeros((r,), bool)
@@ -379,11 +384,12 @@ class TreeEngine:
             self._expansions[p.id] = e + 1
             base = jax.random.fold_in(jax.random.fold_in(self._key, p.id), e)
             for c in range(n):
-                row = pi * n + c
+                row = pi * stride + c
                 first[row] = p.tokens[-1]
                 active[row] = True
-                keys.append(jax.random.fold_in(base, c))
-        keys.extend([self._key] * (r - len(keys)))
+                keys.append((row, jax.random.fold_in(base, c)))
+        by_row = dict(keys)
+        keys = [by_row.get(i, self._key) for i in range(r)]
         context_seen = None
         if sampling.repetition_penalty != 1.0:
             seen = np.zeros((groups, self.cfg.vocab_size), bool)
@@ -400,10 +406,10 @@ class TreeEngine:
         lens, eos_hit = np.asarray(out_len), np.asarray(hit_eos)
         result = []
         for pi, p in enumerate(parents):
-            self._complete(p, suffix, pi * n, 0)
+            self._complete(p, suffix, pi * stride, 0)
             kids = []
             for c in range(n):
-                row = pi * n + c
+                row = pi * stride + c
                 length = int(lens[row])
                 tokens = toks[row, :length].tolist()
                 reason = "eos" if eos_hit[row] else "length"

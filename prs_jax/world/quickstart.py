@@ -71,9 +71,10 @@ def smoke_config(**overrides: Any) -> QuickstartConfig:
                                **overrides)
 
 
-def _engine(model, tok, seed: int) -> TreeEngine:
+def _engine(model, tok, seed: int, rows: int) -> TreeEngine:
+    # every expansion padded to `rows` children per parent: one decode program serves all budgets N
     return TreeEngine(model, tok, seed=seed, config=EngineConfig(min_prefix_bucket=64, min_new_tokens_bucket=32,
-                                                                 min_extend_bucket=32))
+                                                                 min_extend_bucket=32, min_rows_bucket=rows))
 
 
 def _mean_se(xs: Sequence[float]) -> tuple[float, float]:
@@ -103,7 +104,7 @@ def compare_methods(built: BuiltWorld, cfg: QuickstartConfig, items: list[Prompt
                                                 feedback_max_new_tokens=cfg.feedback_max_new_tokens)
             else:
                 strategy = BestOfN(n=n, variant=method, sampling=sampling, max_new_tokens=cfg.max_new_tokens)
-            results = strategy.run(items, _engine(policy, tok, cfg.seed), proxy)
+            results = strategy.run(items, _engine(policy, tok, cfg.seed, max(cfg.budgets)), proxy)
             gold = [gold_reward(r.item.prompt, r.selected.text, r.item.preference) for r in results]
             mean, se = _mean_se(gold)
             timings[f"{method}_{n}"] = time.perf_counter() - t0
@@ -119,7 +120,7 @@ def world_checks(built: BuiltWorld, cfg: QuickstartConfig, items: list[PromptIte
     """Spread of the policy's samples, and refinement after the true feedback vs after no feedback."""
     tok = load_tokenizer(built.policy)
     policy = load_causal_lm(built.policy)
-    engine = _engine(policy, tok, cfg.seed + 1)
+    engine = _engine(policy, tok, cfg.seed + 1, cfg.check_samples)
     sampling = SamplingParams(temperature=cfg.temperature)
     k = cfg.check_samples
     roots = engine.add_prompts([[{"role": "user", "content": f"{it.prompt}\n\n{it.preference}"}] for it in items])

@@ -49,8 +49,8 @@ def test_seed_determines_tree_independent_of_batching(model_tok):
     prompts = ["one two three", "four five", "six"]
     params = SamplingParams(temperature=1.2, top_p=0.95)
 
-    def run(batches, seed=3, share=True):
-        eng = TreeEngine(model, tok, seed=seed, config=EngineConfig(share_prefix=share))
+    def run(batches, seed=3, share=True, min_rows=0):
+        eng = TreeEngine(model, tok, seed=seed, config=EngineConfig(share_prefix=share, min_rows_bucket=min_rows))
         roots = eng.add_prompts(prompts)
         out = {}
         for b in batches:
@@ -62,6 +62,7 @@ def test_seed_determines_tree_independent_of_batching(model_tok):
     assert together == run([[2], [0, 1]])  # batching does not change the tree
     assert together == run([[0, 1, 2]], share=False)  # copied-prefix path: same samples
     assert together != run([[0, 1, 2]], seed=4)
+    assert together == run([[0, 2], [1]], min_rows=8)  # children padded to 8 rows per parent: same samples
 
 
 def test_greedy_engine_matches_transformers_generate(model_tok, llama_dir, hf_ref):
