@@ -80,6 +80,9 @@ class Generation:
     rm_template: str = "Human: {prompt}\n\nAssistant: {response}"
     rm_include_preference: bool = True  # the RM sees x and z (per-prompt-preference setting)
     attention_impl: Literal["auto", "reference", "pallas"] = "auto"
+    # > 0: children per parent padded to a power of two >= this (EngineConfig.min_rows_bucket): fewer compiled
+    # decode programs across layer widths, at the cost of inactive padded rows
+    min_rows_bucket: int = 0
     mesh: MeshConfig | None = None  # real checkpoints: shard policy and RM over (data, fsdp, tensor)
 
     def sampling(self):
@@ -161,7 +164,7 @@ class Models:
         g = self.gen
         return TreeEngine(self.policy, self.tokenizer, seed=seed, config=EngineConfig(
             attention_impl=g.attention_impl, min_prefix_bucket=64, min_new_tokens_bucket=32, min_extend_bucket=32,
-            min_groups_bucket=g.batch_size))
+            min_groups_bucket=g.batch_size, min_rows_bucket=g.min_rows_bucket))
 
 
 def world_items(built: Any, limit: int) -> list[PromptItem]:
