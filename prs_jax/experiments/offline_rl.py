@@ -1,0 +1,361 @@
+"""Iterative offline RL with PRS-generated data (PRS paper, Ye & Ng 2024, arXiv 2408.12163; ReST-style):
+sample -> select by the proxy reward model -> retrain -> repeat, for several data generators and data kinds.
+
+Arms (`arms`, each a sampler and a data kind):
+  sampler  rand: N samples from p(. | x) (no preference in the input), prand: N samples from p(. | x, z),
+           prs: PRS with budget N (N/2 drafts, one self-feedback on the best, N/2 refinements).
+  data     sft_best: SFT on (x, z) -> the response with the highest proxy reward;
+           dpo_best_worst: DPO on (x, z) with best vs worst by the proxy reward (reference = the previous policy);
+           sft_best_refine (prs only): sft_best plus PRS's improving pairs (R(refinement) > R(draft)) written as
+           conversations in the policy's own PRS turns (draft, feedback request, feedback, refinement request,
+           refinement), so the policy keeps and sharpens the refinement skill PRS relies on.
+Every iteration samples on the same training prompts with the current policy (new random draws), trains from
+the previous iteration's policy (`run_train` sft|dpo with an export directory per iteration) and evaluates on
+held-out prompts: the greedy response's gold reward, optionally the mean gold reward of `eval.samples` samples,
+and PRS best-of-`eval.prs_n` (selection by the proxy RM, the selected response judged by the gold reward).
+With `source.kind: real` there is no gold reward: evaluation reports the reward model's scores, and says so.
+Outputs: results.json, results.md (tables per metric and iteration), offline_rl.png (curves).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from prs_jax.config import to_dict
+from prs_jax.experiments.common import Record, Source, mean_se
+from prs_jax.experiments.policy_tools import (
+    StudyEnv,
+    assistant,
+    config_digest,
+    gold_scorer,
+    proxy_scorer,
+    rescore,
+    resolve_env,
+    run_chunked,
+    user_turn,
+)
+from prs_jax.train.trainer import OptimConfig, TrainerConfig
+from prs_jax.tree.sampling import SamplingParams
+
+Sampler = Literal["rand", "prand", "prs"]
+DataKind = Literal["sft_best", "dpo_best_worst", "sft_best_refine"]
+SAMPLER_LABEL = {"rand": "Rand", "prand": "PRand", "prs": "PRS"}
+DATA_LABEL = {"sft_best": "SFT best", "dpo_best_worst": "DPO best-vs-worst", "sft_best_refine": "SFT best + refine"}
+
+
+@dataclasses.dataclass(frozen=True)
+class ArmSpec:
+    """One arm: who generates the data and what is trained on it."""
+
+    sampler: Sampler = "prs"
+    data: DataKind = "sft_best"
+
+    @property
+    def tag(self) -> str:
+        return f"{self.sampler}-{self.data}"
+
+    @property
+    def label(self) -> str:
+        return f"{SAMPLER_LABEL[self.sampler]}, {DATA_LABEL[self.data]}"
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleConfig:
+    """Data generation on the training prompts, each iteration."""
+
+    prompts: int = 64
+    n: int = 8  # sample budget per prompt
+    prs_split: float = 0.5
+    prs_depth: int = 2
+    sampling: SamplingParams = dataclasses.field(default_factory=SamplingParams)  # temperature 1 by default
+    max_new_tokens: int = 48
+    feedback_max_new_tokens: int = 48
+    chunk: int = 32  # prompts per engine call
+    min_reward: float | None = None  # ReST-style filter: keep a prompt's data only if its best proxy reward >= this
+    improving_per_prompt: int = 1  # sft_best_refine: the best this many improving pairs per prompt
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """Held-out evaluation after every iteration."""
+
+    prompts: int = 100
+    greedy: bool = True
+    samples: int = 0  # > 0: also the mean judge score of this many samples per prompt
+    prs_n: int = 4  # > 0: PRS best-of-N (proxy selection), the selected response judged
+    sampling: SamplingParams = dataclasses.field(default_factory=SamplingParams)
+    max_new_tokens: int = 48
+    feedback_max_new_tokens: int = 48
+    chunk: int = 50
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """The offline-RL study (see the module docstring); unknown keys are errors."""
+
+    source: Source = dataclasses.field(default_factory=Source)
+    out_dir: str = "runs/experiments/offline_rl"
+    work_dir: str = "runs/experiments/offline_rl/work"
+    seed: int = 0
+    iterations: int = 3
+    arms: tuple[ArmSpec, ...] = (ArmSpec("rand", "sft_best"), ArmSpec("prs", "sft_best"),
+                                 ArmSpec("rand", "dpo_best_worst"), ArmSpec("prs", "dpo_best_worst"),
+                                 ArmSpec("prs", "sft_best_refine"))
+    sample: SampleConfig = dataclasses.field(default_factory=SampleConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    sft_steps: int = 40
+    dpo_steps: int = 40
+    sft_optim: OptimConfig = dataclasses.field(
+        default_factory=lambda: OptimConfig(name="adamw", lr=1e-4, warmup_steps=4))
+    dpo_optim: OptimConfig = dataclasses.field(
+        default_factory=lambda: OptimConfig(name="rmsprop", lr=1e-4, warmup_steps=4))
+    dpo_loss: Literal["sigmoid", "ipo"] = "sigmoid"
+    beta: float = 0.1
+    trainer: TrainerConfig = dataclasses.field(
+        default_factory=lambda: TrainerConfig(batch_size=16, log_every=10, async_checkpoint=False,
+                                              tensorboard=False))
+    max_length: int = 192
+    max_prompt_length: int | None = None
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    eval_prompt_set: str = ""  # real only: a separate held-out prompt set ...
+    eval_prompts_path: str = ""  # ... and its file
+
+
+# ------------------------------------------------------------------------------------------------ sampling
+def _strategy(sampler: Sampler, n: int, cfg_like: Any, env: StudyEnv, split: float = 0.5, depth: int = 2):
+    from prs_jax.strategies.prs import PRS, BestOfN
+
+    sampling = cfg_like.sampling
+    if sampler == "prs":
+        return PRS.with_budget(n, split=split, depth=min(depth, n), sampling=sampling, templates=env.templates,
+                               max_new_tokens=cfg_like.max_new_tokens,
+                               feedback_max_new_tokens=cfg_like.feedback_max_new_tokens)
+    return BestOfN(n=n, variant=sampler, sampling=sampling, max_new_tokens=cfg_like.max_new_tokens)
+
+
+def build_rows(results, data: DataKind, env: StudyEnv, min_reward: float | None, improving_per_prompt: int,
+               gold: list[list[float]] | None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Training rows of one data kind from scored strategy results (proxy rewards on the nodes), and a summary
+    of what was selected (mean proxy reward and, in the world, mean gold reward of the kept responses)."""
+    from prs_jax.strategies.prs import improving_pairs
+
+    rows: list[dict[str, Any]] = []
+    kept_proxy, kept_gold, n_improving = [], [], 0
+    tpl = env.templates.resolved()
+    for i, r in enumerate(results):
+        # empty responses (EOS at once) are never training targets
+        ok = [j for j, c in enumerate(r.candidates) if c.text.strip()]
+        if not ok:
+            continue
+        rewards = [r.candidates[j].reward for j in ok]
+        b, w = ok[int(np.argmax(rewards))], ok[int(np.argmin(rewards))]
+        best_r = r.candidates[b].reward
+        if min_reward is not None and best_r < min_reward:
+            continue
+        if data == "dpo_best_worst":
+            if best_r == r.candidates[w].reward:
+                continue
+            rows.append({"id": r.item.id, "prompt": user_turn(r.item), "chosen": assistant(r.candidates[b].text),
+                         "rejected": assistant(r.candidates[w].text)})
+        else:
+            rows.append({"id": r.item.id, "kind": "best",
+                         "messages": user_turn(r.item) + assistant(r.candidates[b].text)})
+        kept_proxy.append(best_r)
+        if gold is not None:
+            kept_gold.append(gold[i][b])
+        if data == "sft_best_refine":
+            pairs = [p for p in improving_pairs(r) if p["draft"].strip() and p["refinement"].strip()
+                     and (p["feedback"] is None or p["feedback"].strip())]
+            pairs = sorted(pairs, key=lambda p: -p["refinement_reward"])[:improving_per_prompt]
+            for p in pairs:
+                z = p["preference"] or ""
+                if p["feedback"] is not None:
+                    turns = [{"role": "user", "content": tpl.feedback_turn.format(preference=z)},
+                             *assistant(p["feedback"]), {"role": "user", "content": tpl.refine_turn}]
+                else:
+                    turns = [{"role": "user", "content": tpl.refine_turn_no_feedback.format(preference=z)}]
+                rows.append({"id": r.item.id, "kind": "refine",
+                             "messages": user_turn(r.item) + assistant(p["draft"]) + turns
+                             + assistant(p["refinement"])})
+                n_improving += 1
+    summary = {"rows": len(rows), "prompts_kept": len(kept_proxy), "improving_pairs": n_improving,
+               "selected_proxy_mean": float(np.mean(kept_proxy)) if kept_proxy else float("nan")}
+    if gold is not None:
+        summary["selected_gold_mean"] = float(np.mean(kept_gold)) if kept_gold else float("nan")
+    return rows, summary
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+def evaluate_policy(env: StudyEnv, cfg: Config, model, tok, rm, judge, items) -> dict[str, Any]:
+    """Judge scores of the policy on held-out prompts: greedy, sampled mean, PRS best-of-N (proxy selection)."""
+    ec = cfg.eval
+    out: dict[str, Any] = {}
+    seed = cfg.seed + 17  # the same engine seed for every policy: common random numbers across arms
+    if ec.greedy:
+        res = run_chunked(_strategy("greedy", 1, ec, env), items, model, tok, judge, seed, ec.chunk, "eval greedy")
+        out["greedy"] = mean_se([r.candidates[0].reward for r in res])
+    if ec.samples > 0:
+        res = run_chunked(_strategy("prand", ec.samples, ec, env), items, model, tok, judge, seed, ec.chunk,
+                          "eval samples")
+        out["sampled"] = mean_se([float(np.mean([c.reward for c in r.candidates])) for r in res])
+    if ec.prs_n > 0:
+        res = run_chunked(_strategy("prs", ec.prs_n, ec, env), items, model, tok, rm, seed, ec.chunk, "eval PRS")
+        sel = [(r.item, r.selected.text) for r in res]
+        scores = judge([it.prompt for it, _ in sel], [t for _, t in sel], [it.preference for it, _ in sel])
+        out[f"prs_bo{ec.prs_n}"] = mean_se(scores)
+    return out
+
+
+def _metric_names(cfg: Config) -> list[str]:
+    return ((["greedy"] if cfg.eval.greedy else []) + (["sampled"] if cfg.eval.samples > 0 else [])
+            + ([f"prs_bo{cfg.eval.prs_n}"] if cfg.eval.prs_n > 0 else []))
+
+
+# ------------------------------------------------------------------------------------------------ study
+def run(cfg: Config, console: Any = None) -> dict[str, Any]:
+    """Run the study; returns the result record (also written to out_dir)."""
+    from rich.console import Console
+
+    from prs_jax.data.io import write_jsonl
+    from prs_jax.models import load_causal_lm, load_tokenizer
+    from prs_jax.train.run import DataConfig, LossConfig, TrainRunConfig, run_train
+
+    console = console or Console()
+    if not cfg.arms:
+        raise ValueError("offline_rl: `arms` is empty; list at least one {sampler, data}.")
+    bad = [a.tag for a in cfg.arms if a.data == "sft_best_refine" and a.sampler != "prs"]
+    if bad:
+        raise ValueError(f"offline_rl: arms {bad}: data 'sft_best_refine' needs PRS improving pairs; use sampler "
+                         "prs for it.")
+    if cfg.iterations < 1:
+        raise ValueError(f"offline_rl: iterations must be >= 1 (got {cfg.iterations}).")
+    rec = Record("offline_rl", cfg, cfg.out_dir, cfg.seed)
+    work = Path(cfg.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    env = resolve_env(cfg.source, cfg.sample.prompts, cfg.eval.prompts, console, cfg.eval_prompt_set,
+                      cfg.eval_prompts_path)
+    tok = load_tokenizer(env.policy)
+    rm = proxy_scorer(env, tok)
+    gold = gold_scorer(env)
+    judge = gold or rm
+    judge_name = "gold reward" if gold is not None else "reward model (no gold reward on real checkpoints)"
+    heldout = env.heldout_items[:cfg.eval.prompts]
+    train_items = env.train_items[:cfg.sample.prompts]
+    sc = cfg.sample
+
+    t0 = time.perf_counter()
+    start_eval = evaluate_policy(env, cfg, load_causal_lm(env.policy, dtype=env.dtype), tok, rm, judge, heldout)
+    console.print(f"offline_rl: starting policy: {_fmt(start_eval)} ({time.perf_counter() - t0:.0f} s)",
+                  markup=False)
+    arms_out: dict[str, dict[str, Any]] = {}
+    sample_cache: dict[tuple[str, str, int], tuple[list, list[list[float]] | None]] = {}
+    for arm in cfg.arms:
+        policy_dir = Path(env.policy)
+        iters: list[dict[str, Any]] = [{"iteration": 0, "eval": start_eval}]
+        for it in range(1, cfg.iterations + 1):
+            t_it = time.perf_counter()
+            model = load_causal_lm(policy_dir, dtype=env.dtype)
+            key = (arm.sampler, str(policy_dir), it)
+            if key not in sample_cache:  # arms with the same sampler share iteration 1 (same starting policy)
+                strategy = _strategy(arm.sampler, sc.n, sc, env, sc.prs_split, sc.prs_depth)
+                results = run_chunked(strategy, train_items, model, tok, rm, cfg.seed * 1000 + it, sc.chunk,
+                                      f"{arm.tag} iter {it} sampling")
+                sample_cache[key] = (results, rescore(results, gold) if gold is not None else None)
+            results, gold_scores = sample_cache[key]
+            t_sample = time.perf_counter() - t_it
+            rows, summary = build_rows(results, arm.data, env, sc.min_reward, sc.improving_per_prompt, gold_scores)
+            if not rows:
+                raise ValueError(f"offline_rl: arm {arm.tag} iteration {it} selected no data (min_reward "
+                                 f"{sc.min_reward}); lower sample.min_reward.")
+            data_file = write_jsonl(work / arm.tag / f"iter{it}" / "data.jsonl", rows)
+            task = "dpo" if arm.data == "dpo_best_worst" else "sft"
+            base = TrainRunConfig(
+                model=str(policy_dir), dtype=cfg.dtype,
+                data=DataConfig(train=str(data_file), max_length=cfg.max_length,
+                                max_prompt_length=cfg.max_prompt_length, pad_multiple=32),
+                loss=LossConfig(name=cfg.dpo_loss, beta=cfg.beta),
+                optim=cfg.dpo_optim if task == "dpo" else cfg.sft_optim,
+                trainer=dataclasses.replace(cfg.trainer, steps=cfg.dpo_steps if task == "dpo" else cfg.sft_steps,
+                                            seed=cfg.seed + it, eval_every=0),
+                precompute_ref=task == "dpo", ref_cache_dir=str(work / "ref_cache"))
+            run_dir = work / arm.tag / f"iter{it}" / f"run-{config_digest(to_dict(base), data_file)}"
+            tcfg = dataclasses.replace(base, trainer=dataclasses.replace(base.trainer, out_dir=str(run_dir)),
+                                       export_dir=str(run_dir / "policy"))
+            console.print(f"\n== {arm.label}: iteration {it}, {task} on {len(rows)} rows -> {run_dir}", markup=False)
+            t1 = time.perf_counter()
+            run_train(task, tcfg, console=console)
+            t_train = time.perf_counter() - t1
+            policy_dir = run_dir / "policy"
+            t1 = time.perf_counter()
+            ev = evaluate_policy(env, cfg, load_causal_lm(policy_dir, dtype=env.dtype), tok, rm, judge, heldout)
+            iters.append({"iteration": it, "eval": ev, "data": summary, "policy": str(policy_dir),
+                          "seconds": {"sample": t_sample, "train": t_train, "eval": time.perf_counter() - t1}})
+            console.print(f"{arm.label} iteration {it}: {_fmt(ev)}; data {summary}", markup=False)
+        arms_out[arm.tag] = {"label": arm.label, "sampler": arm.sampler, "data": arm.data, "iterations": iters}
+
+    rec.results.update(judge=judge_name, env=env.info, starting_policy=start_eval, arms=arms_out,
+                       metrics=_metric_names(cfg),
+                       setup={"train_prompts": len(train_items), "heldout_prompts": len(heldout),
+                              "n": sc.n, "eval_prs_n": cfg.eval.prs_n})
+    _report(rec, cfg, arms_out, judge_name)
+    return rec.finish(console)
+
+
+def _fmt(ev: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {m:.3f} ± {s:.3f}" for k, (m, s) in ev.items())
+
+
+def _report(rec: Record, cfg: Config, arms: dict[str, dict[str, Any]], judge: str) -> None:
+    """One table per metric (arms x iterations), a data table, the curves and the notes."""
+    names = _metric_names(cfg)
+    short = judge.split(" (")[0]
+    titles = {"greedy": f"greedy response, mean {short}", "sampled": f"mean {short} of {cfg.eval.samples} samples",
+              f"prs_bo{cfg.eval.prs_n}": f"PRS best-of-{cfg.eval.prs_n} (proxy selection), {short} of the selected"}
+    its = list(range(cfg.iterations + 1))
+    for m in names:
+        rows = [[a["label"]] + [f"{it['eval'][m][0]:.3f} ± {it['eval'][m][1]:.3f}" for it in a["iterations"]]
+                for a in arms.values()]
+        rec.table(f"Held-out {titles[m]} ({cfg.eval.prompts} prompts) by iteration",
+                  ["arm"] + [f"iter {i}" for i in its], rows)
+    data_rows = []
+    for a in arms.values():
+        for it in a["iterations"][1:]:
+            d = it["data"]
+            data_rows.append([a["label"], it["iteration"], d["rows"], d["improving_pairs"], d["selected_proxy_mean"],
+                              d.get("selected_gold_mean", float("nan")), f"{sum(it['seconds'].values()):.0f}"])
+    rec.table("Training data per iteration (selected by the proxy RM)",
+              ["arm", "iter", "rows", "improving pairs", "selected proxy reward", f"selected {short}", "seconds"],
+              data_rows)
+
+    def draw(fig):
+        axes = fig.subplots(1, len(names), squeeze=False)[0]
+        for ax, m in zip(axes, names):
+            for a in arms.values():
+                mean = [it["eval"][m][0] for it in a["iterations"]]
+                se = [it["eval"][m][1] for it in a["iterations"]]
+                style = "-" if a["sampler"] == "prs" else "--"
+                ax.errorbar(its, mean, yerr=se, marker="o", capsize=3, linestyle=style, label=a["label"])
+            ax.set_title(titles[m], fontsize=9)
+            ax.set_xlabel("iteration")
+            ax.set_xticks(its)
+            ax.set_ylabel(f"held-out {short}")
+            ax.grid(alpha=0.3)
+        axes[0].legend(fontsize=7)
+    rec.figure("offline_rl.png", draw, figsize=(5.5 * len(names), 4.2))
+    sc = cfg.sample
+    rec.notes += [
+        (f"Each iteration: {sc.prompts} training prompts, budget N={sc.n} per prompt from the current policy "
+         f"(temperature {sc.sampling.temperature:g}), selection by the proxy reward model; training from the previous "
+         f"iteration's policy: SFT {cfg.sft_steps} steps ({cfg.sft_optim.name} lr {cfg.sft_optim.lr:g}) or DPO "
+         f"{cfg.dpo_steps} steps ({cfg.dpo_loss}, beta {cfg.beta:g}, {cfg.dpo_optim.name} lr {cfg.dpo_optim.lr:g}, "
+         f"reference = the previous policy), batch {cfg.trainer.batch_size}."),
+        ("Rand samples see x only; every arm's training rows use the evaluation input (x and z), so Rand's data "
+         "are responses written without the preference, chosen by an RM that sees it."),
+        (f"Evaluation on {cfg.eval.prompts} held-out prompts judged by the {judge}; iteration 0 is the starting "
+         "policy; arms with the same sampler share iteration 1's samples (same starting policy and seed)."),
+    ]
