@@ -120,6 +120,7 @@ class Config:
         default_factory=lambda: TrainerConfig(batch_size=16, log_every=10, async_checkpoint=False,
                                               tensorboard=False))
     max_length: int = 192
+    dpo_max_length: int | None = None  # DPO pairs with precomputed references are padded to this (None: max_length)
     max_prompt_length: int | None = None
     dtype: Literal["float32", "bfloat16"] = "float32"
     eval_prompt_set: str = ""  # real only: a separate held-out prompt set ...
@@ -276,7 +277,8 @@ def run(cfg: Config, console: Any = None) -> dict[str, Any]:
             task = "dpo" if arm.data == "dpo_best_worst" else "sft"
             base = TrainRunConfig(
                 model=str(policy_dir), dtype=cfg.dtype,
-                data=DataConfig(train=str(data_file), max_length=cfg.max_length,
+                data=DataConfig(train=str(data_file),
+                                max_length=(cfg.dpo_max_length or cfg.max_length) if task == "dpo" else cfg.max_length,
                                 max_prompt_length=cfg.max_prompt_length, pad_multiple=32),
                 loss=LossConfig(name=cfg.dpo_loss, beta=cfg.beta),
                 optim=cfg.dpo_optim if task == "dpo" else cfg.sft_optim,

@@ -249,6 +249,14 @@ def pair_metrics(h: np.ndarray, h_aug: np.ndarray, beta: float, judge_diff: np.n
     return out
 
 
+def head_to_head(a: list[float], b: list[float]) -> dict[str, float]:
+    """Win / tie / lose shares of a over b (paired) and the win rate with ties counted one half (pure)."""
+    a_, b_ = np.asarray(a, float), np.asarray(b, float)
+    wr, se = win_rate(a_, b_)
+    return {"win": float((a_ > b_).mean()), "tie": float((a_ == b_).mean()), "lose": float((a_ < b_).mean()),
+            "win_rate": wr, "win_rate_se": se}
+
+
 # ------------------------------------------------------------------------------------------------ timing
 def time_losses(policy: Path, tok, rows, cfg: Config, prefix: str, work: Path) -> dict[str, dict[str, float]]:
     """Seconds per optimizer step of each base loss and its Sr-* form, interleaved round by round on the same
@@ -384,6 +392,7 @@ def run(cfg: Config, console: Any = None) -> dict[str, Any]:
     sft_flat = [s for ss in sft_scores for s in ss]
     start_metrics = pair_metrics(*log_ratio_margins(ref_logps, ref_logps), cfg.beta, None)
     results_runs: dict[str, dict[str, Any]] = {}
+    run_scores: dict[str, list[float]] = {}
 
     # 2-3. training runs and their evaluation
     for spec in cfg.runs:
@@ -409,6 +418,7 @@ def run(cfg: Config, console: Any = None) -> dict[str, Any]:
         scores = _win_samples(env, cfg, win_items, policy, tok, judge)
         flat = [s for ss in scores for s in ss]
         wr, wr_se = win_rate(flat, sft_flat)
+        run_scores[spec.tag] = flat
         g, g_se = mean_se([float(np.mean(s)) for s in scores])
         results_runs[spec.tag] = {"loss": spec.loss, "lam": spec.lam, "label": spec.label, "win_rate": wr,
                                   "win_rate_se": wr_se, "judge_mean": g, "judge_mean_se": g_se, **metrics,
@@ -419,6 +429,12 @@ def run(cfg: Config, console: Any = None) -> dict[str, Any]:
                       f"accuracy {metrics['accuracy']:.3f}, prompt-augmented {metrics['prompt_augmented_accuracy']:.3f}"
                       f", pearson {metrics.get('pearson', float('nan')):.3f}", markup=False)
         del policy
+
+    # Sr-* vs its base loss head to head (the paper's Sr-DPO vs DPO comparison), same prompts and engine seed
+    for tag, r in results_runs.items():
+        base = next((t for t, b in results_runs.items() if b["loss"] == BASE_OF[r["loss"]]), None)
+        if r["loss"] in ("sr_dpo", "sr_ipo") and base is not None:
+            r["vs_base"] = {"base": results_runs[base]["label"], **head_to_head(run_scores[tag], run_scores[base])}
 
     # 4. overhead
     overhead: dict[str, Any] = {}
@@ -454,6 +470,12 @@ def _report(rec: Record, cfg: Config, runs: dict[str, dict[str, Any]], overhead:
                     + [f"{r['train_wall_s']:.0f}"])
     rec.table(f"Held-out metrics ({pair_info['eval_pairs']} held-out pairs; win rate judged by the {judge})",
               headers, rows)
+    h2h = [r for r in runs.values() if "vs_base" in r]
+    if h2h:
+        rec.table(f"Head to head: Sr-* vs its base loss (same held-out prompts and sampling seed, {judge})",
+                  ["run", "vs", "win", "tie", "lose", "win rate (ties ½)"],
+                  [[r["label"], r["vs_base"]["base"], r["vs_base"]["win"], r["vs_base"]["tie"], r["vs_base"]["lose"],
+                    f"{r['vs_base']['win_rate']:.3f} ± {r['vs_base']['win_rate_se']:.3f}"] for r in h2h])
     if overhead:
         rec.table("Training-time overhead (median seconds per optimizer step, interleaved, same batches)",
                   ["loss", "s / step", "ratio to its base loss", "min", "max"],
@@ -464,7 +486,7 @@ def _report(rec: Record, cfg: Config, runs: dict[str, dict[str, Any]], overhead:
         axes = fig.subplots(1, 2)
         for loss, base in (("sr_dpo", "sigmoid"), ("sr_ipo", "ipo")):
             pts = [(0.0, r) for r in runs.values() if r["loss"] == base]
-            pts += sorted((r["lam"], r) for r in runs.values() if r["loss"] == loss)
+            pts += sorted(((r["lam"], r) for r in runs.values() if r["loss"] == loss), key=lambda p: p[0])
             if not pts:
                 continue
             lam = [p[0] for p in pts]

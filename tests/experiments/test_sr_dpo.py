@@ -71,5 +71,7 @@ def test_metrics():
     m = sr_dpo.pair_metrics(h, h_aug, 0.1, np.array([0.5, 0.1]))
     assert m["average_marginal"] == pytest.approx(0.5) and m["accuracy"] == 0.5
     assert m["prompt_augmented_accuracy"] == 1.0 and m["pearson"] == pytest.approx(1.0)
+    assert sr_dpo.head_to_head([1, 1, 0, 0.5], [0, 1, 1, 0.2]) == pytest.approx(
+        {"win": 0.5, "tie": 0.25, "lose": 0.25, "win_rate": 0.625, "win_rate_se": 0.2394}, abs=1e-4)
     row = sr_dpo.trl_pair({"prompt": "q", "chosen": [{"role": "user", "content": "q"}], "rejected": [], "x": 1})
     assert "prompt" not in row and "x" not in row
