@@ -112,6 +112,13 @@ def fresh_prompts(built: Any, kinds: Sequence[str], per_kind: int, seed: int, ma
     return {k: list(v.values()) for k, v in by_kind.items()}
 
 
+def proxy_gap(by_prompt: Sequence[tuple[Sequence[float], Sequence[float]]]) -> float:
+    """Mean over prompts that have both of: mean proxy score of the candidates satisfying the preference minus
+    that of the candidates not satisfying it (> 0: the proxy RM rewards the preference; NaN: no such prompt)."""
+    gaps = [float(np.mean(a) - np.mean(b)) for a, b in by_prompt if len(a) and len(b)]
+    return float(np.mean(gaps)) if gaps else float("nan")
+
+
 # ------------------------------------------------------------------------------------------------ run
 def run(cfg: Config, console: Any = None) -> dict[str, Any]:
     """Run the study, write results.json / results.md / PNG, return the record."""
@@ -155,6 +162,14 @@ def run(cfg: Config, console: Any = None) -> dict[str, Any]:
             row = _summarise(results, cfg.n, models.gold, full=False, prefix=m.kind != "prs")
             row["satisfied"] = [bool(satisfied(prefs[it.id], t)) for it, t in zip(row["_items"], row["_texts"])] \
                 if with_gold else None
+            if with_gold:  # what the policy offered and how the proxy RM ranked it
+                cand_sat = [[bool(satisfied(prefs[r.item.id], c.text)) for c in r.candidates[:cfg.n]]
+                            for r in results]
+                row["candidate_satisfied"] = [float(np.mean(cs)) for cs in cand_sat]
+                row["any_candidate_satisfied"] = [float(any(cs)) for cs in cand_sat]
+                row["_proxy_by_sat"] = [([float(c.reward) for c, ok in zip(r.candidates, cs) if ok],
+                                         [float(c.reward) for c, ok in zip(r.candidates, cs) if not ok])
+                                        for r, cs in zip(results, cand_sat)]
             per_method[m.name] = row
     key = "per_prompt_gold" if with_gold else "per_prompt_proxy"
     group_of = [it.metadata["group"] for it in items]
@@ -176,6 +191,9 @@ def run(cfg: Config, console: Any = None) -> dict[str, Any]:
             if with_gold:
                 e["gold"], e["gold_se"] = mean_se(pick(row["per_prompt_gold"], group))
                 e["satisfaction"], e["satisfaction_se"] = mean_se([float(s) for s in pick(row["satisfied"], group)])
+                e["candidate_satisfaction"], _ = mean_se(pick(row["candidate_satisfied"], group))
+                e["any_candidate_satisfied"], _ = mean_se(pick(row["any_candidate_satisfied"], group))
+                e["proxy_gap_satisfied_minus_not"] = proxy_gap(pick(row["_proxy_by_sat"], group))
             e["proxy"], e["proxy_se"] = mean_se(pick(row["per_prompt_proxy"], group))
             entry["methods"][name] = e
         results["groups"][gname] = entry
@@ -201,6 +219,13 @@ def run(cfg: Config, console: Any = None) -> dict[str, Any]:
                   ["kind", *names], [[g, *[pm(results["groups"][g]["methods"][m]["satisfaction"],
                                               results["groups"][g]["methods"][m]["satisfaction_se"])
                                            for m in names]] for g in groups_all])
+        rec.table(f"What the policy offered and how the proxy RM ranked it (the {cfg.n} candidates of each method)",
+                  ["kind", *[f"{m}: candidates satisfying" for m in names], *[f"{m}: any satisfies" for m in names],
+                  *[f"{m}: proxy gap sat - unsat" for m in names]],
+                  [[g, *[f"{results['groups'][g]['methods'][m]['candidate_satisfaction']:.2f}" for m in names],
+                    *[f"{results['groups'][g]['methods'][m]['any_candidate_satisfied']:.2f}" for m in names],
+                    *[f"{results['groups'][g]['methods'][m]['proxy_gap_satisfied_minus_not']:+.2f}" for m in names]]
+                   for g in groups_all])
         rec.table("Gold reward of the selected response (mean ± s.e.)", ["kind", *names],
                   [[g, *[pm(results["groups"][g]["methods"][m]["gold"], results["groups"][g]["methods"][m]["gold_se"])
                          for m in names]] for g in groups_all])
