@@ -356,6 +356,15 @@ class Labels:
     example_rationale: str | None = None
 
 
+def labeler_context(prompt: Any) -> Any:
+    """What the labeler sees as the context: a single user turn as its plain text (the world's judge was trained
+    on the request text itself, not on a "User: ..." transcript); longer conversations as they are (rendered as
+    turns by feedback.prompts.context_text)."""
+    if isinstance(prompt, list) and len(prompt) == 1 and prompt[0].get("role") == "user":
+        return str(prompt[0]["content"])
+    return prompt
+
+
 def label_pairs(labeler: AILabeler, pairs: Sequence[Pair], batch: int, seed: int, desc: str,
                 progress: bool = True) -> Labels:
     """Both-order soft labels of `pairs` in batches (the labeler's engine is rebuilt per batch)."""
@@ -364,7 +373,8 @@ def label_pairs(labeler: AILabeler, pairs: Sequence[Pair], batch: int, seed: int
     rationale = None
     for s in tqdm(range(0, len(pairs), batch), desc=desc, unit="batch", disable=not progress):
         chunk = pairs[s:s + batch]
-        labs = labeler.label([p.prompt for p in chunk], [p.a for p in chunk], [p.b for p in chunk], seed=seed + s)
+        labs = labeler.label([labeler_context(p.prompt) for p in chunk], [p.a for p in chunk], [p.b for p in chunk],
+                             seed=seed + s)
         for lab in labs:
             p_a.append(lab.p_a)
             q_ab.append(float(lab.ab.dist[0]))

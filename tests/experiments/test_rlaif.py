@@ -36,6 +36,15 @@ def test_bad_config_names_the_key():
         LabelerVariant("x", self_consistency=4)
 
 
+def test_labeler_context_is_the_request_text():
+    from prs_jax.experiments.rlaif import labeler_context
+
+    assert labeler_context([{"role": "user", "content": "Name three fruits."}]) == "Name three fruits."
+    convo = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}, {"role": "user",
+                                                                                          "content": "more"}]
+    assert labeler_context(convo) is convo and labeler_context("text") == "text"
+
+
 def test_pairs_skip_ties_and_alignment_metrics():
     item = PromptItem("p", "Name three fruits.", "Please leave out apple.")
     good, bad = "pear, plum, lemon.", "apple, pear, plum."
