@@ -182,6 +182,7 @@ def run(cfg: Config, console: Any = None) -> dict[str, Any]:
     def draw(fig: Any) -> None:
         axes = fig.subplots(1, 2)
         params = [per_size[s]["parameters"] for s in order]
+        colors = {m.name: f"C{i}" for i, m in enumerate(cfg.methods)}  # colour = method, line style = N
         for m in cfg.methods:
             for n, style in zip(budgets, ["--", "-", ":", "-."] * 4):
                 pts = [(p, per_size[s]["methods"][m.name][str(n)]) for p, s in zip(params, order)
@@ -190,7 +191,7 @@ def run(cfg: Config, console: Any = None) -> dict[str, Any]:
                     continue
                 ys = [1.0 - r[key] if with_gold else r[key] for _, r in pts]
                 axes[0].errorbar([p for p, _ in pts], ys, yerr=[r[f"{key}_se"] for _, r in pts], marker="o", ms=3,
-                                 capsize=2, linestyle=style, label=f"{m.name} N={n}")
+                                 capsize=2, linestyle=style, color=colors[m.name], label=f"{m.name} N={n}")
         axes[0].set_xscale("log")
         if with_gold:
             axes[0].set_yscale("log")
@@ -202,7 +203,7 @@ def run(cfg: Config, console: Any = None) -> dict[str, Any]:
                 gains = [paired_gain(per_size[s]["methods"][o][str(n)][f"per_prompt_{key}"],
                                      per_size[s]["methods"][base][str(n)][f"per_prompt_{key}"]) for s in order]
                 axes[1].errorbar(params, [g[0] for g in gains], yerr=[g[1] for g in gains], marker="o", ms=3,
-                                 capsize=2, linestyle=style, label=f"{o} - {base} N={n}")
+                                 capsize=2, linestyle=style, color=colors[o], label=f"{o} - {base} N={n}")
         axes[1].axhline(0.0, color="k", lw=0.8)
         axes[1].set_xscale("log")
         axes[1].set_xlabel("policy parameters")
