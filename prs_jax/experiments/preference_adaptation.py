@@ -119,6 +119,21 @@ def proxy_gap(by_prompt: Sequence[tuple[Sequence[float], Sequence[float]]]) -> f
     return float(np.mean(gaps)) if gaps else float("nan")
 
 
+def feedback_names_unmet(prompt: Any, result: Any) -> bool | None:
+    """For a PRS tree on a single-preference world prompt: None when the best first-layer draft (by the proxy)
+    already satisfies the preference; else whether the first self-feedback names it with the bullet the world's
+    teacher uses for that issue (prs_jax.world.corpus.issue_text, e.g. "- add plum")."""
+    from prs_jax.world.corpus import issue_text
+    from prs_jax.world.task import satisfied
+
+    pref = prompt.prefs[0]
+    best = max(result.layers[0], key=lambda c: c.reward)  # first maximum, as the strategy picks
+    if satisfied(pref, best.text):
+        return None
+    fbs = result.info.get("feedback_texts") or [""]
+    return issue_text(prompt, pref.kind + (f":{pref.item}" if pref.item else "")) in fbs[0]
+
+
 # ------------------------------------------------------------------------------------------------ run
 def run(cfg: Config, console: Any = None) -> dict[str, Any]:
     """Run the study, write results.json / results.md / PNG, return the record."""
@@ -136,6 +151,7 @@ def run(cfg: Config, console: Any = None) -> dict[str, Any]:
         groups = fresh_prompts(models.world, cfg.kinds, cfg.prompts_per_kind, cfg.seed)
         items = [PromptItem(p.id, p.x, p.z, metadata={"group": kind}) for kind, ps in groups.items() for p in ps]
         prefs = {p.id: p.prefs[0] for ps in groups.values() for p in ps}
+        prompt_of = {p.id: p for ps in groups.values() for p in ps}
     else:
         items = real_items(cfg.source, cfg.max_prompts, preference_column="preference")
         missing = [it.id for it in items if cfg.group_column not in it.metadata]
@@ -170,6 +186,8 @@ def run(cfg: Config, console: Any = None) -> dict[str, Any]:
                 row["_proxy_by_sat"] = [([float(c.reward) for c, ok in zip(r.candidates, cs) if ok],
                                          [float(c.reward) for c, ok in zip(r.candidates, cs) if not ok])
                                         for r, cs in zip(results, cand_sat)]
+                if m.kind == "prs" and m.feedback:
+                    row["_feedback"] = [feedback_names_unmet(prompt_of[r.item.id], r) for r in results]
             per_method[m.name] = row
     key = "per_prompt_gold" if with_gold else "per_prompt_proxy"
     group_of = [it.metadata["group"] for it in items]
@@ -194,6 +212,10 @@ def run(cfg: Config, console: Any = None) -> dict[str, Any]:
                 e["candidate_satisfaction"], _ = mean_se(pick(row["candidate_satisfied"], group))
                 e["any_candidate_satisfied"], _ = mean_se(pick(row["any_candidate_satisfied"], group))
                 e["proxy_gap_satisfied_minus_not"] = proxy_gap(pick(row["_proxy_by_sat"], group))
+                if "_feedback" in row:
+                    fb = [x for x in pick(row["_feedback"], group) if x is not None]
+                    e["best_draft_misses_preference"] = len(fb)
+                    e["feedback_names_unmet_preference"] = float(np.mean(fb)) if fb else float("nan")
             e["proxy"], e["proxy_se"] = mean_se(pick(row["per_prompt_proxy"], group))
             entry["methods"][name] = e
         results["groups"][gname] = entry
@@ -226,6 +248,14 @@ def run(cfg: Config, console: Any = None) -> dict[str, Any]:
                     *[f"{results['groups'][g]['methods'][m]['any_candidate_satisfied']:.2f}" for m in names],
                     *[f"{results['groups'][g]['methods'][m]['proxy_gap_satisfied_minus_not']:+.2f}" for m in names]]
                    for g in groups_all])
+        fb_methods = [m for m in names if "feedback_names_unmet_preference" in results["groups"]["all"]["methods"][m]]
+        if fb_methods:
+            rec.table("PRS self-feedback: when the best draft misses the preference, does the feedback name it?",
+                      ["kind", *[f"{m}: best draft misses (prompts)" for m in fb_methods],
+                       *[f"{m}: feedback names it" for m in fb_methods]],
+                      [[g, *[results["groups"][g]["methods"][m]["best_draft_misses_preference"] for m in fb_methods],
+                        *[f"{results['groups'][g]['methods'][m]['feedback_names_unmet_preference']:.2f}"
+                          for m in fb_methods]] for g in groups_all])
         rec.table("Gold reward of the selected response (mean ± s.e.)", ["kind", *names],
                   [[g, *[pm(results["groups"][g]["methods"][m]["gold"], results["groups"][g]["methods"][m]["gold_se"])
                          for m in names]] for g in groups_all])

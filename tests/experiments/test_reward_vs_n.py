@@ -1,0 +1,69 @@
+"""reward_vs_n: the smoke config end to end on the session's smoke world, the typed configs, the pure helpers."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from prs_jax.config import load_config
+from prs_jax.experiments import reward_vs_n as rvn
+from prs_jax.experiments import run_experiment
+
+CONFIGS = Path(__file__).parents[2] / "experiments" / "configs" / "reward_vs_n"
+
+
+@pytest.mark.parametrize("name", ["smoke", "cpu", "full"])
+def test_configs_load(name):
+    cfg = load_config(rvn.Config, CONFIGS / f"{name}.yaml")
+    assert cfg.methods and cfg.budgets
+    if name == "full":
+        assert cfg.source.kind == "real" and cfg.generation.mesh is not None
+
+
+def test_unknown_key_is_an_error():
+    with pytest.raises(Exception, match="unknown key"):
+        load_config(rvn.Config, CONFIGS / "smoke.yaml", ["generation.temprature=0.5"])
+
+
+def test_method_widths():
+    assert rvn.Method("a", "prs", split=0.25).widths(16) == (4, 12)
+    assert rvn.Method("a", "prs", split=0.75).widths(16) == (12, 4)
+    assert rvn.Method("a", "prs", split=1 / 3, depth=3).widths(64) == (21, 22, 21)
+    assert rvn.Method("a", "prs", depth=3).widths(2) is None  # too small a budget for three layers
+    assert rvn.Method("a", "rand").widths(16) is None
+
+
+def test_paired_gain_and_histogram():
+    m, se = rvn.paired_gain([1.0, 0.5, 0.75], [0.5, 0.5, 0.25])
+    assert m == pytest.approx(1 / 3) and se == pytest.approx(np.std([0.5, 0.0, 0.5], ddof=1) / np.sqrt(3))
+    h = rvn.histogram([0.0, 0.5, 1.0, 1.0], bins=4)
+    assert h["counts"] == [1, 0, 1, 2] and len(h["edges"]) == 5
+
+
+def test_smoke_end_to_end(smoke_world_root, tmp_path):
+    out = tmp_path / "rvn"
+    rec = run_experiment("reward_vs_n", CONFIGS / "smoke.yaml",
+                         [f"source.world.root={smoke_world_root}", f"out_dir={out}"])
+    saved = json.loads((out / "results.json").read_text())
+    for key in ("config", "git_commit", "seed", "versions", "wall_seconds"):
+        assert key in saved and saved[key] is not None, key
+    assert saved["config"]["budgets"] == [2, 4] and saved["seed"] == 0
+    res = saved["results"]
+    cfg = load_config(rvn.Config, CONFIGS / "smoke.yaml")
+    assert set(res["methods"]) == {m.name for m in cfg.methods}
+    for name, rows in res["methods"].items():
+        expect = {"2", "4"} if name != "PRS depth 3" else {"4"}  # depth 3 needs N >= 3
+        assert set(rows) == expect, name
+        for row in rows.values():
+            assert 0.0 <= row["gold"] <= row["oracle_gold"] <= 1.0
+            assert len(row["per_prompt_gold"]) == res["prompts"] == 4
+            assert np.isfinite(row["proxy"])
+    assert res["skipped"] == ["PRS depth 3 at N=2 (needs N >= depth = 3)"]
+    dist = res["distribution_at_max_n"]["Rand"]
+    assert sum(dist["candidates_gold"]["counts"]) == 4 * 4 and sum(dist["selected_gold"]["counts"]) == 4
+    for png in ("reward_vs_n.png", "reward_distribution.png"):
+        assert (out / png).stat().st_size > 0
+    md = (out / "results.md").read_text()
+    assert "Gold reward of the response selected" in md and "Oracle" in md
+    assert rec["results"]["policy_parameters"] > 0
