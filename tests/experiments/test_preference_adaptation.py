@@ -59,3 +59,20 @@ def test_smoke_end_to_end(smoke_world_root, tmp_path):
         assert "feedback_names_unmet_preference" not in group["methods"]["Rand"]
     assert (out / "preference_adaptation.png").stat().st_size > 0
     assert "Win rate at N=4" in (out / "results.md").read_text()
+
+
+def test_real_source_groups_by_column(smoke_world, tmp_path):
+    """source.kind=real: prompts grouped by `group_column`, win rates judged by the reward model."""
+    rows = smoke_world.heldout()[:4]
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": r["prompt"], "preference": r["preference"],
+                                           "category": "a" if i % 2 else "b"}) + "\n" for i, r in enumerate(rows)))
+    out = tmp_path / "real"
+    run_experiment("preference_adaptation", CONFIGS / "smoke.yaml", [
+        "source.kind=real", f"source.real.policy={smoke_world.policy}",
+        f"source.real.reward_model={smoke_world.reward_model}", "source.real.prompt_set=generic",
+        f"source.real.prompts_path={prompts}", "source.real.dtype=float32", f"out_dir={out}"])
+    res = json.loads((out / "results.json").read_text())["results"]
+    assert set(res["groups"]) == {"a", "b", "all"} and res["judge"].startswith("reward model")
+    assert res["groups"]["a"]["prompts"] == 2
+    assert "satisfaction" not in res["groups"]["all"]["methods"]["PRS"]

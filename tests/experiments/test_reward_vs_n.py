@@ -67,3 +67,24 @@ def test_smoke_end_to_end(smoke_world_root, tmp_path):
     md = (out / "results.md").read_text()
     assert "Gold reward of the response selected" in md and "Oracle" in md
     assert rec["results"]["policy_parameters"] > 0
+
+
+def test_real_source_reports_the_rm_only(smoke_world, tmp_path):
+    """source.kind=real (here the smoke world's checkpoints as if they were HF downloads): no gold reward; the RM
+    score is reported and the selections are written as AlpacaEval outputs files."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": r["id"], "prompt": r["prompt"], "preference": r["preference"]}) + "\n"
+                               for r in smoke_world.heldout()[:2]))
+    out = tmp_path / "real"
+    run_experiment("reward_vs_n", CONFIGS / "smoke.yaml", [
+        "source.kind=real", f"source.real.policy={smoke_world.policy}",
+        f"source.real.reward_model={smoke_world.reward_model}", "source.real.prompt_set=generic",
+        f"source.real.prompts_path={prompts}", "source.real.dtype=float32", f"out_dir={out}", "budgets=[2]",
+        "methods=[{name: Rand, kind: rand}, {name: PRS, kind: prs}]"])
+    res = json.loads((out / "results.json").read_text())["results"]
+    assert res["source"] == "real" and res["prompts"] == 2
+    row = res["methods"]["PRS"]["2"]
+    assert "gold" not in row and np.isfinite(row["proxy"])
+    outputs = json.loads((out / "outputs" / "PRS-N2.json").read_text())
+    assert [o["instruction"] for o in outputs] == [r["prompt"] for r in smoke_world.heldout()[:2]]
+    assert "no gold reward" in (out / "results.md").read_text()
