@@ -92,8 +92,8 @@ def test_real_source_path(smoke_world, tmp_path):
     rec = run_experiment("rlaif", CONFIGS / "smoke.yaml", [
         "source.kind=real", f"source.real.policy={smoke_world.policy}", f"out_dir={out}", "progress=false",
         f"real.pairs={smoke_world.data / 'rm_eval.jsonl'}", "real.max_pairs=8", "align_pairs=8",
-        "variants=[{name: world}]", "a2c.enabled=false"])
+        "variants=[{name: world}]", "rm.steps=1", "a2c.enabled=false"])
     res = rec["results"]
     assert res["data"]["pairs"] == 8 and 0 < res["data"]["share_a_preferred"] < 1  # shown in random order
-    assert set(res["reward_models"]) == {"ai", "human", "untrained"}
+    assert set(res["reward_models"]) == {"ai", "human", "untrained"}  # no proxy RM given: no proxy row
     assert any("no gold reward" in n for n in rec["notes"])
