@@ -8,13 +8,29 @@ import subprocess
 import sys
 from pathlib import Path
 
-from prs_jax.cli import main
+import pytest
+
+from prs_jax.cli import build_parser, main, parse_args
 
 
 def test_help_lists_subcommands(capsys):
     proc = subprocess.run([sys.executable, "-m", "prs_jax.cli", "--help"], capture_output=True, text=True)
     assert proc.returncode == 0
     assert "info" in proc.stdout and "quickstart" in proc.stdout
+
+
+def test_overrides_after_options_are_overrides():
+    parser = build_parser()
+    args = parse_args(parser, ["world", "build", "--preset", "smoke", "sft_steps=10", "policy.hidden_size=64"])
+    assert args.preset == "smoke" and args.overrides == ["sft_steps=10", "policy.hidden_size=64"]
+    args = parse_args(parser, ["world", "build", "rm_steps=2", "--force", "sft_steps=3"])
+    assert args.force and args.overrides == ["rm_steps=2", "sft_steps=3"]
+    args = parse_args(parser, ["experiment", "scaling", "cfg.yaml", "seed=1"])
+    assert args.overrides == ["seed=1"]
+    with pytest.raises(SystemExit):
+        parse_args(parser, ["world", "build", "--preset", "smoke", "--no-such-flag"])
+    with pytest.raises(SystemExit):
+        parse_args(parser, ["info", "ckpt", "stray"])  # info takes no overrides
 
 
 def test_info_on_fixture_checkpoint(llama_dir, make_checkpoint, capsys, monkeypatch):

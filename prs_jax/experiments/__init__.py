@@ -25,4 +25,7 @@ def run_experiment(name: str, config: str | Path | None, overrides: Sequence[str
             raise ValueError(f"study {name!r} is listed but not implemented yet (prs_jax/experiments/{name}.py).")
         raise
     cfg = load_config(module.Config, config, overrides)
+    from prs_jax.experiments.common import preflight
+
+    preflight(cfg, config)
     return module.run(cfg, console)

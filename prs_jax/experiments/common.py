@@ -56,6 +56,49 @@ class Source:
     real: RealSpec = RealSpec()
 
 
+# config keys whose string values name local files or checkpoint directories in `source.kind: real` studies
+PATH_KEYS = frozenset({"policy", "reward_model", "prompts_path", "eval_prompts_path", "train_file", "eval_file",
+                       "pairs", "labeler", "exemplars", "model", "embedder_model"})
+
+
+def missing_paths(cfg: Any) -> list[tuple[str, str]]:
+    """(dotted key, path) of every path-valued config entry that does not exist (pure walk of the config)."""
+    out: list[tuple[str, str]] = []
+
+    def walk(v: Any, key: str) -> None:
+        if isinstance(v, dict):
+            for k, x in v.items():
+                name = f"{key}.{k}" if key else str(k)
+                if k in PATH_KEYS and isinstance(x, str) and x:
+                    if not Path(x).expanduser().exists():
+                        out.append((name, x))
+                else:
+                    walk(x, name)
+        elif isinstance(v, (list, tuple)):
+            for i, x in enumerate(v):
+                walk(x, f"{key}[{i}]")
+
+    walk(to_dict(cfg), "")
+    return out
+
+
+def preflight(cfg: Any, config_path: str | Path | None = None) -> None:
+    """Before a study on real checkpoints starts, fail at once (not hours in) if a checkpoint or data path is
+    missing, naming every one."""
+    source = getattr(cfg, "source", None)
+    if source is None or getattr(source, "kind", "world") != "real":
+        return
+    missing = missing_paths(cfg)
+    if missing:
+        where = f" in {config_path}" if config_path else ""
+        lines = "\n".join(f"  {k}: {p}" for k, p in missing)
+        raise FileNotFoundError(
+            f"{len(missing)} path(s){where} do not exist (relative paths are read from {Path.cwd()}):\n{lines}\n"
+            "Put the HF checkpoint directories (config.json, *.safetensors, tokenizer files) and data files there "
+            "(experiments/README.md, 'Full configs', lists what each study needs), or override a key on the "
+            "command line: prs-jax experiment NAME CONFIG source.real.policy=/my/ckpt ...")
+
+
 def build_world_from(spec: WorldSpec, console: Any = None):
     """Build or reuse the world of `spec` (prs_jax.world.build)."""
     from prs_jax.config import apply_overrides, from_dict
@@ -66,6 +109,14 @@ def build_world_from(spec: WorldSpec, console: Any = None):
         cfg = from_dict(WorldConfig, apply_overrides(to_dict(cfg), [f"{k}={json.dumps(v)}" for k, v in
                                                                      spec.overrides.items()]))
     return build_world(cfg, root=spec.root, console=console)
+
+
+def param_count(model: Any) -> int:
+    """Number of parameters (nnx.Param leaves) of a Flax NNX model."""
+    import jax
+    from flax import nnx
+
+    return int(sum(int(x.size) for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
 
 
 def git_commit() -> str | None:

@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from prs_jax.experiments.common import Record, Source, build_world_from, mean_se
+from prs_jax.experiments.common import Record, Source, build_world_from, mean_se, param_count
 from prs_jax.models.sharding import MeshConfig
 from prs_jax.strategies.base import PromptItem, StrategyResult
 
@@ -153,10 +153,7 @@ class Models:
 
     def param_count(self) -> int:
         """Number of policy parameters."""
-        import jax
-        from flax import nnx
-
-        return int(sum(int(x.size) for x in jax.tree.leaves(nnx.state(self.policy, nnx.Param))))
+        return param_count(self.policy)
 
     def engine(self, seed: int):
         from prs_jax.tree.engine import EngineConfig, TreeEngine

@@ -1,13 +1,19 @@
-"""Scaling: reward vs N across policy sizes. Each size is its own synthetic-world build (the policy pretrained
-with the same corpus, steps and learning rate; only its Llama dimensions differ, via WorldSpec overrides), or
-on accelerators a real checkpoint (the Pythia suite). For every size the reward-vs-N measurement of
-`prs_jax.experiments.reward_vs_n` runs on the same held-out prompts; the plots are log-log (1 - gold reward of
-the selected response) against the policy's parameter count, per method and N, and the gain of PRS over Rand.
+"""Scaling: reward vs N and Sr-DPO vs DPO across policy sizes. Each size is its own synthetic-world build (the
+policy pretrained with the same corpus, steps and learning rate; only its Llama dimensions differ, via
+WorldSpec overrides), or on accelerators a real checkpoint (the Pythia suite). `parts` chooses what runs per size:
+
+- reward_vs_n: the measurement of `prs_jax.experiments.reward_vs_n` on the same held-out prompts for every size;
+  log-log plot of (1 - gold reward of the selected response) against the policy's parameter count, per method
+  and N, and the paired gain over the first method (Rand).
+- sr_dpo: the study of `prs_jax.experiments.sr_dpo` (config `sr_dpo`; its source, out_dir, work_dir and seed
+  are set per size) from each size's SFT policy: pairs sampled from that policy, the listed runs (default DPO
+  and Sr-DPO) trained from it; log-log plot of (1 - mean gold reward of the policy's samples) against parameters
+  for the SFT start and every run, win rates vs SFT and the Sr-* vs base head-to-head per size.
 
 The proxy reward model is FIXED across sizes by default (`rm: fixed`: the reward model of `source`, i.e. the
 reference world or `source.real.reward_model`), so that only the policy scales, as when one RM (UltraRM) judges
 every policy; `rm: per_size` uses each size's own world RM instead (which is initialised from and as large as
-that policy). The Sr-DPO part of the scaling study is `prs_jax.experiments.sr_dpo`'s business.
+that policy).
 """
 
 from __future__ import annotations
@@ -16,10 +22,12 @@ import dataclasses
 import gc
 import math
 import time
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
+from prs_jax.experiments import sr_dpo
 from prs_jax.experiments.common import Record, Source, build_world_from
 from prs_jax.experiments.reward_vs_n import (
     DEFAULT_METHODS,
@@ -52,9 +60,17 @@ DEFAULT_SIZES: tuple[Size, ...] = (
 )
 
 
+Part = Literal["reward_vs_n", "sr_dpo"]
+
+
+def _default_sr_dpo() -> sr_dpo.Config:
+    return sr_dpo.Config(runs=(sr_dpo.RunSpec("sigmoid"), sr_dpo.RunSpec("sr_dpo", 0.5)), timing_steps=0,
+                         work_dir="runs/experiments/scaling/sr_dpo_work")
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """The scaling study (reward vs N per policy size)."""
+    """The scaling study (reward vs N and / or Sr-DPO per policy size)."""
 
     source: Source = dataclasses.field(default_factory=Source)
     out_dir: str = "runs/experiments/scaling"
@@ -66,17 +82,31 @@ class Config:
     methods: tuple[Method, ...] = (DEFAULT_METHODS[0], DEFAULT_METHODS[1], DEFAULT_METHODS[3])
     generation: Generation = dataclasses.field(default_factory=Generation)
     reuse_samples: bool = True
+    parts: tuple[Part, ...] = ("reward_vs_n",)
+    sr_dpo: sr_dpo.Config = dataclasses.field(default_factory=_default_sr_dpo)  # source/out_dir/work_dir/seed: per size
+
+
+def _size_source(cfg: Config, size: Size) -> Source:
+    """The study's source with this size's world overrides merged in (world) or its policy directory (real)."""
+    if cfg.source.kind == "world":
+        return dataclasses.replace(cfg.source, world=dataclasses.replace(
+            cfg.source.world, overrides={**cfg.source.world.overrides, **size.overrides}))
+    real = cfg.source.real
+    if not size.policy:
+        raise ValueError(f"sizes[{size.name}].policy: empty; give the policy checkpoint directory of this size.")
+    rm_dir = size.reward_model if (cfg.rm == "per_size" and size.reward_model) else real.reward_model
+    return dataclasses.replace(cfg.source, real=dataclasses.replace(real, policy=size.policy, reward_model=rm_dir))
 
 
 def _size_models(cfg: Config, size: Size, ref: Any, console: Any) -> tuple[Models, dict[str, Any]]:
     """Models for one size (building its world if needed) and facts about the build."""
-    if cfg.source.kind == "world":
+    src = _size_source(cfg, size)
+    if src.kind == "world":
         from prs_jax.world.corpus import world_templates
         from prs_jax.world.task import gold_reward
 
-        spec = dataclasses.replace(cfg.source.world, overrides={**cfg.source.world.overrides, **size.overrides})
         t0 = time.perf_counter()
-        built = build_world_from(spec, console)
+        built = build_world_from(src.world, console)
         seconds = time.perf_counter() - t0
         rm_dir = ref.reward_model if cfg.rm == "fixed" else built.reward_model
         models = Models(built.policy, rm_dir, cfg.generation, gold=gold_reward, templates=world_templates(),
@@ -85,28 +115,81 @@ def _size_models(cfg: Config, size: Size, ref: Any, console: Any) -> tuple[Model
                  "build_seconds_this_run": seconds, "build_timings": built.report.get("timings"),
                  "sft_eval_loss": (built.report.get("sft_eval") or {}).get("loss"),
                  "own_rm_heldout_accuracy": built.report.get("rm_heldout_accuracy"), "rm_dir": str(rm_dir),
-                 "overrides": spec.overrides}
+                 "overrides": src.world.overrides}
         return models, facts
-    real = cfg.source.real
-    if not size.policy:
-        raise ValueError(f"sizes[{size.name}].policy: empty; give the policy checkpoint directory of this size.")
-    rm_dir = size.reward_model if (cfg.rm == "per_size" and size.reward_model) else real.reward_model
-    src = dataclasses.replace(cfg.source, real=dataclasses.replace(real, policy=size.policy, reward_model=rm_dir))
-    return Models.from_source(src, cfg.generation, console), {"policy": size.policy, "rm_dir": rm_dir}
+    return Models.from_source(src, cfg.generation, console), {"policy": src.real.policy,
+                                                               "rm_dir": src.real.reward_model}
+
+
+def _sr_dpo_size(cfg: Config, size: Size, ref: Any, console: Any) -> dict[str, Any]:
+    """The Sr-DPO study from this size's SFT policy (the world built or reused first); its compact results."""
+    src = _size_source(cfg, size)
+    facts: dict[str, Any] = {}
+    if src.kind == "world":
+        t0 = time.perf_counter()
+        built = build_world_from(src.world, console)
+        facts = {"world_key": built.report.get("key"), "build_seconds_this_run": time.perf_counter() - t0,
+                 "sft_eval_loss": (built.report.get("sft_eval") or {}).get("loss"), "overrides": src.world.overrides}
+        fixed_rm = ref.reward_model if cfg.rm == "fixed" else None
+    else:
+        fixed_rm = None  # _size_source already picked the fixed or the per-size RM
+    sub = dataclasses.replace(cfg.sr_dpo, source=src, seed=cfg.seed,
+                              out_dir=str(Path(cfg.out_dir) / "sr_dpo" / size.name),
+                              work_dir=str(Path(cfg.sr_dpo.work_dir) / size.name))
+    record = sr_dpo.run(sub, console, reward_model=fixed_rm)
+    r = record["results"]
+    keep = ("loss", "lam", "label", "win_rate", "win_rate_se", "judge_mean", "judge_mean_se", "average_marginal",
+            "accuracy", "prompt_augmented_accuracy", "pearson", "spearman", "vs_base", "train_wall_s")
+    return {"parameters": r["policy_parameters"], **facts, "rm_dir": r["reward_model"], "judge": r["judge"],
+            "pairs": r["pairs"], "starting_policy": r["starting_policy"],
+            "runs": {tag: {k: v[k] for k in keep if k in v} for tag, v in r["runs"].items()},
+            "wall_seconds": record["wall_seconds"], "out_dir": sub.out_dir}
 
 
 def run(cfg: Config, console: Any = None) -> dict[str, Any]:
-    """Measure reward vs N for every size; write results.json / results.md / PNG; return the record."""
+    """Run the chosen parts for every size; write results.json / results.md / PNGs; return the record."""
     if len(cfg.sizes) < 2:
         raise ValueError("sizes: a scaling study needs at least two policy sizes.")
     names = [s.name for s in cfg.sizes]
     if len(set(names)) != len(names):
         raise ValueError(f"sizes: names must be distinct, got {names}.")
+    if not cfg.parts or len(set(cfg.parts)) != len(cfg.parts):
+        raise ValueError(f"parts: give one or both of reward_vs_n, sr_dpo (each once), got {list(cfg.parts)}.")
     rec = Record("scaling", cfg, cfg.out_dir, cfg.seed)
     ref = build_world_from(cfg.source.world, console) if cfg.source.kind == "world" else None
+    with_gold = cfg.source.kind == "world"
+    rec.results.update({"source": cfg.source.kind, "rm": cfg.rm, "parts": list(cfg.parts)})
+    if "reward_vs_n" in cfg.parts:
+        _reward_vs_n_part(rec, cfg, ref, with_gold, console)
+    if "sr_dpo" in cfg.parts:
+        per_size = {}
+        for size in cfg.sizes:
+            if console is not None:
+                console.print(f"scaling (sr_dpo): size {size.name}", markup=False)
+            per_size[size.name] = _sr_dpo_size(cfg, size, ref, console)
+            gc.collect()
+        rec.results["sr_dpo"] = {"sizes": per_size}
+        _sr_dpo_report(rec, per_size, with_gold)
+    rec.notes.append(f"Proxy RM: {'fixed across sizes (the reference RM of `source`)' if cfg.rm == 'fixed' else 'each size uses its own RM'}"
+                     "; the same held-out prompts for every size.")
+    if not with_gold:
+        rec.notes.append("Real source: no gold reward; the RM score is also the selection criterion and the judge "
+                         "(optimistic).")
+    return rec.finish(console)
+
+
+def _loglog(xs: list[float], ys: list[float]) -> dict[str, float] | None:
+    """Least-squares line of log10(ys) on log10(xs) (None for fewer than two points or a non-positive y)."""
+    if len(xs) < 2 or not all(y > 0 for y in ys):
+        return None
+    slope, icpt = np.polyfit(np.log10(xs), np.log10(ys), 1)
+    return {"slope": float(slope), "intercept": float(icpt)}
+
+
+def _reward_vs_n_part(rec: Record, cfg: Config, ref: Any, with_gold: bool, console: Any) -> None:
+    """Reward vs N per size: measure, tables, log-log fits and scaling.png."""
     items = world_items(ref, cfg.prompts) if ref is not None else None
     per_size: dict[str, Any] = {}
-    with_gold = cfg.source.kind == "world"
     for size in cfg.sizes:
         if console is not None:
             console.print(f"scaling: size {size.name}", markup=False)
@@ -121,8 +204,7 @@ def run(cfg: Config, console: Any = None) -> dict[str, Any]:
         gc.collect()
     budgets = sorted(set(cfg.budgets))
     key = "gold" if with_gold else "proxy"
-    rec.results.update({"source": cfg.source.kind, "rm": cfg.rm, "prompts": cfg.prompts, "budgets": budgets,
-                        "sizes": per_size})
+    rec.results.update({"prompts": cfg.prompts, "budgets": budgets, "sizes": per_size})
     order = sorted(per_size, key=lambda s: per_size[s]["parameters"])
 
     # log-log fit of (1 - gold) against parameters, per method and N
@@ -133,9 +215,9 @@ def run(cfg: Config, console: Any = None) -> dict[str, Any]:
                 xs = [per_size[s]["parameters"] for s in order if str(n) in per_size[s]["methods"][m.name]]
                 ys = [1.0 - per_size[s]["methods"][m.name][str(n)]["gold"] for s in order
                       if str(n) in per_size[s]["methods"][m.name]]
-                if len(xs) >= 2 and all(y > 0 for y in ys):
-                    slope, icpt = np.polyfit(np.log10(xs), np.log10(ys), 1)
-                    fits[f"{m.name} N={n}"] = {"slope": float(slope), "intercept": float(icpt)}
+                fit = _loglog(xs, ys)
+                if fit is not None:
+                    fits[f"{m.name} N={n}"] = fit
         rec.results["loglog_fits"] = fits
 
     heads = ["size", "parameters", *[f"{m.name} N={n}" for n in budgets for m in cfg.methods]]
@@ -213,10 +295,76 @@ def run(cfg: Config, console: Any = None) -> dict[str, Any]:
             ax.grid(alpha=0.3, which="both")
 
     rec.figure("scaling.png", draw, figsize=(11, 4.2))
-    rec.notes.append(f"Proxy RM: {'fixed across sizes (the reference RM of `source`)' if cfg.rm == 'fixed' else 'each size uses its own RM'}"
-                     "; the same held-out prompts for every size.")
     if with_gold and any(math.isnan(per_size[s]["sft_eval_loss"] or math.nan) for s in order):
         rec.notes.append("Some sizes have no SFT eval loss in their world report.")
-    if not with_gold:
-        rec.notes.append("Real source: no gold reward; the RM score is also the selection criterion (optimistic).")
-    return rec.finish(console)
+
+
+
+def _sr_dpo_report(rec: Record, per_size: dict[str, Any], with_gold: bool) -> None:
+    """Sr-DPO part: per-size tables, log-log fits of (1 - mean gold of the policy's samples) and scaling_sr_dpo.png."""
+    order = sorted(per_size, key=lambda s: per_size[s]["parameters"])
+    tags = list(per_size[order[0]]["runs"])
+    label = {t: per_size[order[0]]["runs"][t]["label"] for t in tags}
+    what = "gold reward" if with_gold else "reward-model score"
+    params = [per_size[s]["parameters"] for s in order]
+
+    def judge(s: str, tag: str | None) -> tuple[float, float]:
+        r = per_size[s]["starting_policy"] if tag is None else per_size[s]["runs"][tag]
+        return r["judge_mean"], r["judge_mean_se"]
+
+    rec.table(f"Sr-DPO part: mean {what} of the policy's samples on held-out prompts (mean ± s.e.)",
+              ["size", "parameters", "SFT", *[label[t] for t in tags]],
+              [[s, f"{per_size[s]['parameters']:,}", *[f"{m:.3f} ± {e:.3f}" for m, e in
+                                                        (judge(s, t) for t in (None, *tags))]] for s in order])
+    rec.table(f"Sr-DPO part: win rate vs the SFT policy ({what}; ties ½) and held-out pair accuracy",
+              ["size", *[f"{label[t]} win rate" for t in tags], *[f"{label[t]} accuracy" for t in tags]],
+              [[s, *[f"{per_size[s]['runs'][t]['win_rate']:.3f} ± {per_size[s]['runs'][t]['win_rate_se']:.3f}"
+                     for t in tags], *[per_size[s]["runs"][t]["accuracy"] for t in tags]] for s in order])
+    h2h = [t for t in tags if "vs_base" in per_size[order[0]]["runs"][t]]
+    if h2h:
+        rec.table("Sr-DPO part: Sr-* vs its base loss, head to head per size (same prompts and sampling seed)",
+                  ["size", "run", "vs", "win", "tie", "lose", "win rate (ties ½)"],
+                  [[s, label[t], v["base"], v["win"], v["tie"], v["lose"], f"{v['win_rate']:.3f} ± {v['win_rate_se']:.3f}"]
+                   for s in order for t in h2h for v in [per_size[s]["runs"][t]["vs_base"]]])
+    fits: dict[str, dict[str, float]] = {}
+    if with_gold:
+        for tag in (None, *tags):
+            fit = _loglog(params, [1.0 - judge(s, tag)[0] for s in order])
+            if fit is not None:
+                fits["SFT" if tag is None else label[tag]] = fit
+        if fits:
+            rec.table("Sr-DPO part: log10(1 - mean gold) = slope * log10(parameters) + intercept",
+                      ["policy", "slope", "intercept"],
+                      [[k, f"{v['slope']:.3f}", f"{v['intercept']:.3f}"] for k, v in fits.items()])
+    rec.results["sr_dpo"]["loglog_fits"] = fits
+
+    def draw(fig: Any) -> None:
+        axes = fig.subplots(1, 2)
+        for i, tag in enumerate((None, *tags)):
+            ms = [judge(s, tag) for s in order]
+            ys = [1.0 - m if with_gold else m for m, _ in ms]
+            axes[0].errorbar(params, ys, yerr=[e for _, e in ms], marker="o", ms=3, capsize=2, color=f"C{i}",
+                             label="SFT (start)" if tag is None else label[tag])
+        axes[0].set_xscale("log")
+        if with_gold:
+            axes[0].set_yscale("log")
+        axes[0].set_ylabel("1 - mean gold reward of samples" if with_gold else "mean RM score of samples")
+        for i, tag in enumerate(tags):
+            r = [per_size[s]["runs"][tag] for s in order]
+            axes[1].errorbar(params, [x["win_rate"] for x in r], yerr=[x["win_rate_se"] for x in r], marker="o",
+                             ms=3, capsize=2, color=f"C{i + 1}", label=f"{label[tag]} vs SFT")
+            if "vs_base" in r[0]:
+                axes[1].errorbar(params, [x["vs_base"]["win_rate"] for x in r],
+                                 yerr=[x["vs_base"]["win_rate_se"] for x in r], marker="s", ms=3, capsize=2,
+                                 linestyle="--", color=f"C{i + 1}", label=f"{label[tag]} vs {r[0]['vs_base']['base']}")
+        axes[1].axhline(0.5, color="k", lw=0.8)
+        axes[1].set_xscale("log")
+        axes[1].set_ylabel(f"win rate ({what}, ties ½)")
+        for ax in axes:
+            ax.set_xlabel("policy parameters")
+            ax.grid(alpha=0.3, which="both")
+            ax.legend(fontsize=6)
+
+    rec.figure("scaling_sr_dpo.png", draw, figsize=(11, 4.2))
+    rec.notes.append("Sr-DPO part: per size, pairs are sampled from that size's SFT policy and every run trains from "
+                     "it (prs_jax.experiments.sr_dpo; full per-size records under sr_dpo/SIZE/).")

@@ -33,7 +33,7 @@ from typing import Any, Literal
 import numpy as np
 
 from prs_jax.config import to_dict
-from prs_jax.experiments.common import Record, Source, mean_se
+from prs_jax.experiments.common import Record, Source, mean_se, param_count
 from prs_jax.experiments.policy_tools import (
     StudyEnv,
     assistant,
@@ -325,8 +325,9 @@ def _win_samples(env: StudyEnv, cfg: Config, items, model, tok, judge) -> list[l
     return [[float(c.reward) for c in r.candidates] for r in results]
 
 
-def run(cfg: Config, console: Any = None) -> dict[str, Any]:
-    """Run the study; returns the result record (also written to out_dir)."""
+def run(cfg: Config, console: Any = None, reward_model: str | Path | None = None) -> dict[str, Any]:
+    """Run the study; returns the result record (also written to out_dir). `reward_model` replaces the source's
+    reward model (the scaling study keeps one RM fixed across policy sizes)."""
     from rich.console import Console
 
     from prs_jax.data.io import iter_rows, write_jsonl
@@ -344,6 +345,8 @@ def run(cfg: Config, console: Any = None) -> dict[str, Any]:
     work.mkdir(parents=True, exist_ok=True)
     env = resolve_env(cfg.source, cfg.pairs.train_prompts, max(cfg.pairs.eval_prompts, cfg.eval.prompts), console,
                       cfg.eval_prompt_set, cfg.eval_prompts_path)
+    if reward_model is not None:
+        env = dataclasses.replace(env, reward_model=Path(reward_model))
     prefix = cfg.prompt_prefix or env.quality_instruction
     tok = load_tokenizer(env.policy)
     sft = load_causal_lm(env.policy, dtype=env.dtype)
@@ -446,7 +449,8 @@ def run(cfg: Config, console: Any = None) -> dict[str, Any]:
 
     sft_mean, sft_se = mean_se([float(np.mean(s)) for s in sft_scores])
     rec.results.update(
-        judge=judge_name, prompt_prefix=prefix, env=env.info, pairs=pair_info,
+        judge=judge_name, prompt_prefix=prefix, env=env.info, reward_model=str(env.reward_model),
+        policy_parameters=param_count(sft), pairs=pair_info,
         starting_policy={"judge_mean": sft_mean, "judge_mean_se": sft_se, **start_metrics},
         runs=results_runs, overhead=overhead, timings=timings,
         win_rate_setup={"prompts": len(win_items), "samples_per_prompt": cfg.eval.win_samples,
