@@ -56,21 +56,31 @@ class Source:
     real: RealSpec = RealSpec()
 
 
-# config keys whose string values name local files or checkpoint directories in `source.kind: real` studies
-PATH_KEYS = frozenset({"policy", "reward_model", "prompts_path", "eval_prompts_path", "train_file", "eval_file",
-                       "pairs", "labeler", "exemplars", "model", "embedder_model"})
+# config keys whose string values name local checkpoint directories (always local) or data sources (a local file,
+# or a data set name that `datasets` resolves offline, as prs_jax.data.io.iter_rows reads them)
+CHECKPOINT_KEYS = frozenset({"policy", "reward_model", "model", "labeler", "embedder_model"})
+DATA_KEYS = frozenset({"prompts_path", "eval_prompts_path", "train_file", "eval_file", "pairs", "exemplars"})
+
+
+def _looks_like_file(value: str) -> bool:
+    """iter_rows' own rule: a data-file suffix or an explicit path start means a file, anything else may be a
+    data set name."""
+    from prs_jax.data.io import JSONL_SUFFIXES, PARQUET_SUFFIXES
+
+    return value.endswith((*JSONL_SUFFIXES, *PARQUET_SUFFIXES, ".json", ".json.gz")) or value.startswith(
+        (".", "/", "~"))
 
 
 def missing_paths(cfg: Any) -> list[tuple[str, str]]:
-    """(dotted key, path) of every path-valued config entry that does not exist (pure walk of the config)."""
+    """(dotted key, path) of every checkpoint or data-file entry of the config that does not exist (pure walk)."""
     out: list[tuple[str, str]] = []
 
     def walk(v: Any, key: str) -> None:
         if isinstance(v, dict):
             for k, x in v.items():
                 name = f"{key}.{k}" if key else str(k)
-                if k in PATH_KEYS and isinstance(x, str) and x:
-                    if not Path(x).expanduser().exists():
+                if isinstance(x, str) and x and (k in CHECKPOINT_KEYS or (k in DATA_KEYS and _looks_like_file(x))):
+                    if not Path(x).exists():
                         out.append((name, x))
                 else:
                     walk(x, name)
@@ -126,6 +136,17 @@ def git_commit() -> str | None:
                               cwd=Path(__file__).parent).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
+
+
+def git_dirty() -> bool | None:
+    """Whether the checkout has uncommitted changes to tracked files (None outside a git checkout): a result
+    made from a dirty tree is not exactly reproducible from its commit."""
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                             text=True, check=True, cwd=Path(__file__).parent).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return bool(out.strip())
 
 
 def versions() -> dict[str, str]:
@@ -195,6 +216,7 @@ class Record:
     def finish(self, console: Any = None) -> dict[str, Any]:
         """Write results.json and results.md; print the tables; return the JSON record."""
         record = {"study": self.name, "config": to_dict(self.config), "seed": self.seed, "git_commit": git_commit(),
+                  "git_dirty": git_dirty(),
                   "versions": versions(), "wall_seconds": time.perf_counter() - self._t0,
                   "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "results": self.results,
                   "figures": [p.name for p in self.figures], "notes": self.notes}
@@ -204,7 +226,8 @@ class Record:
             parts += [f"## {title}", "", md_, ""]
         parts += [f"![{p.stem}]({p.name})" for p in self.figures]
         parts += ["", *[f"- {n}" for n in self.notes],
-                  f"\ncommit {record['git_commit']}, seed {self.seed}, {record['wall_seconds']:.0f} s"]
+                  f"\ncommit {record['git_commit']}{' (uncommitted changes)' if record['git_dirty'] else ''}, "
+                  f"seed {self.seed}, {record['wall_seconds']:.0f} s"]
         (self.out / "results.md").write_text("\n".join(parts) + "\n")
         if console is not None:
             for title, md_ in self.tables:

@@ -65,7 +65,7 @@ Part = Literal["reward_vs_n", "sr_dpo"]
 
 def _default_sr_dpo() -> sr_dpo.Config:
     return sr_dpo.Config(runs=(sr_dpo.RunSpec("sigmoid"), sr_dpo.RunSpec("sr_dpo", 0.5)), timing_steps=0,
-                         work_dir="runs/experiments/scaling/sr_dpo_work")
+                         work_dir="")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,7 +83,9 @@ class Config:
     generation: Generation = dataclasses.field(default_factory=Generation)
     reuse_samples: bool = True
     parts: tuple[Part, ...] = ("reward_vs_n",)
-    sr_dpo: sr_dpo.Config = dataclasses.field(default_factory=_default_sr_dpo)  # source/out_dir/work_dir/seed: per size
+    # the Sr-DPO part's settings; its source, out_dir and seed are set per size, and work_dir ("" = OUT_DIR/work)
+    # gets one subdirectory per size
+    sr_dpo: sr_dpo.Config = dataclasses.field(default_factory=_default_sr_dpo)
 
 
 def _size_source(cfg: Config, size: Size) -> Source:
@@ -105,37 +107,42 @@ def _size_models(cfg: Config, size: Size, ref: Any, console: Any) -> tuple[Model
         from prs_jax.world.corpus import world_templates
         from prs_jax.world.task import gold_reward
 
-        t0 = time.perf_counter()
-        built = build_world_from(src.world, console)
-        seconds = time.perf_counter() - t0
+        built, facts = _build_size_world(src, console)
         rm_dir = ref.reward_model if cfg.rm == "fixed" else built.reward_model
         models = Models(built.policy, rm_dir, cfg.generation, gold=gold_reward, templates=world_templates(),
                         world=built)
-        facts = {"world_key": built.report.get("key"), "world_root": str(built.root),
-                 "build_seconds_this_run": seconds, "build_timings": built.report.get("timings"),
-                 "sft_eval_loss": (built.report.get("sft_eval") or {}).get("loss"),
-                 "own_rm_heldout_accuracy": built.report.get("rm_heldout_accuracy"), "rm_dir": str(rm_dir),
-                 "overrides": src.world.overrides}
-        return models, facts
+        return models, {**facts, "rm_dir": str(rm_dir)}
     return Models.from_source(src, cfg.generation, console), {"policy": src.real.policy,
                                                                "rm_dir": src.real.reward_model}
+
+
+def _build_size_world(src: Source, console: Any) -> tuple[Any, dict[str, Any]]:
+    """Build or reuse one size's world; the facts the tables report about it."""
+    t0 = time.perf_counter()
+    built = build_world_from(src.world, console)
+    return built, {"world_key": built.report.get("key"), "world_root": str(built.root),
+                   "build_seconds_this_run": time.perf_counter() - t0, "build_timings": built.report.get("timings"),
+                   "sft_eval_loss": (built.report.get("sft_eval") or {}).get("loss"),
+                   "own_rm_heldout_accuracy": built.report.get("rm_heldout_accuracy"),
+                   "overrides": src.world.overrides}
+
+
+def _sr_dpo_config(cfg: Config, size: Size, src: Source) -> sr_dpo.Config:
+    """The sr_dpo study's config for one size: its source, its own output and work directories, the study seed."""
+    work = Path(cfg.sr_dpo.work_dir or Path(cfg.out_dir) / "work")
+    return dataclasses.replace(cfg.sr_dpo, source=src, seed=cfg.seed,
+                               out_dir=str(Path(cfg.out_dir) / "sr_dpo" / size.name), work_dir=str(work / size.name))
 
 
 def _sr_dpo_size(cfg: Config, size: Size, ref: Any, console: Any) -> dict[str, Any]:
     """The Sr-DPO study from this size's SFT policy (the world built or reused first); its compact results."""
     src = _size_source(cfg, size)
     facts: dict[str, Any] = {}
+    fixed_rm = None  # real: _size_source already picked the fixed or the per-size RM
     if src.kind == "world":
-        t0 = time.perf_counter()
-        built = build_world_from(src.world, console)
-        facts = {"world_key": built.report.get("key"), "build_seconds_this_run": time.perf_counter() - t0,
-                 "sft_eval_loss": (built.report.get("sft_eval") or {}).get("loss"), "overrides": src.world.overrides}
+        _, facts = _build_size_world(src, console)
         fixed_rm = ref.reward_model if cfg.rm == "fixed" else None
-    else:
-        fixed_rm = None  # _size_source already picked the fixed or the per-size RM
-    sub = dataclasses.replace(cfg.sr_dpo, source=src, seed=cfg.seed,
-                              out_dir=str(Path(cfg.out_dir) / "sr_dpo" / size.name),
-                              work_dir=str(Path(cfg.sr_dpo.work_dir) / size.name))
+    sub = _sr_dpo_config(cfg, size, src)
     record = sr_dpo.run(sub, console, reward_model=fixed_rm)
     r = record["results"]
     keep = ("loss", "lam", "label", "win_rate", "win_rate_se", "judge_mean", "judge_mean_se", "average_marginal",
@@ -155,6 +162,8 @@ def run(cfg: Config, console: Any = None) -> dict[str, Any]:
         raise ValueError(f"sizes: names must be distinct, got {names}.")
     if not cfg.parts or len(set(cfg.parts)) != len(cfg.parts):
         raise ValueError(f"parts: give one or both of reward_vs_n, sr_dpo (each once), got {list(cfg.parts)}.")
+    if "sr_dpo" in cfg.parts:  # fail now, not after the reward-vs-N part has run
+        sr_dpo.validate(_sr_dpo_config(cfg, cfg.sizes[0], _size_source(cfg, cfg.sizes[0])))
     rec = Record("scaling", cfg, cfg.out_dir, cfg.seed)
     ref = build_world_from(cfg.source.world, console) if cfg.source.kind == "world" else None
     with_gold = cfg.source.kind == "world"
@@ -170,8 +179,8 @@ def run(cfg: Config, console: Any = None) -> dict[str, Any]:
             gc.collect()
         rec.results["sr_dpo"] = {"sizes": per_size}
         _sr_dpo_report(rec, per_size, with_gold)
-    rec.notes.append(f"Proxy RM: {'fixed across sizes (the reference RM of `source`)' if cfg.rm == 'fixed' else 'each size uses its own RM'}"
-                     "; the same held-out prompts for every size.")
+    rm_note = "fixed across sizes (the reference RM of `source`)" if cfg.rm == "fixed" else "each size uses its own RM"
+    rec.notes.append(f"Proxy RM: {rm_note}; the same held-out prompts for every size.")
     if not with_gold:
         rec.notes.append("Real source: no gold reward; the RM score is also the selection criterion and the judge "
                          "(optimistic).")
@@ -324,7 +333,8 @@ def _sr_dpo_report(rec: Record, per_size: dict[str, Any], with_gold: bool) -> No
     if h2h:
         rec.table("Sr-DPO part: Sr-* vs its base loss, head to head per size (same prompts and sampling seed)",
                   ["size", "run", "vs", "win", "tie", "lose", "win rate (ties ½)"],
-                  [[s, label[t], v["base"], v["win"], v["tie"], v["lose"], f"{v['win_rate']:.3f} ± {v['win_rate_se']:.3f}"]
+                  [[s, label[t], v["base"], v["win"], v["tie"], v["lose"],
+                    f"{v['win_rate']:.3f} ± {v['win_rate_se']:.3f}"]
                    for s in order for t in h2h for v in [per_size[s]["runs"][t]["vs_base"]]])
     fits: dict[str, dict[str, float]] = {}
     if with_gold:
@@ -367,4 +377,5 @@ def _sr_dpo_report(rec: Record, per_size: dict[str, Any], with_gold: bool) -> No
 
     rec.figure("scaling_sr_dpo.png", draw, figsize=(11, 4.2))
     rec.notes.append("Sr-DPO part: per size, pairs are sampled from that size's SFT policy and every run trains from "
-                     "it (prs_jax.experiments.sr_dpo; full per-size records under sr_dpo/SIZE/).")
+                     "it (prs_jax.experiments.sr_dpo; the full per-size records, with the per-size config actually "
+                     "run, are under sr_dpo/SIZE/; config.sr_dpo.source / out_dir / seed here are not used).")

@@ -325,6 +325,17 @@ def _win_samples(env: StudyEnv, cfg: Config, items, model, tok, judge) -> list[l
     return [[float(c.reward) for c in r.candidates] for r in results]
 
 
+def validate(cfg: Config) -> None:
+    """Config errors that would otherwise surface only after sampling or training has started."""
+    if not cfg.runs:
+        raise ValueError("sr_dpo: `runs` is empty; list at least one {loss, lam}.")
+    if cfg.source.kind == "real" and cfg.pairs.ranker == "gold":
+        raise ValueError("sr_dpo: pairs.ranker 'gold' needs the synthetic world; real checkpoints have no gold "
+                         "reward. Set pairs.ranker=proxy (the reward model ranks the samples).")
+    if cfg.source.kind == "world" and cfg.pairs.train_file:
+        raise ValueError("sr_dpo: pairs.train_file is for real checkpoints; the world samples its own pairs.")
+
+
 def run(cfg: Config, console: Any = None, reward_model: str | Path | None = None) -> dict[str, Any]:
     """Run the study; returns the result record (also written to out_dir). `reward_model` replaces the source's
     reward model (the scaling study keeps one RM fixed across policy sizes)."""
@@ -335,11 +346,7 @@ def run(cfg: Config, console: Any = None, reward_model: str | Path | None = None
     from prs_jax.train.run import DataConfig, LossConfig, TrainRunConfig, run_train
 
     console = console or Console()
-    if not cfg.runs:
-        raise ValueError("sr_dpo: `runs` is empty; list at least one {loss, lam}.")
-    if cfg.source.kind == "real" and cfg.pairs.ranker == "gold":
-        raise ValueError("sr_dpo: pairs.ranker 'gold' needs the synthetic world; real checkpoints have no gold "
-                         "reward. Set pairs.ranker=proxy (the reward model ranks the samples).")
+    validate(cfg)
     rec = Record("sr_dpo", cfg, cfg.out_dir, cfg.seed)
     work = Path(cfg.work_dir)
     work.mkdir(parents=True, exist_ok=True)
@@ -358,8 +365,6 @@ def run(cfg: Config, console: Any = None, reward_model: str | Path | None = None
     # 1. pairs
     t0 = time.perf_counter()
     if cfg.pairs.train_file:
-        if env.kind != "real":
-            raise ValueError("sr_dpo: pairs.train_file is for real checkpoints; the world samples its own pairs.")
         train_rows = [trl_pair(r) for r in iter_rows(cfg.pairs.train_file)]
         train_file = write_jsonl(work / "pairs_train.jsonl", train_rows)
     else:

@@ -46,3 +46,15 @@ def test_world_configs_skip_the_preflight(tmp_path, monkeypatch):
         cfg = load_config(importlib.import_module(f"prs_jax.experiments.{study}").Config,
                           CONFIGS / study / "smoke.yaml")
         preflight(cfg)  # world sources build their own files: nothing to check
+
+
+def test_data_set_names_are_not_paths(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    from prs_jax.experiments import sr_dpo
+
+    cfg = load_config(sr_dpo.Config, CONFIGS / "sr_dpo" / "full.yaml",
+                      ["pairs.train_file=HuggingFaceH4/ultrafeedback_binarized", "pairs.eval_file=data/test.parquet"])
+    keys = dict(missing_paths(cfg))
+    assert "pairs.train_file" not in keys  # a data set name that `datasets` resolves (offline cache)
+    assert keys["pairs.eval_file"] == "data/test.parquet"  # a file suffix: a local file
+    assert keys["source.real.policy"] == "checkpoints/Meta-Llama-3-8B-Instruct"  # checkpoints are always local

@@ -31,6 +31,7 @@ def test_smoke_end_to_end(smoke_world_root, tmp_path):
     saved = json.loads((out / "results.json").read_text())
     for key in ("config", "git_commit", "seed", "versions", "wall_seconds"):
         assert key in saved and saved[key] is not None, key
+    assert isinstance(saved["git_dirty"], bool)  # a result from a dirty tree says so
     sizes = saved["results"]["sizes"]
     assert set(sizes) == {"h32-l1", "h64-l2"}
     assert sizes["h32-l1"]["parameters"] < sizes["h64-l2"]["parameters"]
@@ -61,3 +62,40 @@ def test_smoke_end_to_end(smoke_world_root, tmp_path):
 def test_unknown_part_is_an_error(tmp_path):
     with pytest.raises(Exception, match="parts"):
         load_config(scaling.Config, CONFIGS / "smoke.yaml", [f"out_dir={tmp_path}", "parts=[reward_vs_n,dpo]"])
+
+
+def test_size_source_real_rm_choice():
+    import dataclasses
+
+    from prs_jax.experiments.common import RealSpec, Source
+
+    real = Source(kind="real", real=RealSpec(policy="", reward_model="rm-fixed", prompts_path="p.jsonl"))
+    sizes = (scaling.Size("a", policy="pol-a", reward_model="rm-a"), scaling.Size("b", policy="pol-b"))
+    cfg = scaling.Config(source=real, sizes=sizes, rm="fixed")
+    assert [scaling._size_source(cfg, s).real.reward_model for s in sizes] == ["rm-fixed", "rm-fixed"]
+    assert [scaling._size_source(cfg, s).real.policy for s in sizes] == ["pol-a", "pol-b"]
+    per = dataclasses.replace(cfg, rm="per_size")
+    # a size without its own RM falls back to the source's
+    assert [scaling._size_source(per, s).real.reward_model for s in sizes] == ["rm-a", "rm-fixed"]
+    with pytest.raises(ValueError, match=r"sizes\[c\].policy"):
+        scaling._size_source(cfg, scaling.Size("c"))
+
+
+def test_sr_dpo_part_config_errors_come_first(tmp_path):
+    from prs_jax.experiments.common import RealSpec, Source
+
+    real = Source(kind="real", real=RealSpec(reward_model="rm", prompts_path="p.jsonl"))
+    cfg = scaling.Config(source=real, sizes=(scaling.Size("a", policy="x"), scaling.Size("b", policy="y")),
+                         parts=("reward_vs_n", "sr_dpo"), out_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="ranker 'gold' needs the synthetic world"):
+        scaling.run(cfg)  # before any model is loaded or any reward-vs-N sampling
+    sub = scaling._sr_dpo_config(cfg, cfg.sizes[1], scaling._size_source(cfg, cfg.sizes[1]))
+    assert sub.work_dir == str(tmp_path / "work" / "b") and sub.out_dir == str(tmp_path / "sr_dpo" / "b")
+
+
+def test_loglog_fit():
+    fit = scaling._loglog([1e3, 1e4, 1e5], [0.1, 0.01, 0.001])
+    assert fit["slope"] == pytest.approx(-1.0) and fit["intercept"] == pytest.approx(2.0)
+    assert scaling._loglog([1e3], [0.1]) is None
+    assert scaling._loglog([1e3, 1e4], [0.1, 0.0]) is None  # log of 0
+    assert scaling._loglog([1e3, 1e4], [0.1, float("nan")]) is None
