@@ -138,12 +138,15 @@ def git_commit() -> str | None:
         return None
 
 
-def git_dirty() -> bool | None:
-    """Whether the checkout has uncommitted changes to tracked files (None outside a git checkout): a result
-    made from a dirty tree is not exactly reproducible from its commit."""
+def git_dirty(exclude: str | Path | None = None, repo: str | Path | None = None) -> bool | None:
+    """Whether the checkout (`repo`, default: the one this package runs from) has uncommitted changes to tracked
+    files outside `exclude` (a study's own output directory, which it rewrites); None outside a git checkout. A
+    result made from a dirty tree is not exactly reproducible from its commit."""
+    spec = [f":(exclude){Path(exclude).resolve()}"] if exclude is not None else []
     try:
-        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                             text=True, check=True, cwd=Path(__file__).parent).stdout
+        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", *spec],
+                             capture_output=True, text=True, check=True,
+                             cwd=Path(repo) if repo is not None else Path(__file__).parents[2]).stdout
     except (OSError, subprocess.CalledProcessError):
         return None
     return bool(out.strip())
@@ -216,7 +219,7 @@ class Record:
     def finish(self, console: Any = None) -> dict[str, Any]:
         """Write results.json and results.md; print the tables; return the JSON record."""
         record = {"study": self.name, "config": to_dict(self.config), "seed": self.seed, "git_commit": git_commit(),
-                  "git_dirty": git_dirty(),
+                  "git_dirty": git_dirty(exclude=self.out),
                   "versions": versions(), "wall_seconds": time.perf_counter() - self._t0,
                   "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "results": self.results,
                   "figures": [p.name for p in self.figures], "notes": self.notes}
