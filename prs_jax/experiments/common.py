@@ -142,11 +142,15 @@ def git_dirty(exclude: str | Path | None = None, repo: str | Path | None = None)
     """Whether the checkout (`repo`, default: the one this package runs from) has uncommitted changes to tracked
     files outside `exclude` (a study's own output directory, which it rewrites); None outside a git checkout. A
     result made from a dirty tree is not exactly reproducible from its commit."""
-    spec = [f":(exclude){Path(exclude).resolve()}"] if exclude is not None else []
+    cwd = Path(repo) if repo is not None else Path(__file__).parents[2]
     try:
+        top = Path(subprocess.run(["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True,
+                                  check=True, cwd=cwd).stdout.strip()).resolve()
+        # git refuses a pathspec outside the work tree; an output directory there cannot make the tree dirty
+        spec = ([f":(exclude){Path(exclude).resolve()}"]
+                if exclude is not None and Path(exclude).resolve().is_relative_to(top) else [])
         out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", *spec],
-                             capture_output=True, text=True, check=True,
-                             cwd=Path(repo) if repo is not None else Path(__file__).parents[2]).stdout
+                             capture_output=True, text=True, check=True, cwd=top).stdout
     except (OSError, subprocess.CalledProcessError):
         return None
     return bool(out.strip())

@@ -27,4 +27,8 @@ def test_git_dirty_ignores_the_study_output(tmp_path):
     (repo / "untracked.txt").write_text("scratch\n")
     _git(repo, "checkout", "-q", "code.py")
     assert git_dirty(exclude=repo / "results" / "study", repo=repo) is False  # untracked files do not count
+    _git(repo, "checkout", "-q", "results")
+    assert git_dirty(exclude=tmp_path / "elsewhere", repo=repo) is False  # an output dir outside the tree
+    (repo / "code.py").write_text("x = 3\n")
+    assert git_dirty(exclude=tmp_path / "elsewhere", repo=repo) is True
     assert git_dirty(repo=tmp_path / "not-a-repo") is None
