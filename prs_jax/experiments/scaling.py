@@ -5,8 +5,8 @@ WorldSpec overrides), or on accelerators a real checkpoint (the Pythia suite). `
 - reward_vs_n: the measurement of `prs_jax.experiments.reward_vs_n` on the same held-out prompts for every size;
   log-log plot of (1 - gold reward of the selected response) against the policy's parameter count, per method
   and N, and the paired gain over the first method (Rand).
-- sr_dpo: the study of `prs_jax.experiments.sr_dpo` (config `sr_dpo`; its source, out_dir, work_dir and seed
-  are set per size) from each size's SFT policy: pairs sampled from that policy, the listed runs (default DPO
+- sr_dpo: the study of `prs_jax.experiments.sr_dpo` (config `sr_dpo`; its source, out_dir and seed are set per
+  size, and its work_dir gets one subdirectory per size) from each size's SFT policy: pairs sampled from that policy, the listed runs (default DPO
   and Sr-DPO) trained from it; log-log plot of (1 - mean gold reward of the policy's samples) against parameters
   for the SFT start and every run, win rates vs SFT and the Sr-* vs base head-to-head per size.
 
