@@ -180,9 +180,16 @@ def iter_rows(source: str | Path, split: str | None = None) -> Iterator[Row]:
         if any((path / m).is_file() for m in _DATASET_MARKERS):
             return _iter_saved_dataset(path, split)
         return _iter_load_dataset(str(path), split, local=True)
-    if name.endswith(JSONL_SUFFIXES + PARQUET_SUFFIXES + (".json",)) or str(source).startswith((".", "/", "~")):
+    if names_a_file(source):
         raise DataError(f"{path}: no such file or directory.")
     return _iter_load_dataset(str(source), split, local=False)
+
+
+def names_a_file(source: str | Path) -> bool:
+    """Whether a data source that does not exist was meant as a local file (a data-file suffix or an explicit
+    path start) rather than a data set name for `datasets`."""
+    suffixes = JSONL_SUFFIXES + PARQUET_SUFFIXES + (".json",)
+    return Path(source).name.lower().endswith(suffixes) or str(source).startswith((".", "/", "~"))
 
 
 def read_rows(source: str | Path, split: str | None = None) -> list[dict[str, Any]]:

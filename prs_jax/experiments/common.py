@@ -62,24 +62,17 @@ CHECKPOINT_KEYS = frozenset({"policy", "reward_model", "model", "labeler", "embe
 DATA_KEYS = frozenset({"prompts_path", "eval_prompts_path", "train_file", "eval_file", "pairs", "exemplars"})
 
 
-def _looks_like_file(value: str) -> bool:
-    """iter_rows' own rule: a data-file suffix or an explicit path start means a file, anything else may be a
-    data set name."""
-    from prs_jax.data.io import JSONL_SUFFIXES, PARQUET_SUFFIXES
-
-    return value.endswith((*JSONL_SUFFIXES, *PARQUET_SUFFIXES, ".json", ".json.gz")) or value.startswith(
-        (".", "/", "~"))
-
-
 def missing_paths(cfg: Any) -> list[tuple[str, str]]:
     """(dotted key, path) of every checkpoint or data-file entry of the config that does not exist (pure walk)."""
+    from prs_jax.data.io import names_a_file  # iter_rows' own rule: a file, or maybe a data set name
+
     out: list[tuple[str, str]] = []
 
     def walk(v: Any, key: str) -> None:
         if isinstance(v, dict):
             for k, x in v.items():
                 name = f"{key}.{k}" if key else str(k)
-                if isinstance(x, str) and x and (k in CHECKPOINT_KEYS or (k in DATA_KEYS and _looks_like_file(x))):
+                if isinstance(x, str) and x and (k in CHECKPOINT_KEYS or (k in DATA_KEYS and names_a_file(x))):
                     if not Path(x).exists():
                         out.append((name, x))
                 else:
