@@ -68,7 +68,15 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
     cfg = dataclasses.replace(base, seed=args.seed, **given)
     if args.budgets:
         cfg = dataclasses.replace(cfg, budgets=tuple(int(n) for n in args.budgets.split(",")))
-    run_quickstart(cfg)
+    if args.allow_weak:
+        cfg = dataclasses.replace(cfg, allow_weak=True)
+    from prs_jax.world.gates import GateError
+
+    try:
+        run_quickstart(cfg)
+    except GateError as e:
+        print(f"prs-jax quickstart: {e}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -88,9 +96,17 @@ def _cmd_world(args: argparse.Namespace) -> int:
     cfg = preset(args.preset, seed=args.seed)
     if args.overrides:
         cfg = from_dict(WorldConfig, apply_overrides(to_dict(cfg), args.overrides))
-    built = build_world(cfg, root=args.root, force=args.force)
+    from prs_jax.world.gates import GateError
+
+    try:
+        built = build_world(cfg, root=args.root, force=args.force, allow_weak=args.allow_weak)
+    except GateError as e:
+        print(f"prs-jax world build: {e}", file=sys.stderr)
+        return 1
+    gates = (built.report.get("gates") or {}).get("rows", [])
     print(json.dumps({"root": str(built.root), "policy": str(built.policy), "reward_model": str(built.reward_model),
                       "rm_heldout_accuracy": built.report.get("rm_heldout_accuracy"),
+                      "gates_failed": [g["gate"] for g in gates if g.get("passed") is False],
                       "timings": built.report.get("timings")}, indent=2))
     return 0
 
@@ -258,12 +274,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_tiny)
 
     p = sub.add_parser("quickstart", help="the main job: build (or reuse) the synthetic world and compare PRS, Rand "
-                                          "and PRand at N=1..32 by the gold reward (table + PNG)")
+                                          "and PRand at N=1..16 by the gold reward, paired, with 95% CIs and the "
+                                          "teacher ceiling (table + PNG)")
     p.add_argument("--out", default=None, help="output directory for results JSON and plot (default runs/quickstart)")
     p.add_argument("--world-root", default=None, help="where built worlds are cached (default runs/world)")
     p.add_argument("--prompts", type=int, default=None, help="held-out prompts to evaluate")
-    p.add_argument("--budgets", default=None, help="comma-separated N values, e.g. 1,2,4,8,16,32")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--budgets", default=None, help="comma-separated N values, e.g. 1,2,4,8,16")
+    p.add_argument("--seed", type=int, default=0, help="world seed (independent worlds; defaults 0, 1, 2)")
+    p.add_argument("--allow-weak", action="store_true", help="run even if the world misses a skill gate")
     p.add_argument("--smoke", action="store_true", help="tiny world and sizes for CI (checks the pipeline only)")
     p.set_defaults(func=_cmd_quickstart)
 
@@ -283,6 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", default="runs/world", help="cache directory of built worlds")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="rebuild even if a cached build exists")
+    p.add_argument("--allow-weak", action="store_true", help="keep and use a world that misses a skill gate "
+                                                            "(the build otherwise exits 1 naming the gate)")
     p.set_defaults(func=_cmd_world)
     return parser
 
