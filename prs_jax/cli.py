@@ -100,8 +100,15 @@ def _cmd_world(args: argparse.Namespace) -> int:
 
     try:
         built = build_world(cfg, root=args.root, force=args.force, allow_weak=args.allow_weak)
+        if args.action == "labelers":
+            from prs_jax.world.labelers import build_labelers
+
+            report = build_labelers(built, allow_weak=args.allow_weak)
+            print(json.dumps({"root": str(built.root), "labelers": report["paths"],
+                              "gates": {g["gate"]: g["value"] for g in report["gates"]["rows"]}}, indent=2))
+            return 0
     except GateError as e:
-        print(f"prs-jax world build: {e}", file=sys.stderr)
+        print(f"prs-jax world {args.action}: {e}", file=sys.stderr)
         return 1
     gates = (built.report.get("gates") or {}).get("rows", [])
     print(json.dumps({"root": str(built.root), "policy": str(built.policy), "reward_model": str(built.reward_model),
@@ -294,8 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_experiment)
 
     p = sub.add_parser("world", help="the synthetic preference world: `world build` trains (or reuses) its "
-                                     "tokenizer, policy and proxy reward model")
-    p.add_argument("action", choices=["build"])
+                                     "tokenizer, policy and proxy reward model and measures its skill gates; "
+                                     "`world labelers` also trains its three separate AI labelers")
+    p.add_argument("action", choices=["build", "labelers"])
     p.add_argument("overrides", nargs="*", help="dotted WorldConfig overrides, e.g. sft_steps=800 policy.hidden_size=96")
     p.add_argument("--preset", default="default", choices=["default", "smoke"])
     p.add_argument("--root", default="runs/world", help="cache directory of built worlds")

@@ -83,11 +83,11 @@ class WorldConfig:
     policy: PolicySize = PolicySize()
     behaviour: Behaviour = Behaviour()
     mixture: Mixture = Mixture()
-    curriculum_steps: int = 150
-    sft_steps: int = 900
+    curriculum_steps: int = 100
+    sft_steps: int = 1400
     sft_batch_size: int = 48
     sft_lr: float = 3e-3
-    rm_steps: int = 400
+    rm_steps: int = 600
     rm_batch_size: int = 32
     rm_lr: float = 1e-3
     max_length: int = 160

@@ -134,22 +134,22 @@ def _assistant(text: str) -> dict[str, str]:
 class Mixture:
     """Shares of each conversation kind in the SFT corpus (normalised)."""
 
-    answer_x: float = 0.05
-    answer_xz: float = 0.08
-    answer_pxz: float = 0.06
-    critique: float = 0.14  # own draft -> critique (the PRS conversation, stopped after the critique)
-    critique_given: float = 0.10  # critique of an answer quoted in the user turn
-    reflect: float = 0.22  # own draft -> critique -> refinement
-    reflect_no_feedback: float = 0.05
-    judge: float = 0.06
-    judge_cot: float = 0.04
-    rating: float = 0.02
-    vs_direct: float = 0.05  # single-item requests answered from p_base
-    vs_list: float = 0.06  # single-item requests, k items with their renormalised p_base
-    verbalized: float = 0.03  # list requests, k answers with probabilities
+    answer_x: float = 0.04
+    answer_xz: float = 0.10
+    answer_pxz: float = 0.05
+    critique: float = 0.18  # own draft -> critique (the PRS conversation, stopped after the critique)
+    critique_given: float = 0.12  # critique of an answer quoted in the user turn
+    reflect: float = 0.24  # own draft -> critique -> refinement
+    reflect_no_feedback: float = 0.04
+    judge: float = 0.03  # the policy keeps a little judging (the separate labelers are trained on much more)
+    judge_cot: float = 0.02
+    rating: float = 0.01
+    vs_direct: float = 0.04  # single-item requests answered from p_base
+    vs_list: float = 0.05  # single-item requests, k items with their renormalised p_base
+    verbalized: float = 0.02  # list requests, k answers with probabilities
     verbalized_more: float = 0.01
-    sequence: float = 0.015
-    multi_turn: float = 0.015
+    sequence: float = 0.0025
+    multi_turn: float = 0.0025
 
     def __post_init__(self) -> None:
         vals = [getattr(self, f.name) for f in dataclasses.fields(self)]

@@ -57,7 +57,8 @@ class GateConfig:
 
     prompts: int = 128  # held-out prompts (the first ones)
     samples: int = 8  # samples per prompt and condition (lift, refinements)
-    vs_samples: int = 48  # direct single-item answers per request (8 categories x 2 wordings)
+    vs_samples: int = 200  # direct single-item answers per request (8 categories x 2 wordings); the plug-in
+    # KL of n samples from p_base itself is about 9 / (2 n), so 400 per category keeps that floor near 0.01
     vs_lists: int = 4  # verbalised lists per request and k in (3, 4, 5)
     max_new_tokens: int = 40
     critique_max_new_tokens: int = 40

@@ -28,9 +28,16 @@ def _digest(path):
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def test_build_cache_determinism_and_gates(tmp_path):
+@pytest.fixture(scope="module")
+def micro(tmp_path_factory):
+    """One micro world per module: (config, built world, its root directory)."""
+    root = tmp_path_factory.mktemp("micro")
     cfg = _micro()
-    a = build_world(cfg, root=tmp_path / "a", progress=False)
+    return cfg, build_world(cfg, root=root / "a", progress=False), root
+
+
+def test_build_cache_determinism_and_gates(micro):
+    cfg, a, tmp_path = micro
     for sub in ("policy/config.json", "policy/model.safetensors", "rm/config.json", "tokenizer/tokenizer.json",
                 "data/sft.jsonl", "data/sft_curriculum.jsonl", "data/rm_train.jsonl", "data/heldout_prompts.jsonl",
                 "report.json"):
@@ -97,3 +104,19 @@ def test_world_build_cli_exit_code_names_the_gate(tmp_path, capsys):
     assert "skill gate" in err and "--allow-weak" in err and "Traceback" not in err
     assert main([*args, "--allow-weak"]) == 0
     assert "gates_failed" in capsys.readouterr().out
+
+
+def test_labelers_are_separate_models_with_gates(micro):
+    from prs_jax.models import load_causal_lm
+    from prs_jax.world.labelers import LabelerBuildConfig, LabelerSize, build_labelers
+
+    _, built, _ = micro
+    lcfg = LabelerBuildConfig(sizes=(LabelerSize("small", 32, 64, 1), LabelerSize("large", 48, 96, 1)),
+                              conversations=64, steps=2, batch_size=8, gate_pairs=4)
+    report = build_labelers(built, lcfg, progress=False)
+    assert set(report["paths"]) == {"small", "large"} and report["gated"] == "large"
+    sizes = {name: load_causal_lm(path).config.hidden_size for name, path in report["paths"].items()}
+    assert sizes == {"small": 32, "large": 48}  # not the policy (hidden 64)
+    gates = {g["gate"] for g in report["gates"]["rows"]}
+    assert gates == {"labeler_teacher_accuracy", "labeler_policy_accuracy", "labeler_position_bias"}
+    assert build_labelers(built, lcfg, progress=False) == report  # cached

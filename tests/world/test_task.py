@@ -232,3 +232,9 @@ def test_generator_fuzz(seed, draw):
             from prs_jax.world.corpus import conversation
 
             conversation(world, kind, p, rng)
+
+
+def test_study_kind_list_matches_the_world():
+    from prs_jax.experiments.preference_adaptation import WORLD_KINDS
+
+    assert set(WORLD_KINDS) == set(KINDS)
