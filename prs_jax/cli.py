@@ -68,8 +68,8 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
     cfg = dataclasses.replace(base, seed=args.seed, **given)
     if args.budgets:
         cfg = dataclasses.replace(cfg, budgets=tuple(int(n) for n in args.budgets.split(",")))
-    if args.allow_weak:
-        cfg = dataclasses.replace(cfg, allow_weak=True)
+    if args.strict:
+        cfg = dataclasses.replace(cfg, allow_weak=False)
     from prs_jax.world.gates import GateError
 
     try:
@@ -288,7 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", type=int, default=None, help="held-out prompts to evaluate")
     p.add_argument("--budgets", default=None, help="comma-separated N values, e.g. 1,2,4,8,16")
     p.add_argument("--seed", type=int, default=0, help="world seed (independent worlds; defaults 0, 1, 2)")
-    p.add_argument("--allow-weak", action="store_true", help="run even if the world misses a skill gate")
+    p.add_argument("--strict", action="store_true", help="stop (exit 1) if the world misses a skill gate; by "
+                                                          "default the gate table is printed with a warning")
     p.add_argument("--smoke", action="store_true", help="tiny world and sizes for CI (checks the pipeline only)")
     p.set_defaults(func=_cmd_quickstart)
 

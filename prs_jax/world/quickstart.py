@@ -50,7 +50,7 @@ class QuickstartConfig:
     max_new_tokens: int = 40
     feedback_max_new_tokens: int = 40
     bootstrap: int = 2000
-    allow_weak: bool = False
+    allow_weak: bool = True  # the gate table is printed either way; False (--strict) stops on a failed gate
 
     def __post_init__(self) -> None:
         if self.prompts <= 0:
@@ -227,6 +227,11 @@ def run_quickstart(cfg: QuickstartConfig = QuickstartConfig(), console: Console 
     gates = built.report.get("gates") or {}
     if gates:
         console.print(gate_table(gates, title=f"skill gates of world {built.report['key']} (measured at build)"))
+        failed = [g["gate"] for g in gates.get("rows", []) if g.get("passed") is False]
+        if failed:
+            console.print(f"[yellow]warning:[/] this world misses {len(failed)} skill gate(s) ({', '.join(failed)}): "
+                          "an effect that depends on a missing skill is bounded by it; compare with the teacher "
+                          "ceiling column. `--strict` stops here instead.")
     console.print(f"proxy RM held-out pairwise accuracy {built.report.get('rm_heldout_accuracy', float('nan')):.3f}",
                   markup=False)
 
