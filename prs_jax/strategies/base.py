@@ -11,6 +11,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
+from prs_jax.models.window import ContextError
 from prs_jax.tree.engine import TreeEngine
 from prs_jax.tree.scoring import RewardScorer
 from prs_jax.tree.tree import Node
@@ -104,7 +105,12 @@ def score_nodes(scorer: Scorer, items: Sequence[PromptItem], nodes: Sequence[Nod
     """Score `nodes[i]` as a response to `items[i]` and store the reward on each node."""
     if not nodes:
         return
-    rewards = scorer([it.prompt for it in items], [n.text for n in nodes], [it.preference for it in items])
+    try:
+        rewards = scorer([it.prompt for it in items], [n.text for n in nodes], [it.preference for it in items])
+    except ContextError as e:
+        if e.index is None or not 0 <= e.index < len(items):
+            raise
+        raise ContextError(f"prompt {items[e.index].id!r}: {e}", e.index) from None
     for n, r in zip(nodes, rewards):
         n.reward = float(r)
 

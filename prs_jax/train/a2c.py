@@ -42,7 +42,6 @@ uninterrupted run would on CPU.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, Protocol
@@ -54,6 +53,7 @@ from flax import nnx
 from rich.console import Console
 from tqdm import tqdm
 
+from prs_jax.config import check_ranges, import_object  # noqa: F401  (import_object lived here)
 from prs_jax.errors import ConfigError, DataError, PrsJaxError
 from prs_jax.models.layers import Dense
 from prs_jax.models.tokenizer import encode_chat
@@ -230,22 +230,6 @@ class PairReward:
 
     def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
         return [float(self.fn(p, r)) for p, r in zip(prompts, responses)]
-
-
-def import_object(path: str, key: str = "reward.callable") -> Any:
-    """The object named by 'package.module:name' (errors name the config key)."""
-    module, _, name = path.partition(":")
-    if not module or not name:
-        raise ConfigError(f"{key}: expected 'package.module:name', got {path!r}.")
-    try:
-        obj = importlib.import_module(module)
-    except ImportError as e:
-        raise ConfigError(f"{key}: cannot import module {module!r} ({e}); is it installed / on PYTHONPATH?") from e
-    for part in name.split("."):
-        if not hasattr(obj, part):
-            raise ConfigError(f"{key}: module {module!r} has no attribute {name!r}.")
-        obj = getattr(obj, part)
-    return obj
 
 
 # ------------------------------------------------------------------------------------------------ configs
@@ -489,6 +473,9 @@ class PromptsConfig:
     id_column: str = "id"
     max_prompts: int | None = None
     include_preference: bool = False  # policy and reward see x, a blank line, z (column `preference`)
+
+    def __post_init__(self) -> None:
+        check_ranges(self, "prompts", {"max_prompts": ">= 1"})
 
 
 @dataclasses.dataclass(frozen=True)

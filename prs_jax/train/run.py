@@ -9,7 +9,7 @@ from typing import Any, Literal
 import numpy as np
 from rich.console import Console
 
-from prs_jax.config import to_dict
+from prs_jax.config import check_ranges, to_dict
 from prs_jax.data.batching import ExampleSource, pad_id_of
 from prs_jax.data.io import iter_rows
 from prs_jax.data.pairs import collate_pairs, tokenize_pairs
@@ -44,6 +44,9 @@ class DataConfig:
     pad_multiple: int = 64  # bucketed batches pad to a multiple of this (smaller: less padding, more compiles)
     soft_label_column: str = "p_chosen"
 
+    def __post_init__(self) -> None:
+        check_ranges(self, "data", {"max_length": ">= 1", "max_prompt_length": ">= 1", "pad_multiple": ">= 1"})
+
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
@@ -57,6 +60,9 @@ class LossConfig:
     prompt_prefix: str = DEFAULT_PROMPT_PREFIX
     placement: Literal["user_turn_start", "system", "raw_prefix"] = "user_turn_start"
     soft_labels: bool = False
+
+    def __post_init__(self) -> None:
+        check_ranges(self, "loss", {"beta": "> 0", "lam": ">= 0", "eps": ">= 0"})
 
 
 @dataclasses.dataclass(frozen=True)

@@ -28,7 +28,8 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
-from prs_jax.errors import PrsJaxError
+from prs_jax.config import check_ranges
+from prs_jax.errors import ConfigError, PrsJaxError
 from prs_jax.models.sharding import MeshConfig, shard_model
 
 Metrics = dict[str, jax.Array]
@@ -53,6 +54,11 @@ class OptimConfig:
     warmup_steps: int = 0
     schedule: Literal["constant", "cosine", "linear"] = "constant"
     min_lr_ratio: float = 0.0
+
+    def __post_init__(self) -> None:
+        check_ranges(self, "optim", {"lr": "> 0", "weight_decay": ">= 0", "b1": "in [0, 1)", "b2": "in [0, 1)",
+                                     "eps": "> 0", "clip_norm": "> 0", "warmup_steps": ">= 0",
+                                     "min_lr_ratio": "in [0, 1]"})
 
 
 def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
@@ -99,10 +105,15 @@ class TrainerConfig:
     async_checkpoint: bool = True
     group_by_length: int = 0  # > 0: batches drawn from chunks of this many batches sorted by length (less padding)
 
+    force_resume: bool = False  # resume a run directory even when its loss / optimizer / data config changed
+
     def __post_init__(self) -> None:
+        check_ranges(self, "trainer", {"steps": ">= 1", "batch_size": ">= 1", "grad_accum": ">= 1",
+                                       "eval_every": ">= 0", "eval_batches": ">= 0", "save_every": ">= 0",
+                                       "keep": ">= 1", "log_every": ">= 1", "group_by_length": ">= 0"})
         if self.batch_size % self.grad_accum:
-            raise ValueError(f"TrainerConfig.batch_size {self.batch_size} is not divisible by grad_accum "
-                             f"{self.grad_accum}.")
+            raise ConfigError(f"trainer.batch_size {self.batch_size} is not divisible by trainer.grad_accum "
+                              f"{self.grad_accum}; make it a multiple.")
 
 
 class BatchSource(Protocol):
