@@ -23,7 +23,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 from prs_jax.errors import DataError
 
-__all__ = ["Row", "iter_rows", "read_rows", "write_jsonl", "JSONL_SUFFIXES", "PARQUET_SUFFIXES"]
+__all__ = ["Row", "iter_rows", "iter_jsonl", "read_rows", "write_jsonl", "JSONL_SUFFIXES", "PARQUET_SUFFIXES"]
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".jsonl.gz", ".ndjson.gz")
 PARQUET_SUFFIXES = (".parquet", ".pq")
@@ -66,7 +66,7 @@ def _iter_jsonl(path: Path) -> Iterator[Row]:
                 try:
                     obj = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno}). Each line of a JSONL "
+                    raise DataError(f"{where}: invalid JSON ({e.msg}, column {e.colno}). Each line of a JSONL "
                                     "file must be one complete JSON object.") from None
                 if not isinstance(obj, dict):
                     raise DataError(f"{where}: expected a JSON object (one row per line), got "
@@ -74,6 +74,11 @@ def _iter_jsonl(path: Path) -> Iterator[Row]:
                 yield Row(obj, where)
     except (OSError, EOFError) as e:  # gzip errors are OSError/EOFError
         raise DataError(f"{path}: cannot read: {e}") from None
+
+
+def iter_jsonl(path: str | Path) -> Iterator[Row]:
+    """Rows of a JSONL file whatever its name (errors name the file and line)."""
+    return _iter_jsonl(Path(path))
 
 
 def _iter_json(path: Path) -> Iterator[Row]:
@@ -242,7 +247,7 @@ def done_ids(path: Path) -> set[str]:
             raise DataError(f"{where}: not UTF-8 text ({e.reason}); this output cannot be resumed: repair or delete "
                             "the line, or write to another output.") from None
         except json.JSONDecodeError as e:
-            raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno}); a broken line inside a "
+            raise DataError(f"{where}: invalid JSON ({e.msg}, column {e.colno}); a broken line inside a "
                             "restartable output (not a torn last line) means it was edited or written by two "
                             "runs: repair or delete the line, or write to another output.") from None
         if not isinstance(row, dict) or "id" not in row:
