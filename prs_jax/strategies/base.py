@@ -11,20 +11,11 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
+from prs_jax.data.items import PromptItem  # noqa: F401  (re-exported: it lived here)
 from prs_jax.models.window import ContextError
 from prs_jax.tree.engine import TreeEngine
 from prs_jax.tree.scoring import RewardScorer
 from prs_jax.tree.tree import Node
-
-
-@dataclasses.dataclass(frozen=True)
-class PromptItem:
-    """One prompt x with an optional preference z; `id` keys resumable runs."""
-
-    id: str
-    prompt: str
-    preference: str | None = None
-    metadata: dict[str, Any] = dataclasses.field(default_factory=dict, hash=False, compare=False)
 
 
 @dataclasses.dataclass
