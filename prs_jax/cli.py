@@ -63,6 +63,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
 def _cmd_quickstart(args: argparse.Namespace) -> int:
     from prs_jax.world.quickstart import QuickstartConfig, run_quickstart, smoke_config
 
+    if args.prompts is not None and args.prompts < 1:
+        raise ConfigError(f"--prompts must be >= 1, got {args.prompts}.")
     base = smoke_config() if args.smoke else QuickstartConfig()
     given = {k: v for k, v in (("out_dir", args.out), ("world_root", args.world_root), ("prompts", args.prompts))
              if v is not None}
@@ -200,6 +202,11 @@ def _cmd_label(args: argparse.Namespace) -> int:
 def _cmd_tiny(args: argparse.Namespace) -> int:
     from prs_jax.models.tiny import build_checkpoint
 
+    for flag, value in (("--hidden", args.hidden), ("--layers", args.layers), ("--context", args.context)):
+        if value < 1:
+            raise ConfigError(f"{flag} must be >= 1, got {value}.")
+    if args.hidden % 8:
+        raise ConfigError(f"--hidden must be a multiple of 8 (4 heads of an even size), got {args.hidden}.")
     out = build_checkpoint(args.out, args.model_type, seed=args.seed, task=args.task, hidden_size=args.hidden,
                            intermediate_size=2 * args.hidden, num_hidden_layers=args.layers,
                            max_position_embeddings=args.context)

@@ -109,6 +109,12 @@ CASES: list[Case] = [
      "config file not found"),
     ("quickstart-budgets-not-int", lambda c: ["quickstart", "--budgets", "1,two"], 2, "--budgets"),
     ("quickstart-budgets-zero", lambda c: ["quickstart", "--budgets", "0,2"], 2, "every N must be >= 1"),
+    ("quickstart-zero-prompts", lambda c: ["quickstart", "--prompts", "0"], 2, "--prompts must be >= 1"),
+    ("tiny-zero-layers", lambda c: ["tiny", str(c.d / "t"), "--layers", "0"], 2, "--layers must be >= 1"),
+    ("tiny-odd-hidden", lambda c: ["tiny", str(c.d / "t"), "--hidden", "30"], 2, "multiple of 8"),
+    ("experiment-full-config-missing-checkpoints", lambda c: [
+        "experiment", "reward_vs_n", str(ROOT / "experiments" / "configs" / "reward_vs_n" / "full.yaml")], 1,
+     "do not exist"),
     # ------------------------------------------------------------------ info
     ("info-missing-dir", lambda c: ["info", str(c.d / "nope")], 1, "nope"),
     ("info-on-a-file", lambda c: ["info", c.file("f.txt", "x")], 1, "f.txt"),
@@ -174,6 +180,9 @@ CASES: list[Case] = [
     ("a2c-missing-reward-module", lambda c: ["train", "a2c", str(A2C_CFG), f"model={c.llama}",
                                              f"prompts.path={PROMPTS}", "reward.callable=no_such_mod:f"], 2,
      "reward.callable: cannot import module 'no_such_mod'"),
+    ("a2c-prompt-too-long", lambda c: ["train", "a2c", str(A2C_CFG), f"model={c.llama}", "prompts.path=" +
+                                       _one_prompt(c, "a2clong", LONG), f"trainer.out_dir={c.d / 'a2c'}"], 1,
+     "a2c prompt 0"),
     # ------------------------------------------------------------------ generate
     ("generate-no-policy", lambda c: ["generate", f"prompts={PROMPTS}"], 2, "`policy`"),
     ("generate-zero-n", lambda c: c.gen("strategy.n=0"), 2, "strategy.n must be >= 1"),
@@ -269,3 +278,12 @@ def test_sample_bad_argument_keeps_existing_output(ctx, capsys):
     assert out.read_bytes() == before
     assert not (ctx.d / "keep.jsonl.tmp").exists()
     capsys.readouterr()
+
+
+def test_refused_resume_leaves_the_output_and_its_provenance(ctx, capsys):
+    out = _stamped(ctx, "prov.jsonl", _gen_stamp(ctx, 8))
+    before = Path(out).read_bytes()
+    assert main(ctx.gen("strategy.n=4", f"out={out}")) == 1
+    assert "differing keys: strategy.n" in capsys.readouterr().err
+    assert Path(out).read_bytes() == before and not (ctx.d / "prov.config.json").exists()
+    assert json.loads(stamp_path(out).read_text())["config"]["strategy"]["n"] == 8

@@ -58,6 +58,7 @@ from prs_jax.errors import ConfigError, DataError, PrsJaxError
 from prs_jax.models.layers import Dense
 from prs_jax.models.tokenizer import encode_chat
 from prs_jax.models.transformer import CausalLM, RewardModel
+from prs_jax.models.window import check_fits, window_of
 from prs_jax.train.logprobs import token_logprobs
 from prs_jax.train.objectives import Static, unembed_matrix
 from prs_jax.train.trainer import (
@@ -332,6 +333,13 @@ class A2C:
         self.trainer = Trainer(self.model, config.loss(), trainer, optim, run_config=run_config)
         self._chat = rollout.chat if rollout.chat is not None else bool(getattr(tokenizer, "chat_template", None))
         self._prompt_ids = [self._encode(p, i) for i, p in enumerate(self.prompts)]
+        window = window_of(policy)
+        for i, ids in enumerate(self._prompt_ids):  # before any work: every rollout must fit the policy
+            check_fits(len(ids) + rollout.max_new_tokens, window, model="policy",
+                       what=f"a2c prompt {i} ({self.prompts[i][:40]!r}): prompt ({len(ids)} tokens) + "
+                            f"rollout.max_new_tokens ({rollout.max_new_tokens})",
+                       fix="lower rollout.max_new_tokens, shorten or drop the prompt (prompts.max_prompts), or use "
+                           "a longer-context policy.")
         # fixed shapes for the whole run: prompt part = bucket of the longest prompt, response = max_new_tokens
         self.prompt_len = bucket(max(len(t) for t in self._prompt_ids), 16)
         self.response_len = rollout.max_new_tokens
