@@ -152,7 +152,7 @@ class AILabeler:
         lead = 0 if self.prompts.chat else len(raw_lead(tok))
         orders = [(a, b), (b, a)] if c.both_orders else [(a, b)]
         longest = max(len(encode_text(tok, self.prompts.render(x, [f, s], cot=c.cot))) for f, s in orders)
-        extra = 2  # the label token read after the ending, and one spare
+        extra = max(len(encode_text(tok, label)) for label in c.labels)  # the label read after the ending
         if c.cot:
             extra += c.cot_max_new_tokens + len(encode_text(tok, self.prompts.after_rationale()))
         return lead + longest + extra

@@ -2,8 +2,10 @@
 
 Restartable without loss: rows are appended one batch at a time with a single write + fsync; on restart a
 torn last line (a kill mid-write) is cut off and every prompt id already written is skipped, so nothing is
-lost or duplicated. Multi-host: with jax.distributed each process takes every k-th prompt and writes its
-own part file; `merge_parts` combines them (in prompt order, each id once).
+lost or duplicated. The output is locked while a run writes it (data/lock.py) and stamped with the config that
+decides its rows (data/stamp.py): a resume with another policy, strategy, sampling, scorer or seed is refused.
+Multi-host: with jax.distributed each process takes every k-th prompt and writes its own part file;
+`merge_parts` combines them (in prompt order, each id once).
 """
 
 from __future__ import annotations
@@ -100,9 +102,7 @@ class ScorerSpec:
     callable: str | None = None
 
     def build(self) -> Scorer:
-        """The scorer: the callable imported, or the reward model loaded."""
-        if self.callable and self.reward_model:
-            raise ConfigError("scorer: set either `scorer.callable` or `scorer.reward_model`, not both.")
+        """The scorer: the callable imported (it wins over `reward_model`), or the reward model loaded."""
         if self.callable:
             fn = import_object(self.callable, key="scorer.callable")
             if not callable(fn):
