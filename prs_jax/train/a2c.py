@@ -434,6 +434,7 @@ class A2C:
             if "a2c_rng" in meta:
                 self._key = jax.random.wrap_key_data(np.asarray(meta["a2c_rng"], np.uint32))
             if tr.step != self.iteration * k:
+                tr.close()  # releases the run directory's lock
                 raise TrainingError(f"{tr.out_dir}: checkpoint at step {tr.step} is not at an iteration boundary "
                                     f"(iteration {self.iteration} x {k} steps); use another out_dir.")
             tqdm.write(f"resumed from iteration {self.iteration} (step {tr.step}, {tr.out_dir / 'checkpoints'})")
