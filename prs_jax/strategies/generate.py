@@ -24,7 +24,7 @@ from prs_jax.data.lock import check_output_file, output_lock
 from prs_jax.data.stamp import check_stamp, diff_keys, read_stamp, stamp_path, write_stamp
 from prs_jax.data.prompt_sets import load_prompt_set
 from prs_jax.errors import ConfigError, DataError, StampError
-from prs_jax.models.window import check_fits, policy_prompt_ids, window_of
+from prs_jax.models.window import ContextError, check_fits, policy_prompt_ids, window_of
 from prs_jax.strategies.base import CallableScorer, PromptItem, RewardModelScorer, Scorer, join_preference
 from prs_jax.strategies.prs import PRS, BestOfN
 from prs_jax.strategies.verbalized import VerbalizedSampling
@@ -221,7 +221,14 @@ def run_generate(cfg: GenerateConfig, console: Console | None = None, process_in
                   unit="prompt") as bar:
             for start in range(0, len(todo), cfg.batch_size):
                 batch = todo[start:start + cfg.batch_size]
-                results = strategy.run(batch, engine, scorer)
+                try:
+                    results = strategy.run(batch, engine, scorer)
+                except ValueError as e:  # the engine's window check on a grown tree (drafts, feedback, refinement)
+                    if "max_position_embeddings" not in str(e):
+                        raise
+                    raise ContextError(f"prompt(s) {', '.join(repr(it.id) for it in batch)}: {e} Lower "
+                                       "strategy.max_new_tokens / strategy.feedback_max_new_tokens or use a "
+                                       "longer-context policy.") from None
                 append_rows(out, [r.to_row(with_tree=cfg.with_tree) for r in results])
                 engine.release(list(engine.tree))  # the rows are written; the KV is not needed any more
                 bar.update(len(batch))
