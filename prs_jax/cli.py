@@ -317,7 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _sub(sub: Any, name: str, **kwargs: Any) -> argparse.ArgumentParser:
     """A subcommand parser that also takes --debug (after the subcommand)."""
     p = sub.add_parser(name, **kwargs)
-    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the full traceback of an error")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                   help="show the full traceback of an error")
     return p
 
 

@@ -75,6 +75,11 @@ def _held_lock(ctx: Ctx, name: str) -> list[str]:
     return [str(ctx.d / name)]
 
 
+def _held_dir_lock(ctx: Ctx, name: str) -> str:
+    (ctx.d / name).mkdir(exist_ok=True)
+    return _held_lock(ctx, name)[0]
+
+
 def _stamped(ctx: Ctx, name: str, config: dict) -> str:
     out = ctx.d / name
     out.write_text(ROW + "\n")
@@ -169,8 +174,8 @@ CASES: list[Case] = [
                                          "trainer.steps=1", f"trainer.out_dir={c.file('runfile', 'x')}"], 1,
      "must be a directory"),
     ("train-run-dir-locked", lambda c: ["train", "sft", f"model={c.llama}", f"data.train={SFT}", "trainer.steps=1",
-                                        f"trainer.out_dir={(c.d / 'lockedrun').mkdir() or _held_lock(c, 'lockedrun')[0]}"],
-     1, "another run is writing"),
+                                        f"trainer.out_dir={_held_dir_lock(c, 'lockedrun')}"], 1,
+     "another run is writing"),
     ("a2c-zero-rollout-n", lambda c: ["train", "a2c", str(A2C_CFG), f"model={c.llama}", "rollout.n=0"], 2,
      "rollout.n"),
     ("a2c-negative-beta", lambda c: ["train", "a2c", str(A2C_CFG), f"model={c.llama}", "a2c.beta=-1"], 2,

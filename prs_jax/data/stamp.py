@@ -94,10 +94,11 @@ def check_stamp(path: str | Path, config: Mapping[str, Any], *, resuming: bool, 
     if old is not None:
         keys = diff_keys(old["config"], config)
         if keys:
+            detail = describe_diff(old["config"], config, keys)
             raise StampError(
                 f"{what}: was written with another config (stamp {old.get('stamp')}, this run "
-                f"{config_hash(config)}); differing keys: {', '.join(keys)} ({describe_diff(old['config'], config, keys)}"
-                f"). Resuming would mix rows of two configs: write to another output, restore the old values, or "
-                f"delete {what} and {path.name} to start over.")
+                f"{config_hash(config)}); differing keys: {', '.join(keys)} ({detail}). Resuming would mix rows of "
+                f"two configs: write to another output, restore the old values, or delete {what} and {path.name} to "
+                "start over.")
         return
     write_stamp(path, config)

@@ -178,8 +178,8 @@ def check_windows(cfg: GenerateConfig, items: Sequence[PromptItem], tokenizer: A
     for it in items:
         text = it.prompt if s.name in ("rand", "greedy") else join_preference(it.prompt, it.preference)
         n = len(policy_prompt_ids(tokenizer, text))
-        check_fits(n + s.max_new_tokens, window, what=f"prompt {it.id!r}: prompt ({n} tokens) + strategy.max_new_tokens "
-                   f"({s.max_new_tokens})", model="policy",
+        check_fits(n + s.max_new_tokens, window, model="policy",
+                   what=f"prompt {it.id!r}: prompt ({n} tokens) + strategy.max_new_tokens ({s.max_new_tokens})",
                    fix="lower strategy.max_new_tokens, shorten or drop the prompt, or use a longer-context policy.")
         if rm is not None:
             shown = join_preference(it.prompt, it.preference) if cfg.scorer.include_preference else it.prompt

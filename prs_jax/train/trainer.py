@@ -278,11 +278,11 @@ class Trainer:
         if isinstance(old, dict) and not self.config.force_resume:
             keys = diff_keys(resume_config(old), resume_config(self.run_config))
             if keys:
+                detail = describe_diff(resume_config(old), resume_config(self.run_config), keys)
                 raise TrainingError(
                     f"{self.out_dir}: its checkpoint at step {step} was trained with another config; differing "
-                    f"keys: {', '.join(keys)} ({describe_diff(resume_config(old), resume_config(self.run_config), keys)}"
-                    "). Use another trainer.out_dir, restore the old values, or pass --force-resume "
-                    "(trainer.force_resume=true) to continue from it anyway.")
+                    f"keys: {', '.join(keys)} ({detail}). Use another trainer.out_dir, restore the old values, or "
+                    "pass --force-resume (trainer.force_resume=true) to continue from it anyway.")
         mine = self._fingerprint()
         theirs = meta.get("params", {})
         if theirs != mine:
