@@ -23,7 +23,8 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 from prs_jax.errors import DataError
 
-__all__ = ["Row", "iter_rows", "iter_jsonl", "read_rows", "write_jsonl", "JSONL_SUFFIXES", "PARQUET_SUFFIXES"]
+__all__ = ["Row", "iter_rows", "iter_jsonl", "read_rows", "write_jsonl", "write_text_atomic", "done_ids", "append_rows",
+           "JSONL_SUFFIXES", "PARQUET_SUFFIXES"]
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".jsonl.gz", ".ndjson.gz")
 PARQUET_SUFFIXES = (".parquet", ".pq")
@@ -255,6 +256,15 @@ def done_ids(path: Path) -> set[str]:
                             "prs-jax: write to another output.")
         done.add(str(row["id"]))
     return done
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write a small text file via a temporary file and a rename: a kill leaves the old or the new file whole."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+    return path
 
 
 def append_rows(path: Path, rows: Sequence[dict[str, Any]]) -> None:

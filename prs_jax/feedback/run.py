@@ -31,7 +31,7 @@ from prs_jax.data.stamp import check_stamp, stamp_path
 from prs_jax.errors import ConfigError, DataError, StampError
 from prs_jax.feedback.labeler import AILabeler, LabelerConfig
 from prs_jax.feedback.metrics import LabelSummary, summarize
-from prs_jax.data.io import append_rows, done_ids
+from prs_jax.data.io import append_rows, done_ids, write_text_atomic
 from prs_jax.models.window import check_fits, window_of
 
 
@@ -199,7 +199,7 @@ def run_label(cfg: LabelRunConfig, console: Console | None = None,
         todo = [p for p in pairs if p.id not in done]
         console.print(f"label: {len(pairs)} pairs, {len(pairs) - len(todo)} already in {out}, {len(todo)} to go "
                       f"(labeler {tag})", markup=False)
-        (out.parent / f"{out.stem}.config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+        write_text_atomic(out.parent / f"{out.stem}.config.json", json.dumps(to_dict(cfg), indent=2))
         if todo:
             labeler = labeler or AILabeler.from_pretrained(cfg.model, cfg.labeler, dtype=cfg.dtype)
             window = window_of(labeler.model)
@@ -224,7 +224,7 @@ def run_label(cfg: LabelRunConfig, console: Console | None = None,
                     if on_batch is not None:
                         on_batch(written)
         summary = summarize(read_labels(out))
-        (out.parent / f"{out.stem}.summary.json").write_text(json.dumps(summary.to_dict(), indent=2))
+        write_text_atomic(out.parent / f"{out.stem}.summary.json", json.dumps(summary.to_dict(), indent=2))
     return out, summary
 
 

@@ -19,7 +19,7 @@ from rich.console import Console
 from tqdm import tqdm
 
 from prs_jax.config import check_ranges, import_object, require, to_dict
-from prs_jax.data.io import append_rows, done_ids
+from prs_jax.data.io import append_rows, done_ids, write_text_atomic
 from prs_jax.data.lock import check_output_file, output_lock
 from prs_jax.data.stamp import check_stamp, diff_keys, read_stamp, stamp_path, write_stamp
 from prs_jax.data.prompt_sets import load_prompt_set
@@ -208,7 +208,7 @@ def run_generate(cfg: GenerateConfig, console: Console | None = None, process_in
         todo = [it for it in mine if it.id not in done]
         console.print(f"generate: {len(mine)} prompts for process {process_index}/{process_count}, {len(done)} "
                       f"already in {out}, {len(todo)} to go", markup=False)
-        (out.parent / f"{out.stem}.config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+        write_text_atomic(out.parent / f"{out.stem}.config.json", json.dumps(to_dict(cfg), indent=2))
         if not todo:
             return out
         strategy = cfg.strategy.build()

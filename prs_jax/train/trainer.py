@@ -29,6 +29,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
 from prs_jax.config import check_ranges
+from prs_jax.data.io import write_text_atomic
 from prs_jax.data.lock import OutputLock
 from prs_jax.data.stamp import describe_diff, diff_keys
 from prs_jax.errors import ConfigError, PrsJaxError
@@ -318,7 +319,7 @@ class Trainer:
             self._opt_state_tree = self.tx.init(self._params)
             self._ckpt = self._manager()
             resumed = self.restore(self._ckpt)
-            (self.out_dir / "config.json").write_text(json.dumps(self.run_config, indent=2, default=str))
+            write_text_atomic(self.out_dir / "config.json", json.dumps(self.run_config, indent=2, default=str))
             # the steps logged after the restored checkpoint (before a kill) are logged again by this run
             trim_metrics(self.out_dir / "metrics.jsonl", self.step)
             self._frozen_states = {k: s for k, (_, s) in self._frozen_split.items()}
