@@ -18,6 +18,7 @@ from flax import nnx
 from prs_jax.kernels.cascade import use_pallas_default
 from prs_jax.models.tokenizer import encode_chat
 from prs_jax.models.transformer import RewardModel
+from prs_jax.models.window import check_fits, window_of
 from prs_jax.tree.engine import bucket, counting, extend_rows
 from prs_jax.tree.tree import Node
 
@@ -108,8 +109,12 @@ class RewardScorer:
     def score_pairs(self, pairs: Sequence[tuple[str, str]]) -> list[float]:
         """Reward of each (prompt, response) pair, in input order."""
         groups: dict[tuple[int, ...], list[tuple[int, list[int]]]] = {}
+        window = window_of(self.rm)
         for i, (prompt, response) in enumerate(pairs):
             head, tail = self.formatter.split(self.tokenizer, prompt, response)
+            check_fits(len(head) + len(tail), window, what=f"reward-model input {i} (prompt + response)",
+                       model="reward model", index=i,
+                       fix="use a reward model with a longer window, shorter prompts, or a smaller max_new_tokens.")
             groups.setdefault(tuple(head), []).append((i, tail))
         out = np.zeros(len(pairs), np.float32)
         items = list(groups.items())
