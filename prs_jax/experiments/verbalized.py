@@ -359,7 +359,11 @@ def dpo_sharpen(cfg: Config, setting: Setting, model: Any, tok: Any, work: Path,
     for it, ts in zip(items, texts):
         r = rewards[i:i + len(ts)]
         i += len(ts)
-        best, worst = int(np.argmax(r)), int(np.argmin(r))
+        keep = [j for j, t in enumerate(ts) if t.strip()]  # an empty sample is no response to train on
+        if len(keep) < 2:
+            continue
+        best = max(keep, key=lambda j: r[j])
+        worst = min(keep, key=lambda j: r[j])
         if r[best] == r[worst]:
             continue
         rows.append({"id": it.id, "prompt": [{"role": "user", "content": join_preference(it.prompt, it.preference)}],
