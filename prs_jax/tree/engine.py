@@ -9,14 +9,21 @@ again as the first suffix token of what is built on it (that gives the logits th
 from, with no logits stored); the KV it produces completes the parent's segment.
 
 Shapes are bucketed (groups, rows per group, prefix length, new tokens) so a long run compiles a handful of
-programs; `compilations` counts them. Randomness: row keys derive from (seed, parent id, expansion index,
-child index), so the same seed reproduces the same tree however prompts are batched.
+programs; `compilations` counts them.
+
+Randomness is position-stable: a child's key is the seed's key folded with a hash of the child's path, which
+is (its root's digest, then (branch, child) for each step down from the root). A root's digest hashes its
+prompt id (given to `add_prompts`, by default none) and its tokens, plus an occurrence count when the same
+(id, tokens) is added again to one engine. `branch` counts the child-making calls (`expand`, `append`) on a
+parent. Node ids (creation order) never enter, so batch size, batching order, the order of parents in a call,
+the number of processes and resuming a run never change a tree.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 from typing import Any, Literal, Sequence
 
 import jax
@@ -92,6 +99,24 @@ def _place_segment(prefix: jax.Array, seg: jax.Array, group: jax.Array, offset: 
 def _put_slot(kv: jax.Array, tok: jax.Array, pos: jax.Array) -> jax.Array:
     """Write one slot tok [L, 2, K, 1, D] into kv [L, 2, K, Sb, D] at pos."""
     return jax.lax.dynamic_update_slice(kv, tok, (0, 0, 0, pos, 0))
+
+
+def path_words(path: tuple) -> np.ndarray:
+    """Four uint32 words of a stable hash (sha256 of the repr) of a node's key path."""
+    return np.frombuffer(hashlib.sha256(repr(path).encode()).digest()[:16], dtype="<u4").astype(np.uint32)
+
+
+@jax.jit
+def path_keys(key: jax.Array, words: jax.Array) -> jax.Array:
+    """One key per row: `key` folded with the row's four words [R, 4] (elementwise: rows never interact)."""
+
+    def one(w):
+        k = key
+        for i in range(w.shape[0]):
+            k = jax.random.fold_in(k, w[i])
+        return k
+
+    return jax.vmap(one)(words)
 
 
 def _stack_layers(kv: jax.Array) -> tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]:
@@ -198,7 +223,7 @@ class TreeEngine:
         self._graphdef, self._state = nnx.split(model)
         self._dtype = model.model.embed_tokens.embedding[...].dtype
         self._key = jax.random.key(seed)
-        self._expansions: dict[int, int] = {}
+        self._occurrences: dict[str, int] = {}  # root digest base -> roots added with it so far
         self.last_decode_stats: dict[str, int] = {}
         impl = config.attention_impl
         self._impl = ("pallas" if use_pallas_default() else "reference") if impl == "auto" else impl
@@ -314,9 +339,31 @@ class TreeEngine:
                                      graphdef=self._graphdef, rows_per_group=1, impl=self._impl, want_hidden=False)
         return suffix, rows
 
+    def root_path(self, prompt_id: str | None, tokens: Sequence[int]) -> tuple:
+        """The key path of a new root: a digest of (prompt id, tokens, how often this engine saw both)."""
+        base = hashlib.sha256(repr((None if prompt_id is None else str(prompt_id),
+                                    tuple(int(t) for t in tokens))).encode()).hexdigest()
+        k = self._occurrences.get(base, 0)
+        self._occurrences[base] = k + 1
+        return (base if k == 0 else f"{base}#{k}",)
+
+    @staticmethod
+    def _branch(parent: Node) -> int:
+        """Index of a new child-making call on `parent` (expand or append), counted per parent."""
+        b = parent.branches
+        parent.branches = b + 1
+        return b
+
     def add_prompts(self, prompts: Sequence[str | Sequence[int] | Sequence[dict[str, str]]],
-                    metadata: Sequence[dict[str, Any]] | None = None) -> list[Node]:
-        """Create root nodes (text, token ids, or chat messages) and prefill all but their last token."""
+                    metadata: Sequence[dict[str, Any]] | None = None,
+                    ids: Sequence[str | None] | None = None) -> list[Node]:
+        """Create root nodes (text, token ids, or chat messages) and prefill all but their last token.
+
+        `ids` (optional, one per prompt) are stable prompt ids: with the prompt's tokens they key the
+        randomness of everything sampled below the root (see the module docstring). Give them whenever the
+        same prompt text may appear under different ids (e.g. `PromptItem.id`)."""
+        if ids is not None and len(ids) != len(prompts):
+            raise ValueError(f"add_prompts: {len(prompts)} prompts but {len(ids)} ids.")
         roots = []
         for i, p in enumerate(prompts):
             toks = self.encode(p)
@@ -325,7 +372,8 @@ class TreeEngine:
             self.check_context(len(toks) + 1, f"add_prompts: prompt {i}")
             text = p if isinstance(p, str) else (self.tokenizer.decode(toks) if self.tokenizer else "")
             roots.append(self.tree.add("prompt", toks, None, text=text,
-                                       metadata=dict(metadata[i]) if metadata else {}))
+                                       metadata=dict(metadata[i]) if metadata else {},
+                                       key_path=self.root_path(ids[i] if ids is not None else None, toks)))
         buf, rows = self._extend([None] * len(roots), [0] * len(roots), [r.tokens[:-1] for r in roots])
         for r, row in zip(roots, rows):
             if row >= 0:
@@ -344,7 +392,8 @@ class TreeEngine:
                 raise ValueError(f"append: text {i} is empty.")
             self.check_context(parent.context_len + len(toks) + 1, f"append: node {i}")
             nodes.append(self.tree.add("fixed", toks, parent, text=text if isinstance(text, str) else self.decode(
-                toks), metadata=dict(metadata[i]) if metadata else {}))
+                toks), metadata=dict(metadata[i]) if metadata else {},
+                key_path=parent.key_path + ((self._branch(parent), 0),)))
         # feed [parent's last token] + fixed[:-1] after the parent's context minus its last token
         items = [[p.tokens[-1]] + n.tokens[:-1] for p, n in zip(parents, nodes)]
         buf, rows = self._extend(parents, [p.context_len - 1 for p in parents], items)
@@ -378,18 +427,16 @@ class TreeEngine:
         r = groups * rows_per_group
         first = np.full((r,), self.pad_id, np.int32)
         active = np.zeros((r,), bool)
-        keys = []
+        words = np.zeros((r, 4), np.uint32)
+        kid_paths: list[list[tuple]] = []
         for pi, p in enumerate(parents):
-            e = self._expansions.get(p.id, 0)
-            self._expansions[p.id] = e + 1
-            base = jax.random.fold_in(jax.random.fold_in(self._key, p.id), e)
+            e = self._branch(p)
+            kid_paths.append([p.key_path + ((e, c),) for c in range(n)])
             for c in range(n):
                 row = pi * stride + c
                 first[row] = p.tokens[-1]
                 active[row] = True
-                keys.append((row, jax.random.fold_in(base, c)))
-        by_row = dict(keys)
-        keys = [by_row.get(i, self._key) for i in range(r)]
+                words[row] = path_words(kid_paths[-1][c])
         context_seen = None
         if sampling.repetition_penalty != 1.0:
             seen = np.zeros((groups, self.cfg.vocab_size), bool)
@@ -397,7 +444,8 @@ class TreeEngine:
                 seen[g, p.context_tokens()] = True
             context_seen = jnp.asarray(seen)
         out_tok, out_lp, out_len, hit_eos, suffix = self._decode_jit(
-            self._state, prefix_kv, prefix_mask, jnp.asarray(first), jnp.stack(keys), jnp.asarray(active),
+            self._state, prefix_kv, prefix_mask, jnp.asarray(first), path_keys(self._key, jnp.asarray(words)),
+            jnp.asarray(active),
             jnp.int32(max_new_tokens), context_seen, graphdef=self._graphdef, rows_per_group=rows_per_group,
             buf=buf, params=sampling, eos_ids=stop_spec.eos_ids, pad_id=self.pad_id, impl=self._impl)
         self.last_decode_stats = {"groups": groups, "rows": r, "prefix_kv_bytes": int(prefix_kv.nbytes),
@@ -418,7 +466,7 @@ class TreeEngine:
                 if cut is not None:
                     tokens, text, reason = tokens[:cut[0]], cut[1], "stop"
                 node = self.tree.add("generated", tokens, p, text=text, logprobs=lps[row, :len(tokens)].tolist(),
-                                     finish_reason=reason)
+                                     finish_reason=reason, key_path=kid_paths[pi][c])
                 node.kv, node.kv_valid = self._segment(suffix, row, 1, len(tokens) - 1)
                 kids.append(node)
             result.append(kids)

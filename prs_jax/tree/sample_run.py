@@ -37,7 +37,10 @@ def read_prompts(path: Path) -> list[dict[str, Any]]:
 
 def run_sample(checkpoint: Path, prompts_file: Path, out_file: Path, *, n: int, max_new_tokens: int,
                sampling: SamplingParams, seed: int, batch_size: int, chat: bool, stop: Sequence[str] = ()) -> int:
-    """Sample `n` completions for every prompt, `batch_size` prompts per engine call; returns rows written."""
+    """Sample `n` completions for every prompt, `batch_size` prompts per engine call; returns rows written.
+
+    Each prompt's samples are keyed by (seed, the row's "id" if it has one else its index in the file, the
+    prompt's tokens): the output does not depend on `batch_size`."""
     rows = read_prompts(prompts_file)
     tok = load_tokenizer(checkpoint)
     model = load_causal_lm(checkpoint)
@@ -49,7 +52,8 @@ def run_sample(checkpoint: Path, prompts_file: Path, out_file: Path, *, n: int, 
             batch = rows[start:start + batch_size]
             items = [r["messages"] if "messages" in r else (
                 [{"role": "user", "content": r["prompt"]}] if chat else r["prompt"]) for r in batch]
-            roots = engine.add_prompts(items)
+            ids = [str(r["id"]) if r.get("id") is not None else f"#{start + i}" for i, r in enumerate(batch)]
+            roots = engine.add_prompts(items, ids=ids)
             children = engine.expand(roots, n, sampling, max_new_tokens=max_new_tokens, stop=list(stop) or None)
             for row, kids in zip(batch, children):
                 out = dict(row)
