@@ -26,7 +26,7 @@ from prs_jax.strategies.prs import PRS, BestOfN
 from prs_jax.strategies.verbalized import VerbalizedSampling
 from prs_jax.tree.engine import EngineConfig, TreeEngine
 from prs_jax.tree.sampling import SamplingParams
-from prs_jax.tree.scoring import RewardFormatter, RewardScorer
+from prs_jax.tree.scoring import RewardFormatter, RewardScorer, ScorerConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,8 +85,12 @@ class ScorerSpec:
     template: str = "Human: {prompt}\n\nAssistant: {response}"
     include_preference: bool = False
     callable: str | None = None
+    token_budget: int = 65536  # reward-model programs: rows x padded length (see tree.scoring.ScorerConfig)
+    activation_budget_mb: int = 2048  # and their attention activations
+    stable_rows: int = 4  # rows per group when the run asks for batch-invariant shapes (group_tile > 0)
 
-    def build(self) -> Scorer:
+    def build(self, stable: bool = False) -> Scorer:
+        """The scorer; `stable` sizes reward-model programs by each pair's own lengths only."""
         if self.callable:
             module, _, fn = self.callable.partition(":")
             if not fn:
@@ -97,7 +101,10 @@ class ScorerSpec:
         from prs_jax.models import load_reward_model, load_tokenizer
 
         rm = load_reward_model(self.reward_model, head_name=self.head_name)
-        scorer = RewardScorer(rm, load_tokenizer(self.reward_model), RewardFormatter(self.formatter, self.template))
+        config = ScorerConfig(token_budget=self.token_budget, activation_budget_bytes=self.activation_budget_mb << 20,
+                              stable_rows=self.stable_rows if stable else 0)
+        scorer = RewardScorer(rm, load_tokenizer(self.reward_model), RewardFormatter(self.formatter, self.template),
+                              config)
         return RewardModelScorer(scorer, include_preference=self.include_preference)
 
 
@@ -120,6 +127,10 @@ class GenerateConfig:
     strategy: StrategyConfig = StrategyConfig()
     scorer: ScorerSpec = ScorerSpec()
     attention_impl: Literal["auto", "reference", "pallas"] = "auto"
+    # Groups per engine program, fixed, so that every row (text, log-probs, rewards) is byte-identical whatever
+    # batch_size, process count or resume point; 0 sizes programs by the batch (fewer programs, but floats can
+    # differ in the last bits between batchings). Sampling keys never depend on batching either way.
+    group_tile: int = 8
 
 
 def read_prompt_items(cfg: GenerateConfig) -> list[PromptItem]:
@@ -161,9 +172,9 @@ def run_generate(cfg: GenerateConfig, console: Console | None = None, process_in
         return out
     tok = load_tokenizer(cfg.policy)
     engine = TreeEngine(load_causal_lm(cfg.policy), tok, seed=cfg.seed,
-                        config=EngineConfig(attention_impl=cfg.attention_impl))
+                        config=EngineConfig(attention_impl=cfg.attention_impl, group_tile=cfg.group_tile))
     strategy = cfg.strategy.build()
-    scorer = cfg.scorer.build()
+    scorer = cfg.scorer.build(stable=cfg.group_tile > 0)
     with tqdm(total=len(mine), initial=len(mine) - len(todo), desc=f"generate[{cfg.strategy.name}]",
               unit="prompt") as bar:
         for start in range(0, len(todo), cfg.batch_size):

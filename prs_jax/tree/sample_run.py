@@ -10,7 +10,7 @@ from tqdm import tqdm
 
 from prs_jax.errors import PrsJaxError
 from prs_jax.models import load_causal_lm, load_tokenizer
-from prs_jax.tree.engine import TreeEngine
+from prs_jax.tree.engine import EngineConfig, TreeEngine
 from prs_jax.tree.sampling import SamplingParams
 
 
@@ -36,15 +36,17 @@ def read_prompts(path: Path) -> list[dict[str, Any]]:
 
 
 def run_sample(checkpoint: Path, prompts_file: Path, out_file: Path, *, n: int, max_new_tokens: int,
-               sampling: SamplingParams, seed: int, batch_size: int, chat: bool, stop: Sequence[str] = ()) -> int:
+               sampling: SamplingParams, seed: int, batch_size: int, chat: bool, stop: Sequence[str] = (),
+               group_tile: int = 8) -> int:
     """Sample `n` completions for every prompt, `batch_size` prompts per engine call; returns rows written.
 
     Each prompt's samples are keyed by (seed, the row's "id" if it has one else its index in the file, the
-    prompt's tokens): the output does not depend on `batch_size`."""
+    prompt's tokens), and programs run `group_tile` groups each (`EngineConfig.group_tile`): the output does not
+    depend on `batch_size`, to the byte."""
     rows = read_prompts(prompts_file)
     tok = load_tokenizer(checkpoint)
     model = load_causal_lm(checkpoint)
-    engine = TreeEngine(model, tok, seed=seed)
+    engine = TreeEngine(model, tok, seed=seed, config=EngineConfig(group_tile=group_tile))
     out_file.parent.mkdir(parents=True, exist_ok=True)
     written = 0
     with open(out_file, "w") as fh, tqdm(total=len(rows), desc="sampling", unit="prompt") as bar:
