@@ -94,9 +94,10 @@ def _pow2_floor(x: int) -> int:
     return 1 << (max(int(x), 1).bit_length() - 1)
 
 
-def chunk_groups(cfg: ScorerConfig, heads: int, n: int, p: int, t: int) -> int:
+def chunk_groups(cfg: Any, heads: int, n: int, p: int, t: int) -> int:
     """Groups per program for shape class (n rows per group, prefix bucket p, row bucket t): a power of two
-    >= 1 within the token, row and activation budgets (1 when even one group exceeds them)."""
+    >= 1 within the token, row and activation budgets (1 when even one group exceeds them). `cfg` is any
+    config with token_budget, max_rows and activation_budget_bytes (ScorerConfig, feedback ReaderConfig)."""
     per_group_tokens = n * (p + t)
     per_group_bytes = max(8 * heads * n * t * (p + t), 8 * heads * p * p)
     g = min(cfg.token_budget // max(per_group_tokens, 1), cfg.max_rows // max(n, 1),
@@ -104,7 +105,7 @@ def chunk_groups(cfg: ScorerConfig, heads: int, n: int, p: int, t: int) -> int:
     return _pow2_floor(max(g, 1))
 
 
-def rows_per_group(cfg: ScorerConfig, heads: int, n: int, p: int, t: int) -> int:
+def rows_per_group(cfg: Any, heads: int, n: int, p: int, t: int) -> int:
     """The largest power of two <= n (at least 1) whose single group fits the budgets."""
     while n > 1 and (n * (p + t) > cfg.token_budget or n > cfg.max_rows
                      or 8 * heads * n * t * (p + t) > cfg.activation_budget_bytes):
