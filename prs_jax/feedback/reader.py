@@ -10,6 +10,7 @@ cascade attention, as `TreeEngine.expand` does. Only the few positions and token
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -148,8 +149,10 @@ def share_prefixes(engine: TreeEngine, groups: Sequence[Sequence[list[int]]], mi
     """Put each group's common token prefix on the tree once (one batched `add_prompts`); returns, per
     sequence, (root, tokens of the root it keeps, the rest of the sequence). `min_tail` tokens are left out of
     the shared prefix (fixed text appended on top needs at least one token). A group without a common prefix
-    gets one root per sequence."""
+    gets one root per sequence. Each root's prompt id hashes its whole group, so what is sampled on it (e.g.
+    self-consistency rationales) depends on the group's own tokens, not on which groups share the call."""
     heads: list[list[int]] = []
+    ids: list[str] = []
     plan: list[list[tuple[int, int]]] = []  # per group, per sequence: (head index, head length)
     for seqs in groups:
         if any(len(s) <= min_tail for s in seqs):
@@ -161,16 +164,19 @@ def share_prefixes(engine: TreeEngine, groups: Sequence[Sequence[list[int]]], mi
             while m < k and s[m] == first[m]:
                 m += 1
             k = m
+        gid = hashlib.sha256(repr([[int(t) for t in s] for s in seqs]).encode()).hexdigest()[:32]
         if k >= 1:
             heads.append(list(first[:k]))
+            ids.append(gid)
             plan.append([(len(heads) - 1, k)] * len(seqs))
         else:
             entry = []
-            for s in seqs:
+            for j, s in enumerate(seqs):
                 heads.append(list(s[:len(s) - min_tail]))
+                ids.append(f"{gid}/{j}")
                 entry.append((len(heads) - 1, len(s) - min_tail))
             plan.append(entry)
-    roots = engine.add_prompts(heads)
+    roots = engine.add_prompts(heads, ids=ids)
     return [[(roots[h], k, list(s[k:])) for (h, k), s in zip(entry, seqs)] for entry, seqs in zip(plan, groups)]
 
 
