@@ -238,14 +238,14 @@ def sample_responses(model: Any, tok: Any, queries: Sequence[str], m: int, tempe
 
 def make_pairs(items: Sequence[PromptItem], responses: Sequence[Sequence[str]],
                gold: Callable[[str, str, str | None], float], eval_ids: set[str]) -> list[Pair]:
-    """Disjoint pairs (r0, r1), (r2, r3), ... of each prompt's responses, labelled by the gold reward; ties and
-    identical texts are skipped."""
+    """Disjoint pairs (r0, r1), (r2, r3), ... of each prompt's responses, labelled by the gold reward; ties,
+    identical texts and empty responses (a sample that stopped at once; pair readers refuse them) are skipped."""
     pairs = []
     for it, rs in zip(items, responses):
         for j in range(0, len(rs) - 1, 2):
             a, b = rs[j], rs[j + 1]
             ga, gb = gold(it.prompt, a, it.preference), gold(it.prompt, b, it.preference)
-            if a == b or ga == gb:
+            if a == b or ga == gb or not a.strip() or not b.strip():
                 continue
             pairs.append(Pair(f"{it.id}/{j // 2}", [{"role": "user", "content": join_preference(it.prompt,
                                                                                             it.preference)}],
