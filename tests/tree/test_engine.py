@@ -191,3 +191,30 @@ def test_children_keyed_by_prompt_id_and_path_not_creation_order(model_tok):
     eng2 = TreeEngine(model, tok, seed=11)
     assert [k.tokens for k in eng2.expand(eng2.add_prompts(["same text"], ids=["a"]), 3, params,
                                           max_new_tokens=6)[0]] == kids[0]
+
+
+def test_path_keys_sample_without_bias(model_tok):
+    """Keys from hashed paths give uniform, uncorrelated draws, and children's first tokens follow the model's
+    distribution (chi-square over the frequent tokens)."""
+    from prs_jax.tree.engine import path_keys, path_words
+
+    words = np.stack([path_words(("root",) + ((0, c),)) for c in range(20000)])
+    keys = path_keys(jax.random.key(7), jnp.asarray(words))
+    draw = jax.vmap(jax.random.uniform)
+    u0 = np.sort(np.asarray(draw(jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, 0))))
+    u1 = np.asarray(draw(jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, 1)))
+    assert np.max(np.abs(u0 - (np.arange(1, 20001) - 0.5) / 20000)) < 0.015  # Kolmogorov-Smirnov, 20000 draws
+    assert abs(np.corrcoef(np.asarray(draw(jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, 0))), u1)[0, 1]
+               ) < 0.03  # uncorrelated across steps
+
+    model, tok = model_tok
+    eng = TreeEngine(model, tok, seed=3)
+    root = eng.add_prompts(["Describe a sunrise."], ids=["x"])[0]
+    kids = eng.expand([root], 2048, SamplingParams(temperature=1.0), max_new_tokens=1)[0]
+    first = np.array([k.tokens[0] for k in kids])
+    prob = {t: float(np.exp(k.logprobs[0])) for t, k in zip(first, kids)}
+    ids, counts = np.unique(first, return_counts=True)
+    expected = np.array([prob[t] * len(first) for t in ids])
+    big = expected >= 10
+    chi2 = float(((counts[big] - expected[big]) ** 2 / expected[big]).sum())
+    assert big.sum() >= 10 and chi2 < big.sum() + 4 * np.sqrt(2 * big.sum())  # mean dof, sd sqrt(2 dof)
