@@ -77,8 +77,9 @@ class ScorerConfig:
     sub-groups (down to one row, which always runs).
 
     stable_rows > 0 makes the floats batch-invariant: every group has exactly this many rows (pairs with the
-    same prompt part and response bucket, split or padded), and every chunk is padded to its budget size, so a
-    pair's shapes depend only on its own lengths and never on the other pairs of the call.
+    same prompt part and response bucket, split or padded), and every program has exactly min(stable_groups,
+    the budget's g) groups (padded), so a pair's shapes depend only on its own lengths and never on the other
+    pairs of the call.
     """
 
     max_rows: int = 256
@@ -87,6 +88,7 @@ class ScorerConfig:
     min_prefix_bucket: int = 16
     min_suffix_bucket: int = 16
     stable_rows: int = 0
+    stable_groups: int = 8
     attention_impl: Literal["auto", "reference", "pallas"] = "auto"
 
 
@@ -174,6 +176,8 @@ class RewardScorer:
         out = np.zeros(len(pairs), np.float32)
         for (n, p, t), grs in sorted(classes.items()):
             g_cap = chunk_groups(cfg, heads, n, p, t)
+            if cfg.stable_rows:
+                g_cap = min(g_cap, _pow2_floor(cfg.stable_groups))
             for s in range(0, len(grs), g_cap):
                 chunk = grs[s:s + g_cap]
                 self._score_chunk(chunk, n, out, g=g_cap if cfg.stable_rows else bucket(len(chunk)), p=p, t=t)
