@@ -10,8 +10,9 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-from prs_jax.errors import PrsJaxError
+from prs_jax.errors import ConfigError, PrsJaxError
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -62,13 +63,30 @@ def _cmd_info(args: argparse.Namespace) -> int:
 def _cmd_quickstart(args: argparse.Namespace) -> int:
     from prs_jax.world.quickstart import QuickstartConfig, run_quickstart, smoke_config
 
+    if args.prompts is not None and args.prompts < 1:
+        raise ConfigError(f"--prompts must be >= 1, got {args.prompts}.")
     base = smoke_config() if args.smoke else QuickstartConfig()
     given = {k: v for k, v in (("out_dir", args.out), ("world_root", args.world_root), ("prompts", args.prompts))
              if v is not None}
     cfg = dataclasses.replace(base, seed=args.seed, **given)
     if args.budgets:
-        cfg = dataclasses.replace(cfg, budgets=tuple(int(n) for n in args.budgets.split(",")))
-    run_quickstart(cfg)
+        try:
+            budgets = tuple(int(n) for n in args.budgets.split(","))
+        except ValueError:
+            raise ConfigError(f"--budgets: expected comma-separated integers such as 1,2,4,8, got "
+                              f"{args.budgets!r}.") from None
+        if not budgets or min(budgets) < 1:
+            raise ConfigError(f"--budgets: every N must be >= 1, got {args.budgets!r}.")
+        cfg = dataclasses.replace(cfg, budgets=budgets)
+    if args.strict:
+        cfg = dataclasses.replace(cfg, allow_weak=False)
+    from prs_jax.world.gates import GateError
+
+    try:
+        run_quickstart(cfg)
+    except GateError as e:
+        print(f"prs-jax quickstart: {e}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -88,9 +106,24 @@ def _cmd_world(args: argparse.Namespace) -> int:
     cfg = preset(args.preset, seed=args.seed)
     if args.overrides:
         cfg = from_dict(WorldConfig, apply_overrides(to_dict(cfg), args.overrides))
-    built = build_world(cfg, root=args.root, force=args.force)
+    from prs_jax.world.gates import GateError
+
+    try:
+        built = build_world(cfg, root=args.root, force=args.force, allow_weak=args.allow_weak)
+        if args.action == "labelers":
+            from prs_jax.world.labelers import build_labelers
+
+            report = build_labelers(built, allow_weak=args.allow_weak)
+            print(json.dumps({"root": str(built.root), "labelers": report["paths"],
+                              "gates": {g["gate"]: g["value"] for g in report["gates"]["rows"]}}, indent=2))
+            return 0
+    except GateError as e:
+        print(f"prs-jax world {args.action}: {e}", file=sys.stderr)
+        return 1
+    gates = (built.report.get("gates") or {}).get("rows", [])
     print(json.dumps({"root": str(built.root), "policy": str(built.policy), "reward_model": str(built.reward_model),
                       "rm_heldout_accuracy": built.report.get("rm_heldout_accuracy"),
+                      "gates_failed": [g["gate"] for g in gates if g.get("passed") is False],
                       "timings": built.report.get("timings")}, indent=2))
     return 0
 
@@ -99,10 +132,17 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     from prs_jax.tree.sample_run import run_sample
     from prs_jax.tree.sampling import SamplingParams
 
-    params = SamplingParams(temperature=args.temperature if not args.greedy else 1.0, top_k=args.top_k,
-                            top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-                            presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
-                            greedy=args.greedy)
+    try:
+        params = SamplingParams(temperature=args.temperature if not args.greedy else 1.0, top_k=args.top_k,
+                                top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                                presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+                                greedy=args.greedy)
+    except ValueError as e:  # name the flags, not the engine's fields
+        msg = str(e).replace("greedy=True", "--greedy")
+        for field in ("temperature", "top_p", "min_p", "top_k", "repetition_penalty", "presence_penalty",
+                      "frequency_penalty"):
+            msg = msg.replace(f"SamplingParams.{field}", "--" + field.replace("_", "-"))
+        raise ConfigError(msg) from None
     n = run_sample(args.checkpoint, args.prompts, args.out, n=args.n, max_new_tokens=args.max_new_tokens,
                    sampling=params, seed=args.seed, batch_size=args.batch_size, chat=not args.raw,
                    stop=args.stop)
@@ -117,6 +157,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     config, overrides = args.config, list(args.overrides)
     if config is not None and "=" in str(config) and not config.exists():  # no file given, only overrides
         config, overrides = None, [str(config)] + overrides
+    if args.force_resume:
+        overrides.append("trainer.force_resume=true")
     if args.task == "a2c":
         from prs_jax.train.a2c import A2CRunConfig, run_a2c
 
@@ -183,6 +225,11 @@ def _cmd_label(args: argparse.Namespace) -> int:
 def _cmd_tiny(args: argparse.Namespace) -> int:
     from prs_jax.models.tiny import build_checkpoint
 
+    for flag, value in (("--hidden", args.hidden), ("--layers", args.layers), ("--context", args.context)):
+        if value < 1:
+            raise ConfigError(f"{flag} must be >= 1, got {value}.")
+    if args.hidden % 8:
+        raise ConfigError(f"--hidden must be a multiple of 8 (4 heads of an even size), got {args.hidden}.")
     out = build_checkpoint(args.out, args.model_type, seed=args.seed, task=args.task, hidden_size=args.hidden,
                            intermediate_size=2 * args.hidden, num_hidden_layers=args.layers,
                            max_position_embeddings=args.context)
@@ -196,14 +243,15 @@ def build_parser() -> argparse.ArgumentParser:
         prog="prs-jax",
         description="prs_jax: tree-expansion sampling (PRS, best-of-N, verbalized sampling), Sr-DPO/Sr-IPO and "
                     "RLAIF on Flax NNX models loaded from Hugging Face checkpoints.")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("info", help="print a checkpoint's architecture, parameter count and dtype")
+    p = _sub(sub, "info", help="print a checkpoint's architecture, parameter count and dtype")
     p.add_argument("checkpoint", type=Path, help="local Hugging Face checkpoint directory")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.set_defaults(func=_cmd_info)
 
-    p = sub.add_parser("sample", help="n completions per prompt of a JSONL file, on the tree engine")
+    p = _sub(sub, "sample", help="n completions per prompt of a JSONL file, on the tree engine")
     p.add_argument("checkpoint", type=Path, help="local HF causal-LM checkpoint directory")
     p.add_argument("prompts", type=Path, help="JSONL with a 'prompt' string or 'messages' list per row")
     p.add_argument("--out", type=Path, required=True, help="output JSONL (input row + 'completions')")
@@ -223,14 +271,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16, help="prompts per engine call")
     p.set_defaults(func=_cmd_sample)
 
-    p = sub.add_parser("train", help="train a policy (sft, dpo family incl. Sr-DPO/Sr-IPO, a2c RL against a reward) "
+    p = _sub(sub, "train", help="train a policy (sft, dpo family incl. Sr-DPO/Sr-IPO, a2c RL against a reward) "
                                      "or a reward model (rm)")
     p.add_argument("task", choices=["sft", "rm", "dpo", "a2c"])
     p.add_argument("config", type=Path, nargs="?", default=None, help="YAML run config (experiments/configs/*.yaml)")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. loss.name=sr_dpo optim.lr=1e-5")
+    p.add_argument("--force-resume", action="store_true",
+                   help="resume a run directory even though its model / data / loss / optimizer config changed")
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("generate", help="run a strategy (prs, rand, prand, greedy) over prompts; restartable JSONL")
+    p = _sub(sub, "generate", help="run a strategy (prs, rand, prand, greedy) over prompts; restartable JSONL")
     p.add_argument("config", type=Path, nargs="?", default=None, help="YAML config (experiments/configs/*.yaml)")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. strategy.n=32")
     p.add_argument("--coordinator", default="localhost:12355", help="jax.distributed coordinator (multi-process)")
@@ -238,16 +288,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--process-id", type=int, default=0)
     p.set_defaults(func=_cmd_generate)
 
-    p = sub.add_parser("merge", help="merge the per-process part files of a generate run")
+    p = _sub(sub, "merge", help="merge the per-process part files of a generate run")
     p.add_argument("out", type=Path, help="the run's `out` path")
     p.set_defaults(func=_cmd_merge)
 
-    p = sub.add_parser("label", help="AI preference labels (RLAIF) for response pairs: soft labels, restartable JSONL")
+    p = _sub(sub, "label", help="AI preference labels (RLAIF) for response pairs: soft labels, restartable JSONL")
     p.add_argument("config", type=Path, nargs="?", default=None, help="YAML config (experiments/configs/label_*.yaml)")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. labeler.cot=true")
     p.set_defaults(func=_cmd_label)
 
-    p = sub.add_parser("tiny", help="write a random tiny HF checkpoint (with a local tokenizer) for experiments")
+    p = _sub(sub, "tiny", help="write a random tiny HF checkpoint (with a local tokenizer) for experiments")
     p.add_argument("out", type=Path)
     p.add_argument("--model-type", default="llama", choices=["llama", "mistral", "qwen2", "qwen3", "gpt_neox"])
     p.add_argument("--task", default="causal_lm", choices=["causal_lm", "reward"])
@@ -257,34 +307,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_tiny)
 
-    p = sub.add_parser("quickstart", help="the main job: build (or reuse) the synthetic world and compare PRS, Rand "
-                                          "and PRand at N=1..32 by the gold reward (table + PNG)")
+    p = _sub(sub, "quickstart", help="the main job: build (or reuse) the synthetic world and compare PRS, Rand "
+                                     "and PRand at N=1..16 by the gold reward, paired, with 95% CIs and the "
+                                     "teacher ceiling (table + PNG)")
     p.add_argument("--out", default=None, help="output directory for results JSON and plot (default runs/quickstart)")
     p.add_argument("--world-root", default=None, help="where built worlds are cached (default runs/world)")
     p.add_argument("--prompts", type=int, default=None, help="held-out prompts to evaluate")
-    p.add_argument("--budgets", default=None, help="comma-separated N values, e.g. 1,2,4,8,16,32")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--budgets", default=None, help="comma-separated N values, e.g. 1,2,4,8,16")
+    p.add_argument("--seed", type=int, default=0, help="world seed (independent worlds; defaults 0, 1, 2)")
+    p.add_argument("--strict", action="store_true", help="stop (exit 1) if the world misses a skill gate; by "
+                                                          "default the gate table is printed with a warning")
     p.add_argument("--smoke", action="store_true", help="tiny world and sizes for CI (checks the pipeline only)")
     p.set_defaults(func=_cmd_quickstart)
 
     from prs_jax.experiments import STUDIES
 
-    p = sub.add_parser("experiment", help="run a study (results JSON + markdown table + PNG): " + ", ".join(STUDIES))
+    p = _sub(sub, "experiment", help="run a study (results JSON + markdown table + PNG): " + ", ".join(STUDIES))
     p.add_argument("name", choices=STUDIES)
     p.add_argument("config", type=Path, help="YAML config, e.g. experiments/configs/reward_vs_n/cpu.yaml")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     p.set_defaults(func=_cmd_experiment)
 
-    p = sub.add_parser("world", help="the synthetic preference world: `world build` trains (or reuses) its "
-                                     "tokenizer, policy and proxy reward model")
-    p.add_argument("action", choices=["build"])
+    p = _sub(sub, "world", help="the synthetic preference world: `world build` trains (or reuses) its "
+                                "tokenizer, policy and proxy reward model and measures its skill gates; "
+                                "`world labelers` also trains its three separate AI labelers")
+    p.add_argument("action", choices=["build", "labelers"])
     p.add_argument("overrides", nargs="*", help="dotted WorldConfig overrides, e.g. sft_steps=800 policy.hidden_size=96")
     p.add_argument("--preset", default="default", choices=["default", "smoke"])
     p.add_argument("--root", default="runs/world", help="cache directory of built worlds")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="rebuild even if a cached build exists")
+    p.add_argument("--allow-weak", action="store_true", help="keep and use a world that misses a skill gate "
+                                                            "(the build otherwise exits 1 naming the gate)")
     p.set_defaults(func=_cmd_world)
     return parser
+
+
+def _sub(sub: Any, name: str, **kwargs: Any) -> argparse.ArgumentParser:
+    """A subcommand parser that also takes --debug (after the subcommand)."""
+    p = sub.add_parser(name, **kwargs)
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                   help="show the full traceback of an error")
+    return p
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
@@ -300,21 +364,60 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> a
     return args
 
 
+def _os_message(e: OSError) -> str:
+    what = {FileNotFoundError: "not found; check the path", PermissionError: "permission denied; check the "
+            "permissions or choose another path", IsADirectoryError: "is a directory; a file path is expected",
+            NotADirectoryError: "a part of the path is a file, not a directory; check the path"}
+    hint = next((h for t, h in what.items() if isinstance(e, t)), None)
+    if e.filename is not None:
+        where = f"{e.filename}" + (f" -> {e.filename2}" if e.filename2 is not None else "")
+        return f"{where}: {hint or e.strerror or e}"
+    return str(e) if str(e) else type(e).__name__
+
+
+def describe_error(e: BaseException) -> tuple[int, str]:
+    """(exit code, one-line message) for an error reaching the top: 2 for usage errors (a bad config, option or
+    override), 1 for runtime failures (data, checkpoints, files, locks, imports, training)."""
+    if isinstance(e, ConfigError):
+        return 2, str(e)
+    if isinstance(e, PrsJaxError):
+        return 1, str(e)
+    if isinstance(e, OSError):
+        return 1, _os_message(e)
+    if isinstance(e, ImportError):
+        name = f" {e.name!r}" if e.name else ""
+        return 1, f"cannot import{name}: {e}; install the missing package (pip install -e '.[test]' installs all)."
+    if isinstance(e, ValueError):
+        return 1, str(e)
+    return 1, (f"internal error: {type(e).__name__}: {e} (a bug in prs-jax; rerun with --debug for the traceback "
+               "and report it)")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the `prs-jax` console script."""
+    """Entry point of the `prs-jax` console script: one clear line per error (--debug: the traceback)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     parser = build_parser()
-    args = parse_args(parser, argv)
+    try:
+        args = parse_args(parser, argv)
+    except SystemExit as e:  # argparse printed the usage error (code 2) or the help (code 0)
+        return e.code if isinstance(e.code, int) else 2
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
     start = time.perf_counter()
     try:
         code = args.func(args)
-    except (PrsJaxError, ValueError) as e:
-        print(f"prs-jax {args.command}: error: {e}", file=sys.stderr)
-        return 1
+    except KeyboardInterrupt:
+        print(f"prs-jax {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if args.debug:
+            raise
+        code, message = describe_error(e)
+        message = " ".join(str(message).split()) if "\n" not in str(message).strip() else str(message).strip()
+        print(f"prs-jax {args.command}: error: {message}", file=sys.stderr)
+        return code
     if args.command != "info":
         print(f"[prs-jax {args.command}] done in {time.perf_counter() - start:.1f}s", file=sys.stderr)
     return code

@@ -9,6 +9,7 @@ Optional, Literal, list/tuple of a type, dict and Path fields are supported.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import types
 import typing
 from pathlib import Path
@@ -174,7 +175,9 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             line = f":{mark.line + 1}" if mark is not None else ""
-            raise ConfigError(f"{path}{line}: invalid YAML: {e}") from e
+            col = f" at column {mark.column + 1}" if mark is not None else ""
+            what = " ".join(str(x) for x in (getattr(e, "context", None), getattr(e, "problem", None)) if x) or str(e)
+            raise ConfigError(f"{path}{line}: invalid YAML ({' '.join(what.split())}{col}); fix the file.") from e
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
     data = apply_overrides(data, overrides)
@@ -182,3 +185,47 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
         return from_dict(cls, data)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}" if path is not None else str(e)) from None
+
+
+def import_object(path: str, key: str = "reward.callable") -> Any:
+    """The object named by 'package.module:name' (errors name the config key)."""
+    module, _, name = str(path).partition(":")
+    if not module or not name:
+        raise ConfigError(f"{key}: expected 'package.module:name', got {path!r}.")
+    try:
+        obj = importlib.import_module(module)
+    except ImportError as e:
+        raise ConfigError(f"{key}: cannot import module {module!r} ({e}); is it installed / on PYTHONPATH?") from e
+    except Exception as e:  # the module itself failed while importing
+        raise ConfigError(f"{key}: importing module {module!r} failed: {type(e).__name__}: {e}") from e
+    for part in name.split("."):
+        if not hasattr(obj, part):
+            raise ConfigError(f"{key}: module {module!r} has no attribute {name!r}.")
+        obj = getattr(obj, part)
+    return obj
+
+
+def require(ok: bool, key: str, rule: str, value: Any) -> None:
+    """Raise ConfigError `key: must be RULE, got VALUE` unless `ok` (for `__post_init__` checks)."""
+    if not ok:
+        raise ConfigError(f"{key} must be {rule}, got {value!r}.")
+
+
+def check_ranges(cfg: Any, section: str, rules: dict[str, str]) -> None:
+    """Check fields of `cfg` against rules '>= 1', '> 0', 'in [0, 1]', 'in (0, 1]', ... (None passes);
+    errors name the key as `section.field`."""
+    for name, rule in rules.items():
+        v = getattr(cfg, name)
+        if v is None:
+            continue
+        key = f"{section}.{name}" if section else name
+        if rule.startswith(">="):
+            ok = v >= float(rule[2:])
+        elif rule.startswith(">"):
+            ok = v > float(rule[1:])
+        elif rule.startswith("in "):
+            lo, hi = (float(x) for x in rule[4:-1].split(","))
+            ok = (v >= lo if rule[3] == "[" else v > lo) and (v <= hi if rule[-1] == "]" else v < hi)
+        else:
+            raise ValueError(f"check_ranges: unknown rule {rule!r}")
+        require(bool(ok), key, rule, v)

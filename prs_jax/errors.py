@@ -19,3 +19,11 @@ class TokenizerError(PrsJaxError):
 
 class DataError(PrsJaxError):
     """A data file, data set or row is missing, malformed or cannot be tokenised as asked."""
+
+
+class LockError(PrsJaxError):
+    """Another run holds the exclusive lock of an output file or run directory."""
+
+
+class StampError(DataError):
+    """An existing output was written with a config that decides its rows differently; it cannot be resumed."""

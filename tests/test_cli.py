@@ -58,18 +58,24 @@ def test_quickstart_smoke(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "q" / "results-smoke.json").read_text())
     assert (tmp_path / "q" / "reward_vs_n-smoke.png").stat().st_size > 1000
-    assert set(result["methods"]) == {"rand", "prand", "prs"}
-    for by_n in result["methods"].values():
-        assert set(by_n) == {"1", "2", "4"} and all(0.0 <= v["gold"] <= 1.0 for v in by_n.values())
+    assert set(result["rows"]) == {"1", "2", "4"}
+    for row in result["rows"].values():
+        for m in ("rand", "prand", "prs"):
+            assert 0.0 <= row[m]["gold"] <= 1.0 and 0.0 <= row[m]["teacher"] <= 1.0
+            assert row[m]["ci"][0] <= row[m]["gold"] <= row[m]["ci"][1]
+        for eff in ("prs-prand", "prs-rand"):
+            assert row[eff]["ci"][0] <= row[eff]["effect"] <= row[eff]["ci"][1] and "teacher" in row[eff]
+    assert result["rows"]["1"]["prs-prand"]["effect"] == 0.0  # N = 1: PRS is PRand's first sample (paired)
     assert result["git_commit"] is None or len(result["git_commit"]) == 40
-    assert {"refine_true_feedback", "refine_no_feedback", "oracle_best_of_4"} <= set(result["checks"])
+    assert result["world"]["gates"] and {"gate", "value", "target", "passed"} <= set(result["world"]["gates"][0])
+    assert "PRS - PRand" in proc.stdout and "skill gates" in proc.stdout
     world = Path(result["world"]["root"])
     assert (world / "policy" / "config.json").is_file() and (world / "rm" / "config.json").is_file()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "reusing the cached build" in proc.stdout
     again = json.loads((tmp_path / "q" / "results-smoke.json").read_text())
-    assert again["methods"] == result["methods"] and again["checks"] == result["checks"]
+    assert again["rows"] == result["rows"]
 
 
 def test_sample_command_writes_jsonl(llama_dir, tmp_path):

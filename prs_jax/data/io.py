@@ -23,7 +23,8 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 from prs_jax.errors import DataError
 
-__all__ = ["Row", "iter_rows", "read_rows", "write_jsonl", "JSONL_SUFFIXES", "PARQUET_SUFFIXES"]
+__all__ = ["Row", "iter_rows", "iter_jsonl", "read_rows", "write_jsonl", "write_text_atomic", "done_ids", "append_rows",
+           "JSONL_SUFFIXES", "PARQUET_SUFFIXES"]
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".jsonl.gz", ".ndjson.gz")
 PARQUET_SUFFIXES = (".parquet", ".pq")
@@ -45,44 +46,59 @@ def _check_single_split(split: str | None, where: str) -> None:
                         "(or 'train'), or point at a data set directory that has the split.")
 
 
-def _open_text(path: Path):
-    if path.name.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
+def _open_bytes(path: Path):
+    return gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")
 
 
 def _iter_jsonl(path: Path) -> Iterator[Row]:
-    lineno = 0
+    # lines are read as bytes and decoded one by one: a text stream decodes ahead in chunks, so a bad byte on
+    # line 30 would surface while line 1 is read
     try:
-        with _open_text(path) as fh:
-            for lineno, line in enumerate(fh, start=1):
+        with _open_bytes(path) as fh:
+            for lineno, raw in enumerate(fh, start=1):
+                where = f"{path}:{lineno}"
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise DataError(f"{where}: not UTF-8 text ({e.reason} at byte {e.start + 1} of the line); "
+                                    "re-encode the file as UTF-8.") from None
                 if not line.strip():
                     continue
-                where = f"{path}:{lineno}"
                 try:
                     obj = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno}). Each line of a JSONL "
+                    raise DataError(f"{where}: invalid JSON ({e.msg}, column {e.colno}). Each line of a JSONL "
                                     "file must be one complete JSON object.") from None
                 if not isinstance(obj, dict):
                     raise DataError(f"{where}: expected a JSON object (one row per line), got "
                                     f"{type(obj).__name__}.")
                 yield Row(obj, where)
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}:{lineno + 1}: not UTF-8 text ({e.reason}).") from None
     except (OSError, EOFError) as e:  # gzip errors are OSError/EOFError
         raise DataError(f"{path}: cannot read: {e}") from None
 
 
+def iter_jsonl(path: str | Path) -> Iterator[Row]:
+    """Rows of a JSONL file whatever its name (errors name the file and line)."""
+    return _iter_jsonl(Path(path))
+
+
 def _iter_json(path: Path) -> Iterator[Row]:
-    with _open_text(path) as fh:
-        head = fh.read(4096).lstrip()
-    if not head.startswith("["):
+    try:
+        with _open_bytes(path) as fh:
+            raw = fh.read()
+    except (OSError, EOFError) as e:
+        raise DataError(f"{path}: cannot read: {e}") from None
+    if not raw.lstrip()[:1] == b"[":
         yield from _iter_jsonl(path)
         return
     try:
-        with _open_text(path) as fh:
-            data = json.load(fh)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text ({e.reason}); re-encode the "
+                        "file as UTF-8.") from None
+    try:
+        data = json.loads(text)
     except json.JSONDecodeError as e:
         raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno}).") from None
     for i, obj in enumerate(data):
@@ -209,19 +225,46 @@ def write_jsonl(path: str | Path, rows: Iterable[Mapping[str, Any]]) -> Path:
 
 
 def done_ids(path: Path) -> set[str]:
-    """Ids already written to a restartable JSONL output; cuts a torn last line left by a kill mid-write."""
+    """Ids already written to a restartable JSONL output; cuts a torn last line left by a kill mid-write.
+    A broken line before the last one is an error naming the file and line (the file was edited or mixed)."""
+    path = Path(path)
     if not path.exists():
         return set()
+    if path.is_dir():
+        raise DataError(f"{path}: is a directory; the output must be a file path.")
     raw = path.read_bytes()
     end = raw.rfind(b"\n") + 1
     if end < len(raw):
         with open(path, "r+b") as fh:
             fh.truncate(end)
     done = set()
-    for line in raw[:end].splitlines():
-        if line.strip():
-            done.add(str(json.loads(line)["id"]))
+    for lineno, line in enumerate(raw[:end].split(b"\n")[:-1], start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            row = json.loads(line.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise DataError(f"{where}: not UTF-8 text ({e.reason}); this output cannot be resumed: repair or delete "
+                            "the line, or write to another output.") from None
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: invalid JSON ({e.msg}, column {e.colno}); a broken line inside a "
+                            "restartable output (not a torn last line) means it was edited or written by two "
+                            "runs: repair or delete the line, or write to another output.") from None
+        if not isinstance(row, dict) or "id" not in row:
+            raise DataError(f"{where}: a row of a restartable output needs an 'id'; this file was not written by "
+                            "prs-jax: write to another output.")
+        done.add(str(row["id"]))
     return done
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write a small text file via a temporary file and a rename: a kill leaves the old or the new file whole."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+    return path
 
 
 def append_rows(path: Path, rows: Sequence[dict[str, Any]]) -> None:

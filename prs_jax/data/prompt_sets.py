@@ -51,7 +51,7 @@ from typing import Any, Callable, Iterable, Iterator, Literal, Mapping, Sequence
 
 from prs_jax.data.io import Row, iter_rows
 from prs_jax.errors import DataError
-from prs_jax.strategies.base import PromptItem
+from prs_jax.data.items import PromptItem
 
 __all__ = [
     "load_prompt_set", "register_prompt_set", "prompt_set_names", "PROMPT_SETS",

@@ -1,6 +1,6 @@
 """Preference adaptation (PRS paper: per-preference win rates of PRS over the baselines, e.g. humorous 59%,
 thoroughness 55%): in the synthetic world, one held-out group of single-preference prompts per preference KIND
-(include / exclude / sorted / numbered / no_intro / thanks), fresh prompts that never occur in the world's
+(include / exclude / first / last / numbered / capitalised / no_intro / thanks), fresh prompts that never occur in the world's
 training data. Rand, PRand and PRS each select the best of N by the proxy reward model; win rates of PRS vs Rand,
 PRS vs PRand and PRand vs Rand are judged per prompt by the GOLD reward (ties count half), and the satisfaction
 rate of the prompt's preference (prs_jax.world.task.satisfied) is reported per kind and method.
@@ -32,7 +32,7 @@ from prs_jax.experiments.reward_vs_n import (
 )
 from prs_jax.strategies.base import PromptItem
 
-WORLD_KINDS = ("include", "exclude", "sorted", "numbered", "no_intro", "thanks")
+WORLD_KINDS = ("include", "exclude", "first", "last", "numbered", "capitalised", "no_intro", "thanks")  # world.task.KINDS
 DEFAULT_METHODS: tuple[Method, ...] = (Method("Rand", "rand"), Method("PRand", "prand"),
                                        Method("PRS", "prs", split=0.5, depth=2))
 

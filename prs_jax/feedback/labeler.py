@@ -16,6 +16,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+from prs_jax.config import check_ranges, require
+from prs_jax.errors import ConfigError
 from prs_jax.feedback.probs import debias, normalize, split_labels
 from prs_jax.feedback.prompts import (
     PromptBuilder,
@@ -57,12 +59,17 @@ class LabelerConfig:
     attention_impl: Literal["auto", "reference", "pallas"] = "auto"
 
     def __post_init__(self) -> None:
+        check_ranges(self, "labeler", {"cot_max_new_tokens": ">= 1", "top_k": ">= 0", "max_rows": ">= 1",
+                                       "min_row_bucket": ">= 1", "min_prefix_bucket": ">= 1"})
+        require(self.temperature > 0, "labeler.temperature",
+                "> 0 (it samples the self-consistency rationales; labeler.self_consistency=1 decodes greedily)",
+                self.temperature)
         if self.self_consistency < 1:
-            raise ValueError(f"labeler.self_consistency must be >= 1 (got {self.self_consistency}).")
+            raise ConfigError(f"labeler.self_consistency must be >= 1 (got {self.self_consistency}).")
         if self.self_consistency > 1 and not self.cot:
-            raise ValueError("labeler.self_consistency > 1 samples rationales; it needs labeler.cot=true.")
+            raise ConfigError("labeler.self_consistency > 1 samples rationales; it needs labeler.cot=true.")
         if len(set(self.labels)) != 2:
-            raise ValueError(f"labeler.labels must be two different strings (got {self.labels}).")
+            raise ConfigError(f"labeler.labels must be two different strings (got {self.labels}).")
 
 
 @dataclasses.dataclass
@@ -136,6 +143,19 @@ class AILabeler:
         from prs_jax.models import load_causal_lm, load_tokenizer
 
         return cls(load_causal_lm(path, dtype=dtype), load_tokenizer(path), config)
+
+    def input_tokens(self, context: Any, response_a: Any, response_b: Any) -> int:
+        """An upper bound on the tokens the labeler reads for one pair (the longer order; with chain of thought
+        the rationale budget and the ending after it), for the context-window check before any work."""
+        c, tok = self.config, self.tokenizer
+        x, a, b = context_text(context), response_text(response_a), response_text(response_b)
+        lead = 0 if self.prompts.chat else len(raw_lead(tok))
+        orders = [(a, b), (b, a)] if c.both_orders else [(a, b)]
+        longest = max(len(encode_text(tok, self.prompts.render(x, [f, s], cot=c.cot))) for f, s in orders)
+        extra = max(len(encode_text(tok, label)) for label in c.labels)  # the label read after the ending
+        if c.cot:
+            extra += c.cot_max_new_tokens + len(encode_text(tok, self.prompts.after_rationale()))
+        return lead + longest + extra
 
     def _engine(self, seed: int) -> tuple[TreeEngine, LabelReader]:
         c = self.config

@@ -23,13 +23,16 @@ from typing import Any, Literal
 from rich.console import Console
 from tqdm import tqdm
 
-from prs_jax.config import to_dict
+from prs_jax.config import check_ranges, to_dict
 from prs_jax.data.io import iter_rows
 from prs_jax.data.pairs import prompt_and_responses
-from prs_jax.errors import ConfigError, DataError
+from prs_jax.data.lock import check_output_file, output_lock
+from prs_jax.data.stamp import check_stamp, stamp_path
+from prs_jax.errors import ConfigError, DataError, StampError
 from prs_jax.feedback.labeler import AILabeler, LabelerConfig
 from prs_jax.feedback.metrics import LabelSummary, summarize
-from prs_jax.data.io import append_rows, done_ids
+from prs_jax.data.io import append_rows, done_ids, write_text_atomic
+from prs_jax.models.window import check_fits, window_of
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +54,9 @@ class LabelRunConfig:
     seed: int = 0
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     labeler: LabelerConfig = dataclasses.field(default_factory=LabelerConfig)
+
+    def __post_init__(self) -> None:
+        check_ranges(self, "", {"batch_size": ">= 1", "max_pairs": ">= 1"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,16 +122,32 @@ def read_pairs(cfg: LabelRunConfig) -> list[PairRow]:
     return out
 
 
-def labeler_hash(cfg: LabelRunConfig) -> str:
-    """A short hash of everything that decides the labels: model, labeler config, texts of @files."""
+def _prompt_files(cfg: LabelRunConfig) -> dict[str, str]:
     p = cfg.labeler.prompt
     files = {}
     texts = [v[1:] for v in (p.preamble, p.ending, p.cot_instruction) if v and v.startswith("@")]
     for name in texts + ([p.exemplars.lstrip("@")] if p.exemplars else []):
         if Path(name).is_file():
             files[name] = Path(name).read_text(encoding="utf-8")
-    blob = json.dumps({"model": cfg.model, "labeler": to_dict(cfg.labeler), "files": files}, sort_keys=True)
+    return files
+
+
+def labeler_hash(cfg: LabelRunConfig) -> str:
+    """A short hash of everything that decides the labels: model, labeler config, texts of @files."""
+    blob = json.dumps({"model": cfg.model, "labeler": to_dict(cfg.labeler), "files": _prompt_files(cfg)},
+                      sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def row_config(cfg: LabelRunConfig) -> dict[str, Any]:
+    """The part of the config that decides the rows (the output's stamp): everything but the output path,
+    batch size, pair limit and the labeler's bucketing, plus the texts of the @files the labeler prompt reads."""
+    d = to_dict(cfg)
+    for key in ("out", "batch_size", "max_pairs"):
+        d.pop(key)
+    for key in ("max_rows", "min_row_bucket", "min_prefix_bucket", "attention_impl"):
+        d["labeler"].pop(key)
+    return {**d, "prompt_files": _prompt_files(cfg)}
 
 
 def _first_row(path: Path) -> dict[str, Any] | None:
@@ -158,40 +180,47 @@ def run_label(cfg: LabelRunConfig, console: Console | None = None,
     console = console or Console()
     if not cfg.model or not cfg.pairs:
         raise ConfigError("label: `model` (labeler checkpoint dir) and `pairs` (data source) are required.")
-    if cfg.batch_size < 1:
-        raise ConfigError(f"label: batch_size must be >= 1 (got {cfg.batch_size}).")
+    out = check_output_file(cfg.out)
     pairs = read_pairs(cfg)
-    out = Path(cfg.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     tag = labeler_hash(cfg)
-    done = done_ids(out)
-    first = _first_row(out)
-    if first is not None and first.get("labeler") != tag:
-        raise DataError(f"{out}: holds labels from another labeler set-up (labeler {first.get('labeler')!r}, this "
-                        f"run {tag!r}); write to another `out` or delete the file to start over.")
-    todo = [p for p in pairs if p.id not in done]
-    console.print(f"label: {len(pairs)} pairs, {len(pairs) - len(todo)} already in {out}, {len(todo)} to go "
-                  f"(labeler {tag})", markup=False)
-    (out.parent / f"{out.stem}.config.json").write_text(json.dumps(to_dict(cfg), indent=2))
-    if todo:
-        labeler = labeler or AILabeler.from_pretrained(cfg.model, cfg.labeler, dtype=cfg.dtype)
-        written = len(pairs) - len(todo)
-        with tqdm(total=len(pairs), initial=written, desc="label", unit="pair") as bar:
-            for start in range(0, len(todo), cfg.batch_size):
-                batch = todo[start:start + cfg.batch_size]
-                labels = labeler.label([p.prompt for p in batch], [p.a for p in batch], [p.b for p in batch],
-                                       seed=cfg.seed)  # sampled rationales are keyed by each pair's tokens
-                rows = [{"id": p.id, "prompt": p.prompt, "chosen": p.a, "rejected": p.b, "p_chosen": lab.p_a,
-                         **lab.to_dict(), "human_label": p.human, "labeler": tag} for p, lab in zip(batch, labels)]
-                append_rows(out, rows)
-                written += len(batch)
-                bar.update(len(batch))
-                bar.set_postfix(p_a=f"{sum(lab.p_a for lab in labels) / len(labels):.3f}",
-                                compilations=labeler.compilations)
-                if on_batch is not None:
-                    on_batch(written)
-    summary = summarize(read_labels(out))
-    (out.parent / f"{out.stem}.summary.json").write_text(json.dumps(summary.to_dict(), indent=2))
+    with output_lock(out):
+        done = done_ids(out)
+        if done and not stamp_path(out).exists():  # an output of an older version: its rows carry the tag only
+            first = _first_row(out)
+            if first is not None and first.get("labeler") != tag:
+                raise StampError(f"{out}: holds labels from another labeler set-up (labeler "
+                                 f"{first.get('labeler')!r}, this run {tag!r}); write to another `out` or delete "
+                                 "the file to start over.")
+        check_stamp(stamp_path(out), row_config(cfg), resuming=bool(done), what=str(out))
+        todo = [p for p in pairs if p.id not in done]
+        console.print(f"label: {len(pairs)} pairs, {len(pairs) - len(todo)} already in {out}, {len(todo)} to go "
+                      f"(labeler {tag})", markup=False)
+        write_text_atomic(out.parent / f"{out.stem}.config.json", json.dumps(to_dict(cfg), indent=2))
+        if todo:
+            labeler = labeler or AILabeler.from_pretrained(cfg.model, cfg.labeler, dtype=cfg.dtype)
+            window = window_of(labeler.model)
+            for p in todo:
+                check_fits(labeler.input_tokens(p.prompt, p.a, p.b), window, what=f"pair {p.id!r} ({p.where})",
+                           model="labeler", fix="shorten or drop the pair, lower labeler.cot_max_new_tokens, or use "
+                           "a longer-context labeler.")
+            written = len(pairs) - len(todo)
+            with tqdm(total=len(pairs), initial=written, desc="label", unit="pair") as bar:
+                for start in range(0, len(todo), cfg.batch_size):
+                    batch = todo[start:start + cfg.batch_size]
+                    labels = labeler.label([p.prompt for p in batch], [p.a for p in batch], [p.b for p in batch],
+                                           seed=cfg.seed)  # sampled rationales are keyed by each pair's tokens
+                    rows = [{"id": p.id, "prompt": p.prompt, "chosen": p.a, "rejected": p.b, "p_chosen": lab.p_a,
+                             **lab.to_dict(), "human_label": p.human, "labeler": tag}
+                            for p, lab in zip(batch, labels)]
+                    append_rows(out, rows)
+                    written += len(batch)
+                    bar.update(len(batch))
+                    bar.set_postfix(p_a=f"{sum(lab.p_a for lab in labels) / len(labels):.3f}",
+                                    compilations=labeler.compilations)
+                    if on_batch is not None:
+                        on_batch(written)
+        summary = summarize(read_labels(out))
+        write_text_atomic(out.parent / f"{out.stem}.summary.json", json.dumps(summary.to_dict(), indent=2))
     return out, summary
 
 

@@ -43,20 +43,36 @@ User: what is the capital of France? Assistant: Paris is the capital of France.
 """
 
 
-def build_tokenizer(out_dir: str | Path, vocab_size: int = 512, corpus: str | None = None) -> Path:
-    """Train a byte-level BPE tokenizer and save it as an HF tokenizer directory with a chat template."""
+def build_tokenizer(out_dir: str | Path, vocab_size: int = 512, corpus: str | list[str] | None = None,
+                    model: Literal["bpe", "word"] = "bpe") -> Path:
+    """Train a byte-level tokenizer and save it as an HF tokenizer directory with a chat template. `model="bpe"`
+    learns BPE merges; `model="word"` keeps every pre-token of the corpus (a word with its leading space, a
+    number, a punctuation run) as ONE token, up to `vocab_size` (the most frequent), anything else maps to <unk>:
+    a model trained on it spends no capacity on spelling."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     text = corpus if corpus is not None else _CORPUS
-    tok.train_from_iterator([line for line in text.splitlines() if line] * 4, trainer=trainer)
+    # a list of documents keeps their newlines (a word tokenizer needs them as tokens); a string is read by line
+    lines = list(corpus) if isinstance(corpus, list) else [line for line in text.splitlines() if line]
+    if model == "word":
+        tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        trainer: Any = trainers.WordLevelTrainer(vocab_size=vocab_size, special_tokens=[*SPECIAL_TOKENS, "<unk>"],
+                                                 show_progress=False)
+    elif model == "bpe":
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+        lines = lines * 4
+    else:
+        raise ValueError(f"build_tokenizer: model must be 'bpe' or 'word', got {model!r}")
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(lines, trainer=trainer)
     hf = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="<|end|>",
-                                 unk_token=None, additional_special_tokens=SPECIAL_TOKENS[3:6])
+                                 unk_token="<unk>" if model == "word" else None,
+                                 additional_special_tokens=SPECIAL_TOKENS[3:6])
     hf.chat_template = CHAT_TEMPLATE
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

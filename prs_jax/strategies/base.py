@@ -11,19 +11,11 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
+from prs_jax.data.items import PromptItem  # noqa: F401  (re-exported: it lived here)
+from prs_jax.models.window import ContextError
 from prs_jax.tree.engine import TreeEngine
 from prs_jax.tree.scoring import RewardScorer
 from prs_jax.tree.tree import Node
-
-
-@dataclasses.dataclass(frozen=True)
-class PromptItem:
-    """One prompt x with an optional preference z; `id` keys resumable runs."""
-
-    id: str
-    prompt: str
-    preference: str | None = None
-    metadata: dict[str, Any] = dataclasses.field(default_factory=dict, hash=False, compare=False)
 
 
 @dataclasses.dataclass
@@ -148,7 +140,12 @@ def score_nodes(scorer: Scorer, items: Sequence[PromptItem], nodes: Sequence[Nod
     """Score `nodes[i]` as a response to `items[i]` and store the reward on each node."""
     if not nodes:
         return
-    rewards = scorer([it.prompt for it in items], [n.text for n in nodes], [it.preference for it in items])
+    try:
+        rewards = scorer([it.prompt for it in items], [n.text for n in nodes], [it.preference for it in items])
+    except ContextError as e:
+        if e.index is None or not 0 <= e.index < len(items):
+            raise
+        raise ContextError(f"prompt {items[e.index].id!r}: {e}", e.index) from None
     for n, r in zip(nodes, rewards):
         n.reward = float(r)
 

@@ -2,14 +2,15 @@
 
 Restartable without loss: rows are appended one batch at a time with a single write + fsync; on restart a
 torn last line (a kill mid-write) is cut off and every prompt id already written is skipped, so nothing is
-lost or duplicated. Multi-host: with jax.distributed each process takes every k-th prompt and writes its
-own part file; `merge_parts` combines them (in prompt order, each id once).
+lost or duplicated. The output is locked while a run writes it (data/lock.py) and stamped with the config that
+decides its rows (data/stamp.py): a resume with another policy, strategy, sampling, scorer or seed is refused.
+Multi-host: with jax.distributed each process takes every k-th prompt and writes its own part file;
+`merge_parts` combines them (in prompt order, each id once).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 from pathlib import Path
 from typing import Any, Literal, Sequence
@@ -17,11 +18,14 @@ from typing import Any, Literal, Sequence
 from rich.console import Console
 from tqdm import tqdm
 
-from prs_jax.config import to_dict
-from prs_jax.data.io import append_rows, done_ids
+from prs_jax.config import check_ranges, import_object, require, to_dict
+from prs_jax.data.io import append_rows, done_ids, write_text_atomic
+from prs_jax.data.lock import check_output_file, output_lock
+from prs_jax.data.stamp import check_stamp, diff_keys, read_stamp, stamp_path, write_stamp
 from prs_jax.data.prompt_sets import load_prompt_set
-from prs_jax.errors import DataError
-from prs_jax.strategies.base import CallableScorer, PromptItem, RewardModelScorer, Scorer
+from prs_jax.errors import ConfigError, DataError, StampError
+from prs_jax.models.window import ContextError, check_fits, policy_prompt_ids, window_of
+from prs_jax.strategies.base import CallableScorer, PromptItem, RewardModelScorer, Scorer, join_preference
 from prs_jax.strategies.prs import PRS, BestOfN
 from prs_jax.strategies.verbalized import VerbalizedSampling
 from prs_jax.tree.engine import EngineConfig, TreeEngine
@@ -54,6 +58,17 @@ class StrategyConfig:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     stop: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        check_ranges(self, "strategy", {"n": ">= 1", "k": ">= 1", "depth": ">= 1", "split": "in (0, 1)",
+                                        "max_new_tokens": ">= 1", "feedback_max_new_tokens": ">= 1",
+                                        "top_k": ">= 0", "top_p": "in (0, 1]", "min_p": "in [0, 1)",
+                                        "repetition_penalty": "> 0", "tau": ">= 0"})
+        require(self.temperature > 0, "strategy.temperature", "> 0 (for greedy decoding use strategy.name=greedy)",
+                self.temperature)
+        if self.widths is not None:
+            require(len(self.widths) > 0 and all(w >= 1 for w in self.widths), "strategy.widths",
+                    "a non-empty list of positive integers", list(self.widths))
 
     def sampling(self) -> SamplingParams:
         return SamplingParams(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p,
@@ -90,14 +105,16 @@ class ScorerSpec:
     stable_rows: int = 4  # rows per group when the run asks for batch-invariant shapes (group_tile > 0)
 
     def build(self, stable: bool = False) -> Scorer:
-        """The scorer; `stable` sizes reward-model programs by each pair's own lengths only."""
+        """The scorer: the callable imported (it wins over `reward_model`), or the reward model loaded; `stable`
+        sizes reward-model programs by each pair's own lengths only (batch-invariant scores)."""
         if self.callable:
-            module, _, fn = self.callable.partition(":")
-            if not fn:
-                raise ValueError(f"scorer.callable must look like 'package.module:function', got {self.callable!r}")
-            return CallableScorer(getattr(importlib.import_module(module), fn))
+            fn = import_object(self.callable, key="scorer.callable")
+            if not callable(fn):
+                raise ConfigError(f"scorer.callable: {self.callable!r} is not callable.")
+            return CallableScorer(fn)
         if not self.reward_model:
-            raise ValueError("scorer: set `scorer.reward_model` (an RM checkpoint dir) or `scorer.callable`.")
+            raise ConfigError("scorer: set `scorer.reward_model` (an RM checkpoint dir) or `scorer.callable` "
+                              "(package.module:function).")
         from prs_jax.models import load_reward_model, load_tokenizer
 
         rm = load_reward_model(self.reward_model, head_name=self.head_name)
@@ -132,6 +149,9 @@ class GenerateConfig:
     # differ in the last bits between batchings). Sampling keys never depend on batching either way.
     group_tile: int = 8
 
+    def __post_init__(self) -> None:
+        check_ranges(self, "", {"batch_size": ">= 1", "max_prompts": ">= 1"})
+
 
 def read_prompt_items(cfg: GenerateConfig) -> list[PromptItem]:
     """Prompts through the prompt-set loaders (`prompt_format`: generic, alpaca_eval, mt_bench, ultrafeedback,
@@ -151,61 +171,116 @@ def part_path(out: Path, index: int, count: int) -> Path:
     return out if count == 1 else out.with_name(f"{out.stem}.part{index:03d}-of-{count:03d}{out.suffix}")
 
 
+def row_config(cfg: GenerateConfig) -> dict[str, Any]:
+    """The part of the config that decides an output's rows (its stamp): not the output path, batch size,
+    prompt limit or attention kernel."""
+    d = to_dict(cfg)
+    for key in ("out", "batch_size", "max_prompts", "attention_impl"):
+        d.pop(key)
+    return d
+
+
+def check_windows(cfg: GenerateConfig, items: Sequence[PromptItem], tokenizer: Any, window: int,
+                  scorer: Scorer) -> None:
+    """Before any work: every prompt (with its preference where the strategy shows it) plus
+    `strategy.max_new_tokens` fits the policy, and fits the reward model; errors name the prompt id."""
+    s = cfg.strategy
+    rm = scorer.scorer if isinstance(scorer, RewardModelScorer) else None
+    for it in items:
+        text = it.prompt if s.name in ("rand", "greedy") else join_preference(it.prompt, it.preference)
+        n = len(policy_prompt_ids(tokenizer, text))
+        check_fits(n + s.max_new_tokens, window, model="policy",
+                   what=f"prompt {it.id!r}: prompt ({n} tokens) + strategy.max_new_tokens ({s.max_new_tokens})",
+                   fix="lower strategy.max_new_tokens, shorten or drop the prompt, or use a longer-context policy.")
+        if rm is not None:
+            shown = join_preference(it.prompt, it.preference) if cfg.scorer.include_preference else it.prompt
+            head, tail = rm.formatter.split(rm.tokenizer, shown, "")
+            check_fits(len(head) + len(tail) + 1, window_of(rm.rm), what=f"prompt {it.id!r}: the reward-model input",
+                       model="reward model", fix="shorten or drop the prompt, or use a longer-context reward model.")
+
+
 def run_generate(cfg: GenerateConfig, console: Console | None = None, process_index: int = 0,
                  process_count: int = 1) -> Path:
-    """Generate for every prompt not yet written; returns the file this process wrote."""
+    """Generate for every prompt not yet written; returns the file this process wrote.
+
+    The output is locked for the run (a second writer fails at once) and stamped with `row_config`: a resume
+    with a config that would write other rows is refused, naming the keys that differ."""
     from prs_jax.models import load_causal_lm, load_tokenizer
 
     console = console or Console()
     if not cfg.policy or not cfg.prompts:
-        raise ValueError("generate: `policy` (checkpoint dir) and `prompts` (source) are required.")
+        raise ConfigError("generate: `policy` (checkpoint dir) and `prompts` (source) are required.")
+    out = check_output_file(part_path(Path(cfg.out), process_index, process_count))
     items = read_prompt_items(cfg)
     mine = items[process_index::process_count]
-    out = part_path(Path(cfg.out), process_index, process_count)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    done = done_ids(out)
-    todo = [it for it in mine if it.id not in done]
-    console.print(f"generate: {len(mine)} prompts for process {process_index}/{process_count}, {len(done)} already "
-                  f"in {out}, {len(todo)} to go", markup=False)
-    (out.parent / f"{out.stem}.config.json").write_text(json.dumps(to_dict(cfg), indent=2))
-    if not todo:
-        return out
-    tok = load_tokenizer(cfg.policy)
-    engine = TreeEngine(load_causal_lm(cfg.policy), tok, seed=cfg.seed,
-                        config=EngineConfig(attention_impl=cfg.attention_impl, group_tile=cfg.group_tile))
-    strategy = cfg.strategy.build()
-    scorer = cfg.scorer.build(stable=cfg.group_tile > 0)
-    with tqdm(total=len(mine), initial=len(mine) - len(todo), desc=f"generate[{cfg.strategy.name}]",
-              unit="prompt") as bar:
-        for start in range(0, len(todo), cfg.batch_size):
-            batch = todo[start:start + cfg.batch_size]
-            results = strategy.run(batch, engine, scorer)
-            append_rows(out, [r.to_row(with_tree=cfg.with_tree) for r in results])
-            engine.release(list(engine.tree))  # the rows are written; the KV is not needed any more
-            bar.update(len(batch))
-            bar.set_postfix(reward=f"{sum(r.reward for r in results) / len(results):.3f}",
-                            compilations=engine.compilations)
+    with output_lock(out):
+        done = done_ids(out)
+        check_stamp(stamp_path(out), row_config(cfg), resuming=bool(done), what=str(out))
+        todo = [it for it in mine if it.id not in done]
+        console.print(f"generate: {len(mine)} prompts for process {process_index}/{process_count}, {len(done)} "
+                      f"already in {out}, {len(todo)} to go", markup=False)
+        write_text_atomic(out.parent / f"{out.stem}.config.json", json.dumps(to_dict(cfg), indent=2))
+        if not todo:
+            return out
+        strategy = cfg.strategy.build()
+        scorer = cfg.scorer.build(stable=cfg.group_tile > 0)
+        tok = load_tokenizer(cfg.policy)
+        model = load_causal_lm(cfg.policy)
+        check_windows(cfg, todo, tok, window_of(model), scorer)
+        engine = TreeEngine(model, tok, seed=cfg.seed, config=EngineConfig(attention_impl=cfg.attention_impl,
+                                                                        group_tile=cfg.group_tile))
+        with tqdm(total=len(mine), initial=len(mine) - len(todo), desc=f"generate[{cfg.strategy.name}]",
+                  unit="prompt") as bar:
+            for start in range(0, len(todo), cfg.batch_size):
+                batch = todo[start:start + cfg.batch_size]
+                try:
+                    results = strategy.run(batch, engine, scorer)
+                except ValueError as e:  # the engine's window check on a grown tree (drafts, feedback, refinement)
+                    if "max_position_embeddings" not in str(e):
+                        raise
+                    raise ContextError(f"prompt(s) {', '.join(repr(it.id) for it in batch)}: {e} Lower "
+                                       "strategy.max_new_tokens / strategy.feedback_max_new_tokens or use a "
+                                       "longer-context policy.") from None
+                append_rows(out, [r.to_row(with_tree=cfg.with_tree) for r in results])
+                engine.release(list(engine.tree))  # the rows are written; the KV is not needed any more
+                bar.update(len(batch))
+                bar.set_postfix(reward=f"{sum(r.reward for r in results) / len(results):.3f}",
+                                compilations=engine.compilations)
     return out
 
 
 def merge_parts(out: str | Path, prompts_order: Sequence[str] | None = None) -> Path:
-    """Combine `out`'s part files into `out` (each id once; in `prompts_order` if given)."""
-    out = Path(out)
+    """Combine `out`'s part files into `out` (each id once; in `prompts_order` if given). The parts must carry
+    the same config stamp; `out` is locked, written to a temporary file and renamed, and stamped like them."""
+    out = check_output_file(out)
     parts = sorted(out.parent.glob(f"{out.stem}.part*-of-*{out.suffix}"))
     if not parts:
         raise DataError(f"{out}: no part files ({out.stem}.partNNN-of-MMM{out.suffix}) to merge.")
+    stamps = {p: read_stamp(stamp_path(p)) for p in parts}
+    configs = {json.dumps(s["config"], sort_keys=True) for s in stamps.values() if s is not None}
+    if len(configs) > 1:
+        first, *_ = [p for p, s in stamps.items() if s is not None]
+        other = next(p for p, s in stamps.items() if s is not None and s["config"] != stamps[first]["config"])
+        keys = diff_keys(stamps[first]["config"], stamps[other]["config"])
+        raise StampError(f"{out}: part files were written with different configs ({first.name} and {other.name} "
+                         f"differ in {', '.join(keys)}); rerun the parts with one config before merging.")
     rows: dict[str, dict[str, Any]] = {}
-    for p in parts:
-        done_ids(p)  # trims a torn line
-        for line in p.read_text().splitlines():
-            if line.strip():
-                row = json.loads(line)
-                rows.setdefault(str(row["id"]), row)
-    order = list(prompts_order) if prompts_order is not None else sorted(rows, key=lambda k: (len(k), k))
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    with open(tmp, "w") as fh:
-        for pid in order:
-            if pid in rows:
-                fh.write(json.dumps(rows[pid], ensure_ascii=False) + "\n")
-    tmp.replace(out)
+    with output_lock(out):
+        for p in parts:
+            with output_lock(p):
+                done_ids(p)  # trims a torn line, and names a broken one
+                for line in p.read_text(encoding="utf-8").splitlines():
+                    if line.strip():
+                        row = json.loads(line)
+                        rows.setdefault(str(row["id"]), row)
+        order = list(prompts_order) if prompts_order is not None else sorted(rows, key=lambda k: (len(k), k))
+        tmp = out.with_suffix(out.suffix + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as fh:
+            for pid in order:
+                if pid in rows:
+                    fh.write(json.dumps(rows[pid], ensure_ascii=False) + "\n")
+        tmp.replace(out)
+        stamp = next((s for s in stamps.values() if s is not None), None)
+        if stamp is not None:
+            write_stamp(stamp_path(out), stamp["config"])
     return out

@@ -92,21 +92,36 @@ class PRS:
         tail = [rest // (depth - 1) + (1 if i < rest % (depth - 1) else 0) for i in range(depth - 1)]
         return cls(widths=(first, *tail), **kw)
 
-    def run(self, items: Sequence[PromptItem], engine: TreeEngine, scorer: Scorer) -> list[StrategyResult]:
-        """All prompts advance together, layer by layer."""
+    def run(self, items: Sequence[PromptItem], engine: TreeEngine, scorer: Scorer,
+            first_layer: Sequence[Sequence[Node]] | None = None) -> list[StrategyResult]:
+        """All prompts advance together, layer by layer. `first_layer` (per prompt, `widths[0]` draft nodes on
+        this engine, children of one root each) reuses drafts made elsewhere, e.g. PRand's samples, so that two
+        methods share their random numbers (a paired comparison); unscored drafts are scored here."""
         if not self.widths or any(w <= 0 for w in self.widths):
             raise ValueError(f"PRS.widths must be positive layer widths (got {self.widths}).")
         tpl = self.templates.resolved()
         stop = list(self.stop) or None
         prefs = [it.preference or tpl.default_preference for it in items]
         questions = [join_preference(it.prompt, z) for it, z in zip(items, prefs)]
-        roots = engine.add_prompts([_policy_input(engine, q) for q in questions],
-                                   metadata=[{"prompt_id": it.id} for it in items], ids=[it.id for it in items])
-        drafts = engine.expand(roots, self.widths[0], self.sampling, max_new_tokens=self.max_new_tokens, stop=stop)
+        if first_layer is not None:
+            if len(first_layer) != len(items) or any(len(ks) != self.widths[0] for ks in first_layer):
+                raise ValueError(f"PRS.run: first_layer needs {self.widths[0]} drafts for each of the {len(items)} "
+                                 f"prompts (got {[len(ks) for ks in first_layer]}).")
+            if any(k.parent is None or k.parent is not ks[0].parent for ks in first_layer for k in ks):
+                raise ValueError("PRS.run: the drafts of one prompt in first_layer must be children of one root.")
+            drafts = [list(ks) for ks in first_layer]
+            roots = [ks[0].parent for ks in drafts]
+        else:
+            roots = engine.add_prompts([_policy_input(engine, q) for q in questions],
+                                       metadata=[{"prompt_id": it.id} for it in items],
+                                       ids=[it.id for it in items])
+            drafts = engine.expand(roots, self.widths[0], self.sampling, max_new_tokens=self.max_new_tokens,
+                                   stop=stop)
         for ks in drafts:
             for k in ks:
                 k.metadata["layer"] = 0
-        score_nodes(scorer, [it for it, ks in zip(items, drafts) for _ in ks], [k for ks in drafts for k in ks])
+        todo = [(it, k) for it, ks in zip(items, drafts) for k in ks if k.reward is None]
+        score_nodes(scorer, [it for it, _ in todo], [k for _, k in todo])
         layers = [[list(ks)] for ks in drafts]  # per prompt: list of layers
         extra: list[list[Node]] = [[] for _ in items]
         feedback_nodes: list[list[Node]] = [[] for _ in items]

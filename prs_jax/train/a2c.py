@@ -42,7 +42,6 @@ uninterrupted run would on CPU.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, Protocol
@@ -54,10 +53,12 @@ from flax import nnx
 from rich.console import Console
 from tqdm import tqdm
 
+from prs_jax.config import check_ranges, import_object  # noqa: F401  (import_object lived here)
 from prs_jax.errors import ConfigError, DataError, PrsJaxError
 from prs_jax.models.layers import Dense
 from prs_jax.models.tokenizer import encode_chat
 from prs_jax.models.transformer import CausalLM, RewardModel
+from prs_jax.models.window import check_fits, window_of
 from prs_jax.train.logprobs import token_logprobs
 from prs_jax.train.objectives import Static, unembed_matrix
 from prs_jax.train.trainer import (
@@ -232,22 +233,6 @@ class PairReward:
         return [float(self.fn(p, r)) for p, r in zip(prompts, responses)]
 
 
-def import_object(path: str, key: str = "reward.callable") -> Any:
-    """The object named by 'package.module:name' (errors name the config key)."""
-    module, _, name = path.partition(":")
-    if not module or not name:
-        raise ConfigError(f"{key}: expected 'package.module:name', got {path!r}.")
-    try:
-        obj = importlib.import_module(module)
-    except ImportError as e:
-        raise ConfigError(f"{key}: cannot import module {module!r} ({e}); is it installed / on PYTHONPATH?") from e
-    for part in name.split("."):
-        if not hasattr(obj, part):
-            raise ConfigError(f"{key}: module {module!r} has no attribute {name!r}.")
-        obj = getattr(obj, part)
-    return obj
-
-
 # ------------------------------------------------------------------------------------------------ configs
 @dataclasses.dataclass(frozen=True)
 class RolloutConfig:
@@ -348,6 +333,13 @@ class A2C:
         self.trainer = Trainer(self.model, config.loss(), trainer, optim, run_config=run_config)
         self._chat = rollout.chat if rollout.chat is not None else bool(getattr(tokenizer, "chat_template", None))
         self._prompt_ids = [self._encode(p, i) for i, p in enumerate(self.prompts)]
+        window = window_of(policy)
+        for i, ids in enumerate(self._prompt_ids):  # before any work: every rollout must fit the policy
+            check_fits(len(ids) + rollout.max_new_tokens, window, model="policy",
+                       what=f"a2c prompt {i} ({self.prompts[i][:40]!r}): prompt ({len(ids)} tokens) + "
+                            f"rollout.max_new_tokens ({rollout.max_new_tokens})",
+                       fix="lower rollout.max_new_tokens, shorten or drop the prompt (prompts.max_prompts), or use "
+                           "a longer-context policy.")
         # fixed shapes for the whole run: prompt part = bucket of the longest prompt, response = max_new_tokens
         self.prompt_len = bucket(max(len(t) for t in self._prompt_ids), 16)
         self.response_len = rollout.max_new_tokens
@@ -442,6 +434,7 @@ class A2C:
             if "a2c_rng" in meta:
                 self._key = jax.random.wrap_key_data(np.asarray(meta["a2c_rng"], np.uint32))
             if tr.step != self.iteration * k:
+                tr.close()  # releases the run directory's lock
                 raise TrainingError(f"{tr.out_dir}: checkpoint at step {tr.step} is not at an iteration boundary "
                                     f"(iteration {self.iteration} x {k} steps); use another out_dir.")
             tqdm.write(f"resumed from iteration {self.iteration} (step {tr.step}, {tr.out_dir / 'checkpoints'})")
@@ -489,6 +482,9 @@ class PromptsConfig:
     id_column: str = "id"
     max_prompts: int | None = None
     include_preference: bool = False  # policy and reward see x, a blank line, z (column `preference`)
+
+    def __post_init__(self) -> None:
+        check_ranges(self, "prompts", {"max_prompts": ">= 1"})
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,11 +9,12 @@ from typing import Any, Literal
 import numpy as np
 from rich.console import Console
 
-from prs_jax.config import to_dict
+from prs_jax.config import check_ranges, to_dict
 from prs_jax.data.batching import ExampleSource, pad_id_of
 from prs_jax.data.io import iter_rows
 from prs_jax.data.pairs import collate_pairs, tokenize_pairs
 from prs_jax.data.sft import collate_sft, tokenize_sft
+from prs_jax.errors import ConfigError
 from prs_jax.models import load_causal_lm, load_reward_model, load_tokenizer, save_pretrained
 from prs_jax.train.objectives import PreferenceLoss, RewardLoss, Static, bucket_r_max, sft_loss
 from prs_jax.train.reference import cache_key, cached_reference, compute_reference
@@ -44,6 +45,9 @@ class DataConfig:
     pad_multiple: int = 64  # bucketed batches pad to a multiple of this (smaller: less padding, more compiles)
     soft_label_column: str = "p_chosen"
 
+    def __post_init__(self) -> None:
+        check_ranges(self, "data", {"max_length": ">= 1", "max_prompt_length": ">= 1", "pad_multiple": ">= 1"})
+
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
@@ -57,6 +61,9 @@ class LossConfig:
     prompt_prefix: str = DEFAULT_PROMPT_PREFIX
     placement: Literal["user_turn_start", "system", "raw_prefix"] = "user_turn_start"
     soft_labels: bool = False
+
+    def __post_init__(self) -> None:
+        check_ranges(self, "loss", {"beta": "> 0", "lam": ">= 0", "eps": ">= 0"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,9 +102,9 @@ def run_train(task: Task, cfg: TrainRunConfig, console: Console | None = None) -
     """Run a training job end to end; returns the final evaluation metrics (or the last train metrics)."""
     console = console or Console()
     if not cfg.model:
-        raise ValueError("train: `model` (a local HF checkpoint directory) is required.")
+        raise ConfigError("train: `model` (a local HF checkpoint directory) is required.")
     if not cfg.data.train:
-        raise ValueError("train: `data.train` (JSONL / Parquet / datasets source) is required.")
+        raise ConfigError("train: `data.train` (JSONL / Parquet / datasets source) is required.")
     tok = load_tokenizer(cfg.tokenizer or cfg.model)
     pad = pad_id_of(tok)
     d = cfg.data

@@ -28,7 +28,11 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
-from prs_jax.errors import PrsJaxError
+from prs_jax.config import check_ranges
+from prs_jax.data.io import write_text_atomic
+from prs_jax.data.lock import OutputLock
+from prs_jax.data.stamp import describe_diff, diff_keys
+from prs_jax.errors import ConfigError, PrsJaxError
 from prs_jax.models.sharding import MeshConfig, shard_model
 
 Metrics = dict[str, jax.Array]
@@ -53,6 +57,11 @@ class OptimConfig:
     warmup_steps: int = 0
     schedule: Literal["constant", "cosine", "linear"] = "constant"
     min_lr_ratio: float = 0.0
+
+    def __post_init__(self) -> None:
+        check_ranges(self, "optim", {"lr": "> 0", "weight_decay": ">= 0", "b1": "in [0, 1)", "b2": "in [0, 1)",
+                                     "eps": "> 0", "clip_norm": "> 0", "warmup_steps": ">= 0",
+                                     "min_lr_ratio": "in [0, 1]"})
 
 
 def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
@@ -99,10 +108,15 @@ class TrainerConfig:
     async_checkpoint: bool = True
     group_by_length: int = 0  # > 0: batches drawn from chunks of this many batches sorted by length (less padding)
 
+    force_resume: bool = False  # resume a run directory even when its loss / optimizer / data config changed
+
     def __post_init__(self) -> None:
+        check_ranges(self, "trainer", {"steps": ">= 1", "batch_size": ">= 1", "grad_accum": ">= 1",
+                                       "eval_every": ">= 0", "eval_batches": ">= 0", "save_every": ">= 0",
+                                       "keep": ">= 1", "log_every": ">= 1", "group_by_length": ">= 0"})
         if self.batch_size % self.grad_accum:
-            raise ValueError(f"TrainerConfig.batch_size {self.batch_size} is not divisible by grad_accum "
-                             f"{self.grad_accum}.")
+            raise ConfigError(f"trainer.batch_size {self.batch_size} is not divisible by trainer.grad_accum "
+                              f"{self.grad_accum}; make it a multiple.")
 
 
 class BatchSource(Protocol):
@@ -255,11 +269,21 @@ class Trainer:
         return {"params": self._params, "opt_state": self._opt_state_tree}
 
     def restore(self, manager: ocp.CheckpointManager) -> bool:
-        """Restore the latest checkpoint if there is one; returns whether it did."""
+        """Restore the latest checkpoint if there is one; returns whether it did. A checkpoint trained with
+        another loss / optimizer / model / data config is refused (naming the keys) unless `force_resume`."""
         step = manager.latest_step()
         if step is None:
             return False
         meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        old = meta.get("run_config")
+        if isinstance(old, dict) and not self.config.force_resume:
+            keys = diff_keys(resume_config(old), resume_config(self.run_config))
+            if keys:
+                detail = describe_diff(resume_config(old), resume_config(self.run_config), keys)
+                raise TrainingError(
+                    f"{self.out_dir}: its checkpoint at step {step} was trained with another config; differing "
+                    f"keys: {', '.join(keys)} ({detail}). Use another trainer.out_dir, restore the old values, or "
+                    "pass --force-resume (trainer.force_resume=true) to continue from it anyway.")
         mine = self._fingerprint()
         theirs = meta.get("params", {})
         if theirs != mine:
@@ -286,18 +310,29 @@ class Trainer:
         """Open a run for step-by-step training (`train_on`): optimizer state, resume from the latest checkpoint,
         logs. Returns whether it resumed; `restored_meta` then holds the checkpoint's JSON metadata."""
         cfg = self.config
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        (self.out_dir / "config.json").write_text(json.dumps(self.run_config, indent=2, default=str))
-        self._opt_state_tree = self.tx.init(self._params)
-        self._ckpt = self._manager()
-        resumed = self.restore(self._ckpt)
-        self._frozen_states = {k: s for k, (_, s) in self._frozen_split.items()}
-        self._log_file = open(self.out_dir / "metrics.jsonl", "a")
-        self._writer = None
-        if cfg.tensorboard:
-            from tensorboardX import SummaryWriter
+        try:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        except FileExistsError:
+            raise TrainingError(f"{self.out_dir}: is a file; trainer.out_dir must be a directory.") from None
+        self._lock = OutputLock(self.out_dir).acquire()
+        try:
+            self._opt_state_tree = self.tx.init(self._params)
+            self._ckpt = self._manager()
+            resumed = self.restore(self._ckpt)
+            write_text_atomic(self.out_dir / "config.json", json.dumps(self.run_config, indent=2, default=str))
+            # the steps logged after the restored checkpoint (before a kill) are logged again by this run
+            trim_metrics(self.out_dir / "metrics.jsonl", self.step)
+            self._frozen_states = {k: s for k, (_, s) in self._frozen_split.items()}
+            self._log_file = open(self.out_dir / "metrics.jsonl", "a")
+            self._writer = None
+            if cfg.tensorboard:
+                from tensorboardX import SummaryWriter
 
-            self._writer = SummaryWriter(str(self.out_dir / "tensorboard"))
+                # purge_step: TensorBoard drops the events at and after it that an earlier, killed run wrote
+                self._writer = SummaryWriter(str(self.out_dir / "tensorboard"), purge_step=self.step + 1)
+        except BaseException:
+            self._lock.release()
+            raise
         self._t_last, self._tokens_since = time.perf_counter(), 0
         return resumed
 
@@ -349,6 +384,7 @@ class Trainer:
             if self._writer is not None:
                 self._writer.close()
         finally:
+            self._lock.release()
             self.sync_model()
 
     def fit(self, train: BatchSource, eval_source: BatchSource | None = None) -> dict[str, float]:
@@ -412,6 +448,43 @@ class Trainer:
         if writer is not None:
             for k, v in metrics.items():
                 writer.add_scalar(f"{split}/{k}", v, self.step)
+
+
+def resume_config(run_config: Mapping[str, Any]) -> dict[str, Any]:
+    """The part of a run config a resume must keep: model, data, loss, optimizer, method and seed; not the loop's
+    length, batching, logging, checkpointing or export settings."""
+    out = {k: v for k, v in run_config.items() if k not in _RESUME_FREE and not k.endswith("export_dir")}
+    trainer = run_config.get("trainer")
+    if isinstance(trainer, Mapping):
+        out["trainer"] = {"seed": trainer.get("seed")}
+    if isinstance(out.get("value"), Mapping):
+        out["value"] = {k: v for k, v in out["value"].items() if k != "export_dir"}
+    return out
+
+
+_RESUME_FREE = ("trainer", "ref_cache_dir", "precompute_ref", "logprob_method", "remat")
+
+
+def trim_metrics(path: Path, step: int) -> None:
+    """Drop the rows of a metrics JSONL logged after `step` (and a torn last line); tmp file + rename."""
+    if not path.exists():
+        return
+    lines = path.read_bytes().split(b"\n")
+    keep = []
+    for line in lines:
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            continue  # a torn line left by a kill
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+            keep.append(line + b"\n")
+    if len(keep) == sum(1 for x in lines if x.strip()) and (not lines[-1] or lines[-1].strip() == b""):
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(b"".join(keep))
+    tmp.replace(path)
 
 
 class ArraySource:

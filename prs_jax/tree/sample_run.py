@@ -8,31 +8,41 @@ from typing import Any, Sequence
 
 from tqdm import tqdm
 
-from prs_jax.errors import PrsJaxError
+from prs_jax.data.io import iter_jsonl
+from prs_jax.data.lock import check_output_file, output_lock
+from prs_jax.errors import ConfigError, DataError
 from prs_jax.models import load_causal_lm, load_tokenizer
+from prs_jax.models.window import check_fits, window_of
 from prs_jax.tree.engine import EngineConfig, TreeEngine
 from prs_jax.tree.sampling import SamplingParams
 
 
 def read_prompts(path: Path) -> list[dict[str, Any]]:
     """Rows of a JSONL file; each needs 'prompt' (text) or 'messages' (chat list). Errors name file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: prompts file not found" + (" (it is a directory)" if path.is_dir() else "")
+                        + "; give a JSONL file with a 'prompt' or 'messages' per line.")
     rows = []
-    with open(path) as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise PrsJaxError(f"{path}:{lineno}: invalid JSON: {e.msg}") from e
-            if not isinstance(row, dict) or not ({"prompt", "messages"} & set(row)):
-                raise PrsJaxError(f"{path}:{lineno}: each row needs a 'prompt' string or a 'messages' list.")
-            if "prompt" in row and not (isinstance(row["prompt"], str) and row["prompt"]):
-                raise PrsJaxError(f"{path}:{lineno}: 'prompt' must be a non-empty string.")
-            rows.append(row)
+    for r in iter_jsonl(path):
+        row = r.data
+        if not ({"prompt", "messages"} & set(row)):
+            raise DataError(f"{r.where}: each row needs a 'prompt' string or a 'messages' list.")
+        if "prompt" in row and not (isinstance(row["prompt"], str) and row["prompt"]):
+            raise DataError(f"{r.where}: 'prompt' must be a non-empty string.")
+        if "messages" in row and "prompt" not in row and not (isinstance(row["messages"], list) and row["messages"]):
+            raise DataError(f"{r.where}: 'messages' must be a non-empty list of {{'role', 'content'}} dicts.")
+        rows.append(dict(row, _where=r.where))
     if not rows:
-        raise PrsJaxError(f"{path}: no prompts.")
+        raise DataError(f"{path}: no prompts.")
     return rows
+
+
+def check_sample_args(*, n: int, max_new_tokens: int, batch_size: int) -> None:
+    """Usage checks of `prs-jax sample`, named by their flags."""
+    for flag, value in (("--n", n), ("--max-new-tokens", max_new_tokens), ("--batch-size", batch_size)):
+        if value < 1:
+            raise ConfigError(f"{flag} must be >= 1, got {value}.")
 
 
 def run_sample(checkpoint: Path, prompts_file: Path, out_file: Path, *, n: int, max_new_tokens: int,
@@ -42,28 +52,49 @@ def run_sample(checkpoint: Path, prompts_file: Path, out_file: Path, *, n: int, 
 
     Each prompt's samples are keyed by (seed, the row's "id" if it has one else its index in the file, the
     prompt's tokens), and programs run `group_tile` groups each (`EngineConfig.group_tile`): the output does not
-    depend on `batch_size`, to the byte."""
+    depend on `batch_size`, to the byte.
+
+    Arguments and inputs are checked before anything is written; the output is locked, written to a temporary
+    file and renamed when complete, so a bad argument or a failed run leaves an existing output as it was."""
+    check_sample_args(n=n, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    out_file = check_output_file(out_file)
     rows = read_prompts(prompts_file)
     tok = load_tokenizer(checkpoint)
     model = load_causal_lm(checkpoint)
     engine = TreeEngine(model, tok, seed=seed, config=EngineConfig(group_tile=group_tile))
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    written = 0
-    with open(out_file, "w") as fh, tqdm(total=len(rows), desc="sampling", unit="prompt") as bar:
+    items = [r["messages"] if "messages" in r else (
+        [{"role": "user", "content": r["prompt"]}] if chat else r["prompt"]) for r in rows]
+    for r, item in zip(rows, items):
+        name = f"prompt {r['id']!r} ({r['_where']})" if "id" in r else f"prompt at {r['_where']}"
+        n_tok = len(engine.encode(item))
+        check_fits(n_tok + max_new_tokens, window_of(model), what=f"{name}: prompt ({n_tok} tokens) + "
+                   f"--max-new-tokens ({max_new_tokens})", model="policy",
+                   fix="lower --max-new-tokens, shorten or drop the prompt, or use a longer-context model.")
+    tmp = out_file.with_name(out_file.name + ".tmp")
+    with output_lock(out_file):
+        try:
+            _write_samples(tmp, rows, items, engine, n, sampling, max_new_tokens, batch_size, stop)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        tmp.replace(out_file)
+    return len(rows)
+
+
+def _write_samples(tmp: Path, rows: list[dict[str, Any]], items: list[Any], engine: TreeEngine, n: int,
+                   sampling: SamplingParams, max_new_tokens: int, batch_size: int, stop: Sequence[str]) -> None:
+    """Sample batch by batch into `tmp` (one JSON row per prompt)."""
+    with open(tmp, "w", encoding="utf-8") as fh, tqdm(total=len(rows), desc="sampling", unit="prompt") as bar:
         for start in range(0, len(rows), batch_size):
             batch = rows[start:start + batch_size]
-            items = [r["messages"] if "messages" in r else (
-                [{"role": "user", "content": r["prompt"]}] if chat else r["prompt"]) for r in batch]
             ids = [str(r["id"]) if r.get("id") is not None else f"#{start + i}" for i, r in enumerate(batch)]
-            roots = engine.add_prompts(items, ids=ids)
+            roots = engine.add_prompts(items[start:start + batch_size], ids=ids)
             children = engine.expand(roots, n, sampling, max_new_tokens=max_new_tokens, stop=list(stop) or None)
             for row, kids in zip(batch, children):
-                out = dict(row)
-                out["completions"] = [{"text": k.text, "finish_reason": k.finish_reason, "num_tokens": len(k.tokens),
-                                       "sum_logprob": k.sum_logprob} for k in kids]
-                fh.write(json.dumps(out) + "\n")
-                written += 1
+                out = {k: v for k, v in row.items() if k != "_where"}
+                out["completions"] = [{"text": k.text, "finish_reason": k.finish_reason,
+                                       "num_tokens": len(k.tokens), "sum_logprob": k.sum_logprob} for k in kids]
+                fh.write(json.dumps(out, ensure_ascii=False) + "\n")
             engine.release([k for ks in children for k in ks] + list(roots))
             bar.update(len(batch))
             bar.set_postfix(compilations=engine.compilations)
-    return written

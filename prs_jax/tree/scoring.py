@@ -24,6 +24,7 @@ from flax import nnx
 from prs_jax.kernels.cascade import use_pallas_default
 from prs_jax.models.tokenizer import encode_chat
 from prs_jax.models.transformer import RewardModel
+from prs_jax.models.window import check_fits, window_of
 from prs_jax.tree.engine import bucket, counting, extend_rows
 from prs_jax.tree.tree import Node
 
@@ -155,7 +156,14 @@ class RewardScorer:
         """Reward of each (prompt, response) pair, in input order."""
         cfg = self.config
         self.last_chunks = []
-        split = [self.formatter.split(self.tokenizer, prompt, response) for prompt, response in pairs]
+        window = window_of(self.rm)
+        split = []
+        for i, (prompt, response) in enumerate(pairs):
+            head, tail = self.formatter.split(self.tokenizer, prompt, response)
+            check_fits(len(head) + len(tail), window, what=f"reward-model input {i} (prompt + response)",
+                       model="reward model", index=i,
+                       fix="use a reward model with a longer window, shorter prompts, or a smaller max_new_tokens.")
+            split.append((head, tail))
         tb = [bucket(len(tail), cfg.min_suffix_bucket) for _, tail in split]
         groups: dict[tuple, list[tuple[int, list[int]]]] = {}
         for i, (head, tail) in enumerate(split):

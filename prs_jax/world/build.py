@@ -1,14 +1,18 @@
 """`prs-jax world build`: generate the corpora, train the tokenizer, pretrain the policy with the project's SFT
-trainer, train the proxy reward model on gold-ranked pairs, and cache the result keyed by the config.
+trainer (a one-preference curriculum, then the full corpus), train the proxy reward model on teacher pairs,
+minimal pairs and pairs of the policy's own samples, measure the skill gates, and cache the result keyed by the
+config.
 
 Layout of a built world (`<root>/world-<key>/`):
-    tokenizer/            HF tokenizer directory (byte-level BPE trained on the corpus, chat template)
+    tokenizer/            HF tokenizer directory (BPE whose vocabulary holds every word of the world as one
+                          token, chat template)
     policy/               HF checkpoint of the pretrained policy (Llama architecture) + tokenizer
     rm/                   HF checkpoint of the proxy reward model (initialised from the policy)
-    data/                 sft.jsonl, sft_eval.jsonl, rm_train.jsonl, rm_eval.jsonl, heldout_prompts.jsonl
+    data/                 sft.jsonl, sft_curriculum.jsonl, sft_eval.jsonl, rm_train.jsonl, rm_eval.jsonl,
+                          heldout_prompts.jsonl
     runs/                 trainer output (metrics.jsonl, tensorboard, orbax checkpoints)
-    report.json           config, key, timings, final SFT loss, proxy RM held-out accuracy, versions
-A later build with the same config finds report.json and reuses everything.
+    report.json           config, key, timings, loss share per skill, SFT curve, the gate table, versions
+A later build with the same config finds report.json and reuses everything (the gates are checked again).
 """
 
 from __future__ import annotations
@@ -26,15 +30,25 @@ from rich.console import Console
 
 from prs_jax.config import to_dict
 from prs_jax.data.io import write_jsonl
-from prs_jax.models.tiny import build_checkpoint, build_tokenizer
+from prs_jax.models.tiny import CHAT_TEMPLATE, build_checkpoint, build_tokenizer
 from prs_jax.train.run import DataConfig, LossConfig, TrainRunConfig, run_train
 from prs_jax.train.trainer import OptimConfig, TrainerConfig
 from prs_jax.world.behaviour import Behaviour, World
-from prs_jax.world.corpus import Mixture, preference_pairs, sft_corpus, split_prompts
+from prs_jax.world.corpus import (
+    SKILL_OF_KIND,
+    Mixture,
+    curriculum_prompts,
+    preference_pairs,
+    sft_corpus,
+    split_prompts,
+    vocabulary_text,
+)
+from prs_jax.world.gates import GateConfig, GateError, gate_table, measure_gates, policy_pairs
 
 # Bump when something outside prs_jax/world that shapes a build changes (the trainer, the tokenizer builder);
 # edits inside prs_jax/world change the key through the source digest.
-WORLD_VERSION = "1"
+WORLD_VERSION = "2"
+DEFAULT_SEEDS = (0, 1, 2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,24 +69,46 @@ class WorldConfig:
     """Everything that determines a built world (its cache key is a hash of this)."""
 
     seed: int = 0
-    train_prompts: int = 2000
-    heldout_prompts: int = 200
-    sft_conversations: int = 6000
-    sft_eval_conversations: int = 200
-    rm_pairs: int = 3000
-    rm_eval_pairs: int = 400
+    train_prompts: int = 4000
+    heldout_prompts: int = 512
+    curriculum_prompts: int = 1000
+    curriculum_conversations: int = 8000
+    sft_conversations: int = 52000
+    sft_eval_conversations: int = 400
+    rm_pairs: int = 8000
+    rm_policy_prompts: int = 600  # training prompts the SFT policy samples for the RM's own-sample pairs
+    rm_policy_samples: int = 8
+    rm_policy_pairs_per_prompt: int = 4
+    rm_eval_pairs: int = 600
     policy: PolicySize = PolicySize()
     behaviour: Behaviour = Behaviour()
     mixture: Mixture = Mixture()
-    sft_steps: int = 500
-    sft_batch_size: int = 32
+    curriculum_steps: int = 100
+    sft_steps: int = 1400
+    sft_batch_size: int = 48
     sft_lr: float = 3e-3
-    rm_steps: int = 300
+    rm_steps: int = 600
     rm_batch_size: int = 32
     rm_lr: float = 1e-3
-    max_length: int = 192
+    max_length: int = 160
     pad_multiple: int = 32
     group_by_length: int = 8
+    gates: GateConfig = GateConfig()
+
+    def __post_init__(self) -> None:
+        positive = ("train_prompts", "heldout_prompts", "sft_conversations", "sft_eval_conversations", "rm_pairs",
+                    "rm_eval_pairs", "sft_steps", "sft_batch_size", "rm_steps", "rm_batch_size", "max_length",
+                    "pad_multiple")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"world config: {name} must be positive, got {getattr(self, name)}")
+        for name in ("curriculum_prompts", "curriculum_conversations", "curriculum_steps", "rm_policy_prompts",
+                     "rm_policy_samples", "rm_policy_pairs_per_prompt", "group_by_length"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"world config: {name} must be >= 0, got {getattr(self, name)}")
+        for name in ("sft_lr", "rm_lr"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"world config: {name} must be a positive learning rate, got {getattr(self, name)}")
 
 
 def preset(name: Literal["default", "smoke"], **overrides: Any) -> WorldConfig:
@@ -80,10 +116,12 @@ def preset(name: Literal["default", "smoke"], **overrides: Any) -> WorldConfig:
     if name == "default":
         return dataclasses.replace(WorldConfig(), **overrides)
     if name == "smoke":
-        base = WorldConfig(train_prompts=200, heldout_prompts=16, sft_conversations=400, sft_eval_conversations=32,
-                           rm_pairs=200, rm_eval_pairs=64, policy=PolicySize(hidden_size=64, intermediate_size=128,
-                                                                             num_hidden_layers=2),
-                           sft_steps=30, sft_batch_size=16, rm_steps=20, rm_batch_size=16, pad_multiple=64)
+        base = WorldConfig(train_prompts=200, heldout_prompts=16, curriculum_prompts=40, curriculum_conversations=64,
+                           sft_conversations=400, sft_eval_conversations=32, rm_pairs=200, rm_policy_prompts=8,
+                           rm_policy_samples=4, rm_eval_pairs=64,
+                           policy=PolicySize(hidden_size=64, intermediate_size=128, num_hidden_layers=2),
+                           curriculum_steps=5, sft_steps=30, sft_batch_size=16, rm_steps=20, rm_batch_size=16,
+                           pad_multiple=64, gates=GateConfig(prompts=8, samples=4, vs_samples=16, enforce=False))
         return dataclasses.replace(base, **overrides)
     raise ValueError(f"unknown world preset {name!r}; use 'default' or 'smoke'.")
 
@@ -91,15 +129,16 @@ def preset(name: Literal["default", "smoke"], **overrides: Any) -> WorldConfig:
 def _source_digest() -> str:
     """Hash of the world's own source files: editing a generator or a text invalidates cached builds."""
     h = hashlib.sha256()
-    for name in ("task.py", "behaviour.py", "corpus.py", "build.py"):
+    for name in ("task.py", "behaviour.py", "corpus.py", "build.py", "gates.py"):
         h.update((Path(__file__).parent / name).read_bytes())
     return h.hexdigest()
 
 
 def world_key(cfg: WorldConfig) -> str:
     """A short hash of the config, the world version and the world's source code."""
-    blob = json.dumps({"version": WORLD_VERSION, "source": _source_digest(), "config": to_dict(cfg)},
-                      sort_keys=True)
+    config = to_dict(cfg)
+    config["gates"].pop("enforce", None)  # whether a failed gate stops the build does not change what is built
+    blob = json.dumps({"version": WORLD_VERSION, "source": _source_digest(), "config": config}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -128,7 +167,7 @@ class BuiltWorld:
         return self.root / "data"
 
     def world(self) -> World:
-        """The world's prompt sampler and behaviours (same seed as the build)."""
+        """The world's prompt sampler and teacher programs (same seed as the build)."""
         return World(self.config.behaviour, seed=self.config.seed)
 
     def heldout(self) -> list[dict[str, Any]]:
@@ -149,18 +188,70 @@ def _versions() -> dict[str, str]:
     return out
 
 
+def render_chat(_: Any, messages: list[dict[str, str]]) -> str:
+    """A conversation rendered with the world's chat template (for the tokenizer's training text)."""
+    import jinja2
+
+    return jinja2.Template(CHAT_TEMPLATE).render(messages=messages, add_generation_prompt=True)
+
+
+def loss_share(rows: list[dict[str, Any]], tokenizer: Any) -> dict[str, float]:
+    """Share of the SFT loss tokens (assistant turns) per skill."""
+    counts: dict[str, int] = {}
+    for row in rows:
+        n = sum(len(tokenizer(m["content"], add_special_tokens=False)["input_ids"]) + 1
+                for m in row["messages"] if m["role"] == "assistant")
+        skill = SKILL_OF_KIND.get(row["kind"], row["kind"])
+        counts[skill] = counts.get(skill, 0) + n
+    total = sum(counts.values()) or 1
+    return {k: v / total for k, v in sorted(counts.items())}
+
+
+def _curve(run_dir: Path) -> list[dict[str, float]]:
+    """The training loss curve (step, loss) from a trainer run's metrics.jsonl, thinned to <= 50 points."""
+    f = run_dir / "metrics.jsonl"
+    if not f.is_file():
+        return []
+    pts = []
+    for line in f.read_text().splitlines():
+        row = json.loads(line)
+        loss = row.get("train/loss", row.get("loss"))
+        if loss is not None and "step" in row:
+            pts.append({"step": int(row["step"]), "loss": float(loss)})
+    stride = max(1, len(pts) // 50)
+    return pts[::stride] + ([pts[-1]] if pts and (len(pts) - 1) % stride else [])
+
+
+def _sft(cfg: WorldConfig, model: Path, train: Path, evalf: Path, out_dir: Path, export: Path, steps: int,
+         console: Console, progress: bool) -> dict[str, float]:
+    data_cfg = DataConfig(train=str(train), eval=str(evalf), max_length=cfg.max_length, max_prompt_length=None,
+                          pad_multiple=cfg.pad_multiple, on_too_long="drop")
+    run = TrainRunConfig(
+        model=str(model), data=data_cfg,
+        optim=OptimConfig(lr=cfg.sft_lr, warmup_steps=max(steps // 20, 1), schedule="cosine", min_lr_ratio=0.05,
+                          weight_decay=0.0),
+        trainer=TrainerConfig(out_dir=str(out_dir), steps=steps, batch_size=cfg.sft_batch_size, seed=cfg.seed,
+                              log_every=10, progress=progress, async_checkpoint=False,
+                              group_by_length=cfg.group_by_length),
+        export_dir=str(export))
+    return run_train("sft", run, console=console)
+
+
 def build_world(cfg: WorldConfig = WorldConfig(), root: str | Path = "runs/world", force: bool = False,
-                console: Console | None = None, progress: bool = True) -> BuiltWorld:
-    """Build the world described by `cfg` under `root` (or reuse the cached build); returns its paths."""
+                console: Console | None = None, progress: bool = True, allow_weak: bool = False) -> BuiltWorld:
+    """Build the world described by `cfg` under `root` (or reuse the cached build); returns its paths. Raises
+    GateError naming the failed skill gates unless `allow_weak` (or the config's gates are not enforced)."""
     console = console or Console()
     key = world_key(cfg)
     out = Path(root) / f"world-{key}"
     report_file = out / "report.json"
     if report_file.is_file() and not force:
         console.print(f"world: reusing the cached build {out}", markup=False)
-        return BuiltWorld(out, cfg, json.loads(report_file.read_text()))
-    if force and out.exists():
-        shutil.rmtree(out)
+        built = BuiltWorld(out, cfg, json.loads(report_file.read_text()))
+        _check_gates(built, allow_weak, console, print_table=False)
+        return built
+    if out.exists():
+        shutil.rmtree(out)  # a partial directory from an interrupted build, or --force
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     data = out / "data"
@@ -169,47 +260,63 @@ def build_world(cfg: WorldConfig = WorldConfig(), root: str | Path = "runs/world
 
     t0 = time.perf_counter()
     train_p, held_p = split_prompts(world, cfg.train_prompts, cfg.heldout_prompts, cfg.seed)
+    if len(held_p) < cfg.heldout_prompts or len(train_p) < cfg.train_prompts:
+        raise ValueError(f"world config: could not draw {cfg.train_prompts} train + {cfg.heldout_prompts} distinct "
+                         f"held-out prompts (got {len(train_p)} + {len(held_p)}); lower the counts.")
+    cur_p = curriculum_prompts(world, cfg.curriculum_prompts, cfg.seed, {p.id for p in held_p})
     rng = np.random.default_rng([cfg.seed, 3])
+    cur_rows = list(sft_corpus(world, cur_p, cfg.curriculum_conversations, rng, cfg.mixture)) if cur_p else []
     sft_rows = list(sft_corpus(world, train_p, cfg.sft_conversations, rng, cfg.mixture))
     sft_eval = list(sft_corpus(world, held_p, cfg.sft_eval_conversations, rng, cfg.mixture))
     rm_rows = list(preference_pairs(world, train_p, cfg.rm_pairs, rng))
     rm_eval = list(preference_pairs(world, held_p, cfg.rm_eval_pairs, rng))
     write_jsonl(data / "sft.jsonl", sft_rows)
+    write_jsonl(data / "sft_curriculum.jsonl", cur_rows)
     write_jsonl(data / "sft_eval.jsonl", sft_eval)
-    write_jsonl(data / "rm_train.jsonl", rm_rows)
-    write_jsonl(data / "rm_eval.jsonl", rm_eval)
     write_jsonl(data / "heldout_prompts.jsonl", [{"id": p.id, "prompt": p.x, "preference": p.z} for p in held_p])
     timings["corpus_s"] = time.perf_counter() - t0
-    console.print(f"world {key}: {len(train_p)} train / {len(held_p)} held-out prompts, {len(sft_rows)} SFT "
-                  f"conversations, {len(rm_rows)} RM pairs -> {data}", markup=False)
+    console.print(f"world {key}: {len(train_p)} train / {len(held_p)} held-out prompts, {len(cur_rows)} curriculum + "
+                  f"{len(sft_rows)} SFT conversations, {len(rm_rows)} teacher RM pairs -> {data}", markup=False)
 
     t0 = time.perf_counter()
-    text = "\n".join(m["content"] for row in sft_rows for m in row["messages"])
-    tok_dir = build_tokenizer(out / "tokenizer", vocab_size=cfg.policy.vocab_size, corpus=text)
+    # every message, and rendered conversations (the template's newlines), so each pre-token is in the vocabulary
+    docs = [m["content"] for row in [*cur_rows, *sft_rows] for m in row["messages"]]
+    docs += [render_chat(None, row["messages"]) for row in sft_rows[:2000]] + vocabulary_text()
+    tok_dir = build_tokenizer(out / "tokenizer", vocab_size=cfg.policy.vocab_size, corpus=docs, model="word")
+    from prs_jax.models import load_tokenizer
+
+    tok = load_tokenizer(tok_dir)
+    shares = loss_share(sft_rows, tok)
     sizes = dataclasses.asdict(cfg.policy)
     init = build_checkpoint(out / "init", "llama", seed=cfg.seed, tokenizer_dir=tok_dir, **sizes)
     timings["tokenizer_init_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    data_cfg = DataConfig(train=str(data / "sft.jsonl"), eval=str(data / "sft_eval.jsonl"),
-                          max_length=cfg.max_length, max_prompt_length=None, pad_multiple=cfg.pad_multiple)
-    sft_cfg = TrainRunConfig(
-        model=str(init), data=data_cfg,
-        optim=OptimConfig(lr=cfg.sft_lr, warmup_steps=max(cfg.sft_steps // 20, 1), schedule="cosine",
-                          min_lr_ratio=0.05, weight_decay=0.0),
-        trainer=TrainerConfig(out_dir=str(out / "runs" / "sft"), steps=cfg.sft_steps,
-                              batch_size=cfg.sft_batch_size, seed=cfg.seed, log_every=10, progress=progress,
-                              async_checkpoint=False, group_by_length=cfg.group_by_length),
-        export_dir=str(out / "policy"))
-    sft_metrics = run_train("sft", sft_cfg, console=console)
+    start = init
+    if cur_rows and cfg.curriculum_steps:
+        write_jsonl(data / "sft_curriculum.jsonl", cur_rows)
+        _sft(cfg, init, data / "sft_curriculum.jsonl", data / "sft_eval.jsonl", out / "runs" / "sft_curriculum",
+             out / "curriculum", cfg.curriculum_steps, console, progress)
+        start = out / "curriculum"
+    sft_metrics = _sft(cfg, start, data / "sft.jsonl", data / "sft_eval.jsonl", out / "runs" / "sft", out / "policy",
+                       cfg.sft_steps, console, progress)
     timings["sft_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    own_train = policy_pairs(out / "policy", world, train_p[: cfg.rm_policy_prompts], cfg.rm_policy_samples,
+                             cfg.rm_policy_pairs_per_prompt, seed=cfg.seed)
+    own_eval = policy_pairs(out / "policy", world, held_p[cfg.gates.prompts: cfg.gates.prompts + 64],
+                            cfg.rm_policy_samples, 2, seed=cfg.seed + 1)
+    write_jsonl(data / "rm_train.jsonl", rm_rows + own_train)
+    write_jsonl(data / "rm_eval.jsonl", rm_eval + own_eval)
+    timings["policy_samples_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     rm_cfg = TrainRunConfig(
         model=str(out / "policy"),
         data=DataConfig(train=str(data / "rm_train.jsonl"), eval=str(data / "rm_eval.jsonl"),
                         max_length=cfg.max_length, max_prompt_length=None, use_chat_template=True,
-                        pad_multiple=cfg.pad_multiple),
+                        pad_multiple=cfg.pad_multiple, on_too_long="drop"),
         loss=LossConfig(), optim=OptimConfig(lr=cfg.rm_lr, warmup_steps=max(cfg.rm_steps // 20, 1),
                                              schedule="cosine", min_lr_ratio=0.05),
         trainer=TrainerConfig(out_dir=str(out / "runs" / "rm"), steps=cfg.rm_steps, batch_size=cfg.rm_batch_size,
@@ -219,12 +326,37 @@ def build_world(cfg: WorldConfig = WorldConfig(), root: str | Path = "runs/world
     rm_metrics = run_train("rm", rm_cfg, console=console)
     timings["rm_s"] = time.perf_counter() - t0
     shutil.rmtree(init, ignore_errors=True)
+    shutil.rmtree(out / "curriculum", ignore_errors=True)
+
+    t0 = time.perf_counter()
+    provisional = BuiltWorld(out, cfg, {"key": key})
+    gates = measure_gates(provisional, cfg.gates, console=console)
+    timings["gates_s"] = time.perf_counter() - t0
 
     timings["total_s"] = time.perf_counter() - t_start
     report = {"key": key, "version": WORLD_VERSION, "config": to_dict(cfg), "timings": timings,
-              "sft_eval": sft_metrics, "rm_eval": rm_metrics,
-              "rm_heldout_accuracy": rm_metrics.get("accuracy"), "versions": _versions()}
+              "loss_share": shares, "sft_curve": _curve(out / "runs" / "sft"), "sft_eval": sft_metrics,
+              "rm_eval": rm_metrics, "rm_heldout_accuracy": rm_metrics.get("accuracy"),
+              "rm_pairs": {"teacher_and_minimal": len(rm_rows), "policy": len(own_train)},
+              "gates": gates, "versions": _versions()}
     report_file.write_text(json.dumps(report, indent=2))
-    console.print(f"world {key} built in {timings['total_s']:.0f} s: SFT eval loss {sft_metrics.get('loss', float('nan')):.3f}, "
-                  f"proxy RM held-out pairwise accuracy {report['rm_heldout_accuracy']:.3f}", markup=False)
-    return BuiltWorld(out, cfg, report)
+    console.print(f"world {key} built in {timings['total_s']:.0f} s: SFT eval loss "
+                  f"{sft_metrics.get('loss', float('nan')):.3f}, proxy RM held-out pairwise accuracy "
+                  f"{report['rm_heldout_accuracy']:.3f}; loss share per skill "
+                  + ", ".join(f"{k} {v:.2f}" for k, v in shares.items()), markup=False)
+    built = BuiltWorld(out, cfg, report)
+    _check_gates(built, allow_weak, console, print_table=True)
+    return built
+
+
+def _check_gates(built: BuiltWorld, allow_weak: bool, console: Console, print_table: bool) -> None:
+    gates = built.report.get("gates") or {}
+    if print_table and gates:
+        console.print(gate_table(gates, title=f"skill gates of world {built.report.get('key')} "
+                                             f"(held-out prompts; teacher = ceiling)"))
+    failed = [g for g in gates.get("rows", []) if g.get("passed") is False]
+    if failed and not allow_weak and built.config.gates.enforce:
+        names = ", ".join(f"{g['gate']} ({g['value']:.3f} vs target {g['direction']} {g['target']})" for g in failed)
+        raise GateError(f"world {built.report.get('key')} failed {len(failed)} skill gate(s): {names}. The build is "
+                        f"kept in {built.root} (report.json holds the table); pass --allow-weak to use it anyway, or "
+                        f"train longer (sft_steps=..., rm_steps=...).")

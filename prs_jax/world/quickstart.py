@@ -1,19 +1,20 @@
-"""The README's main job: build (or reuse) the synthetic world, then run Rand, PRand and PRS at budgets N on
-held-out prompts, selecting with the proxy reward model and reporting the GOLD reward of what was selected.
+"""The README's main job (v2): build (or reuse) the synthetic world, then compare Rand, PRand and PRS at budgets N
+on held-out prompts in a PAIRED design, selecting with the proxy reward model and reporting the GOLD reward.
 
-Also measures the world's own acceptance checks on the pretrained policy: the spread of gold reward among its
-samples (oracle best-of-16 vs the mean), and refinements after the true feedback vs after no feedback.
-Writes results JSON (config, seed, commit, versions, wall time), a PNG of gold reward vs N, and prints tables.
+Common random numbers: Rand and PRand at budget N select among the first N of one stream of 16 samples per
+prompt, and PRS's first layer at budget N is PRand's first N // 2 samples (then one self-critique of the best by
+the proxy RM and N - N // 2 refinements). Effects PRS - PRand and PRS - Rand are per-prompt differences with
+bootstrap 95% intervals, each beside its teacher ceiling (the teacher programs as the policy, gold selection;
+prs_jax.world.ceiling). The world's skill-gate table is printed with them. Writes results JSON (config, world,
+commit, versions, wall time), a PNG with the intervals, and prints the tables.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import subprocess
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,30 +22,18 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from prs_jax.eval.stats import bootstrap_ci, mean_se, paired_bootstrap_ci
 from prs_jax.models import load_causal_lm, load_reward_model, load_tokenizer
-from prs_jax.strategies.base import PromptItem, RewardModelScorer
-from prs_jax.strategies.prs import PRS, BestOfN
-from prs_jax.strategies.templates import require_turn_text
+from prs_jax.strategies.base import PromptItem, RewardModelScorer, join_preference, score_nodes
+from prs_jax.strategies.prs import PRS
 from prs_jax.tree.engine import EngineConfig, TreeEngine
 from prs_jax.tree.sampling import SamplingParams
 from prs_jax.tree.scoring import RewardScorer
 from prs_jax.world.build import BuiltWorld, build_world, preset
-from prs_jax.world.corpus import (
-    FEEDBACK_TURN,
-    REFINE_TURN,
-    REFINE_TURN_NO_FEEDBACK,
-    feedback_text,
-    world_templates,
-)
-from prs_jax.world.task import (
-    Prompt,
-    gold_reward,
-    parse_preference,
-    parse_prompt,
-    violations,
-)
-
-METHODS = ("rand", "prand", "prs")
+from prs_jax.world.ceiling import METHODS, prs_widths, teacher_best_of_n
+from prs_jax.world.corpus import world_templates
+from prs_jax.world.gates import gate_table
+from prs_jax.world.task import Prompt, gold_reward, parse_preference, parse_prompt
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,32 +43,26 @@ class QuickstartConfig:
     preset: str = "default"
     world_root: str = "runs/world"
     out_dir: str = "runs/quickstart"
-    seed: int = 0
-    prompts: int = 48
-    budgets: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
+    seed: int = 0  # the world's seed (and the sampling seed)
+    prompts: int = 256
+    budgets: tuple[int, ...] = (1, 2, 4, 8, 16)
     temperature: float = 1.0
-    max_new_tokens: int = 48
-    feedback_max_new_tokens: int = 48
-    check_prompts: int = 48
-    check_samples: int = 16
+    max_new_tokens: int = 40
+    feedback_max_new_tokens: int = 40
+    bootstrap: int = 2000
+    allow_weak: bool = True  # the gate table is printed either way; False (--strict) stops on a failed gate
+
+    def __post_init__(self) -> None:
+        if self.prompts <= 0:
+            raise ValueError(f"quickstart: prompts must be positive, got {self.prompts}")
+        if not self.budgets or any(n <= 0 for n in self.budgets):
+            raise ValueError(f"quickstart: budgets must be positive integers, got {self.budgets}")
 
 
 def smoke_config(**overrides: Any) -> QuickstartConfig:
     """A CI-sized run (tiny world, few prompts, N up to 4): checks the pipeline, not the numbers."""
     return dataclasses.replace(QuickstartConfig(preset="smoke", prompts=4, budgets=(1, 2, 4), max_new_tokens=24,
-                                                feedback_max_new_tokens=16, check_prompts=4, check_samples=4),
-                               **overrides)
-
-
-def _engine(model, tok, seed: int, rows: int) -> TreeEngine:
-    # every expansion padded to `rows` children per parent: one decode program serves all budgets N
-    return TreeEngine(model, tok, seed=seed, config=EngineConfig(min_prefix_bucket=64, min_new_tokens_bucket=32,
-                                                                 min_extend_bucket=32, min_rows_bucket=rows))
-
-
-def _mean_se(xs: Sequence[float]) -> tuple[float, float]:
-    a = np.asarray(xs, dtype=float)
-    return float(a.mean()), float(a.std(ddof=1) / math.sqrt(len(a))) if len(a) > 1 else 0.0
+                                                feedback_max_new_tokens=16, bootstrap=200), **overrides)
 
 
 def _prompt_of(item: PromptItem) -> Prompt:
@@ -87,67 +70,73 @@ def _prompt_of(item: PromptItem) -> Prompt:
     return Prompt(cat, n, parse_preference(item.preference), form)
 
 
-def compare_methods(built: BuiltWorld, cfg: QuickstartConfig, items: list[PromptItem], console: Console,
-                    timings: dict[str, float]) -> dict[str, Any]:
-    """Gold and proxy reward of the selected response per method and budget (seconds per run into `timings`)."""
+def paired_run(built: BuiltWorld, cfg: QuickstartConfig, items: list[PromptItem], console: Console
+               ) -> dict[str, dict[int, dict[str, np.ndarray]]]:
+    """Per method and budget: per-prompt gold reward of the proxy-selected answer ("proxy") and of the
+    gold-selected one ("oracle"), plus the proxy reward, all [prompts] arrays."""
     tok = load_tokenizer(built.policy)
     policy = load_causal_lm(built.policy)
     proxy = RewardModelScorer(RewardScorer(load_reward_model(built.reward_model), tok), include_preference=True)
+    engine = TreeEngine(policy, tok, seed=cfg.seed, config=EngineConfig(
+        min_prefix_bucket=64, min_new_tokens_bucket=32, min_extend_bucket=32, min_rows_bucket=8))
     sampling = SamplingParams(temperature=cfg.temperature)
-    rows: dict[str, dict[str, Any]] = {m: {} for m in METHODS}
+    top = max(cfg.budgets)
+    out: dict[str, dict[int, dict[str, np.ndarray]]] = {m: {} for m in METHODS}
+
+    def pick(it: PromptItem, nodes) -> tuple[float, float, float]:
+        gold = [gold_reward(it.prompt, k.text, it.preference) for k in nodes]
+        proxy_r = [k.reward for k in nodes]
+        j = int(np.argmax(proxy_r))
+        return gold[j], max(gold), proxy_r[j]
+
+    streams = {}
+    for method, with_z in (("rand", False), ("prand", True)):
+        t0 = time.perf_counter()
+        roots = engine.add_prompts([[{"role": "user", "content": join_preference(it.prompt, it.preference)
+                                      if with_z else it.prompt}] for it in items],
+                                   metadata=[{"prompt_id": it.id} for it in items])
+        kids = engine.expand(roots, top, sampling, max_new_tokens=cfg.max_new_tokens)
+        score_nodes(proxy, [it for it, ks in zip(items, kids) for _ in ks], [k for ks in kids for k in ks])
+        streams[method] = kids
+        for n in cfg.budgets:
+            vals = np.array([pick(it, ks[:n]) for it, ks in zip(items, kids)])
+            out[method][n] = {"proxy": vals[:, 0], "oracle": vals[:, 1], "proxy_reward": vals[:, 2]}
+        console.print(f"  {method}: {len(items)} prompts x {top} samples ({time.perf_counter() - t0:.1f} s)",
+                      markup=False)
     for n in cfg.budgets:
-        for method in METHODS:
-            t0 = time.perf_counter()
-            if method == "prs":
-                strategy: Any = PRS.with_budget(n, depth=min(2, n), sampling=sampling, templates=world_templates(),
-                                                max_new_tokens=cfg.max_new_tokens,
-                                                feedback_max_new_tokens=cfg.feedback_max_new_tokens)
-            else:
-                strategy = BestOfN(n=n, variant=method, sampling=sampling, max_new_tokens=cfg.max_new_tokens)
-            results = strategy.run(items, _engine(policy, tok, cfg.seed, max(cfg.budgets)), proxy)
-            gold = [gold_reward(r.item.prompt, r.selected.text, r.item.preference) for r in results]
-            mean, se = _mean_se(gold)
-            timings[f"{method}_{n}"] = time.perf_counter() - t0
-            rows[method][str(n)] = {"gold": mean, "gold_se": se, "proxy": float(np.mean([r.reward for r in results])),
-                                    "example": {"prompt": items[0].prompt, "preference": items[0].preference,
-                                                "response": results[0].selected.text}}
-            console.print(f"  N={n:>2} {method:<5} gold {mean:.3f} ± {se:.3f}  proxy "
-                          f"{rows[method][str(n)]['proxy']:+.3f}  ({time.perf_counter() - t0:.1f} s)", markup=False)
-    return rows
-
-
-def world_checks(built: BuiltWorld, cfg: QuickstartConfig, items: list[PromptItem]) -> dict[str, Any]:
-    """Spread of the policy's samples, and refinement after the true feedback vs after no feedback."""
-    tok = load_tokenizer(built.policy)
-    policy = load_causal_lm(built.policy)
-    engine = _engine(policy, tok, cfg.seed + 1, cfg.check_samples)
-    sampling = SamplingParams(temperature=cfg.temperature)
-    k = cfg.check_samples
-    roots = engine.add_prompts([[{"role": "user", "content": f"{it.prompt}\n\n{it.preference}"}] for it in items])
-    kids = engine.expand(roots, k, sampling, max_new_tokens=cfg.max_new_tokens)
-    gold = np.array([[gold_reward(it.prompt, c.text, it.preference) for c in ks] for it, ks in zip(items, kids)])
-    # one draft per prompt (the first sample) is refined in three ways
-    drafts = [ks[0] for ks in kids]
-    prompts = [_prompt_of(it) for it in items]
-    ask = engine.append(drafts, [require_turn_text(tok, FEEDBACK_TURN.format(preference=it.preference), d)
-                                 for it, d in zip(items, drafts)])
-    true_fb = [feedback_text(p, violations(p.x, p.z, d.text)) for p, d in zip(prompts, drafts)]
-    with_true = engine.append(ask, [f + require_turn_text(tok, REFINE_TURN) for f in true_fb])
-    self_fb = [ks[0] for ks in engine.expand(ask, 1, sampling, max_new_tokens=cfg.feedback_max_new_tokens)]
-    with_self = engine.append(self_fb, [require_turn_text(tok, REFINE_TURN, f) for f in self_fb])
-    without = engine.append(drafts, [require_turn_text(tok, REFINE_TURN_NO_FEEDBACK.format(preference=it.preference),
-                                                       d) for it, d in zip(items, drafts)])
-    out: dict[str, Any] = {}
-    for name, parents in (("true_feedback", with_true), ("self_feedback", with_self), ("no_feedback", without)):
-        ref = engine.expand(parents, k, sampling, max_new_tokens=cfg.max_new_tokens)
-        g = [gold_reward(it.prompt, c.text, it.preference) for it, ks in zip(items, ref) for c in ks]
-        out[f"refine_{name}"] = _mean_se(g)
-    out["draft"] = _mean_se([gold_reward(it.prompt, d.text, it.preference) for it, d in zip(items, drafts)])
-    out["sample_mean"] = _mean_se(gold.mean(axis=1).tolist())
-    out["sample_std"] = float(gold.std(axis=1).mean())
-    out[f"oracle_best_of_{k}"] = _mean_se(gold.max(axis=1).tolist())
-    out["self_feedback_example"] = self_fb[0].text
+        t0 = time.perf_counter()
+        if n < 2:
+            out["prs"][n] = dict(out["prand"][n])
+            continue
+        first, _ = prs_widths(n)
+        strategy = PRS(widths=prs_widths(n), sampling=sampling, templates=world_templates(),
+                       max_new_tokens=cfg.max_new_tokens, feedback_max_new_tokens=cfg.feedback_max_new_tokens)
+        results = strategy.run(items, engine, proxy, first_layer=[ks[:first] for ks in streams["prand"]])
+        vals = np.array([pick(r.item, r.candidates) for r in results])
+        out["prs"][n] = {"proxy": vals[:, 0], "oracle": vals[:, 1], "proxy_reward": vals[:, 2]}
+        console.print(f"  prs N={n}: widths {prs_widths(n)} ({time.perf_counter() - t0:.1f} s)", markup=False)
     return out
+
+
+def summarise(policy: dict[str, dict[int, dict[str, np.ndarray]]], teacher: dict[str, dict[int, np.ndarray]],
+              budgets: tuple[int, ...], n_boot: int, seed: int) -> dict[str, Any]:
+    """Means with intervals per method and N, and the paired effects with their teacher ceilings."""
+    rows: dict[str, Any] = {}
+    for n in budgets:
+        r: dict[str, Any] = {}
+        for m in METHODS:
+            mean, lo, hi = bootstrap_ci(policy[m][n]["proxy"], n_boot, seed=seed)
+            r[m] = {"gold": mean, "ci": [lo, hi], "se": mean_se(policy[m][n]["proxy"])[1],
+                    "oracle": float(policy[m][n]["oracle"].mean()),
+                    "proxy_reward": float(policy[m][n]["proxy_reward"].mean()),
+                    "teacher": float(teacher[m][n].mean())}
+        for a, b in (("prs", "prand"), ("prs", "rand"), ("prand", "rand")):
+            d, lo, hi = paired_bootstrap_ci(policy[a][n]["proxy"], policy[b][n]["proxy"], n_boot, seed=seed)
+            td, tlo, thi = paired_bootstrap_ci(teacher[a][n], teacher[b][n], n_boot, seed=seed)
+            r[f"{a}-{b}"] = {"effect": d, "ci": [lo, hi], "teacher": td, "teacher_ci": [tlo, thi],
+                             "fraction_of_ceiling": d / td if abs(td) > 1e-9 else None}
+        rows[str(n)] = r
+    return rows
 
 
 def _git_commit() -> str | None:
@@ -158,26 +147,40 @@ def _git_commit() -> str | None:
         return None
 
 
-def plot(rows: dict[str, dict[str, Any]], path: Path, title: str) -> Path:
-    """Gold reward vs N (log2 axis) per method with standard-error bars; proxy reward in a second panel."""
+def plot(rows: dict[str, Any], path: Path, title: str) -> Path:
+    """Left: gold reward vs N per method with 95% intervals, teacher ceiling dashed. Right: the paired effects
+    PRS - PRand and PRS - Rand with 95% intervals beside their teacher ceilings."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for method, by_n in rows.items():
-        ns = sorted(int(n) for n in by_n)
-        axes[0].errorbar(ns, [by_n[str(n)]["gold"] for n in ns], yerr=[by_n[str(n)]["gold_se"] for n in ns],
-                         marker="o", capsize=3, label=method.upper() if method == "prs" else method.capitalize())
-        axes[1].plot(ns, [by_n[str(n)]["proxy"] for n in ns], marker="o", label=method)
-    for ax, label in zip(axes, ("gold reward of the selected response", "proxy RM reward (selection score)")):
+    ns = sorted(int(n) for n in rows)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    colors = {"rand": "tab:gray", "prand": "tab:blue", "prs": "tab:red"}
+    for m in METHODS:
+        mean = np.array([rows[str(n)][m]["gold"] for n in ns])
+        ci = np.array([rows[str(n)][m]["ci"] for n in ns]).T
+        axes[0].errorbar(ns, mean, yerr=[mean - ci[0], ci[1] - mean], marker="o", capsize=3, color=colors[m],
+                         label=f"{m.upper() if m == 'prs' else m.capitalize()} (policy, proxy RM selects)")
+        axes[0].plot(ns, [rows[str(n)][m]["teacher"] for n in ns], ls="--", color=colors[m], alpha=0.6,
+                     label=f"{m} teacher ceiling (gold selects)")
+    for key, color in (("prs-prand", "tab:red"), ("prs-rand", "tab:purple")):
+        d = np.array([rows[str(n)][key]["effect"] for n in ns])
+        ci = np.array([rows[str(n)][key]["ci"] for n in ns]).T
+        axes[1].errorbar(ns, d, yerr=[d - ci[0], ci[1] - d], marker="o", capsize=3, color=color,
+                         label=f"{key.upper().replace('PRAND', 'PRand').replace('RAND', 'Rand')} (policy)")
+        axes[1].plot(ns, [rows[str(n)][key]["teacher"] for n in ns], ls="--", color=color, alpha=0.6,
+                     label=f"{key} teacher ceiling")
+    axes[1].axhline(0.0, color="black", lw=0.8)
+    for ax, label in zip(axes, ("gold reward of the selected response", "paired effect (gold), 95% CI")):
         ax.set_xscale("log", base=2)
+        ax.set_xticks(ns, [str(n) for n in ns])
         ax.set_xlabel("N (samples per prompt)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-    axes[0].legend()
-    fig.suptitle(title)
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -185,52 +188,65 @@ def plot(rows: dict[str, dict[str, Any]], path: Path, title: str) -> Path:
     return path
 
 
+def _ci(x: dict[str, Any]) -> str:
+    return f"{x['effect']:+.3f} [{x['ci'][0]:+.3f}, {x['ci'][1]:+.3f}]"
+
+
 def run_quickstart(cfg: QuickstartConfig = QuickstartConfig(), console: Console | None = None) -> dict[str, Any]:
-    """Build or load the world, compare the methods, run the checks, print tables, write JSON + PNG."""
+    """Build or load the world, run the paired comparison and the teacher ceiling, print tables, write JSON + PNG."""
     console = console or Console()
     t_start = time.perf_counter()
-    built = build_world(preset(cfg.preset, seed=cfg.seed), root=cfg.world_root, console=console)  # type: ignore[arg-type]
+    built = build_world(preset(cfg.preset, seed=cfg.seed), root=cfg.world_root, console=console,  # type: ignore[arg-type]
+                        allow_weak=cfg.allow_weak)
     t_world = time.perf_counter() - t_start
     held = built.heldout()
+    if len(held) < cfg.prompts:
+        console.print(f"quickstart: the world has {len(held)} held-out prompts; using all of them (asked for "
+                      f"{cfg.prompts}).", markup=False)
     items = [PromptItem(r["id"], r["prompt"], r["preference"]) for r in held[: cfg.prompts]]
-    console.print(f"comparing {', '.join(METHODS)} on {len(items)} held-out prompts, N in {list(cfg.budgets)}",
-                  markup=False)
-    timings: dict[str, float] = {}
-    rows = compare_methods(built, cfg, items, console, timings)
-    checks = world_checks(built, cfg, [PromptItem(r["id"], r["prompt"], r["preference"])
-                                       for r in held[: cfg.check_prompts]])
+    console.print(f"comparing Rand, PRand, PRS on {len(items)} held-out prompts, N in {list(cfg.budgets)} "
+                  "(paired: shared sample streams)", markup=False)
+    t0 = time.perf_counter()
+    policy = paired_run(built, cfg, items, console)
+    t_policy = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    teacher = teacher_best_of_n(built.world(), [_prompt_of(it) for it in items], cfg.budgets, seed=cfg.seed)
+    t_teacher = time.perf_counter() - t0
+    rows = summarise(policy, teacher, tuple(cfg.budgets), cfg.bootstrap, cfg.seed)
     wall = time.perf_counter() - t_start
 
-    table = Table(title=f"gold reward of the response selected by the proxy RM ({len(items)} held-out prompts, "
-                        "mean ± s.e.)")
-    table.add_column("N", justify="right")
-    for m in METHODS:
-        table.add_column(m.upper() if m == "prs" else m.capitalize(), justify="right")
+    table = Table(title=f"gold reward of the response the proxy RM selects ({len(items)} held-out prompts; "
+                        "mean, paired effects with bootstrap 95% CI; teacher = ceiling with gold selection)")
+    for col in ("N", "Rand", "PRand", "PRS", "PRS - PRand", "teacher", "PRS - Rand", "teacher"):
+        table.add_column(col, justify="right")
     for n in cfg.budgets:
-        table.add_row(str(n), *[f"{rows[m][str(n)]['gold']:.3f} ± {rows[m][str(n)]['gold_se']:.3f}" for m in METHODS])
+        r = rows[str(n)]
+        table.add_row(str(n), *[f"{r[m]['gold']:.3f}" for m in METHODS], _ci(r["prs-prand"]),
+                      f"{r['prs-prand']['teacher']:+.3f}", _ci(r["prs-rand"]), f"{r['prs-rand']['teacher']:+.3f}")
     console.print(table)
-    t2 = Table(title="the pretrained policy (world acceptance checks, gold reward)")
-    t2.add_column("measure")
-    t2.add_column("gold reward", justify="right")
-    for key, value in checks.items():
-        if isinstance(value, tuple):
-            t2.add_row(key, f"{value[0]:.3f} ± {value[1]:.3f}")
-        elif isinstance(value, float):
-            t2.add_row(key, f"{value:.3f}")
-    t2.add_row("proxy RM held-out pairwise accuracy", f"{built.report.get('rm_heldout_accuracy', float('nan')):.3f}")
-    console.print(t2)
+    gates = built.report.get("gates") or {}
+    if gates:
+        console.print(gate_table(gates, title=f"skill gates of world {built.report['key']} (measured at build)"))
+        failed = [g["gate"] for g in gates.get("rows", []) if g.get("passed") is False]
+        if failed:
+            console.print(f"[yellow]warning:[/] this world misses {len(failed)} skill gate(s) ({', '.join(failed)}): "
+                          "an effect that depends on a missing skill is bounded by it; compare with the teacher "
+                          "ceiling column. `--strict` stops here instead.")
+    console.print(f"proxy RM held-out pairwise accuracy {built.report.get('rm_heldout_accuracy', float('nan')):.3f}",
+                  markup=False)
 
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tag = "-smoke" if cfg.preset == "smoke" else ""
     png = plot(rows, out / f"reward_vs_n{tag}.png",
-               f"synthetic world {built.report['key']}: best-of-N by the proxy RM, judged by the gold reward")
-    result = {"config": dataclasses.asdict(cfg), "world": {"key": built.report["key"], "root": str(built.root),
-                                                           "rm_heldout_accuracy": built.report.get("rm_heldout_accuracy"),
-                                                           "build_timings": built.report.get("timings")},
-              "methods": rows, "checks": {k: list(v) if isinstance(v, tuple) else v for k, v in checks.items()},
-              "git_commit": _git_commit(), "versions": built.report.get("versions"), "seed": cfg.seed,
-              "world_seconds": t_world, "wall_seconds": wall, "run_seconds": timings}
+               f"synthetic world {built.report['key']} (seed {cfg.seed}): Rand / PRand / PRS, paired, 95% CI")
+    result = {"config": dataclasses.asdict(cfg),
+              "world": {"key": built.report["key"], "root": str(built.root), "seed": built.config.seed,
+                        "rm_heldout_accuracy": built.report.get("rm_heldout_accuracy"),
+                        "build_timings": built.report.get("timings"), "gates": gates.get("rows")},
+              "rows": rows, "prompts": len(items), "git_commit": _git_commit(),
+              "versions": built.report.get("versions"), "world_seconds": t_world, "policy_seconds": t_policy,
+              "teacher_seconds": t_teacher, "wall_seconds": wall}
     (out / f"results{tag}.json").write_text(json.dumps(result, indent=2))
     console.print(f"results: {out / f'results{tag}.json'}; plot: {png}; world: {built.root} "
                   f"(policy, rm, tokenizer; try `prs-jax info {built.policy}`); {wall:.0f} s in all", markup=False)

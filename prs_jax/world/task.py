@@ -1,15 +1,20 @@
-"""The task family of the synthetic preference world: prompts x, preferences z, answers y, and the gold reward.
+"""The task family of the synthetic preference world (v2): prompts x, preferences z, answers y, the gold reward.
 
-A prompt asks for k items of one category ("Name four fruits."). A preference z is one to three sentences, each
-of a kind whose satisfaction a program can check: include an item, leave an item out, sort A to Z, number the
-items, skip the introduction, close with thanks. The gold reward r*(x, z, y) in [0, 1] is
+A prompt asks for k items of one category ("Name four fruits."). A preference z is three sentences (one to three
+in the curriculum), each of a kind whose satisfaction a program can check locally: include an item, leave an
+item out, put an item first, end with an item, number the items, capitalise the items, skip the introduction,
+close with thanks. The gold reward r*(x, z, y) in [0, 1] is
 
     r* = W_VALID * validity(x, y) + (1 - W_VALID) * mean_i satisfied(z_i, y)
 
 where validity averages three checks: the right number of items (partial credit for one off), items from the
-asked category, no repeats. Preferences change what the best answer is: the item to include is one the
-unconditioned answer rarely names, the item to leave out is one of the most popular, and the default style
-(introduction, no numbers, no thanks) violates three of the kinds.
+asked category, no repeats. Preferences change what the best answer is: the items they name are ones the
+unconditioned answer rarely puts there, and the default style (introduction, plain lower-case list, no thanks)
+violates four of the kinds. Each preference is a local edit of an answer, so a critique that names the unmet
+ones lets a refinement fix them all at once, which resampling cannot do when each is honoured rarely.
+
+A second, single-item request ("Name a fruit.") is the verbalized-sampling task: its answers have a KNOWN base
+distribution per category (World.p_base), so calibration and mode collapse are measurable exactly.
 
 Everything here is plain Python over strings, so the gold reward runs on any text a model writes.
 """
@@ -32,21 +37,27 @@ CATEGORIES: dict[str, tuple[str, ...]] = {
     "instruments": ("banjo", "cello", "drum", "flute", "guitar", "harp", "organ", "piano", "trumpet", "violin"),
     "vegetables": ("bean", "beet", "cabbage", "carrot", "corn", "garlic", "kale", "leek", "onion", "potato"),
 }
+SINGULAR = {"fruits": "fruit", "animals": "animal", "colors": "color", "tools": "tool", "cities": "city",
+            "sports": "sport", "instruments": "instrument", "vegetables": "vegetable"}
 CATEGORY_OF: dict[str, str] = {item: cat for cat, items in CATEGORIES.items() for item in items}
 NUMBER_WORDS = {3: "three", 4: "four", 5: "five"}
 WORD_NUMBERS = {v: k for k, v in NUMBER_WORDS.items()}
 
 PROMPT_FORMS = ("Name {n} {cat}.", "List {n} {cat}.", "Give me {n} {cat}.", "Which {n} {cat} come to mind?")
+SINGLE_FORMS = ("Name a {one}.", "Give me one {one}.")
 INTROS = ("Sure, here they are:", "Here you go:", "Happy to help:")
 THANKS = "Thanks for asking!"
 
-KINDS = ("include", "exclude", "sorted", "numbered", "no_intro", "thanks")
+KINDS = ("include", "exclude", "first", "last", "numbered", "capitalised", "no_intro", "thanks")
+ITEM_KINDS = ("include", "exclude", "first", "last")
 # Two phrasings per kind, so the policy has to read the preference rather than match one string.
 PHRASES: dict[str, tuple[str, ...]] = {
     "include": ("Please include {item}.", "Make sure {item} is on the list."),
     "exclude": ("Please leave out {item}.", "I do not want {item}."),
-    "sorted": ("Sort them from A to Z.", "I like alphabetical order."),
+    "first": ("Put {item} first.", "Start the list with {item}."),
+    "last": ("End the list with {item}.", "Put {item} last."),
     "numbered": ("Number the items.", "Please use a numbered list."),
+    "capitalised": ("Capitalise the items.", "Write each item with a capital letter."),
     "no_intro": ("Skip any introduction.", "Start directly with the items."),
     "thanks": ("End with a thank you.", "Close with thanks."),
 }
@@ -55,7 +66,7 @@ W_VALID = 0.4
 
 @dataclasses.dataclass(frozen=True)
 class Pref:
-    """One preference sentence: its kind, the item it names (include/exclude) and the phrasing index."""
+    """One preference sentence: its kind, the item it names (item kinds) and the phrasing index."""
 
     kind: str
     item: str | None = None
@@ -65,10 +76,16 @@ class Pref:
         """The sentence as the user writes it."""
         return PHRASES[self.kind][self.form].format(item=self.item)
 
+    @property
+    def issue(self) -> str:
+        """The name of this preference's violation (see `violations`)."""
+        return self.kind + (f":{self.item}" if self.item else "")
+
 
 @dataclasses.dataclass(frozen=True)
 class Prompt:
-    """A request for `n` items of `category` (`form` picks the wording) with preferences `prefs`."""
+    """A request for `n` items of `category` (`form` picks the wording) with preferences `prefs`; n = 1 is the
+    single-item request of the verbalized-sampling task (no preferences)."""
 
     category: str
     n: int
@@ -77,6 +94,8 @@ class Prompt:
 
     @property
     def x(self) -> str:
+        if self.n == 1:
+            return SINGLE_FORMS[self.form].format(one=SINGULAR[self.category])
         return PROMPT_FORMS[self.form].format(n=NUMBER_WORDS[self.n], cat=self.category)
 
     @property
@@ -91,19 +110,21 @@ class Prompt:
 
 @dataclasses.dataclass(frozen=True)
 class Answer:
-    """A structured answer: the listed items and the three style choices."""
+    """A structured answer: the listed items and the four style choices."""
 
     items: tuple[str, ...]
     intro: int | None = 0  # index into INTROS, None for no introduction
     numbered: bool = False
     thanks: bool = False
+    capitalised: bool = False
 
     def text(self) -> str:
         """Render the answer as the policy writes it."""
+        words = [i.capitalize() if self.capitalised else i for i in self.items]
         if self.numbered:
-            body = " ".join(f"{i + 1}. {item}" for i, item in enumerate(self.items)) + "."
+            body = " ".join(f"{k + 1}. {w}" for k, w in enumerate(words)) + "."
         else:
-            body = ", ".join(self.items) + "."
+            body = ", ".join(words) + "."
         parts = ([INTROS[self.intro]] if self.intro is not None else []) + [body] + ([THANKS] if self.thanks else [])
         return " ".join(parts)
 
@@ -111,10 +132,12 @@ class Answer:
 # ------------------------------------------------------------------------------------------------ parsing
 _PROMPT_RES = [re.compile("^" + re.escape(f).replace(r"\{n\}", r"(?P<n>\w+)").replace(r"\{cat\}", r"(?P<cat>\w+)")
                           + "$") for f in PROMPT_FORMS]
+_SINGLE_RES = [re.compile("^" + re.escape(f).replace(r"\{one\}", r"(?P<one>\w+)") + "$") for f in SINGLE_FORMS]
+_PLURAL = {v: k for k, v in SINGULAR.items()}
 _PHRASE_RES = [(kind, i, re.compile("^" + re.escape(p).replace(r"\{item\}", r"(?P<item>\w+)") + "$"))
                for kind, forms in PHRASES.items() for i, p in enumerate(forms)]
 _SENTENCE = re.compile(r"[^.?!]+[.?!]")
-_WORD = re.compile(r"[a-z]+")
+_WORD = re.compile(r"[A-Za-z]+")
 
 
 class WorldParseError(ValueError):
@@ -122,12 +145,16 @@ class WorldParseError(ValueError):
 
 
 def parse_prompt(x: str) -> tuple[str, int, int]:
-    """(category, n, form) of a world prompt; raises WorldParseError for anything else."""
+    """(category, n, form) of a world prompt (n = 1 for a single-item request); WorldParseError otherwise."""
     x = x.strip()
     for form, rx in enumerate(_PROMPT_RES):
         m = rx.match(x)
         if m and m.group("cat") in CATEGORIES and m.group("n") in WORD_NUMBERS:
             return m.group("cat"), WORD_NUMBERS[m.group("n")], form
+    for form, rx in enumerate(_SINGLE_RES):
+        m = rx.match(x)
+        if m and m.group("one") in _PLURAL:
+            return _PLURAL[m.group("one")], 1, form
     raise WorldParseError(f"not a synthetic-world prompt: {x!r} (expected e.g. {PROMPT_FORMS[0].format(n='four', cat='fruits')!r})")
 
 
@@ -154,27 +181,37 @@ def split_query(text: str) -> tuple[str, str | None]:
     return x.strip(), (z.strip() or None)
 
 
+def _item_words(y: str) -> list[str]:
+    return [w for w in _WORD.findall(y) if w.lower() in CATEGORY_OF]
+
+
 def answer_items(y: str) -> list[str]:
-    """The known item words of y, in order (anything else is ignored)."""
-    return [w for w in _WORD.findall(y.lower()) if w in CATEGORY_OF]
+    """The known item words of y (lower case), in order (anything else is ignored)."""
+    return [w.lower() for w in _item_words(y)]
 
 
 def has_intro(y: str) -> bool:
     """Whether y starts with anything other than its first item (or a list number)."""
-    s = y.strip().lower()
+    s = y.strip()
     if not s:
         return False
     m = _WORD.search(s)
     head = s[: m.start()] if m else s
-    return not (m and m.group(0) in CATEGORY_OF and re.fullmatch(r"(1\.\s*)?", head))
+    return not (m and m.group(0).lower() in CATEGORY_OF and re.fullmatch(r"(1\.\s*)?", head))
 
 
 def is_numbered(y: str, items: Sequence[str]) -> bool:
     """Whether every item is preceded by its list number ("1. a 2. b")."""
     if not items:
         return False
-    found = re.findall(r"(\d+)\.\s*([a-z]+)", y.lower())
-    return [int(i) for i, _ in found] == list(range(1, len(items) + 1)) and [w for _, w in found] == list(items)
+    found = re.findall(r"(\d+)\.\s*([A-Za-z]+)", y)
+    return [int(i) for i, _ in found] == list(range(1, len(items) + 1)) and [w.lower() for _, w in found] == list(items)
+
+
+def is_capitalised(y: str) -> bool:
+    """Whether every item word is written with a capital first letter (and there is at least one)."""
+    words = _item_words(y)
+    return bool(words) and all(w[0].isupper() for w in words)
 
 
 def ends_with_thanks(y: str) -> bool:
@@ -191,10 +228,14 @@ def satisfied(pref: Pref, y: str, items: Sequence[str] | None = None) -> bool:
         return pref.item in items
     if pref.kind == "exclude":
         return pref.item not in items
-    if pref.kind == "sorted":
-        return len(items) >= 2 and items == sorted(items)
+    if pref.kind == "first":
+        return bool(items) and items[0] == pref.item
+    if pref.kind == "last":
+        return bool(items) and items[-1] == pref.item
     if pref.kind == "numbered":
         return is_numbered(y, items)
+    if pref.kind == "capitalised":
+        return is_capitalised(y)
     if pref.kind == "no_intro":
         return bool(items) and not has_intro(y)
     if pref.kind == "thanks":
@@ -227,8 +268,8 @@ def gold_reward(x: str, y: str, z: str | None = None) -> float:
 
 
 def violations(x: str, z: str | None, y: str) -> list[str]:
-    """Machine-readable list of what y gets wrong: 'count', 'off:<item>', 'repeat:<item>', and the kinds of the
-    unsatisfied preferences ('include:<item>', 'exclude:<item>', 'sorted', ...)."""
+    """What y gets wrong, in a fixed order: 'count', 'off:<item>', 'repeat:<item>', then the unsatisfied
+    preferences in the order z states them ('include:<item>', 'first:<item>', 'numbered', ...)."""
     category, n, _ = parse_prompt(x)
     items = answer_items(y)
     out = []
@@ -243,5 +284,5 @@ def violations(x: str, z: str | None, y: str) -> list[str]:
         seen.add(i)
     for p in parse_preference(z):
         if not satisfied(p, y, items):
-            out.append(p.kind + (f":{p.item}" if p.item else ""))
+            out.append(p.issue)
     return out

@@ -51,11 +51,11 @@ def test_train_sft_and_rm(llama_dir, tmp_path):
 
 def test_train_config_errors(tmp_path, capsys):
     bad = _config(tmp_path, "bad", "model: x\nloss:\n  betta: 0.1\n")
-    assert main(["train", "dpo", str(bad)]) == 1
+    assert main(["train", "dpo", str(bad)]) == 2  # a usage error
     assert "unknown key(s) loss.betta" in capsys.readouterr().err
     missing = tmp_path / "pairs.jsonl"
     missing.write_text('{"prompt": "hi", "chosen": "a"}\n')
     assert main(["train", "dpo", "model=/nonexistent", f"data.train={missing}"]) == 1
     assert "/nonexistent" in capsys.readouterr().err
-    assert main(["train", "dpo", f"data.train={missing}"]) == 1
+    assert main(["train", "dpo", f"data.train={missing}"]) == 2
     assert "`model`" in capsys.readouterr().err

@@ -1,0 +1,58 @@
+"""The teacher ceiling: the world's teacher programs run AS the policy (NumPy, seconds).
+
+Every quantity the quickstart and the skill gates report can be computed here with the teacher in place of the
+learned policy, which gives each effect's ceiling: what a perfect imitator of the corpus would achieve. Draws
+are keyed by (seed, prompt id, role), never by order, and the methods share their random numbers the way the
+quickstart does (PRS's first layer is PRand's first N/2 samples).
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Sequence
+
+import numpy as np
+
+from prs_jax.world.behaviour import World
+from prs_jax.world.task import Answer, Prompt, gold_reward
+
+METHODS = ("rand", "prand", "prs")
+
+
+def prompt_rng(seed: int, prompt_id: str, *role: int) -> np.random.Generator:
+    """A generator keyed by the seed, the prompt's id and a role path (stable under reordering)."""
+    return np.random.default_rng([seed, zlib.crc32(prompt_id.encode()), *role])
+
+
+def prs_widths(n: int) -> tuple[int, int]:
+    """The quickstart's PRS split of a budget n >= 2: n // 2 drafts, then n - n // 2 refinements."""
+    return n // 2, n - n // 2
+
+
+def _gold(p: Prompt, a: Answer) -> float:
+    return gold_reward(p.x, a.text(), p.z)
+
+
+def teacher_best_of_n(world: World, prompts: Sequence[Prompt], budgets: Sequence[int], seed: int = 0,
+                      feedback: bool = True) -> dict[str, dict[int, np.ndarray]]:
+    """Gold reward of the gold-selected answer per method and budget ([prompts] arrays), teacher as policy.
+    `feedback=False` runs PRS's refinements without a critique (the no-feedback ablation)."""
+    top = max(budgets)
+    out: dict[str, dict[int, np.ndarray]] = {m: {n: np.zeros(len(prompts)) for n in budgets} for m in METHODS}
+    for i, p in enumerate(prompts):
+        rand = [world.draft(p, "x", prompt_rng(seed, p.id, 0, j)) for j in range(top)]
+        prand = [world.draft(p, "xz", prompt_rng(seed, p.id, 1, j)) for j in range(top)]
+        g_rand = [_gold(p, a) for a in rand]
+        g_prand = [_gold(p, a) for a in prand]
+        for n in budgets:
+            out["rand"][n][i] = max(g_rand[:n])
+            out["prand"][n][i] = max(g_prand[:n])
+            if n < 2:
+                out["prs"][n][i] = g_prand[0]
+                continue
+            first, second = prs_widths(n)
+            best = prand[int(np.argmax(g_prand[:first]))]
+            named = world.feedback(p, best) if feedback else None
+            refs = [world.refine(p, best, named, prompt_rng(seed, p.id, 2, n, j)) for j in range(second)]
+            out["prs"][n][i] = max(max(g_prand[:first]), *(_gold(p, r) for r in refs))
+    return out
