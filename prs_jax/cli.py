@@ -308,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_tiny)
 
     p = _sub(sub, "quickstart", help="the main job: build (or reuse) the synthetic world and compare PRS, Rand "
-                                     "and PRand at N=1..16 by the gold reward, paired, with 95% CIs and the "
+                                     "and PRand at N=1..16 by the gold reward, paired, with 95%% CIs and the "
                                      "teacher ceiling (table + PNG)")
     p.add_argument("--out", default=None, help="output directory for results JSON and plot (default runs/quickstart)")
     p.add_argument("--world-root", default=None, help="where built worlds are cached (default runs/world)")
