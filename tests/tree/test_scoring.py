@@ -47,12 +47,13 @@ def test_template_validation():
         RewardFormatter("template", "Q: {prompt}")
 
 
-def test_long_inputs_are_split_by_token_budget_and_score_the_same(rm_tok):
+def test_long_inputs_are_split_by_token_budget_and_score_the_same(make_checkpoint):
     """Chunks are sized by rows x padded length (and an activation budget), not a row count: long inputs
     run in several programs and score as in one big program."""
     from prs_jax.tree.scoring import ScorerConfig
 
-    rm, tok = rm_tok
+    path = make_checkpoint("llama", task="reward", max_position_embeddings=1024)
+    rm, tok = load_reward_model(path), load_tokenizer(path)
     long_prompt = " ".join(f"word{i}" for i in range(60))
     pairs = ([(f"{long_prompt} question {i}", f"answer {i} " * (3 + i)) for i in range(6)]
              + [("short", "yes"), ("short", "no")])
