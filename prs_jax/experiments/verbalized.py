@@ -359,7 +359,10 @@ def dpo_sharpen(cfg: Config, setting: Setting, model: Any, tok: Any, work: Path,
     for it, ts in zip(items, texts):
         r = rewards[i:i + len(ts)]
         i += len(ts)
-        best, worst = int(np.argmax(r)), int(np.argmin(r))
+        ok = [j for j, t in enumerate(ts) if t.strip()]  # an empty response cannot be a pair side (readers refuse it)
+        if len(ok) < 2:
+            continue
+        best, worst = max(ok, key=lambda j: r[j]), min(ok, key=lambda j: r[j])
         if r[best] == r[worst]:
             continue
         rows.append({"id": it.id, "prompt": [{"role": "user", "content": join_preference(it.prompt, it.preference)}],
