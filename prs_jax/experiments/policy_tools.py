@@ -120,11 +120,12 @@ def gold_scorer(env: StudyEnv) -> Scorer | None:
 
 def run_chunked(strategy: Any, items: Sequence[PromptItem], model: Any, tok: Any, scorer: Scorer, seed: int,
                 chunk: int, desc: str) -> list[StrategyResult]:
-    """Run a strategy over prompts in chunks (a fresh engine per chunk bounds the KV held at once)."""
+    """Run a strategy over prompts in chunks (a fresh engine per chunk bounds the KV held at once). Every chunk's
+    engine has the same seed: samples are keyed by prompt id and tree path, so `chunk` does not change them."""
     out: list[StrategyResult] = []
     starts = range(0, len(items), max(chunk, 1))
     for i, start in enumerate(tqdm(starts, desc=desc, unit="chunk", leave=False)):
-        engine = make_engine(model, tok, seed * 100003 + i)
+        engine = make_engine(model, tok, seed)
         out.extend(strategy.run(list(items[start:start + chunk]), engine, scorer))
     return out
 

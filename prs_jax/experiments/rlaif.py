@@ -229,8 +229,9 @@ def sample_responses(model: Any, tok: Any, queries: Sequence[str], m: int, tempe
 
     out: list[list[str]] = []
     for s in tqdm(range(0, len(queries), batch), desc=desc, unit="batch", disable=not progress):
-        engine = _engine(model, tok, seed + s)
-        roots = engine.add_prompts([[{"role": "user", "content": q}] for q in queries[s:s + batch]])
+        engine = _engine(model, tok, seed)  # keys from (seed, query index, path): `batch` changes nothing
+        roots = engine.add_prompts([[{"role": "user", "content": q}] for q in queries[s:s + batch]],
+                                   ids=[str(s + i) for i in range(len(queries[s:s + batch]))])
         kids = engine.expand(roots, m, SamplingParams(temperature=temperature), max_new_tokens=max_new_tokens)
         out += [[k.text for k in ks] for ks in kids]
     return out
@@ -238,14 +239,14 @@ def sample_responses(model: Any, tok: Any, queries: Sequence[str], m: int, tempe
 
 def make_pairs(items: Sequence[PromptItem], responses: Sequence[Sequence[str]],
                gold: Callable[[str, str, str | None], float], eval_ids: set[str]) -> list[Pair]:
-    """Disjoint pairs (r0, r1), (r2, r3), ... of each prompt's responses, labelled by the gold reward; ties and
-    identical texts are skipped."""
+    """Disjoint pairs (r0, r1), (r2, r3), ... of each prompt's responses, labelled by the gold reward; ties,
+    identical texts and empty responses (a sample that stopped at once; pair readers refuse them) are skipped."""
     pairs = []
     for it, rs in zip(items, responses):
         for j in range(0, len(rs) - 1, 2):
             a, b = rs[j], rs[j + 1]
             ga, gb = gold(it.prompt, a, it.preference), gold(it.prompt, b, it.preference)
-            if a == b or ga == gb:
+            if a == b or ga == gb or not a.strip() or not b.strip():
                 continue
             pairs.append(Pair(f"{it.id}/{j // 2}", [{"role": "user", "content": join_preference(it.prompt,
                                                                                             it.preference)}],
@@ -374,7 +375,7 @@ def label_pairs(labeler: AILabeler, pairs: Sequence[Pair], batch: int, seed: int
     for s in tqdm(range(0, len(pairs), batch), desc=desc, unit="batch", disable=not progress):
         chunk = pairs[s:s + batch]
         labs = labeler.label([labeler_context(p.prompt) for p in chunk], [p.a for p in chunk], [p.b for p in chunk],
-                             seed=seed + s)
+                             seed=seed)  # rationales are keyed by each pair's tokens
         for lab in labs:
             p_a.append(lab.p_a)
             q_ab.append(float(lab.ab.dist[0]))

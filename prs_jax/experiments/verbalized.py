@@ -271,7 +271,7 @@ def run_method(cfg: Config, setting: Setting, model: Any, tok: Any, method: str,
                             seed=seed, templates=setting.templates)
     out = []
     for s in range(0, len(setting.items), cfg.batch):
-        results = vs.run(setting.items[s:s + cfg.batch], _engine(model, tok, seed + s), scorer=None)
+        results = vs.run(setting.items[s:s + cfg.batch], _engine(model, tok, seed), scorer=None)  # keyed by item id
         for r in results:
             cands = r.candidates[:n]
             out.append({"texts": [c.text for c in cands],
@@ -347,9 +347,9 @@ def dpo_sharpen(cfg: Config, setting: Setting, model: Any, tok: Any, work: Path,
                          "`prompts` in the prompt set).")
     texts: list[list[str]] = []
     for s in range(0, len(items), cfg.batch):
-        engine = _engine(model, tok, cfg.seed + 7919 + s)
+        engine = _engine(model, tok, cfg.seed + 7919)  # keyed by item id and path: cfg.batch changes nothing
         roots = engine.add_prompts([[{"role": "user", "content": join_preference(it.prompt, it.preference)}]
-                                    for it in items[s:s + cfg.batch]])
+                                    for it in items[s:s + cfg.batch]], ids=[it.id for it in items[s:s + cfg.batch]])
         kids = engine.expand(roots, d.samples, SamplingParams(temperature=d.temperature),
                              max_new_tokens=cfg.tokens_per_response)
         texts += [[c.text for c in ks] for ks in kids]

@@ -10,6 +10,7 @@ cascade attention, as `TreeEngine.expand` does. Only the few positions and token
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,6 +24,7 @@ from prs_jax.feedback.probs import label_log_probs, plan_rows, split_labels
 from prs_jax.kernels.cascade import use_pallas_default
 from prs_jax.models.layers import CascadeCache
 from prs_jax.tree.engine import TreeEngine, bucket, counting
+from prs_jax.tree.scoring import chunk_groups, rows_per_group
 from prs_jax.tree.tree import Node
 
 
@@ -38,10 +40,17 @@ class LabelQuery:
 
 @dataclasses.dataclass(frozen=True)
 class ReaderConfig:
-    """Largest number of rows per program and the row-length bucket floor."""
+    """Limits that size each program and the row-length bucket floor.
+
+    Groups of one shape class (rows per group n, prefix bucket P, row bucket T) are packed g to a program, g
+    the largest power of two with g * n * (P + T) <= token_budget, g * n <= max_rows and the attention
+    activations (8 * heads * n * T * (P + T) bytes per group) <= activation_budget_bytes; a group too big
+    for one program is split into sub-groups (`tree.scoring.chunk_groups` / `rows_per_group`)."""
 
     max_rows: int = 128
     min_row_bucket: int = 16
+    token_budget: int = 65536
+    activation_budget_bytes: int = 2 << 30
 
 
 def _label_fn(state, prefix_kv, prefix_mask, tokens, mask, positions, vocab_ids, *, graphdef, rows_per_group,
@@ -73,6 +82,7 @@ class LabelReader:
         self._impl = ("pallas" if use_pallas_default() else "reference") if impl == "auto" else impl
         self.compilations = 0
         self._run = counting(LABEL_LOGPROBS, self)
+        self.last_chunks: list[tuple[int, int, int, int]] = []  # (groups, rows per group, P, T) per program
 
     def log_probs(self, queries: Sequence[LabelQuery], exclusive: bool = True) -> list[np.ndarray]:
         """Log-prob of every label of every query (one array [K] per query, in query order)."""
@@ -88,21 +98,28 @@ class LabelReader:
         for q in queries:
             self.engine.check_context(q.keep + len(q.tail) + max(len(t) for t in q.labels), "label query")
         table: dict[int, dict[tuple[int, ...], dict[int, float]]] = {i: {} for i in range(len(queries))}
-        ordered = sorted(groups.values(), key=lambda g: -len(g[2]))
-        start = 0
-        while start < len(ordered):
-            n = bucket(len(ordered[start][2]))
-            chunk = ordered[start:start + max(1, self.config.max_rows // n)]
-            start += len(chunk)
-            self._run_chunk(chunk, n, queries, table)
+        cfg, heads = self.config, self.engine.cfg.num_attention_heads
+        classes: dict[tuple[int, int, int], list] = {}
+        for parent, keep, rows in groups.values():
+            p = bucket(keep - 1, self.engine.config.min_prefix_bucket)
+            t = bucket(max(len(r[2]) for r in rows), cfg.min_row_bucket)
+            n = rows_per_group(cfg, heads, bucket(len(rows)), p, t)
+            for s in range(0, len(rows), n):
+                classes.setdefault((n, p, t), []).append((parent, keep, rows[s:s + n]))
+        self.last_chunks = []
+        for (n, p, t), members in sorted(classes.items()):
+            g_cap = chunk_groups(cfg, heads, n, p, t)
+            for s in range(0, len(members), g_cap):
+                self._run_chunk(members[s:s + g_cap], n, queries, table, t=t)
         return [label_log_probs(table[i], q.labels, exclusive) for i, q in enumerate(queries)]
 
-    def _run_chunk(self, chunk, n: int, queries: Sequence[LabelQuery], table) -> None:
+    def _run_chunk(self, chunk, n: int, queries: Sequence[LabelQuery], table, t: int | None = None) -> None:
         engine = self.engine
         g = bucket(len(chunk), engine.config.min_groups_bucket)
         prefix_kv, prefix_mask = engine.prefix_batch([p for p, _, _ in chunk], [k - 1 for _, k, _ in chunk], g)
         rows = [r for _, _, rs in chunk for r in rs]
-        t = bucket(max(len(r[2]) for r in rows), self.config.min_row_bucket)
+        t = t or bucket(max(len(r[2]) for r in rows), self.config.min_row_bucket)
+        self.last_chunks.append((g, n, prefix_mask.shape[1], t))
         qn = bucket(max(len(r[1]) for r in rows) + 1)
         vocab = sorted({tok for q in queries for lab in q.labels for tok in lab})
         u = bucket(len(vocab), 8)
@@ -132,8 +149,10 @@ def share_prefixes(engine: TreeEngine, groups: Sequence[Sequence[list[int]]], mi
     """Put each group's common token prefix on the tree once (one batched `add_prompts`); returns, per
     sequence, (root, tokens of the root it keeps, the rest of the sequence). `min_tail` tokens are left out of
     the shared prefix (fixed text appended on top needs at least one token). A group without a common prefix
-    gets one root per sequence."""
+    gets one root per sequence. Each root's prompt id hashes its whole group, so what is sampled on it (e.g.
+    self-consistency rationales) depends on the group's own tokens, not on which groups share the call."""
     heads: list[list[int]] = []
+    ids: list[str] = []
     plan: list[list[tuple[int, int]]] = []  # per group, per sequence: (head index, head length)
     for seqs in groups:
         if any(len(s) <= min_tail for s in seqs):
@@ -145,16 +164,19 @@ def share_prefixes(engine: TreeEngine, groups: Sequence[Sequence[list[int]]], mi
             while m < k and s[m] == first[m]:
                 m += 1
             k = m
+        gid = hashlib.sha256(repr([[int(t) for t in s] for s in seqs]).encode()).hexdigest()[:32]
         if k >= 1:
             heads.append(list(first[:k]))
+            ids.append(gid)
             plan.append([(len(heads) - 1, k)] * len(seqs))
         else:
             entry = []
-            for s in seqs:
+            for j, s in enumerate(seqs):
                 heads.append(list(s[:len(s) - min_tail]))
+                ids.append(f"{gid}/{j}")
                 entry.append((len(heads) - 1, len(s) - min_tail))
             plan.append(entry)
-    roots = engine.add_prompts(heads)
+    roots = engine.add_prompts(heads, ids=ids)
     return [[(roots[h], k, list(s[k:])) for (h, k), s in zip(entry, seqs)] for entry, seqs in zip(plan, groups)]
 
 

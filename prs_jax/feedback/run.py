@@ -160,10 +160,6 @@ def _first_row(path: Path) -> dict[str, Any] | None:
     return None
 
 
-def _batch_seed(seed: int, ids: list[str]) -> int:
-    return int(hashlib.sha256(f"{seed}:{'|'.join(ids)}".encode()).hexdigest()[:8], 16)
-
-
 def read_labels(path: str | Path) -> list[dict[str, Any]]:
     """The complete rows of a labels file (a torn last line is ignored)."""
     rows = []
@@ -212,7 +208,7 @@ def run_label(cfg: LabelRunConfig, console: Console | None = None,
                 for start in range(0, len(todo), cfg.batch_size):
                     batch = todo[start:start + cfg.batch_size]
                     labels = labeler.label([p.prompt for p in batch], [p.a for p in batch], [p.b for p in batch],
-                                           seed=_batch_seed(cfg.seed, [p.id for p in batch]))
+                                           seed=cfg.seed)  # sampled rationales are keyed by each pair's tokens
                     rows = [{"id": p.id, "prompt": p.prompt, "chosen": p.a, "rejected": p.b, "p_chosen": lab.p_a,
                              **lab.to_dict(), "human_label": p.human, "labeler": tag}
                             for p, lab in zip(batch, labels)]

@@ -34,18 +34,62 @@ class StrategyResult:
     def reward(self) -> float:
         return float(self.selected.reward if self.selected.reward is not None else float("nan"))
 
+    def local_ids(self) -> dict[int, int]:
+        """Engine node id -> node number local to this prompt: the rank in creation order among the nodes of
+        this prompt's trees (root and extra roots). Unlike engine ids it does not depend on which other prompts
+        shared the engine (batch size, order, resume)."""
+        ids: list[int] = []
+        stack = [self.root, *self.extra_roots]
+        while stack:
+            n = stack.pop()
+            ids.append(n.id)
+            stack.extend(n.children)
+        return {nid: i for i, nid in enumerate(sorted(set(ids)))}
+
     def to_row(self, with_tree: bool = False) -> dict[str, Any]:
-        """A JSON-ready row: selected response, reward, candidates with rewards (and the tree if asked)."""
+        """A JSON-ready row: selected response, reward, candidates with rewards (and the tree if asked).
+
+        Node numbers in the row ("node", tree "id"/"parent", metadata references) are local to the prompt
+        (`local_ids`), so a row is the same whatever batch or process produced it."""
+        ids = self.local_ids()
+        info = _renumber_info(self.info, ids)
         row: dict[str, Any] = {
             "id": self.item.id, "prompt": self.item.prompt, "preference": self.item.preference,
             "response": self.selected.text, "reward": self.reward,
             "candidates": [{"text": c.text, "reward": c.reward, "layer": c.metadata.get("layer", 0),
-                            "node": c.id, "finish_reason": c.finish_reason} for c in self.candidates],
-            **({"info": self.info} if self.info else {}),
+                            "node": ids.get(c.id, c.id), "finish_reason": c.finish_reason}
+                           for c in self.candidates],
+            **({"info": info} if info else {}),
         }
         if with_tree:
-            row["tree"] = [r.to_dict() for r in [self.root, *self.extra_roots]]
+            row["tree"] = [_renumber_tree(r.to_dict(), ids) for r in [self.root, *self.extra_roots]]
         return row
+
+
+# metadata keys whose values are engine node ids (renumbered to prompt-local numbers in rows)
+NODE_REF_KEYS = ("on_node", "refines", "source_node")
+
+
+def _renumber_tree(d: dict[str, Any], ids: dict[int, int]) -> dict[str, Any]:
+    d["id"] = ids.get(d["id"], d["id"])
+    if d.get("parent") is not None:
+        d["parent"] = ids.get(d["parent"], d["parent"])
+    meta = d.get("metadata")
+    if meta:
+        d["metadata"] = {k: (ids.get(v, v) if k in NODE_REF_KEYS and isinstance(v, int) else v)
+                         for k, v in meta.items()}
+    for c in d.get("children", ()):
+        _renumber_tree(c, ids)
+    return d
+
+
+def _renumber_info(info: dict[str, Any], ids: dict[int, int]) -> dict[str, Any]:
+    """A copy of `info` with node ids in parse reports (verbalized sampling) made prompt-local."""
+    if not isinstance(info.get("parses"), list):
+        return info
+    parses = [{**p, "node": ids.get(p["node"], p["node"])} if isinstance(p, dict) and isinstance(
+        p.get("node"), int) else p for p in info["parses"]]
+    return {**info, "parses": parses}
 
 
 class Scorer(Protocol):

@@ -30,7 +30,7 @@ from prs_jax.strategies.prs import PRS, BestOfN
 from prs_jax.strategies.verbalized import VerbalizedSampling
 from prs_jax.tree.engine import EngineConfig, TreeEngine
 from prs_jax.tree.sampling import SamplingParams
-from prs_jax.tree.scoring import RewardFormatter, RewardScorer
+from prs_jax.tree.scoring import RewardFormatter, RewardScorer, ScorerConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,9 +100,13 @@ class ScorerSpec:
     template: str = "Human: {prompt}\n\nAssistant: {response}"
     include_preference: bool = False
     callable: str | None = None
+    token_budget: int = 65536  # reward-model programs: rows x padded length (see tree.scoring.ScorerConfig)
+    activation_budget_mb: int = 2048  # and their attention activations
+    stable_rows: int = 4  # rows per group when the run asks for batch-invariant shapes (group_tile > 0)
 
-    def build(self) -> Scorer:
-        """The scorer: the callable imported (it wins over `reward_model`), or the reward model loaded."""
+    def build(self, stable: bool = False) -> Scorer:
+        """The scorer: the callable imported (it wins over `reward_model`), or the reward model loaded; `stable`
+        sizes reward-model programs by each pair's own lengths only (batch-invariant scores)."""
         if self.callable:
             fn = import_object(self.callable, key="scorer.callable")
             if not callable(fn):
@@ -114,7 +118,10 @@ class ScorerSpec:
         from prs_jax.models import load_reward_model, load_tokenizer
 
         rm = load_reward_model(self.reward_model, head_name=self.head_name)
-        scorer = RewardScorer(rm, load_tokenizer(self.reward_model), RewardFormatter(self.formatter, self.template))
+        config = ScorerConfig(token_budget=self.token_budget, activation_budget_bytes=self.activation_budget_mb << 20,
+                              stable_rows=self.stable_rows if stable else 0)
+        scorer = RewardScorer(rm, load_tokenizer(self.reward_model), RewardFormatter(self.formatter, self.template),
+                              config)
         return RewardModelScorer(scorer, include_preference=self.include_preference)
 
 
@@ -137,6 +144,10 @@ class GenerateConfig:
     strategy: StrategyConfig = StrategyConfig()
     scorer: ScorerSpec = ScorerSpec()
     attention_impl: Literal["auto", "reference", "pallas"] = "auto"
+    # Groups per engine program, fixed, so that every row (text, log-probs, rewards) is byte-identical whatever
+    # batch_size, process count or resume point; 0 sizes programs by the batch (fewer programs, but floats can
+    # differ in the last bits between batchings). Sampling keys never depend on batching either way.
+    group_tile: int = 8
 
     def __post_init__(self) -> None:
         check_ranges(self, "", {"batch_size": ">= 1", "max_prompts": ">= 1"})
@@ -212,11 +223,12 @@ def run_generate(cfg: GenerateConfig, console: Console | None = None, process_in
         if not todo:
             return out
         strategy = cfg.strategy.build()
-        scorer = cfg.scorer.build()
+        scorer = cfg.scorer.build(stable=cfg.group_tile > 0)
         tok = load_tokenizer(cfg.policy)
         model = load_causal_lm(cfg.policy)
         check_windows(cfg, todo, tok, window_of(model), scorer)
-        engine = TreeEngine(model, tok, seed=cfg.seed, config=EngineConfig(attention_impl=cfg.attention_impl))
+        engine = TreeEngine(model, tok, seed=cfg.seed, config=EngineConfig(attention_impl=cfg.attention_impl,
+                                                                        group_tile=cfg.group_tile))
         with tqdm(total=len(mine), initial=len(mine) - len(todo), desc=f"generate[{cfg.strategy.name}]",
                   unit="prompt") as bar:
             for start in range(0, len(todo), cfg.batch_size):

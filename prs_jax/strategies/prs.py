@@ -53,7 +53,7 @@ class BestOfN:
         texts = [it.prompt if self.variant == "rand" else
                  join_preference(it.prompt, it.preference or self.default_preference) for it in items]
         roots = engine.add_prompts([_policy_input(engine, t) for t in texts],
-                                   metadata=[{"prompt_id": it.id} for it in items])
+                                   metadata=[{"prompt_id": it.id} for it in items], ids=[it.id for it in items])
         n, params = (1, SamplingParams(greedy=True)) if self.variant == "greedy" else (self.n, self.sampling)
         kids = engine.expand(roots, n, params, max_new_tokens=self.max_new_tokens, stop=list(self.stop) or None)
         flat_items = [it for it, ks in zip(items, kids) for _ in ks]
@@ -113,7 +113,8 @@ class PRS:
             roots = [ks[0].parent for ks in drafts]
         else:
             roots = engine.add_prompts([_policy_input(engine, q) for q in questions],
-                                       metadata=[{"prompt_id": it.id} for it in items])
+                                       metadata=[{"prompt_id": it.id} for it in items],
+                                       ids=[it.id for it in items])
             drafts = engine.expand(roots, self.widths[0], self.sampling, max_new_tokens=self.max_new_tokens,
                                    stop=stop)
         for ks in drafts:
@@ -133,7 +134,8 @@ class PRS:
                         preference=z), b) for b, z in zip(best, prefs)])
                 else:
                     asks = engine.add_prompts([_policy_input(engine, tpl.feedback_template.format(
-                        question=q, answer=b.text, preference=z)) for q, b, z in zip(questions, best, prefs)])
+                        question=q, answer=b.text, preference=z)) for q, b, z in zip(questions, best, prefs)],
+                        ids=[it.id for it in items])
                     for e, a in zip(extra, asks):
                         e.append(a)
                 fb_kids = engine.expand(asks, 1, self.sampling, max_new_tokens=self.feedback_max_new_tokens,
@@ -153,7 +155,7 @@ class PRS:
                          if f is not None else tpl.refine_template_no_feedback.format(question=q, answer=b.text,
                                                                                       preference=z)
                          for q, b, z, f in zip(questions, best, prefs, fbs)]
-                reqs = engine.add_prompts([_policy_input(engine, t) for t in texts])
+                reqs = engine.add_prompts([_policy_input(engine, t) for t in texts], ids=[it.id for it in items])
                 for e, r in zip(extra, reqs):
                     e.append(r)
             kids = engine.expand(reqs, width, self.sampling, max_new_tokens=self.max_new_tokens, stop=stop)

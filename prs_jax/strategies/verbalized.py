@@ -203,7 +203,7 @@ class VerbalizedSampling:
             roots = engine.add_prompts([self._root_input(self.render(self.method, p, size, tpl), chat)
                                         for p in prompts],
                                        metadata=[{"prompt_id": it.id, "method": self.method, "ask": size}
-                                                 for it in items])
+                                                 for it in items], ids=[it.id for it in items])
             kids = engine.expand(roots, count, self.sampling, max_new_tokens=self.max_new_tokens)
             for g, r, ks in zip(gens, roots, kids):
                 if g["root"] is None:
@@ -223,7 +223,8 @@ class VerbalizedSampling:
         window = int(engine.cfg.max_position_embeddings)
         first_texts = [self.render(first, p, sizes[0], tpl) for p in prompts]
         roots = engine.add_prompts([self._root_input(t, chat) for t in first_texts],
-                                   metadata=[{"prompt_id": it.id, "method": self.method, "turn": 0} for it in items])
+                                   metadata=[{"prompt_id": it.id, "method": self.method, "turn": 0} for it in items],
+                                   ids=[it.id for it in items])
         gens = [{"root": r, "extra_roots": [], "calls": [], "stopped": None} for r in roots]
         history = [[{"role": "user", "content": t}] for t in first_texts]
         requests: list[Node | None] = list(roots)
@@ -271,7 +272,8 @@ class VerbalizedSampling:
                         requests[i] = None
                 if ok:
                     new_roots = engine.add_prompts([history[i] for i in ok],
-                                                   metadata=[{"turn": turn + 1} for _ in ok])
+                                                   metadata=[{"turn": turn + 1} for _ in ok],
+                                                   ids=[items[i].id for i in ok])
                     for i, r in zip(ok, new_roots):
                         gens[i]["extra_roots"].append(r)
                         requests[i] = r

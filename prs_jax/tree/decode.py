@@ -3,6 +3,11 @@
 One jitted program prefills the (left-padded) prompts and runs a `lax.while_loop` that stops early when
 every row has finished; the model's graph definition is static and its state is a jit argument, so a new
 model with the same shapes reuses the compiled program.
+
+Randomness: with one `key`, the key is split every step and row i takes element i of the step's uniforms, so a
+row's samples depend on its position in the batch. Pass `row_keys` (one key per row, e.g. derived from a
+prompt id as the tree engine does) to make each row's samples depend on its own key only: row i at step s
+uses uniform(fold_in(row_keys[i], s)), the tree engine's scheme.
 """
 
 from __future__ import annotations
@@ -50,8 +55,12 @@ def _generate(graphdef: nnx.GraphDef, state: nnx.State, input_ids: jax.Array, at
 
     def body(carry):
         step, last, cache, done, lengths, out_tok, out_lp, key = carry
-        key, sub = jax.random.split(key)
-        tok, lp = sample(last, jax.random.uniform(sub, (b,)), sampling)
+        if key.ndim:  # one key per row: position-stable
+            u = jax.vmap(jax.random.uniform)(jax.vmap(jax.random.fold_in, in_axes=(0, None))(key, step))
+        else:
+            key, sub = jax.random.split(key)
+            u = jax.random.uniform(sub, (b,))
+        tok, lp = sample(last, u, sampling)
         tok = jnp.where(done, pad_id, tok)
         lp = jnp.where(done, 0.0, lp)
         out_tok = jax.lax.dynamic_update_slice(out_tok, tok[:, None], (0, step))
@@ -82,8 +91,11 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_id: int, length: int | None
 
 def generate(model: CausalLM, input_ids: jax.Array, attention_mask: jax.Array, *, max_new_tokens: int,
              sampling: SamplingParams = SamplingParams(), key: jax.Array | None = None,
-             eos_ids: Sequence[int] = (), pad_id: int = 0) -> Generation:
-    """Decode up to `max_new_tokens` for each left-padded prompt row; stops early when all rows hit EOS."""
+             eos_ids: Sequence[int] = (), pad_id: int = 0, row_keys: jax.Array | None = None) -> Generation:
+    """Decode up to `max_new_tokens` for each left-padded prompt row; stops early when all rows hit EOS.
+
+    `row_keys` ([B] keys, optional) replace `key` with one key per row: a row's samples then do not depend on
+    the batch it runs in (see the module docstring)."""
     if max_new_tokens <= 0:
         raise ValueError(f"generate: max_new_tokens must be positive (got {max_new_tokens}).")
     if sampling.needs_counts:
@@ -95,6 +107,12 @@ def generate(model: CausalLM, input_ids: jax.Array, attention_mask: jax.Array, *
         raise ValueError(f"generate: prompt length {t} + max_new_tokens {max_new_tokens} exceeds the context "
                          f"window of {limit} tokens (config.json max_position_embeddings).")
     graphdef, state = nnx.split(model)
+    if row_keys is not None:
+        if key is not None:
+            raise ValueError("generate: pass `key` or `row_keys`, not both.")
+        if row_keys.shape != (b,):
+            raise ValueError(f"generate: row_keys must hold one key per row ({b}), got shape {row_keys.shape}.")
+        key = row_keys
     key = key if key is not None else jax.random.key(0)
     return _generate(graphdef, state, input_ids, attention_mask, key, max_new_tokens=max_new_tokens,
                      sampling=sampling, eos_ids=tuple(int(e) for e in eos_ids), pad_id=int(pad_id))

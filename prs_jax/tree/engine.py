@@ -9,14 +9,21 @@ again as the first suffix token of what is built on it (that gives the logits th
 from, with no logits stored); the KV it produces completes the parent's segment.
 
 Shapes are bucketed (groups, rows per group, prefix length, new tokens) so a long run compiles a handful of
-programs; `compilations` counts them. Randomness: row keys derive from (seed, parent id, expansion index,
-child index), so the same seed reproduces the same tree however prompts are batched.
+programs; `compilations` counts them.
+
+Randomness is position-stable: a child's key is the seed's key folded with a hash of the child's path, which
+is (its root's digest, then (branch, child) for each step down from the root). A root's digest hashes its
+prompt id (given to `add_prompts`, by default none) and its tokens, plus an occurrence count when the same
+(id, tokens) is added again to one engine. `branch` counts the child-making calls (`expand`, `append`) on a
+parent. Node ids (creation order) never enter, so batch size, batching order, the order of parents in a call,
+the number of processes and resuming a run never change a tree.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 from typing import Any, Literal, Sequence
 
 import jax
@@ -50,6 +57,11 @@ class EngineConfig:
     min_extend_bucket: int = 8  # new tokens per prefill call
     min_rows_bucket: int = 0  # > 0: children per parent padded to a power of two >= this (fewer compiled
     # programs when many different n are used, e.g. best-of-N sweeps; padded rows are inactive)
+    group_tile: int = 0  # > 0: batch-invariant shapes. Every program runs exactly this many groups, and only
+    # groups whose own lengths fall in the same buckets share a program; a call with more is split. XLA's
+    # float results depend on the shapes a row is computed in (not on the row's position): with fixed shapes
+    # the log-probs and KV of a node are bitwise the same whatever else was batched with it. 0: programs are
+    # sized by the call (fewer, fuller programs; floats may differ in the last bits with the batching).
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +104,24 @@ def _place_segment(prefix: jax.Array, seg: jax.Array, group: jax.Array, offset: 
 def _put_slot(kv: jax.Array, tok: jax.Array, pos: jax.Array) -> jax.Array:
     """Write one slot tok [L, 2, K, 1, D] into kv [L, 2, K, Sb, D] at pos."""
     return jax.lax.dynamic_update_slice(kv, tok, (0, 0, 0, pos, 0))
+
+
+def path_words(path: tuple) -> np.ndarray:
+    """Four uint32 words of a stable hash (sha256 of the repr) of a node's key path."""
+    return np.frombuffer(hashlib.sha256(repr(path).encode()).digest()[:16], dtype="<u4").astype(np.uint32)
+
+
+@jax.jit
+def path_keys(key: jax.Array, words: jax.Array) -> jax.Array:
+    """One key per row: `key` folded with the row's four words [R, 4] (elementwise: rows never interact)."""
+
+    def one(w):
+        k = key
+        for i in range(w.shape[0]):
+            k = jax.random.fold_in(k, w[i])
+        return k
+
+    return jax.vmap(one)(words)
 
 
 def _stack_layers(kv: jax.Array) -> tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]:
@@ -198,7 +228,7 @@ class TreeEngine:
         self._graphdef, self._state = nnx.split(model)
         self._dtype = model.model.embed_tokens.embedding[...].dtype
         self._key = jax.random.key(seed)
-        self._expansions: dict[int, int] = {}
+        self._occurrences: dict[str, int] = {}  # root digest base -> roots added with it so far
         self.last_decode_stats: dict[str, int] = {}
         impl = config.attention_impl
         self._impl = ("pallas" if use_pallas_default() else "reference") if impl == "auto" else impl
@@ -292,31 +322,73 @@ class TreeEngine:
             return ""
         return self.tokenizer.decode(list(tokens), skip_special_tokens=True)
 
-    def _extend(self, parents: Sequence[Node | None], prefix_lengths: Sequence[int],
-                new_tokens: Sequence[list[int]]) -> tuple[jax.Array | None, list[int]]:
-        """Run `new_tokens[i]` after the first `prefix_lengths[i]` context tokens of `parents[i]`, all items in
-        one batched program. Returns the new tokens' KV buffer [L, 2, G, K, T, D] and each item's row in it."""
-        todo = [i for i, t in enumerate(new_tokens) if t]
-        rows = [-1] * len(new_tokens)
+    def _tiles(self, keys: Sequence[Any], todo: Sequence[int]) -> list[tuple[list[int], int]]:
+        """Split items `todo` into programs: (item indices, groups of the program).
+
+        group_tile = 0: one program for all, groups bucketed from their count. group_tile > 0: items grouped by
+        their own bucket key (`keys[i]`), each group cut into programs of exactly group_tile groups, so no
+        item's shapes depend on the other items of the call."""
+        todo = list(todo)
         if not todo:
-            return None, rows
-        groups = bucket(len(todo), self.config.min_groups_bucket)
-        prefix_kv, prefix_mask = self.prefix_batch([parents[i] for i in todo], [prefix_lengths[i] for i in todo],
-                                                    groups)
-        t_bucket = bucket(max(len(new_tokens[i]) for i in todo), self.config.min_extend_bucket)
-        tokens = np.full((groups, t_bucket), self.pad_id, np.int32)
-        mask = np.zeros((groups, t_bucket), bool)
-        for g, i in enumerate(todo):
-            tokens[g, :len(new_tokens[i])] = new_tokens[i]
-            mask[g, :len(new_tokens[i])] = True
-            rows[i] = g
-        suffix, _ = self._extend_jit(self._state, prefix_kv, prefix_mask, jnp.asarray(tokens), jnp.asarray(mask),
-                                     graphdef=self._graphdef, rows_per_group=1, impl=self._impl, want_hidden=False)
-        return suffix, rows
+            return []
+        tile = self.config.group_tile
+        if tile <= 0:
+            return [(todo, bucket(len(todo), self.config.min_groups_bucket))]
+        parts: dict[Any, list[int]] = {}
+        for i in todo:
+            parts.setdefault(keys[i], []).append(i)
+        return [(ids[s:s + tile], tile) for key in sorted(parts) for ids in [parts[key]]
+                for s in range(0, len(ids), tile)]
+
+    def _extend(self, parents: Sequence[Node | None], prefix_lengths: Sequence[int],
+                new_tokens: Sequence[list[int]]) -> list[tuple[jax.Array | None, int]]:
+        """Run `new_tokens[i]` after the first `prefix_lengths[i]` context tokens of `parents[i]`, batched
+        (one program, or one per tile with `group_tile`). Returns per item the KV buffer [L, 2, G, K, T, D] of
+        its program and its row there ((None, -1) for an item without new tokens)."""
+        out: list[tuple[jax.Array | None, int]] = [(None, -1)] * len(new_tokens)
+        keys = [(bucket(length, self.config.min_prefix_bucket), bucket(len(t), self.config.min_extend_bucket))
+                for length, t in zip(prefix_lengths, new_tokens)]
+        for todo, groups in self._tiles(keys, [i for i, t in enumerate(new_tokens) if t]):
+            prefix_kv, prefix_mask = self.prefix_batch([parents[i] for i in todo],
+                                                        [prefix_lengths[i] for i in todo], groups)
+            t_bucket = bucket(max(len(new_tokens[i]) for i in todo), self.config.min_extend_bucket)
+            tokens = np.full((groups, t_bucket), self.pad_id, np.int32)
+            mask = np.zeros((groups, t_bucket), bool)
+            for g, i in enumerate(todo):
+                tokens[g, :len(new_tokens[i])] = new_tokens[i]
+                mask[g, :len(new_tokens[i])] = True
+            suffix, _ = self._extend_jit(self._state, prefix_kv, prefix_mask, jnp.asarray(tokens),
+                                         jnp.asarray(mask), graphdef=self._graphdef, rows_per_group=1,
+                                         impl=self._impl, want_hidden=False)
+            for g, i in enumerate(todo):
+                out[i] = (suffix, g)
+        return out
+
+    def root_path(self, prompt_id: str | None, tokens: Sequence[int]) -> tuple:
+        """The key path of a new root: a digest of (prompt id, tokens, how often this engine saw both)."""
+        base = hashlib.sha256(repr((None if prompt_id is None else str(prompt_id),
+                                    tuple(int(t) for t in tokens))).encode()).hexdigest()
+        k = self._occurrences.get(base, 0)
+        self._occurrences[base] = k + 1
+        return (base if k == 0 else f"{base}#{k}",)
+
+    @staticmethod
+    def _branch(parent: Node) -> int:
+        """Index of a new child-making call on `parent` (expand or append), counted per parent."""
+        b = parent.branches
+        parent.branches = b + 1
+        return b
 
     def add_prompts(self, prompts: Sequence[str | Sequence[int] | Sequence[dict[str, str]]],
-                    metadata: Sequence[dict[str, Any]] | None = None) -> list[Node]:
-        """Create root nodes (text, token ids, or chat messages) and prefill all but their last token."""
+                    metadata: Sequence[dict[str, Any]] | None = None,
+                    ids: Sequence[str | None] | None = None) -> list[Node]:
+        """Create root nodes (text, token ids, or chat messages) and prefill all but their last token.
+
+        `ids` (optional, one per prompt) are stable prompt ids: with the prompt's tokens they key the
+        randomness of everything sampled below the root (see the module docstring). Give them whenever the
+        same prompt text may appear under different ids (e.g. `PromptItem.id`)."""
+        if ids is not None and len(ids) != len(prompts):
+            raise ValueError(f"add_prompts: {len(prompts)} prompts but {len(ids)} ids.")
         roots = []
         for i, p in enumerate(prompts):
             toks = self.encode(p)
@@ -325,9 +397,10 @@ class TreeEngine:
             self.check_context(len(toks) + 1, f"add_prompts: prompt {i}")
             text = p if isinstance(p, str) else (self.tokenizer.decode(toks) if self.tokenizer else "")
             roots.append(self.tree.add("prompt", toks, None, text=text,
-                                       metadata=dict(metadata[i]) if metadata else {}))
-        buf, rows = self._extend([None] * len(roots), [0] * len(roots), [r.tokens[:-1] for r in roots])
-        for r, row in zip(roots, rows):
+                                       metadata=dict(metadata[i]) if metadata else {},
+                                       key_path=self.root_path(ids[i] if ids is not None else None, toks)))
+        done = self._extend([None] * len(roots), [0] * len(roots), [r.tokens[:-1] for r in roots])
+        for r, (buf, row) in zip(roots, done):
             if row >= 0:
                 r.kv, r.kv_valid = self._segment(buf, row, 0, len(r.tokens) - 1)
         return roots
@@ -344,18 +417,21 @@ class TreeEngine:
                 raise ValueError(f"append: text {i} is empty.")
             self.check_context(parent.context_len + len(toks) + 1, f"append: node {i}")
             nodes.append(self.tree.add("fixed", toks, parent, text=text if isinstance(text, str) else self.decode(
-                toks), metadata=dict(metadata[i]) if metadata else {}))
+                toks), metadata=dict(metadata[i]) if metadata else {},
+                key_path=parent.key_path + ((self._branch(parent), 0),)))
         # feed [parent's last token] + fixed[:-1] after the parent's context minus its last token
         items = [[p.tokens[-1]] + n.tokens[:-1] for p, n in zip(parents, nodes)]
-        buf, rows = self._extend(parents, [p.context_len - 1 for p in parents], items)
-        for p, n, row in zip(parents, nodes, rows):
+        done = self._extend(parents, [p.context_len - 1 for p in parents], items)
+        for p, n, (buf, row) in zip(parents, nodes, done):
             self._complete(p, buf, row, 0)
             n.kv, n.kv_valid = self._segment(buf, row, 1, len(n.tokens) - 1)
         return nodes
 
     def expand(self, parents: Sequence[Node], n: int, sampling: SamplingParams = SamplingParams(), *,
                max_new_tokens: int, stop: Any = None) -> list[list[Node]]:
-        """Generate `n` children for each parent in one batched decode; returns children per parent."""
+        """Generate `n` children for each parent in one batched decode (one per tile with `group_tile`);
+        returns children per parent. Child c of this call on parent p samples with the key of its path
+        p.key_path + ((branch, c),), whatever the other parents and their order."""
         if n <= 0:
             raise ValueError(f"expand: n must be a positive number of children (got {n}).")
         if max_new_tokens <= 0:
@@ -365,12 +441,31 @@ class TreeEngine:
         stop_spec = Stop.parse(stop, self.eos_ids)
         for p in parents:
             self.check_context(p.context_len + max_new_tokens, f"expand: node #{p.id}")
+        kid_paths = []
+        for p in parents:
+            e = self._branch(p)
+            kid_paths.append([p.key_path + ((e, c),) for c in range(n)])
+        keys = [bucket(p.context_len - 1, self.config.min_prefix_bucket) for p in parents]
+        result: list[list[Node]] = [[] for _ in parents]
+        stats = {"groups": 0, "rows": 0, "prefix_kv_bytes": 0, "suffix_kv_bytes": 0, "programs": 0}
+        for todo, groups in self._tiles(keys, range(len(parents))):
+            kids = self._expand_tile([parents[i] for i in todo], [kid_paths[i] for i in todo], n, groups, sampling,
+                                     max_new_tokens, stop_spec, stats)
+            for i, ks in zip(todo, kids):
+                result[i] = ks
+        self.last_decode_stats = stats
+        return result
+
+    def _expand_tile(self, parents: Sequence[Node], kid_paths: Sequence[Sequence[tuple]], n: int, groups: int,
+                     sampling: SamplingParams, max_new_tokens: int, stop_spec: Stop, stats: dict[str, int]
+                     ) -> list[list[Node]]:
+        """One decode program for `parents` in `groups` groups (n children each); creates the child nodes."""
         share = self.config.share_prefix
         rows_per_group = (bucket(n, self.config.min_rows_bucket) if self.config.min_rows_bucket > 0 else n
                           ) if share else 1
         stride = rows_per_group if share else n  # row of child c of parent pi: pi * stride + c
-        g_real = len(parents) if share else len(parents) * n
-        groups = bucket(g_real, self.config.min_groups_bucket)
+        if not share:
+            groups *= n
         buf = bucket(max_new_tokens, self.config.min_new_tokens_bucket)
         group_parents = list(parents) if share else [p for p in parents for _ in range(n)]
         lengths = [p.context_len - 1 for p in group_parents]
@@ -378,18 +473,13 @@ class TreeEngine:
         r = groups * rows_per_group
         first = np.full((r,), self.pad_id, np.int32)
         active = np.zeros((r,), bool)
-        keys = []
+        words = np.zeros((r, 4), np.uint32)
         for pi, p in enumerate(parents):
-            e = self._expansions.get(p.id, 0)
-            self._expansions[p.id] = e + 1
-            base = jax.random.fold_in(jax.random.fold_in(self._key, p.id), e)
             for c in range(n):
                 row = pi * stride + c
                 first[row] = p.tokens[-1]
                 active[row] = True
-                keys.append((row, jax.random.fold_in(base, c)))
-        by_row = dict(keys)
-        keys = [by_row.get(i, self._key) for i in range(r)]
+                words[row] = path_words(kid_paths[pi][c])
         context_seen = None
         if sampling.repetition_penalty != 1.0:
             seen = np.zeros((groups, self.cfg.vocab_size), bool)
@@ -397,11 +487,15 @@ class TreeEngine:
                 seen[g, p.context_tokens()] = True
             context_seen = jnp.asarray(seen)
         out_tok, out_lp, out_len, hit_eos, suffix = self._decode_jit(
-            self._state, prefix_kv, prefix_mask, jnp.asarray(first), jnp.stack(keys), jnp.asarray(active),
-            jnp.int32(max_new_tokens), context_seen, graphdef=self._graphdef, rows_per_group=rows_per_group,
-            buf=buf, params=sampling, eos_ids=stop_spec.eos_ids, pad_id=self.pad_id, impl=self._impl)
-        self.last_decode_stats = {"groups": groups, "rows": r, "prefix_kv_bytes": int(prefix_kv.nbytes),
-                                  "suffix_kv_bytes": int(suffix.nbytes)}
+            self._state, prefix_kv, prefix_mask, jnp.asarray(first), path_keys(self._key, jnp.asarray(words)),
+            jnp.asarray(active), jnp.int32(max_new_tokens), context_seen, graphdef=self._graphdef,
+            rows_per_group=rows_per_group, buf=buf, params=sampling, eos_ids=stop_spec.eos_ids, pad_id=self.pad_id,
+            impl=self._impl)
+        stats["groups"] += groups
+        stats["rows"] += r
+        stats["programs"] += 1
+        stats["prefix_kv_bytes"] = max(stats["prefix_kv_bytes"], int(prefix_kv.nbytes))  # peak per program
+        stats["suffix_kv_bytes"] = max(stats["suffix_kv_bytes"], int(suffix.nbytes))
         toks, lps = np.asarray(out_tok), np.asarray(out_lp)
         lens, eos_hit = np.asarray(out_len), np.asarray(hit_eos)
         result = []
@@ -418,7 +512,7 @@ class TreeEngine:
                 if cut is not None:
                     tokens, text, reason = tokens[:cut[0]], cut[1], "stop"
                 node = self.tree.add("generated", tokens, p, text=text, logprobs=lps[row, :len(tokens)].tolist(),
-                                     finish_reason=reason)
+                                     finish_reason=reason, key_path=kid_paths[pi][c])
                 node.kv, node.kv_valid = self._segment(suffix, row, 1, len(tokens) - 1)
                 kids.append(node)
             result.append(kids)

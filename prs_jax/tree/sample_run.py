@@ -13,7 +13,7 @@ from prs_jax.data.lock import check_output_file, output_lock
 from prs_jax.errors import ConfigError, DataError
 from prs_jax.models import load_causal_lm, load_tokenizer
 from prs_jax.models.window import check_fits, window_of
-from prs_jax.tree.engine import TreeEngine
+from prs_jax.tree.engine import EngineConfig, TreeEngine
 from prs_jax.tree.sampling import SamplingParams
 
 
@@ -46,8 +46,13 @@ def check_sample_args(*, n: int, max_new_tokens: int, batch_size: int) -> None:
 
 
 def run_sample(checkpoint: Path, prompts_file: Path, out_file: Path, *, n: int, max_new_tokens: int,
-               sampling: SamplingParams, seed: int, batch_size: int, chat: bool, stop: Sequence[str] = ()) -> int:
+               sampling: SamplingParams, seed: int, batch_size: int, chat: bool, stop: Sequence[str] = (),
+               group_tile: int = 8) -> int:
     """Sample `n` completions for every prompt, `batch_size` prompts per engine call; returns rows written.
+
+    Each prompt's samples are keyed by (seed, the row's "id" if it has one else its index in the file, the
+    prompt's tokens), and programs run `group_tile` groups each (`EngineConfig.group_tile`): the output does not
+    depend on `batch_size`, to the byte.
 
     Arguments and inputs are checked before anything is written; the output is locked, written to a temporary
     file and renamed when complete, so a bad argument or a failed run leaves an existing output as it was."""
@@ -56,7 +61,7 @@ def run_sample(checkpoint: Path, prompts_file: Path, out_file: Path, *, n: int, 
     rows = read_prompts(prompts_file)
     tok = load_tokenizer(checkpoint)
     model = load_causal_lm(checkpoint)
-    engine = TreeEngine(model, tok, seed=seed)
+    engine = TreeEngine(model, tok, seed=seed, config=EngineConfig(group_tile=group_tile))
     items = [r["messages"] if "messages" in r else (
         [{"role": "user", "content": r["prompt"]}] if chat else r["prompt"]) for r in rows]
     for r, item in zip(rows, items):
@@ -82,7 +87,8 @@ def _write_samples(tmp: Path, rows: list[dict[str, Any]], items: list[Any], engi
     with open(tmp, "w", encoding="utf-8") as fh, tqdm(total=len(rows), desc="sampling", unit="prompt") as bar:
         for start in range(0, len(rows), batch_size):
             batch = rows[start:start + batch_size]
-            roots = engine.add_prompts(items[start:start + batch_size])
+            ids = [str(r["id"]) if r.get("id") is not None else f"#{start + i}" for i, r in enumerate(batch)]
+            roots = engine.add_prompts(items[start:start + batch_size], ids=ids)
             children = engine.expand(roots, n, sampling, max_new_tokens=max_new_tokens, stop=list(stop) or None)
             for row, kids in zip(batch, children):
                 out = {k: v for k, v in row.items() if k != "_where"}

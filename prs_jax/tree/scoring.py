@@ -3,6 +3,12 @@
 Candidates of one prompt share the prompt's KV: the formatted prompt part is prefilled once per prompt and
 every candidate response runs as a suffix row against it (cascade attention), whenever the formatter's full
 token sequence starts with the tokens of its prompt part. Otherwise that pair is scored whole.
+
+Memory is bounded per program: groups of the same shape class (rows per group, prefix and response length
+buckets) are packed into chunks sized by a token budget (rows x padded length) and by an activation budget for
+the attention scores the reference attention materialises ([rows, heads, T, prefix + T] for the responses,
+[groups, heads, P, P] for the prompt prefill), never by a row count alone. With `stable_rows` every pair is
+scored in shapes that depend on its own lengths only (batch-invariant floats, see `ScorerConfig`).
 """
 
 from __future__ import annotations
@@ -63,12 +69,51 @@ class RewardFormatter:
 
 @dataclasses.dataclass(frozen=True)
 class ScorerConfig:
-    """Bucket floors and the largest number of rows scored in one program."""
+    """Bucket floors and the limits that size each scoring program.
+
+    A program holds g groups of n rows with prefix bucket P and response bucket T. g is the largest power of
+    two with g * n * (P + T) <= token_budget, g * n <= max_rows, and attention activations (scores and
+    probabilities in float32: 8 * heads * n * T * (P + T) bytes per group for the responses, 8 * heads * P * P
+    for the prompt prefill) <= activation_budget_bytes; a group too big for one program is split into
+    sub-groups (down to one row, which always runs).
+
+    stable_rows > 0 makes the floats batch-invariant: every group has exactly this many rows (pairs with the
+    same prompt part and response bucket, split or padded), and every program has exactly min(stable_groups,
+    the budget's g) groups (padded), so a pair's shapes depend only on its own lengths and never on the other
+    pairs of the call.
+    """
 
     max_rows: int = 256
+    token_budget: int = 65536
+    activation_budget_bytes: int = 2 << 30
     min_prefix_bucket: int = 16
     min_suffix_bucket: int = 16
+    stable_rows: int = 0
+    stable_groups: int = 8
     attention_impl: Literal["auto", "reference", "pallas"] = "auto"
+
+
+def _pow2_floor(x: int) -> int:
+    return 1 << (max(int(x), 1).bit_length() - 1)
+
+
+def chunk_groups(cfg: Any, heads: int, n: int, p: int, t: int) -> int:
+    """Groups per program for shape class (n rows per group, prefix bucket p, row bucket t): a power of two
+    >= 1 within the token, row and activation budgets (1 when even one group exceeds them). `cfg` is any
+    config with token_budget, max_rows and activation_budget_bytes (ScorerConfig, feedback ReaderConfig)."""
+    per_group_tokens = n * (p + t)
+    per_group_bytes = max(8 * heads * n * t * (p + t), 8 * heads * p * p)
+    g = min(cfg.token_budget // max(per_group_tokens, 1), cfg.max_rows // max(n, 1),
+            cfg.activation_budget_bytes // max(per_group_bytes, 1))
+    return _pow2_floor(max(g, 1))
+
+
+def rows_per_group(cfg: Any, heads: int, n: int, p: int, t: int) -> int:
+    """The largest power of two <= n (at least 1) whose single group fits the budgets."""
+    while n > 1 and (n * (p + t) > cfg.token_budget or n > cfg.max_rows
+                     or 8 * heads * n * t * (p + t) > cfg.activation_budget_bytes):
+        n //= 2
+    return n
 
 
 def _prefill_fn(state, tokens, mask, *, graphdef, impl):
@@ -105,40 +150,53 @@ class RewardScorer:
         self._impl = ("pallas" if use_pallas_default() else "reference") if impl == "auto" else impl
         self._prefill = counting(PREFILL, self)
         self._score = counting(SCORE, self)
+        self.last_chunks: list[tuple[int, int, int, int]] = []  # (groups, rows per group, P, T) per program run
 
     def score_pairs(self, pairs: Sequence[tuple[str, str]]) -> list[float]:
         """Reward of each (prompt, response) pair, in input order."""
-        groups: dict[tuple[int, ...], list[tuple[int, list[int]]]] = {}
+        cfg = self.config
+        self.last_chunks = []
         window = window_of(self.rm)
+        split = []
         for i, (prompt, response) in enumerate(pairs):
             head, tail = self.formatter.split(self.tokenizer, prompt, response)
             check_fits(len(head) + len(tail), window, what=f"reward-model input {i} (prompt + response)",
                        model="reward model", index=i,
                        fix="use a reward model with a longer window, shorter prompts, or a smaller max_new_tokens.")
-            groups.setdefault(tuple(head), []).append((i, tail))
+            split.append((head, tail))
+        tb = [bucket(len(tail), cfg.min_suffix_bucket) for _, tail in split]
+        groups: dict[tuple, list[tuple[int, list[int]]]] = {}
+        for i, (head, tail) in enumerate(split):
+            if not head and not cfg.stable_rows:  # unshareable pairs each form their own group
+                groups[((), i)] = [(i, tail)]
+            else:  # stable: responses of one bucket only, so no pair's row length depends on another's
+                groups.setdefault((tuple(head), tb[i]) if cfg.stable_rows else (tuple(head),), []).append((i, tail))
+        heads = self.rm.config.num_attention_heads
+        classes: dict[tuple[int, int, int], list[tuple[tuple[int, ...], list[tuple[int, list[int]]]]]] = {}
+        for key, members in groups.items():
+            head = key[0]
+            p = bucket(len(head), cfg.min_prefix_bucket)
+            t = max(tb[i] for i, _ in members)
+            n = cfg.stable_rows or bucket(len(members))
+            n = rows_per_group(cfg, heads, n, p, t)
+            for s in range(0, len(members), n):
+                classes.setdefault((n, p, t), []).append((head, members[s:s + n]))
         out = np.zeros(len(pairs), np.float32)
-        items = list(groups.items())
-        # unshareable pairs each form their own group (empty prefix)
-        flat: list[tuple[tuple[int, ...], list[tuple[int, list[int]]]]] = []
-        for head, members in items:
-            if head:
-                flat.append((head, members))
-            else:
-                flat.extend(((), [m]) for m in members)
-        flat.sort(key=lambda x: -len(x[1]))
-        start = 0
-        while start < len(flat):
-            n = bucket(len(flat[start][1]))
-            per_chunk = max(1, self.config.max_rows // n)
-            chunk = flat[start:start + per_chunk]
-            start += len(chunk)
-            self._score_chunk(chunk, n, out)
+        for (n, p, t), grs in sorted(classes.items()):
+            g_cap = chunk_groups(cfg, heads, n, p, t)
+            if cfg.stable_rows:
+                g_cap = min(g_cap, _pow2_floor(cfg.stable_groups))
+            for s in range(0, len(grs), g_cap):
+                chunk = grs[s:s + g_cap]
+                self._score_chunk(chunk, n, out, g=g_cap if cfg.stable_rows else bucket(len(chunk)), p=p, t=t)
         return out.tolist()
 
-    def _score_chunk(self, chunk, n: int, out: np.ndarray) -> None:
-        g = bucket(len(chunk))
-        p = bucket(max(len(h) for h, _ in chunk), self.config.min_prefix_bucket)
-        t = bucket(max(len(tail) for _, ms in chunk for _, tail in ms), self.config.min_suffix_bucket)
+    def _score_chunk(self, chunk, n: int, out: np.ndarray, *, g: int | None = None, p: int | None = None,
+                     t: int | None = None) -> None:
+        """Score one program: `chunk` is [(prompt-part ids, [(pair index, response ids)])], n rows per group."""
+        g = g or bucket(len(chunk))
+        p = p or bucket(max(len(h) for h, _ in chunk), self.config.min_prefix_bucket)
+        t = t or bucket(max(len(tail) for _, ms in chunk for _, tail in ms), self.config.min_suffix_bucket)
         pre_tok = np.full((g, p), self.pad_id, np.int32)
         pre_mask = np.zeros((g, p), bool)
         tok = np.full((g * n, t), self.pad_id, np.int32)
@@ -149,6 +207,7 @@ class RewardScorer:
             for j, (_, tail) in enumerate(members):
                 tok[gi * n + j, :len(tail)] = tail
                 mask[gi * n + j, :len(tail)] = True
+        self.last_chunks.append((g, n, p, t))
         prefix_kv = self._prefill(self._state, jnp.asarray(pre_tok), jnp.asarray(pre_mask), graphdef=self._graphdef,
                                   impl=self._impl)
         scores = np.asarray(self._score(self._state, prefix_kv, jnp.asarray(pre_mask), jnp.asarray(tok),

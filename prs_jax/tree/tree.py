@@ -30,6 +30,12 @@ class Node:
     # something is built on it). Managed by the engine.
     kv: Any = dataclasses.field(default=None, repr=False)
     kv_valid: int = dataclasses.field(default=0, repr=False)
+    # Position-stable identity for randomness: (root digest, (branch, child), ...) from the root. A root's digest
+    # hashes its prompt id and tokens; each later element is (index of the child-making call on the parent,
+    # child index). A child's sampling key is the seed's key folded with a hash of this path, so creation order
+    # (ids) never enters. Managed by the engine; `branches` counts child-making calls (expand, append) so far.
+    key_path: tuple = dataclasses.field(default=(), repr=False)
+    branches: int = dataclasses.field(default=0, repr=False)
 
     @property
     def depth(self) -> int:

@@ -47,7 +47,7 @@ from prs_jax.world.gates import GateConfig, GateError, gate_table, measure_gates
 
 # Bump when something outside prs_jax/world that shapes a build changes (the trainer, the tokenizer builder);
 # edits inside prs_jax/world change the key through the source digest.
-WORLD_VERSION = "2"
+WORLD_VERSION = "3"  # 3: sampling keys by tree position (engine v2), which changes the RM's policy-sample pairs
 DEFAULT_SEEDS = (0, 1, 2)
 
 

@@ -104,3 +104,10 @@ def test_chain_of_thought_self_consistency_averages_rationale_distributions(mode
     assert len({t for r in out for t in r.ab.rationales + r.ba.rationales}) > 1  # sampled, not one greedy text
     again = lab.label([p[0] for p in PAIRS], [p[1] for p in PAIRS], [p[2] for p in PAIRS], seed=5)
     assert [r.to_dict() for r in again] == [r.to_dict() for r in out]  # the seed fixes the samples
+    # rationales are keyed by each pair's own tokens: labelling pairs one at a time, in another order, or
+    # next to a duplicate samples the same rationales
+    alone = [lab.label([x], [a], [b], seed=5)[0] for x, a, b in reversed(PAIRS)][::-1]
+    dup = lab.label([PAIRS[1][0]] * 2, [PAIRS[1][1]] * 2, [PAIRS[1][2]] * 2, seed=5)
+    for r, s in zip(out, alone):
+        assert (r.ab.rationales, r.ba.rationales) == (s.ab.rationales, s.ba.rationales)
+    assert dup[0].ab.rationales == out[1].ab.rationales

@@ -98,3 +98,6 @@ def test_two_process_distributed_generation(ckpts, tmp_path):
     ids = [[r["id"] for r in _rows(p)] for p in parts]
     assert ids[0] == ["p0", "p2", "p4"] and ids[1] == ["p1", "p3", "p5"]
     assert [r["id"] for r in _rows(out)] == [f"p{i}" for i in range(6)]  # merged in prompt order
+    single = tmp_path / "single.jsonl"  # the process count does not change a row (keys: prompt id and path)
+    assert main(["generate", *_args(policy, rm, single)]) == 0
+    assert _rows(out) == _rows(single)

@@ -264,7 +264,7 @@ class ScriptedEngine:
         text = render_chat(self.tokenizer, list(item))
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def add_prompts(self, prompts, metadata=None):
+    def add_prompts(self, prompts, metadata=None, ids=None):
         self.calls.append(("add_prompts", len(prompts)))
         return [self.tree.add("prompt", self.encode(p), None, text=p if isinstance(p, str) else render_chat(
             self.tokenizer, p), metadata=dict(metadata[i]) if metadata else {}) for i, p in enumerate(prompts)]

@@ -52,6 +52,26 @@ def test_same_seed_same_samples_and_lengths(llama_dir):
         assert 6 not in row[: max(n - 1, 0)]
 
 
+def test_row_keys_make_a_row_independent_of_its_batch(llama_dir):
+    """With one key per row, a row samples the same tokens alone, in another batch, or at another position."""
+    model = load_causal_lm(llama_dir)
+    kw = dict(max_new_tokens=8, sampling=SamplingParams(temperature=1.5), eos_ids=[], pad_id=0)
+    prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
+    keys = [jax.random.fold_in(jax.random.key(3), i) for i in range(3)]
+
+    def run(order):
+        ids, mask = left_pad([prompts[i] for i in order], pad_id=0, length=4)
+        out = generate(model, ids, mask, row_keys=jnp.stack([keys[i] for i in order]), **kw)
+        return {i: np.asarray(out.tokens[j]).tolist() for j, i in enumerate(order)}
+
+    together = run([0, 1, 2])
+    assert together == run([2, 0, 1]) | run([1]) and together[0] == run([0, 2])[0]
+    assert together[0] != together[1]
+    with pytest.raises(ValueError, match="one key per row"):
+        ids, mask = left_pad(prompts, pad_id=0)
+        generate(model, ids, mask, row_keys=jnp.stack(keys[:2]), **kw)
+
+
 def test_truncation_top_k_top_p():
     logits = jnp.log(jnp.asarray([[0.5, 0.25, 0.15, 0.1]]))
     k2 = truncate(logits, SamplingParams(top_k=2))

@@ -151,3 +151,70 @@ def test_tree_json_round_trip(model_tok, tmp_path):
     data = json.loads(eng.tree.to_json(tmp_path / "tree.json"))
     assert data[0]["metadata"] == {"id": "p0"} and len(data[0]["children"]) == 2
     assert data[0]["children"][0]["reward"] == 0.5 and data[0]["children"][0]["finish_reason"] in ("eos", "length")
+
+
+def test_children_keyed_by_prompt_id_and_path_not_creation_order(model_tok):
+    """A child's key comes from (seed, prompt id + tokens, path of (branch, child)): adding prompts in other
+    batches and orders, expanding parents in another order or batching, and unrelated nodes created first
+    change nothing; with group_tile the log-probs are bitwise equal too."""
+    model, tok = model_tok
+    prompts = ["one two three", "four five", "six", "seven eight nine ten"]
+    params = SamplingParams(temperature=1.3, top_k=40)
+
+    def run(add_batches, expand_batches, noise=False, tile=4):
+        eng = TreeEngine(model, tok, seed=11, config=EngineConfig(group_tile=tile))
+        if noise:  # unrelated nodes first: every later node id shifts
+            eng.expand(eng.add_prompts(["unrelated prompt"], ids=["x"]), 2, params, max_new_tokens=3)
+        roots = {}
+        for b in add_batches:
+            roots.update(zip(b, eng.add_prompts([prompts[i] for i in b], ids=[f"p{i}" for i in b])))
+        out, drafts = {}, {}
+        for b in expand_batches:
+            for i, kids in zip(b, eng.expand([roots[i] for i in b], 3, params, max_new_tokens=6)):
+                drafts[i] = kids
+        for b in reversed(expand_batches):  # second level: append on a child, expand again
+            asks = eng.append([drafts[i][1] for i in b], [" and then"] * len(b))
+            for i, kids in zip(b, eng.expand(asks, 2, params, max_new_tokens=5)):
+                out[i] = [(k.tokens, k.logprobs) for k in drafts[i] + kids]
+        return out
+
+    ref = run([[0, 1, 2, 3]], [[0, 1, 2, 3]])
+    assert ref == run([[3], [1, 0], [2]], [[2, 0], [3, 1]], noise=True)
+    assert ref == run([[2, 3, 0, 1]], [[1], [3], [0], [2]])
+    untiled = run([[0, 1, 2, 3]], [[0, 1, 2, 3]], tile=0)
+    assert {i: [t for t, _ in v] for i, v in untiled.items()} == {i: [t for t, _ in v] for i, v in ref.items()}
+
+    eng = TreeEngine(model, tok, seed=11)
+    a, b, c = eng.add_prompts(["same text"] * 3, ids=["a", "b", "a"])
+    kids = [[k.tokens for k in ks] for ks in eng.expand([a, b, c], 3, params, max_new_tokens=6)]
+    assert kids[0] != kids[1] and kids[0] != kids[2]  # another id, or the same (id, text) added again
+    eng2 = TreeEngine(model, tok, seed=11)
+    assert [k.tokens for k in eng2.expand(eng2.add_prompts(["same text"], ids=["a"]), 3, params,
+                                          max_new_tokens=6)[0]] == kids[0]
+
+
+def test_path_keys_sample_without_bias(model_tok):
+    """Keys from hashed paths give uniform, uncorrelated draws, and children's first tokens follow the model's
+    distribution (chi-square over the frequent tokens)."""
+    from prs_jax.tree.engine import path_keys, path_words
+
+    words = np.stack([path_words(("root",) + ((0, c),)) for c in range(20000)])
+    keys = path_keys(jax.random.key(7), jnp.asarray(words))
+    draw = jax.vmap(jax.random.uniform)
+    u0 = np.sort(np.asarray(draw(jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, 0))))
+    u1 = np.asarray(draw(jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, 1)))
+    assert np.max(np.abs(u0 - (np.arange(1, 20001) - 0.5) / 20000)) < 0.015  # Kolmogorov-Smirnov, 20000 draws
+    assert abs(np.corrcoef(np.asarray(draw(jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, 0))), u1)[0, 1]
+               ) < 0.03  # uncorrelated across steps
+
+    model, tok = model_tok
+    eng = TreeEngine(model, tok, seed=3)
+    root = eng.add_prompts(["Describe a sunrise."], ids=["x"])[0]
+    kids = eng.expand([root], 2048, SamplingParams(temperature=1.0), max_new_tokens=1)[0]
+    first = np.array([k.tokens[0] for k in kids])
+    prob = {t: float(np.exp(k.logprobs[0])) for t, k in zip(first, kids)}
+    ids, counts = np.unique(first, return_counts=True)
+    expected = np.array([prob[t] * len(first) for t in ids])
+    big = expected >= 10
+    chi2 = float(((counts[big] - expected[big]) ** 2 / expected[big]).sum())
+    assert big.sum() >= 10 and chi2 < big.sum() + 4 * np.sqrt(2 * big.sum())  # mean dof, sd sqrt(2 dof)
