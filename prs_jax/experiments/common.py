@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import importlib.metadata as md
 import json
-import math
 import subprocess
 import time
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any, Callable, Literal, Sequence
 import numpy as np
 
 from prs_jax.config import to_dict
+from prs_jax.eval.stats import mean_se  # noqa: F401  (one copy; the studies import it from here)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,12 +163,6 @@ def versions() -> dict[str, str]:
     return out
 
 
-def mean_se(xs: Sequence[float]) -> tuple[float, float]:
-    """Mean and standard error (0 for fewer than two values)."""
-    a = np.asarray(list(xs), dtype=float)
-    if a.size == 0:
-        return float("nan"), float("nan")
-    return float(a.mean()), (float(a.std(ddof=1) / math.sqrt(a.size)) if a.size > 1 else 0.0)
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], floatfmt: str = ".3f") -> str:

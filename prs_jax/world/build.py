@@ -188,8 +188,8 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def render_chat(_: Any, messages: list[dict[str, str]]) -> str:
-    """A conversation rendered with the world's chat template (for the tokenizer's training text)."""
+def _template_text(messages: list[dict[str, str]]) -> str:
+    """A conversation rendered with the world's chat template before any tokenizer exists (its training text)."""
     import jinja2
 
     return jinja2.Template(CHAT_TEMPLATE).render(messages=messages, add_generation_prompt=True)
@@ -281,7 +281,7 @@ def build_world(cfg: WorldConfig = WorldConfig(), root: str | Path = "runs/world
     t0 = time.perf_counter()
     # every message, and rendered conversations (the template's newlines), so each pre-token is in the vocabulary
     docs = [m["content"] for row in [*cur_rows, *sft_rows] for m in row["messages"]]
-    docs += [render_chat(None, row["messages"]) for row in sft_rows[:2000]] + vocabulary_text()
+    docs += [_template_text(row["messages"]) for row in sft_rows[:2000]] + vocabulary_text()
     tok_dir = build_tokenizer(out / "tokenizer", vocab_size=cfg.policy.vocab_size, corpus=docs, model="word")
     from prs_jax.models import load_tokenizer
 
@@ -294,7 +294,6 @@ def build_world(cfg: WorldConfig = WorldConfig(), root: str | Path = "runs/world
     t0 = time.perf_counter()
     start = init
     if cur_rows and cfg.curriculum_steps:
-        write_jsonl(data / "sft_curriculum.jsonl", cur_rows)
         _sft(cfg, init, data / "sft_curriculum.jsonl", data / "sft_eval.jsonl", out / "runs" / "sft_curriculum",
              out / "curriculum", cfg.curriculum_steps, console, progress)
         start = out / "curriculum"

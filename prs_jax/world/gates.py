@@ -339,21 +339,6 @@ def _parse_vs(text: str) -> list[tuple[str, float]]:
     return out
 
 
-def world_answer(p: Prompt, text: str):
-    """The structured Answer a text renders (None when the text is not one the teacher could write), so the
-    teacher can refine the policy's own drafts."""
-    from prs_jax.world.task import INTROS, THANKS, Answer, has_intro, is_capitalised, is_numbered
-
-    items = answer_items(text)
-    if not items:
-        return None
-    intro = next((i for i, s in enumerate(INTROS) if text.startswith(s)), None)
-    if has_intro(text) and intro is None:
-        return None
-    a = Answer(tuple(items), intro, is_numbered(text, items), text.rstrip().endswith(THANKS), is_capitalised(text))
-    return a if a.text() == text.strip() else None
-
-
 def gate_table(gates: dict[str, Any], title: str) -> Table:
     """The gate rows as a rich table (value, target, teacher ceiling, pass/fail)."""
     t = Table(title=title)
