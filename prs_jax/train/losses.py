@@ -13,6 +13,9 @@ Conventions shared by every function here:
   (``normalize``, ``form``, ``reduction``) must be static (bind them with ``functools.partial`` or
   ``static_argnames``). Hyperparameters are validated when they are concrete (eager calls, or Python numbers
   bound before ``jax.jit``); traced values cannot be inspected and are not checked.
+- Shapes and dtypes are asserted at each function's entry with chex (through prs_jax.checks where the error
+  names the function): they read shapes only, so under jit they cost nothing at run time, and a wrong shape is a
+  ValueError naming the argument and the expected shape.
 - Inputs are computed in at least float32 (bf16 log-probs are upcast) so that margins of long sequences
   do not lose their low bits.
 - Reference log-probs are not stop-gradient'ed here: they come from frozen parameters upstream. Only the
@@ -24,6 +27,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -110,14 +114,12 @@ def _as_float(name: str, x: ArrayLike) -> jax.Array:
 def _batch(**arrays: ArrayLike) -> dict[str, jax.Array]:
     """Convert arrays to float and check they all have the same shape [B] (names appear in the error)."""
     out = {name: _as_float(name, x) for name, x in arrays.items()}
-    shapes = {name: x.shape for name, x in out.items()}
-    first_name, first_shape = next(iter(shapes.items()))
-    if len(first_shape) != 1:
-        raise ValueError(f"{first_name} must have shape [B] (one value per sequence), got shape {first_shape}")
-    bad = {name: s for name, s in shapes.items() if s != first_shape}
-    if bad:
-        listed = ", ".join(f"{name}{list(s)}" for name, s in shapes.items())
-        raise ValueError(f"inputs must all have the same shape [B]; got {listed}")
+    first_name, first = next(iter(out.items()))
+    chex.assert_rank(first, 1, exception_type=ValueError,
+                     custom_message=f"{first_name} must have shape [B] (one value per sequence)")
+    listed = ", ".join(f"{name}{list(x.shape)}" for name, x in out.items())
+    chex.assert_equal_shape(list(out.values()), exception_type=ValueError,
+                            custom_message=f"inputs must all have the same shape [B]; got {listed}")
     return out
 
 
@@ -457,11 +459,8 @@ def sft_nll(
     _check_choice("reduction", reduction, ("token", "sequence_mean", "sequence_sum"))
     logps_bt = _as_float("token_logps", token_logps)
     mask_bt = _as_float("mask", mask)
-    if logps_bt.ndim != 2:
-        raise ValueError(f"token_logps must have shape [B, T], got shape {list(logps_bt.shape)}")
-    if mask_bt.shape != logps_bt.shape:
-        raise ValueError(f"mask must have the shape of token_logps {list(logps_bt.shape)}, got shape "
-                         f"{list(mask_bt.shape)}")
+    assert_rank("sft_nll", "token_logps", logps_bt, 2, " [B, T]")
+    assert_shape("sft_nll", "mask", mask_bt, logps_bt.shape, " (mask must have the shape of token_logps)")
     # where() rather than multiply: padding positions may hold -inf log-probs, and -inf * 0 is NaN.
     nll_bt = jnp.where(mask_bt > 0, -logps_bt * mask_bt, 0.0)
     tokens_b = jnp.sum(mask_bt, axis=-1)
