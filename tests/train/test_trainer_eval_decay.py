@@ -87,3 +87,37 @@ def test_weight_decay_mask_on_a_model(llama_dir, tmp_path):
     assert norms and not decayed & norms  # every RMSNorm scale is left alone
     assert decayed == {k for k, v in params.items() if v.ndim >= 2 and float(jnp.max(jnp.abs(v))) > 0}
     assert any("embed" in k for k in decayed) and any("kernel" in k for k in decayed)
+
+
+MESH_SCRIPT = """
+import jax
+jax.config.update("jax_num_cpu_devices", 8)
+import sys
+import numpy as np
+sys.path.insert(0, sys.argv[2])
+from prs_jax.models import MeshConfig, load_causal_lm
+from prs_jax.train.objectives import PreferenceLoss
+from prs_jax.train.trainer import ArraySource, OptimConfig, Trainer, TrainerConfig
+from test_trainer_eval_decay import pair_rows, static_of
+src = ArraySource(pair_rows(11), static_of)
+res = {}
+for name, mesh in (("plain", None), ("d2f2t2", MeshConfig(data=2, fsdp=2, tensor=2))):
+    tr = Trainer(load_causal_lm(sys.argv[1]), PreferenceLoss("sigmoid"), TrainerConfig(
+        out_dir=sys.argv[3] + "/" + name, batch_size=4, mesh=mesh, progress=False, tensorboard=False), OptimConfig())
+    res[name] = tr.evaluate(src)
+for k in res["plain"]:
+    np.testing.assert_allclose(res["plain"][k], res["d2f2t2"][k], rtol=1e-4, atol=1e-6, err_msg=k)
+"""
+
+
+@pytest.mark.slow
+def test_masked_evaluate_on_a_mesh_equals_unsharded(llama_dir, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    proc = subprocess.run([sys.executable, "-c", MESH_SCRIPT, str(llama_dir), str(Path(__file__).parent),
+                           str(tmp_path)], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
