@@ -12,8 +12,8 @@ drops the (1 - beta) factor); pi_T = softmax(logits / T) is the policy at the ro
 reference) is taken at T (see prs_jax.train.rollout for why the reference is tempered too). One iteration:
 
   1. rollout    `prompts_per_iteration = trainer.batch_size / rollout.n` prompts, n samples each, from the
-                CURRENT policy on the tree engine (siblings share the prompt's KV), then one forward of the
-                policy for log pi_T of each sampled token: `old_logp`.
+                CURRENT policy on the tree engine (siblings share the prompt's KV); the engine keeps
+                log pi_T of each sampled token: `old_logp`.
   2. reward     any `Reward`: (prompts, responses) -> floats (a reward model, a direct-RLAIF judge, a Python
                 function).
   3. reference  log pi_ref,T of the sampled tokens: one forward of the frozen reference model whose hidden
@@ -192,8 +192,7 @@ class A2C:
         return sample_rollouts(self.model.policy, self.tokenizer, [self._prompt_ids[i] for i in indices],
                                [self.prompts[i] for i in indices], seed=seed, n=rc.n if n is None else n,
                                sampling=sampling or rc.sampling(), prompt_len=self.prompt_len,
-                               response_len=self.response_len, pad_id=self.pad_id, attention_impl=rc.attention_impl,
-                               logprob_method=self.config.logprob_method)
+                               response_len=self.response_len, pad_id=self.pad_id, attention_impl=rc.attention_impl)
 
     def score(self, rollout: Rollout) -> np.ndarray:
         """Rewards [B] of a rollout batch (checked: one finite number per response)."""

@@ -2,8 +2,8 @@
 fixed-shape training batch, with the policy's and the reference's log-probs of the sampled tokens.
 
 Temperature. The rollout samples from pi_T = softmax(logits / T) (T = `RolloutConfig.temperature`, 0.9 by
-default), so the policy being trained IS pi_T: `old_logp` is log pi_T of each sampled token, computed by one
-forward of the policy at T (not the engine's log-probs, which are under the raw T = 1 distribution), and the
+default), so the policy being trained IS pi_T: `old_logp` is log pi_T of each sampled token, kept by the engine
+as it samples (`SamplingParams.tempered_logprobs`; by default the engine keeps the raw T = 1 log-prob), and the
 training step scores the same tokens at the same T (`A2CLoss.temperature`). The reference is scored at T too:
 the KL term is KL(pi_T || ref_T). That is the choice of TRL's PPO/RLOO and verl (they divide the reference's
 logits by the rollout temperature as well): at the start (policy = reference) the KL is 0, and the penalty
@@ -76,7 +76,7 @@ def _tail_logps_fn(state, ids, mask, *, graphdef, r, method, temperature):
 
 
 # log softmax(logits / T) of the last r tokens (the responses), only their hidden states reach the unembedding;
-# one program per (graph, shape, method, T), shared by the policy's and the reference's forwards
+# one program per (graph, shape, method, T): the reference's log-probs of the rollouts
 TAIL_LOGPS = jax.jit(_tail_logps_fn, static_argnames=("graphdef", "r", "method", "temperature"))
 
 
@@ -90,19 +90,21 @@ def tail_logps(model: CausalLM | tuple[Any, Any], arrays: dict[str, np.ndarray],
 
 def sample_rollouts(policy: CausalLM, tokenizer: Any, prompt_ids: Sequence[Sequence[int]],
                     prompt_texts: Sequence[str], *, seed: int, n: int, sampling: SamplingParams, prompt_len: int,
-                    response_len: int, pad_id: int, attention_impl: str = "auto",
-                    logprob_method: str = "chunked") -> Rollout:
+                    response_len: int, pad_id: int, attention_impl: str = "auto") -> Rollout:
     """n responses per prompt from the current weights of `policy` on a fresh tree engine, as a fixed-shape batch
     (prompt left-padded to `prompt_len`, response right-padded to `response_len`) whose `old_logp` is
-    log softmax(logits / T) of the sampled tokens under `policy` (T = sampling.temperature; 1 when greedy)."""
+    log softmax(logits / T) of the sampled tokens under `policy` (T = sampling.temperature; 1 when greedy),
+    kept by the engine while sampling (no extra forward)."""
     engine = TreeEngine(policy, tokenizer, seed=seed, pad_id=pad_id, config=EngineConfig(
         attention_impl=attention_impl, min_prefix_bucket=prompt_len, min_extend_bucket=prompt_len))
     roots = engine.add_prompts([list(p) for p in prompt_ids])
-    kids = engine.expand(roots, n, sampling, max_new_tokens=response_len)
+    kids = engine.expand(roots, n, dataclasses.replace(sampling, tempered_logprobs=True),
+                         max_new_tokens=response_len)
     b, p, r = len(prompt_ids) * n, prompt_len, response_len
     ids = np.full((b, p + r), pad_id, np.int32)
     mask = np.zeros((b, p + r), bool)
     loss_mask = np.zeros((b, r), bool)
+    old_logp = np.zeros((b, r), np.float32)
     prompts, responses, reasons = [], [], []
     for j, (prompt, text, children) in enumerate(zip(prompt_ids, prompt_texts, kids)):
         for c, node in enumerate(children):
@@ -113,11 +115,9 @@ def sample_rollouts(policy: CausalLM, tokenizer: Any, prompt_ids: Sequence[Seque
             ids[row, p:p + len(toks)] = toks
             mask[row, p:p + len(toks)] = True
             loss_mask[row, :len(toks)] = True
+            old_logp[row, :len(toks)] = node.logprobs
             prompts.append(text)
             responses.append(node.text)
             reasons.append(node.finish_reason or "")
-    arrays = {"input_ids": ids, "attention_mask": mask, "loss_mask": loss_mask}
-    temperature = 1.0 if sampling.greedy else sampling.temperature
-    old = tail_logps(policy, arrays, r, method=logprob_method, temperature=temperature)
-    arrays["old_logp"] = np.where(loss_mask, old, 0.0).astype(np.float32)
-    return Rollout(prompts, responses, arrays, reasons)
+    return Rollout(prompts, responses, {"input_ids": ids, "attention_mask": mask, "loss_mask": loss_mask,
+                                        "old_logp": old_logp}, reasons)

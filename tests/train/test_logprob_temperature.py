@@ -37,3 +37,20 @@ def test_temperature_must_be_positive():
     h, w, y = jnp.zeros((1, 2, 4)), jnp.zeros((4, 8)), jnp.zeros((1, 2), jnp.int32)
     with pytest.raises(ValueError, match="temperature must be > 0"):
         token_logprobs(h, w, y, temperature=0.0)
+
+
+def test_engine_sample_keeps_tempered_logprobs_on_request():
+    from prs_jax.tree.sampling import SamplingParams, sample
+
+    rng = np.random.default_rng(1)
+    logits = jnp.asarray(rng.normal(size=(3, 50)) * 3, jnp.float32)
+    u = jnp.asarray(rng.uniform(size=3), jnp.float32)
+    for params, t in ((SamplingParams(temperature=0.5, tempered_logprobs=True), 0.5),
+                      (SamplingParams(temperature=0.5), 1.0),  # default: the raw log-prob
+                      (SamplingParams(greedy=True, tempered_logprobs=True), 1.0)):
+        tok, lp = sample(logits, u, params)
+        want = jnp.take_along_axis(jax.nn.log_softmax(logits / t, -1), tok[:, None], -1)[:, 0]
+        np.testing.assert_allclose(np.asarray(lp), np.asarray(want), rtol=1e-5, atol=1e-6)
+    # the flag changes what is kept, never what is drawn
+    assert np.array_equal(np.asarray(sample(logits, u, SamplingParams(temperature=0.5))[0]),
+                          np.asarray(sample(logits, u, SamplingParams(temperature=0.5, tempered_logprobs=True))[0]))
