@@ -64,8 +64,14 @@ class OptimConfig:
                                      "min_lr_ratio": "in [0, 1]"})
 
 
+def decay_mask(params: Any) -> Any:
+    """True for the leaves AdamW decays: weights of rank >= 2 (matrices, embeddings, conv kernels); norms' scales
+    and biases (rank <= 1) are not decayed, the usual practice."""
+    return jax.tree.map(lambda x: jnp.ndim(x) >= 2, params)
+
+
 def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
-    """The optax chain for `cfg` over `total_steps` optimizer steps."""
+    """The optax chain for `cfg` over `total_steps` optimizer steps (AdamW's weight decay: rank >= 2 leaves only)."""
     decay_steps = max(total_steps - cfg.warmup_steps, 1)
     if cfg.schedule == "constant":
         after = optax.constant_schedule(cfg.lr)
@@ -76,7 +82,8 @@ def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransfor
     schedule = (optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, cfg.warmup_steps), after],
                                      [cfg.warmup_steps]) if cfg.warmup_steps else after)
     if cfg.name == "adamw":
-        opt = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)
+        opt = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
+                          mask=decay_mask)
     elif cfg.name == "rmsprop":
         opt = optax.rmsprop(schedule, eps=cfg.eps)
     else:
@@ -240,9 +247,19 @@ class Trainer:
         keep = lambda new, old: jnp.where(ok, new, old)  # noqa: E731
         return jax.tree.map(keep, new_params, params), jax.tree.map(keep, new_opt_state, opt_state), metrics
 
-    def _eval_step_impl(self, params, rest, frozen_states, batch, *, static):
-        loss, metrics = self._loss(params, rest, frozen_states, batch, static)
-        return dict(metrics, loss=loss)
+    def _eval_step_impl(self, params, rest, frozen_states, batch, valid_b, *, static):
+        """Sums over the valid rows of each row's loss and metrics, every row evaluated as a batch of one (a
+        vmap: one compiled program, one batched forward), so padding rows add nothing and a row's value does
+        not depend on the rows it was batched with."""
+
+        def one(row):
+            loss, metrics = self._loss(params, rest, frozen_states, row, static)
+            return dict(metrics, loss=loss)
+
+        per_row = jax.vmap(one)(jax.tree.map(lambda x: x[:, None], batch))
+        # where, not multiply: a padding row's value is never mixed in, even if it is not finite
+        return {k: jnp.sum(jnp.where(valid_b.reshape((-1,) + (1,) * (v.ndim - 1)), v.astype(jnp.float32), 0.0),
+                           axis=0) for k, v in per_row.items()}
 
     # ---------------------------------------------------------------------------------------- plumbing
     def _device_batch(self, arrays: dict[str, np.ndarray]) -> dict[str, jax.Array]:
@@ -417,7 +434,11 @@ class Trainer:
             metrics=metrics or None)
 
     def evaluate(self, source: BatchSource, params=None, rest=None, frozen_states=None) -> dict[str, float]:
-        """Mean metrics over the eval source (in order, `eval_batches` batches or all)."""
+        """Means over the eval rows (in order, `eval_batches` batches or all) of each row's loss and metrics.
+
+        A row's loss is the loss of that row alone (the loss function applied to a batch of one), so the result
+        is the plain mean over rows whatever the batch size: the last, partial batch is padded to the fixed
+        batch shape and a row mask drops the padding rows."""
         params = self._params if params is None else params
         rest = self._rest if rest is None else rest
         frozen_states = frozen_states if frozen_states is not None else {
@@ -430,17 +451,19 @@ class Trainer:
         count = 0
         for b in range(n_batches):
             idx = np.arange(b * bs, min((b + 1) * bs, len(source)))
-            if len(idx) < bs:  # keep shapes fixed: pad with repeats, weight only the real ones
-                idx = np.concatenate([idx, np.resize(idx, bs - len(idx))])
-                real = len(source) - b * bs
-            else:
-                real = bs
+            real = len(idx)
+            if real < bs:  # keep shapes fixed: pad with repeats, masked out below
+                idx = np.concatenate([idx, np.resize(idx, bs - real)])
             arrays, static = source.collate(idx)
-            m = jax.device_get(self._eval_step(params, rest, frozen_states, self._device_batch(arrays), static=static))
+            valid = np.arange(bs) < real
+            if self.mesh is not None:
+                valid = jax.device_put(valid, NamedSharding(self.mesh, P(("data", "fsdp"))))
+            m = jax.device_get(self._eval_step(params, rest, frozen_states, self._device_batch(arrays),
+                                               jnp.asarray(valid), static=static))
             for k, v in m.items():
-                sums[k] = sums.get(k, 0.0) + float(v) * real
+                sums[k] = sums.get(k, 0.0) + float(v)
             count += real
-        return {k: v / count for k, v in sums.items()}
+        return {k: float(v / count) for k, v in sums.items()}
 
     def _log(self, fh, writer, split: str, metrics: dict[str, float]) -> None:
         fh.write(json.dumps({"step": self.step, "split": split, **metrics}) + "\n")
