@@ -119,8 +119,32 @@ def apply_rope(x_bthd: jax.Array, cos_btr: jax.Array, sin_btr: jax.Array) -> jax
     return jnp.concatenate([out, x_pass], axis=-1) if x_pass.shape[-1] else out
 
 
-def attention(q_bthd: jax.Array, k_bksd: jax.Array, v_bksd: jax.Array, mask_bts: jax.Array) -> jax.Array:
-    """Grouped-query attention of T queries against S keys; softmax in float32. Returns [B, T, H, D]."""
+QUERY_BLOCK = 512  # queries per attention block: longer inputs never materialise [B, H, T, S] scores at once
+
+
+def attention(q_bthd: jax.Array, k_bksd: jax.Array, v_bksd: jax.Array, mask_bts: jax.Array, *,
+              q_block: int | None = QUERY_BLOCK) -> jax.Array:
+    """Grouped-query attention of T queries against S keys; softmax in float32. Returns [B, T, H, D].
+
+    With more than `q_block` queries (a long prefill or training row) the queries run in equal blocks of at most
+    `q_block` (lax.map, each block rematerialised in the backward pass), so the scores held at once are
+    [B, H, block, S] instead of [B, H, T, S]; the result is the same. None or 0: one dense block."""
+    t = q_bthd.shape[1]
+    if not q_block or t <= q_block:
+        return _dense_attention(q_bthd, k_bksd, v_bksd, mask_bts)
+    b, _, h, d = q_bthd.shape
+    n = -(-t // q_block)
+    block = -(-t // n)  # equal blocks: padding below one query per block
+    block = -(-block // 8) * 8
+    pad = n * block - t
+    q = jnp.pad(q_bthd, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(b, n, block, h, d).swapaxes(0, 1)
+    m = jnp.pad(mask_bts, ((0, 0), (0, pad), (0, 0))).reshape(b, n, block, -1).swapaxes(0, 1)
+    one = jax.checkpoint(lambda qm: _dense_attention(qm[0], k_bksd, v_bksd, qm[1]))
+    out = jax.lax.map(one, (q, m))  # [n, B, block, H, D]
+    return out.swapaxes(0, 1).reshape(b, n * block, h, d)[:, :t]
+
+
+def _dense_attention(q_bthd: jax.Array, k_bksd: jax.Array, v_bksd: jax.Array, mask_bts: jax.Array) -> jax.Array:
     b, t, h, d = q_bthd.shape
     kvh = k_bksd.shape[1]
     q = q_bthd.reshape(b, t, kvh, h // kvh, d)
