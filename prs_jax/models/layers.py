@@ -63,7 +63,10 @@ class Embed(nnx.Module):
 
     @named("embed")
     def __call__(self, ids: jax.Array) -> jax.Array:
-        return jnp.take(self.embedding[...], ids, axis=0)
+        # gather from the table with its hidden dim whole (FSDP gathers weights before use): a gather from a
+        # table split on the hidden dim gives rows split on it, which the partitioner can only move to the
+        # batch axes by replicating them
+        return jnp.take(constrain(self.embedding[...], ("vocab", None)), ids, axis=0)
 
     @named("unembed_tied")
     def attend(self, x: jax.Array) -> jax.Array:
