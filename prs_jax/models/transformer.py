@@ -156,7 +156,7 @@ class Backbone(nnx.Module):
     def _scan(self, x: jax.Array, ctx: AttnContext, remat: bool) -> jax.Array:
         """The decoder layers as one `lax.scan` over their stacked parameters (remat: per-layer checkpoint)."""
         graphdef, _ = nnx.split(self.layers[0])
-        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[nnx.split(layer)[1] for layer in self.layers])
+        stacked = jax.tree.map(lambda *xs: _stack(xs), *[nnx.split(layer)[1] for layer in self.layers])
 
         def body(h: jax.Array, state: nnx.State) -> tuple[jax.Array, None]:
             return nnx.merge(graphdef, state)(h, ctx, None)[0], None
@@ -165,6 +165,25 @@ class Backbone(nnx.Module):
             body = jax.checkpoint(body)
         x, _ = jax.lax.scan(body, x, stacked)
         return x
+
+
+@jax.custom_vjp
+def _stack(xs: tuple[jax.Array, ...]) -> jax.Array:
+    """jnp.stack whose gradient hands each layer its slice behind an optimization barrier: left to itself, XLA
+    fuses the slices of the stacked gradient into the optimizer's update of every layer, and XLA:CPU then spends
+    several times longer compiling the training step (measured: benchmarks/bench_compile.py)."""
+    return jax.lax.optimization_barrier(jnp.stack(xs))
+
+
+def _stack_fwd(xs):
+    return jax.lax.optimization_barrier(jnp.stack(xs)), len(xs)
+
+
+def _stack_bwd(n, g):
+    return (jax.lax.optimization_barrier(tuple(g[i] for i in range(n))),)
+
+
+_stack.defvjp(_stack_fwd, _stack_bwd)
 
 
 class CausalLM(nnx.Module):
