@@ -35,7 +35,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from prs_jax.models import CausalLM, ModelConfig  # noqa: E402
-from prs_jax.train.trainer import ArraySource, OptimConfig, Trainer, TrainerConfig  # noqa: E402
+from prs_jax.train.trainer import OptimConfig, Trainer, TrainerConfig  # noqa: E402
 
 MODEL = dict(model_type="llama", vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=32,
              num_attention_heads=4, num_key_value_heads=2, head_dim=16)

@@ -43,6 +43,7 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # ~23 s: three 8-device meshes compiled in a subprocess
 def test_sharded_forward_equals_unsharded(make_checkpoint):
     path = make_checkpoint("llama", num_attention_heads=4, num_key_value_heads=4)
     rm_path = make_checkpoint("llama", task="reward")
