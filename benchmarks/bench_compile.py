@@ -12,6 +12,8 @@ trace + lower time (`jit(...).lower`), XLA compile time (`Lowered.compile`) and 
 temporaries (memory_analysis); then `--steps` timed steps of the compiled program after one warm-up (until the
 outputs are ready). Rounds alternate the contenders; medians are reported, and the ratios scanned / unrolled.
 `--sweep` adds other depths (compile time only, one round): how each contender's compile time grows with depth.
+`prestacked_reference` (not a Trainer contender): the same step written over parameters already stacked
+[L, ...] (what a stacked-layer module would hold), compile time at each depth.
 The load average is recorded: timings on a shared machine drift; compare ratios within one run.
 """
 
@@ -83,6 +85,45 @@ def one_round(c: dict, arrays: dict, steps: int) -> dict:
             "temp_mib": getattr(mem, "temp_size_in_bytes", 0) / 2**20, "load_avg": os.getloadavg()[0]}
 
 
+def prestacked_compile(layers: int, arrays: dict) -> dict:
+    """Reference point, not a Trainer contender: the same loss, clipping and AdamW, with the layer parameters
+    held stacked ([L, ...] leaves, what a stacked-layer module would store) and scanned. Compile time only."""
+    import optax
+
+    from prs_jax.models.layers import AttnContext, rope_cos_sin, rope_inv_freq
+    from prs_jax.models.transformer import default_positions
+
+    cfg = ModelConfig(**{**MODEL, "num_hidden_layers": layers})
+    m = CausalLM(cfg, rngs=nnx.Rngs(0))
+    layer_def, _ = nnx.split(m.model.layers[0])
+    params = {"layers": jax.tree.map(lambda *xs: jnp.stack(xs), *[nnx.split(la)[1] for la in m.model.layers]),
+              "embed": m.model.embed_tokens.embedding[...], "norm": m.model.norm.weight[...],
+              "head": m.lm_head.kernel[...]}
+    ids, mask = jnp.asarray(arrays["ids"]), jnp.asarray(arrays["mask"])
+
+    def loss(p):
+        x = jnp.take(p["embed"], ids, axis=0)
+        cos, sin = rope_cos_sin(default_positions(mask), rope_inv_freq(cfg.rope, cfg.rotary_dim))
+        ctx = AttnContext(cos=cos, sin=sin, mask_bts=m.model._mask(jnp.broadcast_to(jnp.arange(SEQ), (BATCH, SEQ)),
+                                                                    mask), write_index=None)
+        h, _ = jax.lax.scan(lambda h, st: (nnx.merge(layer_def, st)(h, ctx, None)[0], None), x, p["layers"])
+        h = h * jax.lax.rsqrt(jnp.mean(h * h, -1, keepdims=True) + cfg.norm_eps) * p["norm"]
+        lp = jnp.take_along_axis(jax.nn.log_softmax(h[:, :-1] @ p["head"], -1), ids[:, 1:, None], -1)[..., 0]
+        return -jnp.mean(lp)
+
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3))
+
+    def step(p, st):
+        u, st = tx.update(jax.grad(loss)(p), st, p)
+        return optax.apply_updates(p, u), st
+
+    t0 = time.perf_counter()
+    lowered = jax.jit(step).lower(params, tx.init(params))
+    t1 = time.perf_counter()
+    lowered.compile()
+    return {"layers": layers, "trace_lower_s": round(t1 - t0, 3), "compile_s": round(time.perf_counter() - t1, 3)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/compile.json"))
@@ -118,6 +159,11 @@ def main() -> None:
             sweep[c["name"]] = {"layers": depth, "trace_lower_s": round(row["trace_lower_s"], 3),
                                 "compile_s": round(row["compile_s"], 3), "step_ms": round(row["steps_s"][0] * 1e3, 2)}
             print(f"sweep {c['name']}: {json.dumps(sweep[c['name']])}", flush=True)
+    prestacked = {}
+    if not args.quick:
+        for depth in sorted({MODEL["num_hidden_layers"], *[int(x) for x in args.sweep.split(",") if x.strip()]}):
+            prestacked[f"L{depth}"] = prestacked_compile(depth, arrays)
+            print(f"prestacked L{depth}: {json.dumps(prestacked[f'L{depth}'])}", flush=True)
 
     def med(name: str, key: str) -> float:
         vals = [x for row in rows[name] for x in (row[key] if isinstance(row[key], list) else [row[key]])]
@@ -149,6 +195,7 @@ def main() -> None:
         "summary": summary,
         "ratios": ratios,
         "depth_sweep": sweep,
+        "prestacked_reference": prestacked,
         "loss_last_step_per_round": losses,
         "rounds": rows,
         "wall_s": round(time.perf_counter() - t_run, 1),
