@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -18,6 +19,20 @@ Axes = tuple[str | None, ...]
 _INIT_STD = 0.02
 
 
+def named(name: str):
+    """Run the decorated method inside `jax.named_scope(name)` (readable profiles and HLO op names)."""
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def call(*args, **kwargs):
+            with jax.named_scope(name):
+                return fn(*args, **kwargs)
+
+        return call
+
+    return wrap
+
+
 def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], dtype: jnp.dtype) -> jax.Array:
     return (jax.random.normal(rngs.params(), shape, jnp.float32) * _INIT_STD).astype(dtype)
 
@@ -29,6 +44,7 @@ class Dense(nnx.Module):
         self.kernel = nnx.Param(_normal(rngs, (din, dout), dtype), logical_axes=axes)
         self.bias = nnx.Param(jnp.zeros((dout,), dtype), logical_axes=axes[1:]) if bias else None
 
+    @named("dense")
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.kernel[...]
         # a 2-D matmul: XLA:CPU computes the weight gradient of [B, T, D] x [D, F] about 2x slower than of
@@ -45,9 +61,14 @@ class Embed(nnx.Module):
     def __init__(self, vocab: int, dim: int, *, dtype: jnp.dtype, rngs: nnx.Rngs):
         self.embedding = nnx.Param(_normal(rngs, (vocab, dim), dtype), logical_axes=("vocab", "embed"))
 
+    @named("embed")
     def __call__(self, ids: jax.Array) -> jax.Array:
-        return jnp.take(self.embedding[...], ids, axis=0)
+        # gather from the table with its hidden dim whole (FSDP gathers weights before use): a gather from a
+        # table split on the hidden dim gives rows split on it, which the partitioner can only move to the
+        # batch axes by replicating them
+        return jnp.take(constrain(self.embedding[...], ("vocab", None)), ids, axis=0)
 
+    @named("unembed_tied")
     def attend(self, x: jax.Array) -> jax.Array:
         return x @ self.embedding[...].T
 
@@ -59,6 +80,7 @@ class RMSNorm(nnx.Module):
         self.weight = nnx.Param(jnp.ones((dim,), dtype), logical_axes=("norm",))
         self.eps = eps
 
+    @named("rms_norm")
     def __call__(self, x: jax.Array) -> jax.Array:
         xf = x.astype(jnp.float32)
         xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
@@ -73,6 +95,7 @@ class LayerNorm(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((dim,), dtype), logical_axes=("norm",))
         self.eps = eps
 
+    @named("layer_norm")
     def __call__(self, x: jax.Array) -> jax.Array:
         xf = x.astype(jnp.float32)
         mean = jnp.mean(xf, axis=-1, keepdims=True)
@@ -241,6 +264,9 @@ class AttnContext:
     cascade: CascadeCache | None = None  # set in cascade mode (prefix mask, groups, impl)
 
 
+_KV_AXES = ("batch", "kv_heads", None, None)  # KV cache [B, K, S, D]: rows on the batch axes, heads on tensor
+
+
 class Attention(nnx.Module):
     """Multi-head attention with GQA, optional q/k/v/o bias, optional per-head q/k RMSNorm, partial RoPE."""
 
@@ -259,6 +285,7 @@ class Attention(nnx.Module):
         else:
             self.q_norm = self.k_norm = None
 
+    @named("attention")
     def __call__(self, x_btd: jax.Array, ctx: AttnContext, kv: tuple[jax.Array, jax.Array] | None
                  ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         b, t, _ = x_btd.shape
@@ -273,9 +300,10 @@ class Attention(nnx.Module):
         v_bksd = v.transpose(0, 2, 1, 3)
         if ctx.cascade is not None:
             pk, pv, sk, sv = kv
+            pk, pv = constrain(pk, _KV_AXES), constrain(pv, _KV_AXES)
             start = (0, 0, ctx.write_index, 0)
-            sk = jax.lax.dynamic_update_slice(sk, k_bksd.astype(sk.dtype), start)
-            sv = jax.lax.dynamic_update_slice(sv, v_bksd.astype(sv.dtype), start)
+            sk = constrain(jax.lax.dynamic_update_slice(sk, k_bksd.astype(sk.dtype), start), _KV_AXES)
+            sv = constrain(jax.lax.dynamic_update_slice(sv, v_bksd.astype(sv.dtype), start), _KV_AXES)
             g = ctx.cascade.prefix_mask.shape[0]
             out = cascade_attention(q.reshape(g, b // g, t, self.num_heads, self.head_dim), pk, pv,
                                     ctx.cascade.prefix_mask, sk, sv, ctx.mask_bts, impl=ctx.cascade.impl)
@@ -284,8 +312,8 @@ class Attention(nnx.Module):
         if kv is not None:
             k_cache, v_cache = kv
             start = (0, 0, ctx.write_index, 0)
-            k_bksd = jax.lax.dynamic_update_slice(k_cache, k_bksd.astype(k_cache.dtype), start)
-            v_bksd = jax.lax.dynamic_update_slice(v_cache, v_bksd.astype(v_cache.dtype), start)
+            k_bksd = constrain(jax.lax.dynamic_update_slice(k_cache, k_bksd.astype(k_cache.dtype), start), _KV_AXES)
+            v_bksd = constrain(jax.lax.dynamic_update_slice(v_cache, v_bksd.astype(v_cache.dtype), start), _KV_AXES)
             kv = (k_bksd, v_bksd)
         out = attention(q, k_bksd, v_bksd, ctx.mask_bts)
         out = constrain(out, ("batch", None, "heads", None))
@@ -317,6 +345,7 @@ class GatedMLP(nnx.Module):
         self.down_proj = Dense(i, h, ("mlp", "embed"), bias=bias, dtype=dtype, rngs=rngs)
         self.act_name = cfg.hidden_act
 
+    @named("mlp")
     def __call__(self, x: jax.Array) -> jax.Array:
         act = activation(self.act_name)
         hidden = constrain(act(self.gate_proj(x)) * self.up_proj(x), ("batch", None, "mlp"))
@@ -332,6 +361,7 @@ class PlainMLP(nnx.Module):
         self.down_proj = Dense(i, h, ("mlp", "embed"), bias=True, dtype=dtype, rngs=rngs)
         self.act_name = cfg.hidden_act
 
+    @named("mlp")
     def __call__(self, x: jax.Array) -> jax.Array:
         hidden = constrain(activation(self.act_name)(self.up_proj(x)), ("batch", None, "mlp"))
         return self.down_proj(hidden)

@@ -11,6 +11,7 @@ progress bar, and a guard that stops on a non-finite loss without overwriting go
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -25,7 +26,6 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
 from prs_jax.config import check_ranges
@@ -33,7 +33,7 @@ from prs_jax.data.io import write_text_atomic
 from prs_jax.data.lock import OutputLock
 from prs_jax.data.stamp import describe_diff, diff_keys
 from prs_jax.errors import ConfigError, PrsJaxError
-from prs_jax.models.sharding import MeshConfig, shard_model
+from prs_jax.models.sharding import MeshConfig
 
 Metrics = dict[str, jax.Array]
 LossFn = Callable[[nnx.Module, dict[str, jax.Array], Any], tuple[jax.Array, Metrics]]
@@ -182,11 +182,14 @@ class Trainer:
         self.config = config
         self.frozen = dict(frozen or {})
         self.out_dir = Path(config.out_dir)
-        self.mesh = config.mesh.make_mesh() if config.mesh is not None else None
-        if self.mesh is not None:
-            shard_model(model, self.mesh)
+        # the mesh and the configured logical-axis rules; every step is traced and run inside `_scope()`, so
+        # the activation constraints (`constrain`) take effect with these rules
+        self.mesh_context = config.mesh.context() if config.mesh is not None else None
+        self.mesh = self.mesh_context.mesh if self.mesh_context is not None else None
+        if self.mesh_context is not None:
+            self.mesh_context.shard(model)
             for m in self.frozen.values():
-                shard_model(m, self.mesh)
+                self.mesh_context.shard(m)
         self.tx = make_optimizer(optim, config.steps)
         self.step = 0
         self.run_config = dict(run_config or {})
@@ -200,8 +203,9 @@ class Trainer:
         self._keys = [jax.tree_util.keystr(p) for p, _ in leaves]
         self._params = {k: leaf for k, (_, leaf) in zip(self._keys, leaves)}
         self._frozen_split = {k: nnx.split(m) for k, m in self.frozen.items()}
-        self._train_step = jax.jit(self._train_step_impl, static_argnames=("static",), donate_argnums=(0, 1))
-        self._eval_step = jax.jit(self._eval_step_impl, static_argnames=("static",))
+        self._train_step = self._scoped(jax.jit(self._train_step_impl, static_argnames=("static",),
+                                                donate_argnums=(0, 1)))
+        self._eval_step = self._scoped(jax.jit(self._eval_step_impl, static_argnames=("static",)))
 
     # ---------------------------------------------------------------------------------------- compiled
     def _state(self, params: dict[str, jax.Array]) -> nnx.State:
@@ -262,11 +266,28 @@ class Trainer:
                            axis=0) for k, v in per_row.items()}
 
     # ---------------------------------------------------------------------------------------- plumbing
+    def _scope(self) -> contextlib.AbstractContextManager:
+        """The mesh context (mesh + rules) the compiled steps are traced and run in; a no-op without a mesh."""
+        return self.mesh_context.activate() if self.mesh_context is not None else contextlib.nullcontext()
+
+    def _scoped(self, fn: Callable) -> Callable:
+        """`fn` traced and run inside `_scope()`; `.lower(...)` too (for inspecting the compiled program)."""
+
+        def call(*args, **kwargs):
+            with self._scope():
+                return fn(*args, **kwargs)
+
+        def lower(*args, **kwargs):
+            with self._scope():
+                return fn.lower(*args, **kwargs)
+
+        call.lower = lower
+        return call
+
     def _device_batch(self, arrays: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        if self.mesh is None:
+        if self.mesh_context is None:
             return {k: jnp.asarray(v) for k, v in arrays.items()}
-        sharding = NamedSharding(self.mesh, P(("data", "fsdp")))
-        return {k: jax.device_put(v, sharding) for k, v in arrays.items()}
+        return {k: jax.device_put(v, self.mesh_context.batch_sharding(np.shape(v))) for k, v in arrays.items()}
 
     def _manager(self) -> ocp.CheckpointManager:
         cfg = self.config

@@ -33,6 +33,7 @@ from flax import nnx
 
 from prs_jax.kernels.cascade import use_pallas_default
 from prs_jax.models.layers import CascadeCache
+from prs_jax.models.sharding import MeshContext, mesh_context_of, use_rules
 from prs_jax.models.tokenizer import encode_chat
 from prs_jax.models.transformer import CausalLM
 from prs_jax.tree.sampling import SamplingParams, sample
@@ -158,14 +159,24 @@ def extend_rows(module: Any, prefix_kv: jax.Array, prefix_mask: jax.Array, token
     return suffix, jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
 
 
-def _extend_fn(state, prefix_kv, prefix_mask, tokens, mask, *, graphdef, rows_per_group, impl, want_hidden):
-    return extend_rows(nnx.merge(graphdef, state), prefix_kv, prefix_mask, tokens, mask,
-                       rows_per_group=rows_per_group, impl=impl, want_hidden=want_hidden)
+def _extend_fn(state, prefix_kv, prefix_mask, tokens, mask, *, graphdef, rows_per_group, impl, want_hidden,
+               rules=None):
+    with use_rules(rules):
+        return extend_rows(nnx.merge(graphdef, state), prefix_kv, prefix_mask, tokens, mask,
+                           rows_per_group=rows_per_group, impl=impl, want_hidden=want_hidden)
 
 
 def _decode_fn(state, prefix_kv, prefix_mask, first_tok, row_keys, active, max_new, context_seen,
-               *, graphdef, rows_per_group, buf, params, eos_ids, pad_id, impl):
+               *, graphdef, rows_per_group, buf, params, eos_ids, pad_id, impl, rules=None):
     """The whole expansion in one program: cascade decode in a while_loop that stops when every row is done."""
+    with use_rules(rules):
+        return _decode_body(state, prefix_kv, prefix_mask, first_tok, row_keys, active, max_new, context_seen,
+                            graphdef=graphdef, rows_per_group=rows_per_group, buf=buf, params=params,
+                            eos_ids=eos_ids, pad_id=pad_id, impl=impl)
+
+
+def _decode_body(state, prefix_kv, prefix_mask, first_tok, row_keys, active, max_new, context_seen,
+                 *, graphdef, rows_per_group, buf, params, eos_ids, pad_id, impl):
     model = nnx.merge(graphdef, state)
     r = first_tok.shape[0]
     pk, pv = _stack_layers(prefix_kv)
@@ -208,17 +219,24 @@ def _decode_fn(state, prefix_kv, prefix_mask, first_tok, row_keys, active, max_n
 
 # Compiled programs are shared by every engine (and scorer) in the process: a new engine on the same model
 # shapes reuses them. Engines count the programs compiled during their own calls.
-EXTEND = jax.jit(_extend_fn, static_argnames=("graphdef", "rows_per_group", "impl", "want_hidden"))
+# The logical-axis rules are a static argument: a program cached for one engine never carries another's rules.
+EXTEND = jax.jit(_extend_fn, static_argnames=("graphdef", "rows_per_group", "impl", "want_hidden", "rules"))
 DECODE = jax.jit(_decode_fn, static_argnames=("graphdef", "rows_per_group", "buf", "params", "eos_ids", "pad_id",
-                                              "impl"))
+                                              "impl", "rules"))
 
 
 def counting(fn, owner: Any):
-    """Call jitted `fn`, adding the number of programs it compiled to `owner.compilations`."""
+    """Call jitted `fn`, adding the number of programs it compiled to `owner.compilations`. With an
+    `owner.mesh_context`, the call is traced and run inside it and `fn` gets its rules (static `rules`)."""
 
     def call(*args, **kwargs):
         before = fn._cache_size()
-        out = fn(*args, **kwargs)
+        ctx = getattr(owner, "mesh_context", None)
+        if ctx is None:
+            out = fn(*args, **kwargs)
+        else:
+            with ctx.activate():
+                out = fn(*args, rules=ctx.frozen_rules, **kwargs)
         owner.compilations += fn._cache_size() - before
         return out
 
@@ -230,8 +248,10 @@ class TreeEngine:
 
     def __init__(self, model: CausalLM, tokenizer: Any = None, *, seed: int = 0,
                  config: EngineConfig = EngineConfig(), eos_ids: Sequence[int] | None = None,
-                 pad_id: int | None = None):
+                 pad_id: int | None = None, mesh_context: MeshContext | None = None):
         self.model = model
+        # programs run inside the mesh the model's parameters live on (given, or found on them: default rules)
+        self.mesh_context = mesh_context if mesh_context is not None else mesh_context_of(model)
         self.cfg = model.config
         self.tokenizer = tokenizer
         self.config = config
