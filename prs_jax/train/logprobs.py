@@ -19,20 +19,37 @@ at V - chunk and masks with -inf the columns an earlier chunk already covered.
 Targets must lie in [0, V). Positions to ignore (prompt, padding, the -100 of TRL labels) should hold any valid
 id such as 0 and be dropped by the mask given to `sequence_logprobs`.
 The unembedding is [hidden, vocab] (the Dense kernel layout); for tied embeddings pass embedding.T.
+
+The model-level API (the ONE way training code gets log-probs of a decoder; SFT, reward models, the DPO
+family, the reference cache, the Sr-DPO analysis and A2C all go through it):
+
+- `sequence_logps(model, batch, config, temperature=1.0)`: summed log-probs and token counts per sequence,
+  float32 [B, V * S] (pairs: [B, 2] = chosen, rejected), for a prs_jax.data.batches.TokenBatch.
+- `token_logps(...)`: per-token log-probs [B, V, R] of the scored tokens (0 where `batch.target_mask` is off).
+- `response_hidden(model, batch, remat)` + `logps_from_hidden(...)`: the same in two steps, for callers that
+  also need the hidden states of the scored positions (A2C's value head).
+Only the R scored positions per row reach the vocabulary projection. `temperature` divides the logits (A2C
+scores its rollouts at the temperature it sampled them with).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
+from prs_jax.data.batches import TokenBatch
 from prs_jax.kernels.logprobs import token_logprobs_pallas, token_logprobs_reference
 
-__all__ = ["token_logprobs", "token_logprobs_chunked", "sequence_logprobs"]
+if TYPE_CHECKING:
+    from prs_jax.models.transformer import CausalLM
+
+__all__ = ["token_logprobs", "token_logprobs_chunked", "sequence_logprobs", "LogProbConfig", "unembed_matrix",
+           "response_hidden", "logps_from_hidden", "token_logps", "sequence_logps"]
 
 Method = Literal["plain", "chunked", "pallas"]
 DEFAULT_CHUNK = 2048
@@ -161,3 +178,73 @@ def sequence_logprobs(token_logps_bt: jax.Array, mask_bt: jax.Array) -> tuple[ja
     # where, not multiply: a dropped position may hold -inf or NaN (e.g. an out-of-range id).
     sums = jnp.sum(jnp.where(keep, token_logps_bt.astype(jnp.float32), 0.0), axis=-1)
     return sums, jnp.sum(keep, axis=-1, dtype=jnp.float32)
+
+
+# ------------------------------------------------------------------------------------------ model-level API
+@dataclasses.dataclass(frozen=True)
+class LogProbConfig:
+    """How a loss computes log-probs: vocabulary method and chunk (see `token_logprobs`) and whether each decoder
+    layer is recomputed in the backward pass (remat: activation memory ~ one layer, ~1.3x compute)."""
+
+    method: Method = "chunked"
+    chunk_size: int | None = None
+    remat: bool = False
+
+
+def unembed_matrix(model: "CausalLM") -> jax.Array:
+    """The [hidden, vocab] output projection (the embedding's transpose when tied)."""
+    if model.lm_head is None:
+        return model.model.embed_tokens.embedding[...].T
+    return model.lm_head.kernel[...]
+
+
+def _flat(x: jax.Array) -> jax.Array:
+    return x.reshape((-1,) + x.shape[2:])
+
+
+def response_hidden(model: "CausalLM", batch: TokenBatch, remat: bool = False) -> tuple[jax.Array, jax.Array]:
+    """Hidden states [B, V, R, D] that predict the scored tokens and those tokens [B, V, R] (one backbone
+    forward over the B * V rows; `model` is anything with a `.model` Backbone)."""
+    b, v, _ = batch.tokens.shape
+    r = batch.target_slot.shape[-1]
+    tokens = _flat(batch.tokens)
+    hidden, _ = model.model(tokens, positions=_flat(batch.positions), segment_ids=_flat(batch.segment_ids),
+                            remat=remat)
+    h = jnp.take_along_axis(hidden, _flat(batch.context_slot)[..., None], axis=1)
+    targets = jnp.take_along_axis(tokens, _flat(batch.target_slot), axis=1)
+    return h.reshape(b, v, r, h.shape[-1]), targets.reshape(b, v, r)
+
+
+def logps_from_hidden(model: "CausalLM", hidden: jax.Array, targets: jax.Array, config: LogProbConfig,
+                      temperature: float = 1.0) -> jax.Array:
+    """Float32 log softmax(hidden @ W / temperature)[target], shape of `targets` (hidden: targets' shape + [D])."""
+    if temperature <= 0:
+        raise ValueError(f"logps_from_hidden: temperature must be positive, got {temperature}.")
+    lead = targets.shape
+    h = hidden.reshape(1, -1, hidden.shape[-1])
+    if temperature != 1.0:
+        h = h / jnp.asarray(temperature, h.dtype)  # (h / T) @ W = logits / T
+    out = token_logprobs(h, unembed_matrix(model).astype(h.dtype), targets.reshape(1, -1),
+                         method=config.method, chunk_size=config.chunk_size)
+    return out.reshape(lead)
+
+
+def token_logps(model: "CausalLM", batch: TokenBatch, config: LogProbConfig = LogProbConfig(), *,
+                temperature: float = 1.0) -> jax.Array:
+    """Float32 [B, V, R] log-probs of the scored tokens (0 where `batch.target_mask` is off)."""
+    h, targets = response_hidden(model, batch, config.remat)
+    logp = logps_from_hidden(model, h, targets, config, temperature)
+    return jnp.where(batch.target_seq >= 0, logp, 0.0)
+
+
+def sequence_logps(model: "CausalLM", batch: TokenBatch, config: LogProbConfig = LogProbConfig(), *,
+                   temperature: float = 1.0) -> tuple[jax.Array, jax.Array]:
+    """Summed log-probs and scored-token counts per sequence, float32 [B, V * S] each (row-major over the V
+    rows and the S sequences of each row: for pairs, column 0 is chosen and column 1 rejected in both layouts)."""
+    tok = token_logps(model, batch, config, temperature=temperature)
+    s = batch.seqs_per_row
+    hit = batch.target_seq[..., None] == jnp.arange(s, dtype=jnp.int32)  # [B, V, R, S]
+    sums = jnp.sum(jnp.where(hit, tok[..., None], 0.0), axis=2)
+    counts = jnp.sum(hit, axis=2, dtype=jnp.float32)
+    b = sums.shape[0]
+    return sums.reshape(b, -1), counts.reshape(b, -1)
