@@ -56,26 +56,30 @@ def batch_arrays(batch: Any) -> dict[str, np.ndarray]:
     return {jax.tree_util.keystr(p, simple=True, separator="."): np.asarray(v) for p, v in leaves}
 
 
+@functools.lru_cache(maxsize=8)
+def _pair_logps_program(config: LogProbConfig):
+    """One jitted (chosen, rejected) program per log-prob config; the graph definition is a static argument, so
+    every model of the same architecture (e.g. the policies of a study) reuses its compiled shapes."""
+    return jax.jit(lambda graphdef, state, batch, aug: pair_logps(nnx.merge(graphdef, state), batch, config,
+                                                                  aug=aug)[:2], static_argnums=(0, 3))
+
+
 def compute_reference(ref: CausalLM, data: PairBatch, *, batch_size: int = 8, augmented: bool = False,
-                      config: LogProbConfig = LogProbConfig()) -> dict[str, np.ndarray]:
+                      config: LogProbConfig = LogProbConfig(), progress: bool = True) -> dict[str, np.ndarray]:
     """ref_chosen / ref_rejected (and *_aug) sequence log-probs [N] of a host PairBatch over N pairs, in batches
     of `batch_size` (the last one padded with repeats)."""
     n = data.x.tokens.shape[0]
     graphdef, state = nnx.split(ref)
     views = (False, True) if augmented else (False,)
-
-    @functools.partial(jax.jit, static_argnums=(2,))
-    def run(state, batch, aug):
-        return pair_logps(nnx.merge(graphdef, state), batch, config, aug=aug)[:2]
-
+    run = _pair_logps_program(config)
     out = {f"ref_{side}{'_aug' if a else ''}": np.zeros(n, np.float32) for a in views
            for side in ("chosen", "rejected")}
-    for start in tqdm(range(0, n, batch_size), desc="reference log-probs", unit="batch"):
+    for start in tqdm(range(0, n, batch_size), desc="reference log-probs", unit="batch", disable=not progress):
         idx = np.arange(start, min(start + batch_size, n))
         pad = np.concatenate([idx, np.resize(idx, batch_size - len(idx))]) if len(idx) < batch_size else idx
         for a in views:
             view = data.aug if a else data.x
-            c, r = run(state, jax.tree.map(lambda v: jnp.asarray(v[pad]), view), a)
+            c, r = run(graphdef, state, jax.tree.map(lambda v: jnp.asarray(v[pad]), view), a)
             out[f"ref_chosen{'_aug' if a else ''}"][idx] = np.asarray(c)[:len(idx)]
             out[f"ref_rejected{'_aug' if a else ''}"][idx] = np.asarray(r)[:len(idx)]
     return out
