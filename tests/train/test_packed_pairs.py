@@ -41,16 +41,19 @@ def _pairs(n: int = 4, seed: int = 0, aug: bool = False) -> list[TokenizedPair]:
     return out
 
 
-def _reference_logps(model: CausalLM, prompt: np.ndarray, resp: np.ndarray) -> float:
-    """Sum of log p(resp | prompt) from full logits of the unpadded sequence (first token of the row unscored)."""
-    ids = np.concatenate([prompt, resp]).astype(np.int32)[None]
-    logits, _ = model(jnp.asarray(ids))
-    logp = jax.nn.log_softmax(logits[0].astype(jnp.float32), axis=-1)
-    total = 0.0
-    for j in range(len(prompt), ids.shape[1]):
-        if j > 0:
-            total += float(logp[j - 1, ids[0, j]])
-    return total
+def _reference_logps(model: CausalLM, prompts: list[np.ndarray], resps: list[np.ndarray]) -> np.ndarray:
+    """Sums of log p(resp | prompt) from FULL logits of a plain right-padded batch (attention_mask path, no
+    segments, no gather): an independent reference. The first token of a row has no prediction."""
+    seqs = [np.concatenate([p, r]).astype(np.int32) for p, r in zip(prompts, resps)]
+    t = max(len(x) for x in seqs)
+    ids = np.zeros((len(seqs), t), np.int32)
+    mask = np.zeros((len(seqs), t), bool)
+    for i, x in enumerate(seqs):
+        ids[i, :len(x)], mask[i, :len(x)] = x, True
+    logits, _ = model(jnp.asarray(ids), attention_mask=jnp.asarray(mask))
+    logp = np.asarray(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1))
+    return np.array([sum(logp[i, j - 1, ids[i, j]] for j in range(max(len(p), 1), len(x)))
+                     for i, (p, x) in enumerate(zip(prompts, seqs))])
 
 
 def _as_jnp(tree):
@@ -70,8 +73,8 @@ def test_packed_equals_unshared_logps_and_gradients(family):
     # the packed row is shorter than two unshared rows together
     assert batches["packed"].x.tokens.shape[2] < 2 * batches["separate"].x.tokens.shape[2]
 
-    want_c = [_reference_logps(model, p.prompt_ids, p.chosen_ids) for p in pairs]
-    want_r = [_reference_logps(model, p.prompt_ids, p.rejected_ids) for p in pairs]
+    want_c = _reference_logps(model, [p.prompt_ids for p in pairs], [p.chosen_ids for p in pairs])
+    want_r = _reference_logps(model, [p.prompt_ids for p in pairs], [p.rejected_ids for p in pairs])
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
     def objective(params, batch):
