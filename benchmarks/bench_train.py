@@ -79,6 +79,7 @@ MODEL = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_a
              num_key_value_heads=4, vocab_size=VOCAB, max_position_embeddings=512)
 PAD, EOS, UNK = 0, 1, 2  # "<pad>", "</s>", "<unk>"; word "wN" has id N for 3 <= N < VOCAB
 BATCH = 8
+PAD_MULTIPLE = 16
 SR_PREFIX_LEN = 16  # the Sr-DPO prompt prefix p, in tokens
 LR, BETA, SR_LAM = 1e-5, 0.1, 0.5
 QUIET_CORES = 0.3  # a step is "quiet" when other processes kept fewer cores than this busy during it
@@ -377,10 +378,11 @@ def bench_shape(prompt_len: int, resp_len: int, args, ckpt: Path, tok_dir: Path,
     texts, pairs = make_data(BATCH * args.batches, prompt_len, resp_len)
     block: dict = {"data": {"pairs": len(pairs), "batch_pairs": BATCH, "prompt_tokens": prompt_len,
                             "response_tokens": f"{resp_len} ({resp_len - 1} random words + EOS)",
-                            "sr_dpo_prefix_tokens": SR_PREFIX_LEN}}
+                            "sr_dpo_prefix_tokens": SR_PREFIX_LEN, "pad_multiple": PAD_MULTIPLE}}
     summary_block: dict = {}
     layouts = ("packed", "separate")
-    data = {lay: collate_pairs(pairs, layout=lay) for lay in layouts}
+    # pad rows to a multiple of 16 (DataConfig.pad_multiple; TRL pads to the batch's longest row)
+    data = {lay: collate_pairs(pairs, layout=lay, multiple=PAD_MULTIPLE) for lay in layouts}
     t0 = time.perf_counter()
     ref_model = load_causal_lm(ckpt)
     refs = compute_reference(ref_model, data["packed"], batch_size=BATCH, augmented=True, progress=False)
