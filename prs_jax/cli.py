@@ -60,27 +60,34 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_quickstart(args: argparse.Namespace) -> int:
-    from prs_jax.world.quickstart import QuickstartConfig, run_quickstart, smoke_config
+QUICKSTART_FLAGS = {"out_dir": "out", "world_root": "world-root", "prompts": "prompts", "seed": "seed"}
 
-    if args.prompts is not None and args.prompts < 1:
-        raise ConfigError(f"--prompts must be >= 1, got {args.prompts}.")
-    base = smoke_config() if args.smoke else QuickstartConfig()
-    given = {k: v for k, v in (("out_dir", args.out), ("world_root", args.world_root), ("prompts", args.prompts))
-             if v is not None}
-    cfg = dataclasses.replace(base, seed=args.seed, **given)
+
+def _cmd_quickstart(args: argparse.Namespace) -> int:
+    from prs_jax.config import load_config, to_dict
+    from prs_jax.world.quickstart import QuickstartConfig, smoke_config
+
+    config, overrides, _ = split_words(args.overrides, "quickstart")
+    shortcuts = flag_overrides(args, QUICKSTART_FLAGS)
     if args.budgets:
         try:
-            budgets = tuple(int(n) for n in args.budgets.split(","))
+            budgets = [int(n) for n in args.budgets.split(",")]
         except ValueError:
             raise ConfigError(f"--budgets: expected comma-separated integers such as 1,2,4,8, got "
                               f"{args.budgets!r}.") from None
-        if not budgets or min(budgets) < 1:
-            raise ConfigError(f"--budgets: every N must be >= 1, got {args.budgets!r}.")
-        cfg = dataclasses.replace(cfg, budgets=budgets)
+        shortcuts.append(f"budgets={json.dumps(budgets)}")
     if args.strict:
-        cfg = dataclasses.replace(cfg, allow_weak=False)
+        shortcuts.append("allow_weak=false")
+    base = smoke_config() if args.smoke else QuickstartConfig()
+    try:
+        cfg = load_config(QuickstartConfig, config, [*shortcuts, *overrides], defaults=to_dict(base))
+    except ConfigError as e:
+        msg = str(e)
+        for key, flag in (*QUICKSTART_FLAGS.items(), ("budgets", "budgets")):
+            msg = msg.replace(f"{key} must", f"{key} (--{flag}) must")
+        raise ConfigError(msg) from None
     from prs_jax.world.gates import GateError
+    from prs_jax.world.quickstart import run_quickstart
 
     try:
         run_quickstart(cfg)
@@ -100,12 +107,12 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
 
 
 def _cmd_world(args: argparse.Namespace) -> int:
-    from prs_jax.config import apply_overrides, from_dict, to_dict
+    from prs_jax.config import load_config, to_dict
     from prs_jax.world.build import WorldConfig, build_world, preset
 
-    cfg = preset(args.preset, seed=args.seed)
-    if args.overrides:
-        cfg = from_dict(WorldConfig, apply_overrides(to_dict(cfg), args.overrides))
+    config, overrides, _ = split_words(args.overrides, f"world {args.action}")
+    seed = [f"seed={args.seed}"] if args.seed is not None else []  # the flag wins over the YAML file's seed
+    cfg = load_config(WorldConfig, config, [*seed, *overrides], defaults=to_dict(preset(args.preset)))
     from prs_jax.world.gates import GateError
 
     try:
@@ -128,25 +135,65 @@ def _cmd_world(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_sample(args: argparse.Namespace) -> int:
-    from prs_jax.tree.sample_run import run_sample
-    from prs_jax.tree.sampling import SamplingParams
+def split_words(words: Sequence[str], command: str, *, positionals: Sequence[str] = ()
+                ) -> tuple[Path | None, list[str], dict[str, str]]:
+    """The words after a subcommand -> (YAML config path, dotted key=value overrides, {positional name: word}).
 
+    One configuration style for every command: an optional YAML file first (a word ending in .yaml / .yml),
+    then key=value overrides; a command may name a few plain positionals as shortcuts for keys (`sample`'s
+    CKPT PROMPTS)."""
+    config: Path | None = None
+    overrides: list[str] = []
+    plain: list[str] = []
+    for i, word in enumerate(words):
+        if word.endswith((".yaml", ".yml")) and "=" not in word:
+            if config is not None or overrides or plain:
+                raise ConfigError(f"{command}: the YAML config must come first and only once, got {word!r} after "
+                                  f"{' '.join(words[:i])!r}.")
+            config = Path(word)
+            if not config.is_file():
+                raise ConfigError(f"{config}: config file not found.")
+        elif "=" in word and not Path(word).exists():
+            overrides.append(word)
+        else:
+            plain.append(word)
+    if len(plain) > len(positionals):
+        expected = " ".join(p.upper() for p in positionals) or "no plain words"
+        raise ConfigError(f"{command}: unexpected argument(s) {' '.join(plain[len(positionals):])!r}; expected "
+                          f"[CONFIG.yaml] {expected} [key=value ...].")
+    return config, overrides, dict(zip(positionals, plain))
+
+
+def flag_overrides(args: argparse.Namespace, keys: dict[str, str]) -> list[str]:
+    """key=value overrides for the shortcut flags that were given ({config key: flag name}); None = not given."""
+    out = []
+    for key, flag in keys.items():
+        value = getattr(args, flag.replace("-", "_"), None)
+        if value is None:
+            continue
+        out.append(f"{key}={json.dumps(value)}")
+    return out
+
+
+def _cmd_sample(args: argparse.Namespace) -> int:
+    from prs_jax.config import load_config
+    from prs_jax.tree.sample_run import FLAG_KEYS, SampleRunConfig, run_sample_config
+
+    config, overrides, plain = split_words(args.overrides, "sample", positionals=("checkpoint", "prompts"))
+    args.raw = False if args.raw else None  # --raw is the shortcut for chat=false
+    args.stop = args.stop or None
+    args.greedy = True if args.greedy else None
+    shortcuts = [f"{k}={json.dumps(v)}" for k, v in plain.items()] + flag_overrides(args, FLAG_KEYS)
     try:
-        params = SamplingParams(temperature=args.temperature if not args.greedy else 1.0, top_k=args.top_k,
-                                top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-                                presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
-                                greedy=args.greedy)
-    except ValueError as e:  # name the flags, not the engine's fields
-        msg = str(e).replace("greedy=True", "--greedy")
-        for field in ("temperature", "top_p", "min_p", "top_k", "repetition_penalty", "presence_penalty",
-                      "frequency_penalty"):
-            msg = msg.replace(f"SamplingParams.{field}", "--" + field.replace("_", "-"))
+        cfg = load_config(SampleRunConfig, config, [*shortcuts, *overrides])
+    except ConfigError as e:  # name the flag beside the key when a shortcut flag exists
+        msg = str(e)
+        for key, flag in FLAG_KEYS.items():
+            if key != "chat":
+                msg = msg.replace(f"{key} must", f"{key} (--{flag}) must")
         raise ConfigError(msg) from None
-    n = run_sample(args.checkpoint, args.prompts, args.out, n=args.n, max_new_tokens=args.max_new_tokens,
-                   sampling=params, seed=args.seed, batch_size=args.batch_size, chat=not args.raw,
-                   stop=args.stop)
-    print(f"wrote {n} rows to {args.out}")
+    n = run_sample_config(cfg)
+    print(f"wrote {n} rows to {cfg.out}")
     return 0
 
 
@@ -252,23 +299,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_info)
 
     p = _sub(sub, "sample", help="n completions per prompt of a JSONL file, on the tree engine")
-    p.add_argument("checkpoint", type=Path, help="local HF causal-LM checkpoint directory")
-    p.add_argument("prompts", type=Path, help="JSONL with a 'prompt' string or 'messages' list per row")
-    p.add_argument("--out", type=Path, required=True, help="output JSONL (input row + 'completions')")
-    p.add_argument("--n", type=int, default=1, help="completions per prompt (they share the prompt KV)")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--min-p", type=float, default=0.0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--presence-penalty", type=float, default=0.0)
-    p.add_argument("--frequency-penalty", type=float, default=0.0)
-    p.add_argument("--greedy", action="store_true")
-    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--raw", action="store_true", help="use 'prompt' as raw text instead of a user chat turn")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=16, help="prompts per engine call")
+    p.add_argument("overrides", nargs="*", metavar="[CONFIG.yaml] [CKPT PROMPTS] [key=value ...]",
+                   help="an optional YAML run config, the checkpoint and prompts (shortcuts for checkpoint=... "
+                        "prompts=...) and dotted overrides such as n=8 sampling.top_p=0.9; the flags below are "
+                        "shortcuts for keys (SampleRunConfig in prs_jax/tree/sample_run.py)")
+    p.add_argument("--out", default=None, help="output JSONL (input row + 'completions'); key out")
+    p.add_argument("--n", type=int, default=None, help="completions per prompt, sharing the prompt KV (default 1)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default 128")
+    p.add_argument("--temperature", type=float, default=None, help="key sampling.temperature (default 1.0)")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--min-p", type=float, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=None)
+    p.add_argument("--presence-penalty", type=float, default=None)
+    p.add_argument("--frequency-penalty", type=float, default=None)
+    p.add_argument("--greedy", action="store_true", help="key sampling.greedy=true")
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable); key stop")
+    p.add_argument("--raw", action="store_true", help="use 'prompt' as raw text, not a user chat turn; chat=false")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None, help="prompts per engine call (default 16)")
     p.set_defaults(func=_cmd_sample)
 
     p = _sub(sub, "train", help="train a policy (sft, dpo family incl. Sr-DPO/Sr-IPO, a2c RL against a reward) "
@@ -310,11 +359,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = _sub(sub, "quickstart", help="the main job: build (or reuse) the synthetic world and compare PRS, Rand "
                                      "and PRand at N=1..16 by the gold reward, paired, with 95%% CIs and the "
                                      "teacher ceiling (table + PNG)")
+    p.add_argument("overrides", nargs="*", metavar="[CONFIG.yaml] [key=value ...]",
+                   help="an optional YAML config and dotted overrides of QuickstartConfig "
+                        "(prs_jax/world/quickstart.py), e.g. temperature=0.8; the flags are shortcuts for keys")
     p.add_argument("--out", default=None, help="output directory for results JSON and plot (default runs/quickstart)")
     p.add_argument("--world-root", default=None, help="where built worlds are cached (default runs/world)")
     p.add_argument("--prompts", type=int, default=None, help="held-out prompts to evaluate")
     p.add_argument("--budgets", default=None, help="comma-separated N values, e.g. 1,2,4,8,16")
-    p.add_argument("--seed", type=int, default=0, help="world seed (independent worlds; defaults 0, 1, 2)")
+    p.add_argument("--seed", type=int, default=None, help="world seed (independent worlds; defaults 0, 1, 2)")
     p.add_argument("--strict", action="store_true", help="stop (exit 1) if the world misses a skill gate; by "
                                                           "default the gate table is printed with a warning")
     p.add_argument("--smoke", action="store_true", help="tiny world and sizes for CI (checks the pipeline only)")
@@ -332,10 +384,12 @@ def build_parser() -> argparse.ArgumentParser:
                                 "tokenizer, policy and proxy reward model and measures its skill gates; "
                                 "`world labelers` also trains its three separate AI labelers")
     p.add_argument("action", choices=["build", "labelers"])
-    p.add_argument("overrides", nargs="*", help="dotted WorldConfig overrides, e.g. sft_steps=800 policy.hidden_size=96")
+    p.add_argument("overrides", nargs="*", metavar="[CONFIG.yaml] [key=value ...]",
+                   help="an optional YAML file and dotted WorldConfig overrides over the preset, e.g. sft_steps=800 "
+                        "policy.hidden_size=96")
     p.add_argument("--preset", default="default", choices=["default", "smoke"])
     p.add_argument("--root", default="runs/world", help="cache directory of built worlds")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None, help="world seed (shortcut for seed=S; default 0)")
     p.add_argument("--force", action="store_true", help="rebuild even if a cached build exists")
     p.add_argument("--allow-weak", action="store_true", help="keep and use a world that misses a skill gate "
                                                             "(the build otherwise exits 1 naming the gate)")
@@ -354,10 +408,10 @@ def _sub(sub: Any, name: str, **kwargs: Any) -> argparse.ArgumentParser:
 def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
     """Parse the command line; key=value words after an option are overrides too."""
     args, extra = parser.parse_known_args(argv)
-    # argparse fills a trailing `overrides` positional before it reads the options, so the key=value words after
-    # an option (`world build --preset default sft_steps=10`) arrive here; they are overrides all the same
-    if extra and isinstance(getattr(args, "overrides", None), list) and all(
-            "=" in e and not e.startswith("-") for e in extra):
+    # argparse fills a trailing `overrides` positional before it reads the options, so the words after an option
+    # (`world build --preset default sft_steps=10`, `sample --out o.jsonl CKPT PROMPTS`) arrive here; they are
+    # the command's words all the same (each command checks its words: key=value, a YAML file, a positional)
+    if extra and isinstance(getattr(args, "overrides", None), list) and not any(e.startswith("-") for e in extra):
         args.overrides = [*args.overrides, *extra]
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")

@@ -163,8 +163,18 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
     return out
 
 
-def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
-    """Load `cls` from a YAML file (optional) plus dotted overrides; errors name the file and key."""
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """`top` over `base`, section by section (nested mappings merge, other values replace)."""
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = (),
+                defaults: dict[str, Any] | None = None) -> T:
+    """Load `cls` from `defaults` (e.g. a preset's `to_dict`), then a YAML file (optional), then dotted overrides;
+    errors name the file and key."""
     data: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -180,7 +190,7 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
             raise ConfigError(f"{path}{line}: invalid YAML ({' '.join(what.split())}{col}); fix the file.") from e
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
-    data = apply_overrides(data, overrides)
+    data = apply_overrides(_merge(defaults or {}, data), overrides)
     try:
         return from_dict(cls, data)
     except ConfigError as e:

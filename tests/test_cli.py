@@ -92,6 +92,26 @@ def test_sample_command_writes_jsonl(llama_dir, tmp_path):
                for r in rows for c in r["completions"])
 
 
+def test_sample_yaml_overrides_and_flags_are_one_config(llama_dir, tmp_path):
+    """`sample` takes a YAML run config plus dotted overrides like every command; its flags and the CKPT PROMPTS
+    positionals are shortcuts for the same keys, so the three spellings write the same bytes."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "Hello there", "id": 1}\n{"prompt": "Third"}\n')
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"checkpoint: {llama_dir}\nprompts: {prompts}\nn: 2\nmax_new_tokens: 4\nseed: 3\n"
+                   "sampling:\n  top_p: 0.5\n  temperature: 2.0\n")
+    outs = [tmp_path / f"o{i}.jsonl" for i in range(3)]
+    assert main(["sample", str(cfg), f"out={outs[0]}", "sampling.temperature=0.7", "stop=[zz]"]) == 0
+    assert main(["sample", str(llama_dir), str(prompts), "--out", str(outs[1]), "--n", "2", "--max-new-tokens",
+                 "4", "--seed", "3", "--top-p", "0.5", "--temperature", "0.7", "--stop", "zz"]) == 0
+    # flags override the YAML file's keys (the file says temperature 2.0)
+    assert main(["sample", str(cfg), "--out", str(outs[2]), "--temperature", "0.7", "--stop", "zz"]) == 0
+    assert outs[0].read_bytes() == outs[1].read_bytes() == outs[2].read_bytes()
+    written = json.loads(outs[0].with_name("o0.jsonl.config.json").read_text())
+    assert written["sampling"] == {**written["sampling"], "temperature": 0.7, "top_p": 0.5}
+    assert written["n"] == 2 and written["stop"] == ["zz"] and written["chat"] is True
+
+
 def test_sample_command_bad_file(llama_dir, tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "ok"}\n{"text": "no prompt key"}\n')

@@ -40,6 +40,18 @@ def test_yaml_and_overrides(tmp_path):
     assert to_dict(cfg)["model"] == "/ckpt"
 
 
+def test_defaults_then_file_then_overrides(tmp_path):
+    """A preset's dict is the base, the YAML file merges over it section by section, overrides come last."""
+    f = tmp_path / "run.yaml"
+    f.write_text("steps: 7\noptim:\n  schedule: linear\n")
+    base = to_dict(Run(model=Path("/preset"), steps=3, optim=Optim(lr=0.5, schedule="cosine")))
+    cfg = load_config(Run, f, [], defaults=base)
+    assert cfg.model == Path("/preset") and cfg.steps == 7
+    assert cfg.optim == Optim(lr=0.5, schedule="linear")  # the file's section did not drop the preset's lr
+    assert load_config(Run, f, ["optim.lr=0.25"], defaults=base).optim == Optim(lr=0.25, schedule="linear")
+    assert load_config(Run, None, [], defaults=base).steps == 3
+
+
 def test_unknown_key_names_key_and_file(tmp_path):
     f = tmp_path / "run.yaml"
     f.write_text("model: /ckpt\noptim:\n  learning_rate: 1.0\n")

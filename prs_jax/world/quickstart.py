@@ -22,6 +22,8 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from prs_jax.config import check_ranges
+from prs_jax.errors import ConfigError
 from prs_jax.eval.stats import bootstrap_ci, mean_se, paired_bootstrap_ci
 from prs_jax.models import load_causal_lm, load_reward_model, load_tokenizer
 from prs_jax.strategies.base import PromptItem, RewardModelScorer, join_preference, score_nodes
@@ -53,10 +55,10 @@ class QuickstartConfig:
     allow_weak: bool = True  # the gate table is printed either way; False (--strict) stops on a failed gate
 
     def __post_init__(self) -> None:
-        if self.prompts <= 0:
-            raise ValueError(f"quickstart: prompts must be positive, got {self.prompts}")
+        check_ranges(self, "", {"prompts": ">= 1", "temperature": "> 0", "max_new_tokens": ">= 1",
+                                "feedback_max_new_tokens": ">= 1", "bootstrap": ">= 1"})
         if not self.budgets or any(n <= 0 for n in self.budgets):
-            raise ValueError(f"quickstart: budgets must be positive integers, got {self.budgets}")
+            raise ConfigError(f"budgets must be positive integers (every N must be >= 1), got {list(self.budgets)}.")
 
 
 def smoke_config(**overrides: Any) -> QuickstartConfig:

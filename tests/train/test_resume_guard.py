@@ -82,7 +82,29 @@ def test_metrics_after_crash_and_resume_hold_each_step_once(llama_dir, tmp_path)
     resumed = _rows(tmp_path / "b")
     assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
     assert [r["loss"] for r in resumed] == [r["loss"] for r in _rows(tmp_path / "a")]  # bitwise on CPU
-    assert (tmp_path / "b" / "run" / "tensorboard").is_dir()
+    assert _tensorboard_steps(tmp_path / "b" / "run" / "tensorboard", "train/loss") == [1, 2, 3, 4, 5, 6]
+
+
+def _tensorboard_steps(logdir, tag):
+    """Steps of scalar `tag` as TensorBoard shows them: event files read in order (TFRecord framing), and a
+    SessionLog START at step s (the writer's purge_step) hides the events at and after s written before it."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event, SessionLog
+
+    kept: list[int] = []
+    for path in sorted(logdir.glob("events.out.tfevents.*"), key=lambda q: q.stat().st_mtime_ns):
+        data = path.read_bytes()
+        at = 0
+        while at < len(data):
+            (n,) = struct.unpack("<Q", data[at:at + 8])
+            event = Event.FromString(data[at + 12:at + 12 + n])
+            at += 12 + n + 4
+            if event.HasField("session_log") and event.session_log.status == SessionLog.START:
+                kept = [s for s in kept if s < event.step]
+            elif event.HasField("summary"):
+                kept += [event.step for v in event.summary.value if v.tag == tag]
+    return kept
 
 
 def test_changed_optimizer_or_loss_is_refused_unless_forced(llama_dir, tmp_path):
