@@ -27,7 +27,8 @@ family, the reference cache, the Sr-DPO analysis and A2C all go through it):
   float32 [B, V * S] (pairs: [B, 2] = chosen, rejected), for a prs_jax.data.batches.TokenBatch.
 - `token_logps(...)`: per-token log-probs [B, V, R] of the scored tokens (0 where `batch.target_mask` is off).
 - `response_hidden(model, batch, remat)` + `logps_from_hidden(...)`: the same in two steps, for callers that
-  also need the hidden states of the scored positions (A2C's value head).
+  also need the hidden states of the scored positions (A2C's value head); `tail_token_batch(ids, mask, r)`
+  builds the batch of a rollout layout (left-padded prompt + r response slots) inside jit.
 Only the R scored positions per row reach the vocabulary projection. `temperature` divides the logits (A2C
 scores its rollouts at the temperature it sampled them with).
 """
@@ -49,7 +50,7 @@ if TYPE_CHECKING:
     from prs_jax.models.transformer import CausalLM
 
 __all__ = ["token_logprobs", "token_logprobs_chunked", "sequence_logprobs", "LogProbConfig", "unembed_matrix",
-           "response_hidden", "logps_from_hidden", "token_logps", "sequence_logps"]
+           "response_hidden", "logps_from_hidden", "token_logps", "sequence_logps", "tail_token_batch"]
 
 Method = Literal["plain", "chunked", "pallas"]
 DEFAULT_CHUNK = 2048
@@ -196,6 +197,22 @@ def unembed_matrix(model: "CausalLM") -> jax.Array:
     if model.lm_head is None:
         return model.model.embed_tokens.embedding[...].T
     return model.lm_head.kernel[...]
+
+
+def tail_token_batch(ids_bt: jax.Array, mask_bt: jax.Array, r: int, response_mask_br: jax.Array | None = None
+                     ) -> TokenBatch:
+    """A TokenBatch (jnp, usable inside jit) scoring the last `r` tokens of each row of a [B, T] rollout layout
+    (left-padded prompt, then r response slots): one sequence per row, `mask_bt` marks real tokens, and
+    `response_mask_br` [B, r] (default: all) which of the r response slots are scored. For A2C-style callers:
+    `response_hidden` / `logps_from_hidden(..., temperature=T)` on it give [B, 1, r] results."""
+    b, t = ids_bt.shape
+    mask = mask_bt.astype(bool)
+    slots = jnp.broadcast_to(jnp.arange(t - r, t, dtype=jnp.int32), (b, r))
+    scored = jnp.ones((b, r), bool) if response_mask_br is None else response_mask_br.astype(bool)
+    return TokenBatch(tokens=ids_bt[:, None].astype(jnp.int32), segment_ids=mask.astype(jnp.int32)[:, None],
+                      positions=(jnp.maximum(jnp.cumsum(mask, axis=-1, dtype=jnp.int32) - 1, 0))[:, None],
+                      target_slot=slots[:, None], context_slot=(slots - 1)[:, None],
+                      target_seq=jnp.where(scored, 0, -1).astype(jnp.int32)[:, None], seqs_per_row=1)
 
 
 def _flat(x: jax.Array) -> jax.Array:

@@ -17,7 +17,10 @@ from prs_jax.data.sft import TokenizedSFT, collate_sft
 from prs_jax.models.config import ModelConfig
 from prs_jax.models.tiny import randomize, tiny_hf_config
 from prs_jax.models.transformer import CausalLM
-from prs_jax.train.logprobs import LogProbConfig, sequence_logps, token_logps
+from prs_jax.train.logprobs import (
+    LogProbConfig, logps_from_hidden, response_hidden, sequence_logps, tail_token_batch, token_logprobs, token_logps,
+    unembed_matrix,
+)
 from prs_jax.train.objectives import PreferenceLoss, SFTLoss, pair_logps
 
 
@@ -69,6 +72,8 @@ def test_packed_equals_unshared_logps_and_gradients(family):
                "separate": collate_pairs(pairs, multiple=8, layout="separate"),
                "separate_left": collate_pairs(pairs, multiple=8, layout="separate", padding_side="left"),
                "packed_left": collate_pairs(pairs, multiple=8, padding_side="left")}
+    if family == "llama":  # the default lane: three compilations, not four (the slow lane runs all four)
+        del batches["packed_left"]
     assert batches["packed"].x.tokens.shape[1] == 1 and batches["separate"].x.tokens.shape[1] == 2
     # the packed row is shorter than two unshared rows together
     assert batches["packed"].x.tokens.shape[2] < 2 * batches["separate"].x.tokens.shape[2]
@@ -166,3 +171,48 @@ def test_pack_rows_layout_and_errors():
     with pytest.raises(DataError, match="max_length"):
         collate_pairs(_pairs(2), max_length=4)
     assert isinstance(collate_pairs(_pairs(2)), PairBatch)
+
+
+def test_tail_batch_matches_the_rollout_layout_at_temperature():
+    """A2C's layout (left-padded prompt + r response slots): the API on tail_token_batch equals the hidden states
+    of the plain forward at the r positions before the tail, scored at temperature T."""
+    model = _model("llama", seed=7)
+    ids = jnp.asarray([[0, 0, 5, 6, 7, 8, 9], [3, 4, 5, 6, 7, 8, 0]], jnp.int32)
+    mask = jnp.asarray([[0, 0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 0]], bool)
+    resp = jnp.asarray([[1, 1, 1], [1, 1, 0]], bool)
+    r, temp = 3, 0.9
+    hidden, _ = model.model(ids, attention_mask=mask)
+    want = token_logprobs(hidden[:, -r - 1:-1] / temp, unembed_matrix(model), ids[:, -r:], method="plain")
+    batch = tail_token_batch(ids, mask, r, resp)
+    h, targets = response_hidden(model, batch)
+    np.testing.assert_allclose(h[:, 0], hidden[:, -r - 1:-1], rtol=1e-5, atol=1e-5)
+    got = logps_from_hidden(model, h, targets, LogProbConfig(method="chunked", chunk_size=100), temperature=temp)
+    np.testing.assert_allclose(got[:, 0], want, rtol=1e-5, atol=1e-5)
+    tok = token_logps(model, batch, temperature=temp)
+    np.testing.assert_allclose(tok[:, 0], jnp.where(resp, want, 0.0), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_reward_loss_same_in_both_layouts():
+    """The reward at each response's last token: packed rows give the separate rows' rewards."""
+    from prs_jax.models.transformer import RewardModel
+    from prs_jax.train.objectives import RewardLoss
+
+    cfg = ModelConfig.from_hf_dict(tiny_hf_config("llama"), source="test")
+    rm = randomize(RewardModel(cfg, rngs=nnx.Rngs(0)), 8)
+    pairs = [TokenizedPair(p.prompt_ids, p.chosen_ids, p.rejected_ids, margin=0.5) for p in _pairs(4, seed=9)]
+    out = [RewardLoss()(rm, _as_jnp(collate_pairs(pairs, multiple=8, layout=lay))) for lay in ("packed", "separate")]
+    assert float(out[0][0]) == pytest.approx(float(out[1][0]), rel=1e-5)
+    # and equal to the model's own reward (last real token of the plain row)
+    ids = [np.concatenate([p.prompt_ids, p.chosen_ids]) for p in pairs]
+    t = max(map(len, ids))
+    arr = np.zeros((len(ids), t), np.int32)
+    mask = np.zeros((len(ids), t), bool)
+    for i, x in enumerate(ids):
+        arr[i, :len(x)], mask[i, :len(x)] = x, True
+    want = rm(jnp.asarray(arr), attention_mask=jnp.asarray(mask))
+    batch = _as_jnp(collate_pairs(pairs, multiple=8))
+    h, _ = rm.model(batch.x.tokens[:, 0], positions=batch.x.positions[:, 0], segment_ids=batch.x.segment_ids[:, 0])
+    last = [len(p.prompt_ids) + len(p.chosen_ids) - 1 for p in pairs]
+    got = rm.head(h[jnp.arange(len(pairs)), jnp.asarray(last)])[:, 0]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
