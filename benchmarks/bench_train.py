@@ -10,9 +10,10 @@ TRL takes text only, so a word-level tokenizer ("wN" <-> id N) makes the texts r
 ids prs_jax gets (checked in the run: TRL's tokenised dataset must equal the prs_jax ids, and both sides'
 reference log-probs must agree).
 
-prs_jax runs each preference batch in both layouts of prs_jax.data.pairs.collate_pairs: "packed" (one row
-[prompt | chosen | rejected] per pair, block mask: the prompt is computed once; the default) and "separate"
-(rows [prompt | chosen], [prompt | rejected]: the unshared forward).
+prs_jax runs each preference batch in the three layouts of prs_jax.data.pairs.collate_pairs: "packed" (one row
+[prompt | chosen | rejected] per pair, block mask: the prompt is computed once; the default), "cascade" (the
+prompt once as its own row, the responses attend to its keys/values by cascade attention, gradients through
+it) and "separate" (rows [prompt | chosen], [prompt | rejected]: the unshared forward).
 
 T1  DPO optimizer steps/s, prs_jax Trainer vs TRL DPOTrainer (torch CPU, f32, 2 threads), with a live reference
     model and with precomputed reference log-probs. Goal (issue 17): prs_jax >= 5x TRL with precomputed
@@ -184,7 +185,7 @@ class JaxContender:
         self.opt_state = tr.tx.init(self.params)
         self.rest = tr._rest
         self.frozen_states = {k: s for k, (_, s) in tr._frozen_split.items()}
-        n = data.x.tokens.shape[0]
+        n = len(jax.tree.leaves(data.x)[0])
         self.batches = [(jax.tree.map(lambda v, s=start: jnp.asarray(v[s:s + BATCH]), data), None)
                         for start in range(0, n - BATCH + 1, BATCH)]
         leaves = jax.tree_util.tree_flatten_with_path(self.batches[0][0])[0]
@@ -380,7 +381,7 @@ def bench_shape(prompt_len: int, resp_len: int, args, ckpt: Path, tok_dir: Path,
                             "response_tokens": f"{resp_len} ({resp_len - 1} random words + EOS)",
                             "sr_dpo_prefix_tokens": SR_PREFIX_LEN, "pad_multiple": PAD_MULTIPLE}}
     summary_block: dict = {}
-    layouts = ("packed", "separate")
+    layouts = ("packed", "cascade", "separate")
     # pad rows to a multiple of 16 (DataConfig.pad_multiple; TRL pads to the batch's longest row)
     data = {lay: collate_pairs(pairs, layout=lay, multiple=PAD_MULTIPLE) for lay in layouts}
     t0 = time.perf_counter()
@@ -455,8 +456,8 @@ def bench_shape(prompt_len: int, resp_len: int, args, ckpt: Path, tok_dir: Path,
     if "t1" not in skip:
         t1 = dict(by)
         t1["trl_precomputed_ref"]["note"] = "trainer_init_s: tokenisation + reference log-probs"
-        pairs_ = [("precomputed_ref_packed", "trl_precomputed_ref", "prs_jax_precomputed_ref_packed"),
-                  ("precomputed_ref_separate", "trl_precomputed_ref", "prs_jax_precomputed_ref_separate")]
+        pairs_ = [(f"precomputed_ref_{lay}", "trl_precomputed_ref", f"prs_jax_precomputed_ref_{lay}")
+                  for lay in layouts]
         if not args.no_live:
             t1["trl_live_ref"]["note"] = "trainer_init_s: tokenisation of the data set"
             pairs_.append(("live_ref_packed", "trl_live_ref", "prs_jax_live_ref_packed"))
@@ -470,9 +471,10 @@ def bench_shape(prompt_len: int, resp_len: int, args, ckpt: Path, tok_dir: Path,
             summary_block[f"T1_speedup_{mode}_quiet_steps_only"] = None if q is None else round(q, 3)
         t1["goal_met_precomputed_ref"] = t1["speedup_precomputed_ref_packed"] >= 5.0
         summary_block["T1_goal_met_precomputed_ref"] = t1["goal_met_precomputed_ref"]
-        t1["packed_over_separate_step_time"] = (by["prs_jax_precomputed_ref_packed"]["median_step_s"]
-                                                / by["prs_jax_precomputed_ref_separate"]["median_step_s"])
-        summary_block["packed_over_separate_dpo_step_time"] = round(t1["packed_over_separate_step_time"], 3)
+        for lay in ("packed", "cascade"):
+            t1[f"{lay}_over_separate_step_time"] = (by[f"prs_jax_precomputed_ref_{lay}"]["median_step_s"]
+                                                    / by["prs_jax_precomputed_ref_separate"]["median_step_s"])
+            summary_block[f"{lay}_over_separate_dpo_step_time"] = round(t1[f"{lay}_over_separate_step_time"], 3)
         t1["goal"] = "prs_jax (packed, the default) >= 5x TRL DPOTrainer steps/s with precomputed reference log-probs"
         block["T1_dpo_steps"] = t1
         print(tag, "T1", json.dumps({k: v for k, v in t1.items() if not isinstance(v, dict)}), flush=True)

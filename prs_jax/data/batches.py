@@ -18,6 +18,10 @@ Layouts of a preference pair (prompt p, chosen c, rejected r):
     "packed":   V = 1, one row [p | c | r], S = 2 sequences per row: the prompt is computed once.
     "separate": V = 2, rows [p | c] and [p | r], S = 1 sequence per row (the unshared forward).
 Either way `seqs_per_example` = V * S = 2 and the log-prob API returns [B, 2] = (chosen, rejected).
+    "cascade":  a `SharedPromptBatch`: the prompt once as its own left-padded row, then the n responses as
+                rows attending to the prompt's keys/values through cascade attention (the decoding engine's
+                CascadeCache path, here with gradients), so no masked chosen x rejected attention block is
+                computed. Prompts must not be empty.
 
 Static facts. `seqs_per_row` (S) is a pytree_node=False field: it is part of the tree structure, so jit treats
 it as static with no separate object to pass around. Everything else that used to be static (the bucketed
@@ -37,10 +41,10 @@ from flax import struct
 from prs_jax.data.batching import PadTo, bucket_length
 from prs_jax.errors import DataError
 
-__all__ = ["TokenBatch", "PairBatch", "RowSpec", "Layout", "pack_rows", "bucket_scored", "stack_examples",
-           "PREFIX_SEGMENT"]
+__all__ = ["TokenBatch", "SharedPromptBatch", "PairBatch", "RowSpec", "Layout", "pack_rows", "pack_shared_prompt",
+           "bucket_scored", "stack_examples", "PREFIX_SEGMENT"]
 
-Layout = Literal["packed", "separate"]
+Layout = Literal["packed", "separate", "cascade"]
 PREFIX_SEGMENT = 1
 
 
@@ -71,13 +75,33 @@ class TokenBatch:
 
 
 @struct.dataclass
+class SharedPromptBatch:
+    """One prompt per example and n responses continuing it (layout "cascade"):
+
+        prompt_tokens, prompt_mask       int32 [B, P]     left-padded (the last prompt token sits at slot P - 1)
+        resp_tokens, resp_mask           int32 [B, n, S]  right-padded responses
+        resp_scored                      int32 [B, n, S]  1 where a response token is scored
+    """
+
+    prompt_tokens: np.ndarray
+    prompt_mask: np.ndarray
+    resp_tokens: np.ndarray
+    resp_mask: np.ndarray
+    resp_scored: np.ndarray
+
+    @property
+    def seqs_per_example(self) -> int:
+        return self.resp_tokens.shape[1]
+
+
+@struct.dataclass
 class PairBatch:
     """Preference pairs: the policy view x and (Sr-DPO / Sr-IPO) the p (+) x view, each a TokenBatch whose
     sequences are (chosen, rejected) per example, plus optional per-pair floats [B]: margin (RM), p_chosen (soft
     labels) and precomputed reference log-probs (ref_chosen, ref_rejected and their *_aug)."""
 
-    x: TokenBatch
-    aug: TokenBatch | None = None
+    x: TokenBatch | SharedPromptBatch
+    aug: TokenBatch | SharedPromptBatch | None = None
     margin: np.ndarray | None = None
     p_chosen: np.ndarray | None = None
     ref_chosen: np.ndarray | None = None
@@ -165,6 +189,38 @@ def pack_rows(rows: Sequence[Sequence[RowSpec]], *, pad_id: int = 0, max_length:
             out["context_slot"][i, j, :m] = cslot + shift
             out["target_seq"][i, j, :m] = tseq
     return TokenBatch(**out, seqs_per_row=s)
+
+
+def pack_shared_prompt(examples: Sequence[tuple[np.ndarray, Sequence[tuple[np.ndarray, np.ndarray]]]], *,
+                       pad_id: int = 0, max_length: int | None = None, pad_to: PadTo = "bucket",
+                       multiple: int = 64) -> SharedPromptBatch:
+    """A SharedPromptBatch from (prompt ids, [(response ids, loss mask), ...]) per example: the prompt left-padded
+    to P, the responses right-padded to S (each bucketed to `multiple`; with pad_to='max_length' both are
+    max_length)."""
+    if not examples:
+        raise DataError("pack_shared_prompt: no examples.")
+    n = len(examples[0][1])
+    if any(len(r) != n for _, r in examples):
+        raise DataError(f"pack_shared_prompt: every example needs {n} responses.")
+    for i, (prompt, _) in enumerate(examples):
+        if len(prompt) == 0:
+            raise DataError(f"pack_shared_prompt: example {i} has an empty prompt; the cascade layout needs one "
+                            "token to predict the first response token from (use layout 'packed').")
+    p = bucket_length(max(len(pr) for pr, _ in examples), max_length=max_length, pad_to=pad_to, multiple=multiple)
+    s = bucket_length(max(len(ids) for _, rs in examples for ids, _ in rs), max_length=max_length, pad_to=pad_to,
+                      multiple=multiple)
+    b = len(examples)
+    out = dict(prompt_tokens=np.full((b, p), pad_id, np.int32), prompt_mask=np.zeros((b, p), np.int32),
+               resp_tokens=np.full((b, n, s), pad_id, np.int32), resp_mask=np.zeros((b, n, s), np.int32),
+               resp_scored=np.zeros((b, n, s), np.int32))
+    for i, (prompt, resps) in enumerate(examples):
+        out["prompt_tokens"][i, p - len(prompt):] = prompt
+        out["prompt_mask"][i, p - len(prompt):] = 1
+        for j, (ids, loss) in enumerate(resps):
+            out["resp_tokens"][i, j, :len(ids)] = ids
+            out["resp_mask"][i, j, :len(ids)] = 1
+            out["resp_scored"][i, j, :len(ids)] = np.asarray(loss, np.int32)
+    return SharedPromptBatch(**out)
 
 
 def stack_examples(batches: Sequence[TokenBatch]) -> TokenBatch:

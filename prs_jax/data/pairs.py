@@ -36,7 +36,7 @@ from typing import Any, Iterable, Literal, Mapping, Sequence
 
 import numpy as np
 
-from prs_jax.data.batches import Layout, PairBatch, RowSpec, pack_rows
+from prs_jax.data.batches import Layout, PairBatch, RowSpec, pack_rows, pack_shared_prompt
 from prs_jax.data.batching import PadTo
 from prs_jax.data.io import Row, iter_rows
 from prs_jax.errors import DataError, TokenizerError
@@ -594,7 +594,7 @@ def collate_pairs(examples: Sequence[TokenizedPair], max_length: int | None = No
                   padding_side: Literal["right", "left"] = "right") -> PairBatch:
     """A PairBatch (prs_jax.data.batches): the x view and, when the examples carry one, the p (+) x view, in
     `layout` ("packed": the prompt once per row, chosen and rejected as two branches; "separate": one row per
-    response), plus optional float32 [B] margin / p_chosen. Every prompt + response must fit max_length; the
+    response; "cascade": the prompt as its own row, see prs_jax.data.batches), plus optional float32 [B] margin / p_chosen. Every prompt + response must fit max_length; the
     padded row length T is the longest row rounded up to `multiple`, or with pad_to='max_length' exactly
     max_length (separate) or 2 * max_length (packed: the longest a packed pair can be)."""
     if not examples:
@@ -611,8 +611,14 @@ def collate_pairs(examples: Sequence[TokenizedPair], max_length: int | None = No
                     raise DataError(f"collate_pairs: {e.where or 'a pair'} has {longest} tokens, more than "
                                     f"max_length={max_length}; tokenise with the same max_length as the collation "
                                     "(it truncates or drops long rows).")
-    cap = None if max_length is None else (2 * max_length if layout == "packed" else max_length)
-    packed = [pack_rows([pair_rows(e, layout) for e in view], pad_id=pad_id, max_length=cap, pad_to=pad_to,
-                        multiple=multiple, padding_side=padding_side) for view in views]
+    if layout == "cascade":
+        packed = [pack_shared_prompt([(e.prompt_ids, [(e.chosen_ids, np.ones(len(e.chosen_ids), np.int32)),
+                                                      (e.rejected_ids, np.ones(len(e.rejected_ids), np.int32))])
+                                      for e in view], pad_id=pad_id, max_length=max_length, pad_to=pad_to,
+                                     multiple=multiple) for view in views]
+    else:
+        cap = None if max_length is None else (2 * max_length if layout == "packed" else max_length)
+        packed = [pack_rows([pair_rows(e, layout) for e in view], pad_id=pad_id, max_length=cap, pad_to=pad_to,
+                            multiple=multiple, padding_side=padding_side) for view in views]
     return PairBatch(x=packed[0], aug=packed[1] if n_aug else None, margin=_float_column(examples, "margin"),
                      p_chosen=_float_column(examples, "p_chosen"))

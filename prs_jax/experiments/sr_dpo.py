@@ -237,7 +237,7 @@ def time_losses(policy: Path, tok, rows, cfg: Config, prefix: str, work: Path) -
     from prs_jax.train.trainer import ArraySource, Trainer, data_order
 
     data = _pair_arrays(rows, tok, cfg, prefix)
-    n = data.x.tokens.shape[0]
+    n = data.x.tokens.shape[0]  # packed layout (_pair_arrays)
     zeros = np.zeros(n, np.float32)
 
     names = sorted({r.loss for r in cfg.runs} | {BASE_OF[r.loss] for r in cfg.runs},

@@ -43,14 +43,15 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from prs_jax.data.batches import TokenBatch
+from prs_jax.data.batches import SharedPromptBatch, TokenBatch
 from prs_jax.kernels.logprobs import token_logprobs_pallas, token_logprobs_reference
 
 if TYPE_CHECKING:
     from prs_jax.models.transformer import CausalLM
 
 __all__ = ["token_logprobs", "token_logprobs_chunked", "sequence_logprobs", "LogProbConfig", "unembed_matrix",
-           "response_hidden", "logps_from_hidden", "token_logps", "sequence_logps", "tail_token_batch"]
+           "response_hidden", "logps_from_hidden", "token_logps", "sequence_logps", "tail_token_batch",
+           "shared_prompt_logps"]
 
 Method = Literal["plain", "chunked", "pallas"]
 DEFAULT_CHUNK = 2048
@@ -265,3 +266,29 @@ def sequence_logps(model: "CausalLM", batch: TokenBatch, config: LogProbConfig =
     counts = jnp.sum(hit, axis=2, dtype=jnp.float32)
     b = sums.shape[0]
     return sums.reshape(b, -1), counts.reshape(b, -1)
+
+
+def shared_prompt_logps(model: "CausalLM", batch: SharedPromptBatch, config: LogProbConfig = LogProbConfig(), *,
+                        temperature: float = 1.0) -> tuple[jax.Array, jax.Array]:
+    """Summed log-probs and counts [B, n] of n responses per prompt, the prompt computed ONCE: a forward over the
+    prompts fills a KV cache, then the B * n responses run as suffixes on a CascadeCache over it (prefix
+    attention batched over the n siblings, merged exactly by log-sum-exp), gradients through both. The first
+    response token is predicted by the prompt's last hidden state. (`config.remat` does not apply: the cache
+    forwards keep their activations.)"""
+    from prs_jax.models.layers import CascadeCache, KVCache
+
+    b, p = batch.prompt_tokens.shape
+    _, n, s = batch.resp_tokens.shape
+    cfg = model.config
+    dtype = model.model.embed_tokens.embedding[...].dtype
+    h_prompt, cache = model.model(batch.prompt_tokens, attention_mask=batch.prompt_mask,
+                                  cache=KVCache.init(cfg, b, p, dtype))
+    cascade = CascadeCache.init(cfg, cache.k, cache.v, cache.mask, rows_per_group=n, suffix_len=s)
+    resp = batch.resp_tokens.reshape(b * n, s)
+    h_resp, _ = model.model(resp, attention_mask=batch.resp_mask.reshape(b * n, s), cache=cascade)
+    last = jnp.repeat(h_prompt[:, -1:], n, axis=0)  # left-padded: the prompt's last token is at slot P - 1
+    h_prev = jnp.concatenate([last, h_resp[:, :-1]], axis=1)  # [B * n, S, D]
+    logp = logps_from_hidden(model, h_prev, resp, config, temperature)
+    keep = batch.resp_scored.reshape(b * n, s).astype(bool)
+    sums, counts = sequence_logprobs(logp, keep)
+    return sums.reshape(b, n), counts.reshape(b, n)

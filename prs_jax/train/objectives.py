@@ -17,10 +17,10 @@ from typing import Any, Literal
 import jax
 import jax.numpy as jnp
 
-from prs_jax.data.batches import PairBatch, TokenBatch
+from prs_jax.data.batches import PairBatch, SharedPromptBatch, TokenBatch
 from prs_jax.models.transformer import CausalLM, RewardModel
 from prs_jax.train import losses as L
-from prs_jax.train.logprobs import LogProbConfig, sequence_logps, unembed_matrix
+from prs_jax.train.logprobs import LogProbConfig, sequence_logps, shared_prompt_logps, unembed_matrix
 
 __all__ = ["SFTLoss", "PreferenceLoss", "RewardLoss", "pair_logps", "LogProbConfig", "Static", "unembed_matrix"]
 
@@ -35,8 +35,8 @@ class Static:
     remat: bool = False
 
 
-def _pairs(batch: PairBatch | TokenBatch, aug: bool = False) -> TokenBatch:
-    view = batch if isinstance(batch, TokenBatch) else (batch.aug if aug else batch.x)
+def _pairs(batch: PairBatch | TokenBatch | SharedPromptBatch, aug: bool = False) -> TokenBatch | SharedPromptBatch:
+    view = batch if isinstance(batch, (TokenBatch, SharedPromptBatch)) else (batch.aug if aug else batch.x)
     if view is None:
         raise ValueError("pair_logps: the batch has no p (+) x view (`aug`); collate pairs tokenised with a "
                          "prompt prefix (tokenize_pairs(..., prompt_prefix=...)).")
@@ -46,11 +46,16 @@ def _pairs(batch: PairBatch | TokenBatch, aug: bool = False) -> TokenBatch:
     return view
 
 
-def pair_logps(model: CausalLM, batch: PairBatch | TokenBatch, config: LogProbConfig = LogProbConfig(), *,
-               aug: bool = False) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+def pair_logps(model: CausalLM, batch: PairBatch | TokenBatch | SharedPromptBatch,
+               config: LogProbConfig = LogProbConfig(), *, aug: bool = False
+               ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """(chosen, rejected) summed log-probs [B] and token counts [B] of the x view (or `aug`: the p (+) x view),
-    in ONE forward whatever the layout (packed: the prompt is computed once)."""
-    sums, counts = sequence_logps(model, _pairs(batch, aug), config)
+    in ONE forward whatever the layout (packed and cascade: the prompt is computed once)."""
+    view = _pairs(batch, aug)
+    if isinstance(view, SharedPromptBatch):
+        sums, counts = shared_prompt_logps(model, view, config)
+    else:
+        sums, counts = sequence_logps(model, view, config)
     return sums[:, 0], sums[:, 1], counts[:, 0], counts[:, 1]
 
 
@@ -122,6 +127,9 @@ class RewardLoss:
 
     def __call__(self, rm: RewardModel, batch: PairBatch, static: Any = None) -> tuple[jax.Array, dict]:
         view = _pairs(batch)
+        if not isinstance(view, TokenBatch):
+            raise ValueError("RewardLoss: collate reward-model pairs with layout 'packed' or 'separate' (the "
+                             "cascade layout serves log-prob losses only).")
         b, v, t = view.tokens.shape
         flat = lambda x: x.reshape((-1,) + x.shape[2:])  # noqa: E731
         hidden, _ = rm.model(flat(view.tokens), positions=flat(view.positions),

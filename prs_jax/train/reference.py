@@ -68,7 +68,7 @@ def compute_reference(ref: CausalLM, data: PairBatch, *, batch_size: int = 8, au
                       config: LogProbConfig = LogProbConfig(), progress: bool = True) -> dict[str, np.ndarray]:
     """ref_chosen / ref_rejected (and *_aug) sequence log-probs [N] of a host PairBatch over N pairs, in batches
     of `batch_size` (the last one padded with repeats)."""
-    n = data.x.tokens.shape[0]
+    n = len(jax.tree.leaves(data.x)[0])
     graphdef, state = nnx.split(ref)
     views = (False, True) if augmented else (False,)
     run = _pair_logps_program(config)

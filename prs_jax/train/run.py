@@ -84,9 +84,11 @@ class TrainRunConfig:
     export_dir: str | None = None
     logprob_method: Literal["plain", "chunked", "pallas"] = "chunked"
     remat: bool = False  # rematerialise decoder layers in the backward pass (less memory, ~1.3x compute)
-    # preference pairs: "packed" rows [prompt | chosen | rejected] compute the prompt once (faster, default);
-    # "separate" rows [prompt | chosen], [prompt | rejected] (the unshared forward); same results
-    pair_layout: Literal["packed", "separate"] = "packed"
+    # preference pairs: "packed" rows [prompt | chosen | rejected] compute the prompt once (default);
+    # "cascade": the prompt once as its own row, responses attend to it by cascade attention (prompts must not
+    # be empty; no remat); "separate" rows [prompt | chosen], [prompt | rejected] (the unshared forward).
+    # Same results (tests/train/test_packed_pairs.py); speed: benchmarks/results/train.json
+    pair_layout: Literal["packed", "cascade", "separate"] = "packed"
     rm_head_name: str | None = None
     rm_init_head: bool = True
 

@@ -216,3 +216,27 @@ def test_reward_loss_same_in_both_layouts():
     last = [len(p.prompt_ids) + len(p.chosen_ids) - 1 for p in pairs]
     got = rm.head(h[jnp.arange(len(pairs)), jnp.asarray(last)])[:, 0]
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", pytest.param("gpt_neox", marks=pytest.mark.slow)])
+def test_cascade_equals_packed_logps_and_gradients(family):
+    """Layout "cascade" (prompt once, responses through cascade attention with gradients) equals "packed"."""
+    model = _model(family, seed=10)
+    pairs = [p for p in _pairs(5, seed=11) if len(p.prompt_ids)]
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def objective(params, batch):
+        c, r, nc, nr = pair_logps(nnx.merge(graphdef, params, rest), batch, LogProbConfig(method="plain"))
+        return jnp.sum(c) - 0.7 * jnp.sum(r) + 0.01 * jnp.sum(c * r), (c, r, nc, nr)
+
+    grad_fn = jax.jit(jax.value_and_grad(objective, has_aux=True))
+    (_, a), ga = grad_fn(params, _as_jnp(collate_pairs(pairs, multiple=8, layout="cascade")))
+    (_, b), gb = grad_fn(params, _as_jnp(collate_pairs(pairs, multiple=8)))
+    for x, y in zip(a, b):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-4)
+    for x, y in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
+    from prs_jax.errors import DataError
+    with pytest.raises(DataError, match="empty prompt"):
+        collate_pairs([TokenizedPair(np.zeros(0, np.int32), np.array([3], np.int32), np.array([4], np.int32))],
+                      layout="cascade")
