@@ -196,6 +196,11 @@ class JaxContender:
         self.others: list[float] = []
         self.first_call_s = None
         self.losses: list[float] = []
+        # FLOPs of one step from the lowered (unoptimised) HLO: the work each layout asks for, independent of noise
+        cost = tr._train_step.lower(self.params, self.opt_state, self.rest, self.frozen_states, self.batches[0][0],
+                                    static=None).cost_analysis()
+        cost = cost[0] if isinstance(cost, list) else cost
+        self.gflops = float(cost["flops"]) / 1e9 if cost and "flops" in cost else None
 
     def step(self) -> float:
         batch, static = self.batches[self.i % len(self.batches)]
@@ -304,6 +309,7 @@ def summary(c) -> dict:
         d["first_call_s"] = c.first_call_s
         d["compile_s"] = c.first_call_s - med
         d["batch_shapes"] = c.shapes
+        d["step_gflops_lowered_hlo"] = c.gflops
         d["first_loss"], d["last_loss"] = c.losses[0], c.losses[-1]
     else:
         d["trainer_init_s"] = c.init_s
@@ -471,6 +477,8 @@ def bench_shape(prompt_len: int, resp_len: int, args, ckpt: Path, tok_dir: Path,
             summary_block[f"T1_speedup_{mode}_quiet_steps_only"] = None if q is None else round(q, 3)
         t1["goal_met_precomputed_ref"] = t1["speedup_precomputed_ref_packed"] >= 5.0
         summary_block["T1_goal_met_precomputed_ref"] = t1["goal_met_precomputed_ref"]
+        for lay in layouts:
+            summary_block[f"dpo_step_gflops_{lay}"] = by[f"prs_jax_precomputed_ref_{lay}"]["step_gflops_lowered_hlo"]
         for lay in ("packed", "cascade"):
             t1[f"{lay}_over_separate_step_time"] = (by[f"prs_jax_precomputed_ref_{lay}"]["median_step_s"]
                                                     / by["prs_jax_precomputed_ref_separate"]["median_step_s"])
@@ -489,6 +497,10 @@ def bench_shape(prompt_len: int, resp_len: int, args, ckpt: Path, tok_dir: Path,
             t2[f"ratio_sr_dpo_over_dpo_{lay}_per_round"] = per_round_ratios(name, base)
             q = t2[f"ratio_sr_dpo_over_dpo_{lay}_quiet_steps_only"] = quiet_ratio(name, base)
             summary_block[f"T2_ratio_sr_dpo_over_dpo_{lay}"] = round(ratio, 3)
+            if by[name]["step_gflops_lowered_hlo"] and by[base]["step_gflops_lowered_hlo"]:
+                t2[f"flop_ratio_sr_dpo_over_dpo_{lay}"] = (by[name]["step_gflops_lowered_hlo"]
+                                                           / by[base]["step_gflops_lowered_hlo"])
+                summary_block[f"T2_flop_ratio_{lay}"] = round(t2[f"flop_ratio_sr_dpo_over_dpo_{lay}"], 3)
             summary_block[f"T2_ratio_{lay}_quiet_steps_only"] = None if q is None else round(q, 3)
         t2["goal_met"] = t2["ratio_sr_dpo_over_dpo_packed"] <= 1.1
         summary_block["T2_goal_met"] = t2["goal_met"]
