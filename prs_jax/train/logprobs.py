@@ -273,9 +273,13 @@ def shared_prompt_logps(model: "CausalLM", batch: SharedPromptBatch, config: Log
     """Summed log-probs and counts [B, n] of n responses per prompt, the prompt computed ONCE: a forward over the
     prompts fills a KV cache, then the B * n responses run as suffixes on a CascadeCache over it (prefix
     attention batched over the n siblings, merged exactly by log-sum-exp), gradients through both. The first
-    response token is predicted by the prompt's last hidden state. (`config.remat` does not apply: the cache
-    forwards keep their activations.)"""
+    response token is predicted by the prompt's last hidden state. `config.remat` is refused: the cache forwards
+    keep their activations (use the packed layout to rematerialise)."""
     from prs_jax.models.layers import CascadeCache, KVCache
+
+    if config.remat:
+        raise ValueError("shared_prompt_logps: remat is not supported with pair_layout='cascade'; use "
+                         "pair_layout='packed' (same results) to rematerialise decoder layers.")
 
     b, p = batch.prompt_tokens.shape
     _, n, s = batch.resp_tokens.shape
