@@ -118,14 +118,18 @@ class Models:
         from prs_jax.strategies.base import RewardModelScorer
         from prs_jax.tree.scoring import RewardFormatter, RewardScorer
 
-        mesh = gen.mesh.make_mesh() if gen.mesh is not None else None
+        # the engine and the scorer run inside this mesh with the configured rules (generation.mesh.rules)
+        self.mesh_context = gen.mesh.context() if gen.mesh is not None else None
+        mesh = self.mesh_context.mesh if self.mesh_context is not None else None
+        rules = self.mesh_context.rules if self.mesh_context is not None else None
         self.gen, self.gold, self.world = gen, gold, world
         self.policy_dir, self.rm_dir = Path(policy_dir), Path(rm_dir)
         self.tokenizer = load_tokenizer(policy_dir)
-        self.policy = load_causal_lm(policy_dir, dtype=dtype, mesh=mesh)
-        rm = load_reward_model(rm_dir, dtype=dtype, mesh=mesh, head_name=rm_head_name)
+        self.policy = load_causal_lm(policy_dir, dtype=dtype, mesh=mesh, sharding_rules=rules)
+        rm = load_reward_model(rm_dir, dtype=dtype, mesh=mesh, head_name=rm_head_name, sharding_rules=rules)
         self.proxy = RewardModelScorer(RewardScorer(rm, load_tokenizer(rm_dir),
-                                                    RewardFormatter(gen.rm_format, gen.rm_template)),
+                                                    RewardFormatter(gen.rm_format, gen.rm_template),
+                                                    mesh_context=self.mesh_context),
                                        include_preference=gen.rm_include_preference)
         if templates is None:
             from prs_jax.strategies.templates import PRSTemplates
@@ -161,7 +165,7 @@ class Models:
         g = self.gen
         return TreeEngine(self.policy, self.tokenizer, seed=seed, config=EngineConfig(
             attention_impl=g.attention_impl, min_prefix_bucket=64, min_new_tokens_bucket=32, min_extend_bucket=32,
-            min_groups_bucket=g.batch_size, min_rows_bucket=g.min_rows_bucket))
+            min_groups_bucket=g.batch_size, min_rows_bucket=g.min_rows_bucket), mesh_context=self.mesh_context)
 
 
 def world_items(built: Any, limit: int) -> list[PromptItem]:

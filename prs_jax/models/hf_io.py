@@ -221,8 +221,10 @@ def _load_into(model_fn: Callable[[], nnx.Module], rules: list[TensorRule], mode
 
 
 def load_causal_lm(model_dir: str | Path, *, dtype: Any = "float32", mesh: Mesh | None = None,
-                   sharding_rules: Mapping[str, tuple[str, ...]] | None = None) -> CausalLM:
-    """A `CausalLM` from a local HF checkpoint directory (Llama, Mistral, Qwen2/3, GPT-NeoX)."""
+                   sharding_rules: Mapping[str, tuple[str, ...]] | None = None, scan_layers: bool = False
+                   ) -> CausalLM:
+    """A `CausalLM` from a local HF checkpoint directory (Llama, Mistral, Qwen2/3, GPT-NeoX). `scan_layers`:
+    cache-free forwards scan over the layers (same parameters; see `prs_jax.models.transformer`)."""
     model_dir = Path(model_dir)
     cfg = ModelConfig.from_dir(model_dir)
     dt = resolve_dtype(dtype)
@@ -230,13 +232,14 @@ def load_causal_lm(model_dir: str | Path, *, dtype: Any = "float32", mesh: Mesh 
     lm_head = "lm_head.weight" if cfg.family == "llama" else "embed_out.weight"
     # Tied checkpoints sometimes store the (identical) output matrix too; classification heads are not ours.
     ignore = (lambda n: n == lm_head) if cfg.tie_word_embeddings else (lambda n: False)
-    return _load_into(lambda: CausalLM(cfg, dtype=dt, rngs=nnx.Rngs(0)), rules, model_dir, dt, mesh,
+    return _load_into(lambda: CausalLM(cfg, dtype=dt, rngs=nnx.Rngs(0), scan_layers=scan_layers), rules, model_dir, dt, mesh,
                       sharding_rules, ignore, lambda p: False)
 
 
 def load_reward_model(model_dir: str | Path, *, dtype: Any = "float32", mesh: Mesh | None = None,
                       head_name: str | None = None, init_head: bool = False, seed: int = 0,
-                      sharding_rules: Mapping[str, tuple[str, ...]] | None = None) -> RewardModel:
+                      sharding_rules: Mapping[str, tuple[str, ...]] | None = None, scan_layers: bool = False
+                      ) -> RewardModel:
     """A `RewardModel` from an HF `*ForSequenceClassification` dir (head `score`) or a custom head name.
 
     With `init_head=True` a causal-LM checkpoint is accepted too: its `lm_head` is ignored and the scalar
@@ -261,7 +264,7 @@ def load_reward_model(model_dir: str | Path, *, dtype: Any = "float32", mesh: Me
     lm_head = "lm_head.weight" if cfg.family == "llama" else "embed_out.weight"
     return _load_into(
         lambda: RewardModel(cfg, num_labels=num_labels, head_name=head_name, head_bias=head_bias, dtype=dt,
-                            rngs=nnx.Rngs(seed)),
+                            rngs=nnx.Rngs(seed), scan_layers=scan_layers),
         rules, model_dir, dt, mesh, sharding_rules, lambda n: init_head and n == lm_head,
         lambda p: init_head and p[0] == "head", seed=seed)
 

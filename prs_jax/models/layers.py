@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -18,6 +19,20 @@ Axes = tuple[str | None, ...]
 _INIT_STD = 0.02
 
 
+def named(name: str):
+    """Run the decorated method inside `jax.named_scope(name)` (readable profiles and HLO op names)."""
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def call(*args, **kwargs):
+            with jax.named_scope(name):
+                return fn(*args, **kwargs)
+
+        return call
+
+    return wrap
+
+
 def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], dtype: jnp.dtype) -> jax.Array:
     return (jax.random.normal(rngs.params(), shape, jnp.float32) * _INIT_STD).astype(dtype)
 
@@ -29,6 +44,7 @@ class Dense(nnx.Module):
         self.kernel = nnx.Param(_normal(rngs, (din, dout), dtype), logical_axes=axes)
         self.bias = nnx.Param(jnp.zeros((dout,), dtype), logical_axes=axes[1:]) if bias else None
 
+    @named("dense")
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.kernel[...]
         # a 2-D matmul: XLA:CPU computes the weight gradient of [B, T, D] x [D, F] about 2x slower than of
@@ -45,9 +61,14 @@ class Embed(nnx.Module):
     def __init__(self, vocab: int, dim: int, *, dtype: jnp.dtype, rngs: nnx.Rngs):
         self.embedding = nnx.Param(_normal(rngs, (vocab, dim), dtype), logical_axes=("vocab", "embed"))
 
+    @named("embed")
     def __call__(self, ids: jax.Array) -> jax.Array:
-        return jnp.take(self.embedding[...], ids, axis=0)
+        # gather from the table with its hidden dim whole (FSDP gathers weights before use): a gather from a
+        # table split on the hidden dim gives rows split on it, which the partitioner can only move to the
+        # batch axes by replicating them
+        return jnp.take(constrain(self.embedding[...], ("vocab", None)), ids, axis=0)
 
+    @named("unembed_tied")
     def attend(self, x: jax.Array) -> jax.Array:
         return x @ self.embedding[...].T
 
@@ -59,6 +80,7 @@ class RMSNorm(nnx.Module):
         self.weight = nnx.Param(jnp.ones((dim,), dtype), logical_axes=("norm",))
         self.eps = eps
 
+    @named("rms_norm")
     def __call__(self, x: jax.Array) -> jax.Array:
         xf = x.astype(jnp.float32)
         xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
@@ -73,6 +95,7 @@ class LayerNorm(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((dim,), dtype), logical_axes=("norm",))
         self.eps = eps
 
+    @named("layer_norm")
     def __call__(self, x: jax.Array) -> jax.Array:
         xf = x.astype(jnp.float32)
         mean = jnp.mean(xf, axis=-1, keepdims=True)
@@ -119,8 +142,32 @@ def apply_rope(x_bthd: jax.Array, cos_btr: jax.Array, sin_btr: jax.Array) -> jax
     return jnp.concatenate([out, x_pass], axis=-1) if x_pass.shape[-1] else out
 
 
-def attention(q_bthd: jax.Array, k_bksd: jax.Array, v_bksd: jax.Array, mask_bts: jax.Array) -> jax.Array:
-    """Grouped-query attention of T queries against S keys; softmax in float32. Returns [B, T, H, D]."""
+QUERY_BLOCK = 512  # queries per attention block: longer inputs never materialise [B, H, T, S] scores at once
+
+
+def attention(q_bthd: jax.Array, k_bksd: jax.Array, v_bksd: jax.Array, mask_bts: jax.Array, *,
+              q_block: int | None = QUERY_BLOCK) -> jax.Array:
+    """Grouped-query attention of T queries against S keys; softmax in float32. Returns [B, T, H, D].
+
+    With more than `q_block` queries (a long prefill or training row) the queries run in equal blocks of at most
+    `q_block` (lax.map, each block rematerialised in the backward pass), so the scores held at once are
+    [B, H, block, S] instead of [B, H, T, S]; the result is the same. None or 0: one dense block."""
+    t = q_bthd.shape[1]
+    if not q_block or t <= q_block:
+        return _dense_attention(q_bthd, k_bksd, v_bksd, mask_bts)
+    b, _, h, d = q_bthd.shape
+    n = -(-t // q_block)
+    block = -(-t // n)  # equal blocks: padding below one query per block
+    block = -(-block // 8) * 8
+    pad = n * block - t
+    q = jnp.pad(q_bthd, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(b, n, block, h, d).swapaxes(0, 1)
+    m = jnp.pad(mask_bts, ((0, 0), (0, pad), (0, 0))).reshape(b, n, block, -1).swapaxes(0, 1)
+    one = jax.checkpoint(lambda qm: _dense_attention(qm[0], k_bksd, v_bksd, qm[1]))
+    out = jax.lax.map(one, (q, m))  # [n, B, block, H, D]
+    return out.swapaxes(0, 1).reshape(b, n * block, h, d)[:, :t]
+
+
+def _dense_attention(q_bthd: jax.Array, k_bksd: jax.Array, v_bksd: jax.Array, mask_bts: jax.Array) -> jax.Array:
     b, t, h, d = q_bthd.shape
     kvh = k_bksd.shape[1]
     q = q_bthd.reshape(b, t, kvh, h // kvh, d)
@@ -217,6 +264,9 @@ class AttnContext:
     cascade: CascadeCache | None = None  # set in cascade mode (prefix mask, groups, impl)
 
 
+_KV_AXES = ("batch", "kv_heads", None, None)  # KV cache [B, K, S, D]: rows on the batch axes, heads on tensor
+
+
 class Attention(nnx.Module):
     """Multi-head attention with GQA, optional q/k/v/o bias, optional per-head q/k RMSNorm, partial RoPE."""
 
@@ -235,6 +285,7 @@ class Attention(nnx.Module):
         else:
             self.q_norm = self.k_norm = None
 
+    @named("attention")
     def __call__(self, x_btd: jax.Array, ctx: AttnContext, kv: tuple[jax.Array, jax.Array] | None
                  ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         b, t, _ = x_btd.shape
@@ -249,9 +300,10 @@ class Attention(nnx.Module):
         v_bksd = v.transpose(0, 2, 1, 3)
         if ctx.cascade is not None:
             pk, pv, sk, sv = kv
+            pk, pv = constrain(pk, _KV_AXES), constrain(pv, _KV_AXES)
             start = (0, 0, ctx.write_index, 0)
-            sk = jax.lax.dynamic_update_slice(sk, k_bksd.astype(sk.dtype), start)
-            sv = jax.lax.dynamic_update_slice(sv, v_bksd.astype(sv.dtype), start)
+            sk = constrain(jax.lax.dynamic_update_slice(sk, k_bksd.astype(sk.dtype), start), _KV_AXES)
+            sv = constrain(jax.lax.dynamic_update_slice(sv, v_bksd.astype(sv.dtype), start), _KV_AXES)
             g = ctx.cascade.prefix_mask.shape[0]
             out = cascade_attention(q.reshape(g, b // g, t, self.num_heads, self.head_dim), pk, pv,
                                     ctx.cascade.prefix_mask, sk, sv, ctx.mask_bts, impl=ctx.cascade.impl)
@@ -260,8 +312,8 @@ class Attention(nnx.Module):
         if kv is not None:
             k_cache, v_cache = kv
             start = (0, 0, ctx.write_index, 0)
-            k_bksd = jax.lax.dynamic_update_slice(k_cache, k_bksd.astype(k_cache.dtype), start)
-            v_bksd = jax.lax.dynamic_update_slice(v_cache, v_bksd.astype(v_cache.dtype), start)
+            k_bksd = constrain(jax.lax.dynamic_update_slice(k_cache, k_bksd.astype(k_cache.dtype), start), _KV_AXES)
+            v_bksd = constrain(jax.lax.dynamic_update_slice(v_cache, v_bksd.astype(v_cache.dtype), start), _KV_AXES)
             kv = (k_bksd, v_bksd)
         out = attention(q, k_bksd, v_bksd, ctx.mask_bts)
         out = constrain(out, ("batch", None, "heads", None))
@@ -293,6 +345,7 @@ class GatedMLP(nnx.Module):
         self.down_proj = Dense(i, h, ("mlp", "embed"), bias=bias, dtype=dtype, rngs=rngs)
         self.act_name = cfg.hidden_act
 
+    @named("mlp")
     def __call__(self, x: jax.Array) -> jax.Array:
         act = activation(self.act_name)
         hidden = constrain(act(self.gate_proj(x)) * self.up_proj(x), ("batch", None, "mlp"))
@@ -308,6 +361,7 @@ class PlainMLP(nnx.Module):
         self.down_proj = Dense(i, h, ("mlp", "embed"), bias=True, dtype=dtype, rngs=rngs)
         self.act_name = cfg.hidden_act
 
+    @named("mlp")
     def __call__(self, x: jax.Array) -> jax.Array:
         hidden = constrain(activation(self.act_name)(self.up_proj(x)), ("batch", None, "mlp"))
         return self.down_proj(hidden)

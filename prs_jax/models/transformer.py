@@ -8,6 +8,14 @@ Without a cache the T tokens attend causally to each other (padding masked). Wit
 written at `cache.index` and attend to every valid slot up to their own (prefill and incremental decode are
 the same call). `CausalLM.unembed` is separate so training can send only response positions through the
 vocabulary projection.
+
+Layer scan (`scan_layers=True`, default off): a cache-free forward (training, scoring without a cache) runs the
+decoder layers as one `lax.scan` over their parameters stacked on a leading layer axis, so a deep model
+compiles one layer body instead of L copies; `remat=True` then checkpoints the scan body (per-layer remat). The
+parameters stay one module per layer (HF checkpoints, exports, optimizer state and checkpoints are unchanged);
+the stacking happens inside the traced forward (one extra copy of the layer weights per step, and their
+gradients are sliced back per layer). Forwards with a KV cache (prefill into a cache, decoding) always run the
+layers unrolled; asking for `scan=True` together with a cache is an error.
 """
 
 from __future__ import annotations
@@ -20,8 +28,8 @@ from flax import nnx
 
 from prs_jax.models.config import ModelConfig
 from prs_jax.models.layers import (
-    AttnContext, Attention, CascadeCache, Dense, Embed, GatedMLP, KVCache, LayerNorm, PlainMLP, RMSNorm, rope_cos_sin,
-    rope_inv_freq,
+    AttnContext, Attention, CascadeCache, Dense, Embed, GatedMLP, KVCache, LayerNorm, PlainMLP, RMSNorm, named,
+    rope_cos_sin, rope_inv_freq,
 )
 from prs_jax.models.sharding import constrain
 
@@ -38,6 +46,7 @@ class Block(nnx.Module):
                                                                                                  rngs=rngs)
         self.parallel_residual = cfg.use_parallel_residual
 
+    @named("block")
     def __call__(self, x: jax.Array, ctx: AttnContext, kv: tuple[jax.Array, jax.Array] | None):
         attn_out, kv = self.self_attn(self.input_layernorm(x), ctx, kv)
         if self.parallel_residual:
@@ -59,8 +68,10 @@ def default_positions(attention_mask_bt: jax.Array, offset_b: jax.Array | None =
 class Backbone(nnx.Module):
     """Embedding, decoder layers and final norm; returns hidden states [B, T, hidden]."""
 
-    def __init__(self, cfg: ModelConfig, *, dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs,
+                 scan_layers: bool = False):
         self.config = cfg
+        self.scan_layers = scan_layers  # cache-free forwards scan over the layers (see the module docstring)
         self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, rngs=rngs)
         self.layers = nnx.List([Block(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.num_hidden_layers)])
         norm = RMSNorm if cfg.family == "llama" else LayerNorm
@@ -86,10 +97,16 @@ class Backbone(nnx.Module):
 
     def __call__(self, input_ids: jax.Array, *, attention_mask: jax.Array | None = None,
                  positions: jax.Array | None = None, cache: KVCache | CascadeCache | None = None,
-                 remat: bool = False, segment_ids: jax.Array | None = None
+                 remat: bool = False, scan: bool | None = None, segment_ids: jax.Array | None = None
                  ) -> tuple[jax.Array, KVCache | CascadeCache | None]:
-        """segment_ids [B, T] (training only, no cache): packed rows with a shared prefix, see `_segment_mask`;
-        then `positions` must be given and `attention_mask` is not used."""
+        """Hidden states [B, T, hidden] and the updated cache. `remat`: recompute each layer in the backward
+        pass (cache-free forwards). `scan`: run the layers as a `lax.scan` (default: `self.scan_layers`;
+        cache-free forwards only). `segment_ids` [B, T] (training only, no cache): packed rows with a shared
+        prefix, see `_segment_mask`; then `positions` must be given and `attention_mask` is not used."""
+        if scan and cache is not None:
+            raise ValueError("Backbone: scan=True runs cache-free forwards only (training, scoring); a forward "
+                             "with a KV cache runs the layers unrolled. Drop scan=True for cached calls.")
+        scan = self.scan_layers if scan is None else scan
         b, t = input_ids.shape
         if segment_ids is not None:
             if cache is not None or positions is None:
@@ -127,6 +144,9 @@ class Backbone(nnx.Module):
         ctx = AttnContext(cos=cos, sin=sin, mask_bts=mask, write_index=write_index, cascade=cascade)
         x = constrain(self.embed_tokens(input_ids), ("batch", None, "embed_act"))
         new_k, new_v = [], []
+        if scan and cache is None:
+            x = self._scan(x, ctx, remat)
+            return self.norm(x), None
         for i, layer in enumerate(self.layers):
             if cascade is not None:
                 kv = (cascade.prefix_k[i], cascade.prefix_v[i], cascade.suffix_k[i], cascade.suffix_v[i])
@@ -137,7 +157,8 @@ class Backbone(nnx.Module):
                 graphdef, state = nnx.split(layer)
                 x = jax.checkpoint(lambda st, h, g=graphdef: nnx.merge(g, st)(h, ctx, None)[0])(state, x)
             else:
-                x, kv = layer(x, ctx, kv)
+                with jax.named_scope(f"layer_{i}"):
+                    x, kv = layer(x, ctx, kv)
             if kv is not None:
                 new_k.append(kv[-2])
                 new_v.append(kv[-1])
@@ -149,16 +170,51 @@ class Backbone(nnx.Module):
             cache = KVCache(k=tuple(new_k), v=tuple(new_v), mask=valid, index=write_index + t)
         return x, cache
 
+    @named("layers_scan")
+    def _scan(self, x: jax.Array, ctx: AttnContext, remat: bool) -> jax.Array:
+        """The decoder layers as one `lax.scan` over their stacked parameters (remat: per-layer checkpoint)."""
+        graphdef, _ = nnx.split(self.layers[0])
+        stacked = jax.tree.map(lambda *xs: _stack(xs), *[nnx.split(layer)[1] for layer in self.layers])
+
+        def body(h: jax.Array, state: nnx.State) -> tuple[jax.Array, None]:
+            return nnx.merge(graphdef, state)(h, ctx, None)[0], None
+
+        if remat:
+            body = jax.checkpoint(body)
+        x, _ = jax.lax.scan(body, x, stacked)
+        return x
+
+
+@jax.custom_vjp
+def _stack(xs: tuple[jax.Array, ...]) -> jax.Array:
+    """jnp.stack whose gradient hands each layer its slice behind an optimization barrier: left to itself, XLA
+    fuses the slices of the stacked gradient into the optimizer's update of every layer, and XLA:CPU then spends
+    several times longer compiling the training step (measured: benchmarks/bench_compile.py)."""
+    return jax.lax.optimization_barrier(jnp.stack(xs))
+
+
+def _stack_fwd(xs):
+    return jax.lax.optimization_barrier(jnp.stack(xs)), len(xs)
+
+
+def _stack_bwd(n, g):
+    return (jax.lax.optimization_barrier(tuple(g[i] for i in range(n))),)
+
+
+_stack.defvjp(_stack_fwd, _stack_bwd)
+
 
 class CausalLM(nnx.Module):
     """Backbone + vocabulary projection (tied to the embedding or separate)."""
 
-    def __init__(self, cfg: ModelConfig, *, dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs,
+                 scan_layers: bool = False):
         self.config = cfg
-        self.model = Backbone(cfg, dtype=dtype, rngs=rngs)
+        self.model = Backbone(cfg, dtype=dtype, rngs=rngs, scan_layers=scan_layers)
         self.lm_head = None if cfg.tie_word_embeddings else Dense(
             cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), bias=False, dtype=dtype, rngs=rngs)
 
+    @named("unembed")
     def unembed(self, hidden: jax.Array) -> jax.Array:
         """Logits [..., vocab] for hidden states [..., hidden]."""
         if self.lm_head is None:
@@ -177,11 +233,11 @@ class RewardModel(nnx.Module):
     """Backbone + linear head; the reward is the head's output at each row's last real token."""
 
     def __init__(self, cfg: ModelConfig, *, num_labels: int = 1, head_name: str = "score", head_bias: bool = False,
-                 dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
+                 dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs, scan_layers: bool = False):
         self.config = cfg
         self.head_name = head_name
         self.num_labels = num_labels
-        self.model = Backbone(cfg, dtype=dtype, rngs=rngs)
+        self.model = Backbone(cfg, dtype=dtype, rngs=rngs, scan_layers=scan_layers)
         self.head = Dense(cfg.hidden_size, num_labels, ("embed", None), bias=head_bias, dtype=dtype, rngs=rngs)
 
     def __call__(self, input_ids: jax.Array, *, attention_mask: jax.Array | None = None,

@@ -1,15 +1,23 @@
-"""A2C / REINFORCE with a learned value baseline against any reward (RLAIF, Lee et al. 2023, section RL).
+"""A2C / REINFORCE with a learned value baseline against any reward (RLAIF, Lee et al. 2023, section RL): the
+loop, its configs and the `prs-jax train a2c` runner.
 
-Objective: J = E[(1 - beta) r(x, y) - beta KL(pi || pi_ref)], beta = 0.05 by default (`scale_reward=False`
-drops the (1 - beta) factor). One iteration of the outer loop:
+The pieces live apart: the pure loss math (`returns_to_go`, `shaped_rewards`, `a2c_loss`) in
+prs_jax.train.losses, the policy + value module and the trainer's loss object in prs_jax.train.a2c_model, the
+rollouts (sampling, batch packing, log-probs at the sampling temperature) in prs_jax.train.rollout, the reward
+interface, adapters and `RewardConfig` in prs_jax.train.a2c_rewards. Their public names are re-exported here.
+
+Objective: J = E[(1 - beta) r(x, y) - beta KL(pi_T || pi_ref,T)], beta = 0.05 by default (`scale_reward=False`
+drops the (1 - beta) factor); pi_T = softmax(logits / T) is the policy at the rollout temperature T
+(`rollout.temperature`, 0.9), the distribution the samples come from, and every log-prob below (policy, rollout,
+reference) is taken at T (see prs_jax.train.rollout for why the reference is tempered too). One iteration:
 
   1. rollout    `prompts_per_iteration = trainer.batch_size / rollout.n` prompts, n samples each, from the
-                CURRENT policy on the tree engine (siblings share the prompt's KV; temperature 0.9). The
-                engine keeps each sampled token's log-prob under the raw policy: `old_logp`.
+                CURRENT policy on the tree engine (siblings share the prompt's KV); the engine keeps
+                log pi_T of each sampled token: `old_logp`.
   2. reward     any `Reward`: (prompts, responses) -> floats (a reward model, a direct-RLAIF judge, a Python
                 function).
-  3. reference  log pi_ref of the sampled tokens: one forward of the frozen reference model whose hidden states
-                reach the vocabulary projection at response positions only.
+  3. reference  log pi_ref,T of the sampled tokens: one forward of the frozen reference model whose hidden
+                states reach the vocabulary projection at response positions only.
   4. update     `steps_per_iteration` optimizer steps on that batch through the shared Trainer (optax chain,
                 gradient accumulation, NaN guard, JSONL/TensorBoard logs, Orbax checkpoints).
 
@@ -43,8 +51,8 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Literal, Protocol
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -55,12 +63,14 @@ from tqdm import tqdm
 
 from prs_jax.config import check_ranges, import_object  # noqa: F401  (import_object lived here)
 from prs_jax.errors import ConfigError, DataError, PrsJaxError
-from prs_jax.models.layers import Dense
 from prs_jax.models.tokenizer import encode_chat
 from prs_jax.models.transformer import CausalLM, RewardModel
 from prs_jax.models.window import check_fits, window_of
-from prs_jax.train.logprobs import token_logprobs
-from prs_jax.train.objectives import Static, unembed_matrix
+from prs_jax.train.a2c_model import A2CLoss, ActorCritic
+from prs_jax.train.a2c_rewards import PairReward, Reward, RewardConfig, ScorerReward
+from prs_jax.train.losses import KLMode, a2c_loss, returns_to_go, shaped_rewards
+from prs_jax.train.objectives import Static
+from prs_jax.train.rollout import TAIL_LOGPS, Rollout, RolloutConfig, sample_rollouts, tail_logps
 from prs_jax.train.trainer import (
     OptimConfig,
     Trainer,
@@ -68,195 +78,16 @@ from prs_jax.train.trainer import (
     TrainingError,
     data_order,
 )
-from prs_jax.tree.engine import EngineConfig, TreeEngine, bucket
+from prs_jax.tree.engine import bucket
 from prs_jax.tree.sampling import SamplingParams
 
-Metrics = dict[str, jax.Array]
-KLMode = Literal["reward", "loss"]
-
-
-# ------------------------------------------------------------------------------------------------ pure math
-def returns_to_go(rewards_bt: jax.Array, mask_bt: jax.Array) -> jax.Array:
-    """Undiscounted return to go R_t = sum_{t' >= t} r_t' over the masked positions (gamma = 1), 0 elsewhere."""
-    mask = mask_bt.astype(bool)
-    r = jnp.where(mask, rewards_bt.astype(jnp.float32), 0.0)
-    return jnp.where(mask, jnp.flip(jnp.cumsum(jnp.flip(r, -1), -1), -1), 0.0)
-
-
-def shaped_rewards(reward_b: jax.Array, kl_bt: jax.Array, mask_bt: jax.Array, *, beta: float | jax.Array,
-                   kl_in_reward: bool, scale_reward: bool) -> jax.Array:
-    """Per-token rewards [B, T]: w * reward at each row's last masked token (w = 1 - beta if scale_reward else 1),
-    minus beta * kl_t on every masked token when the KL penalty is folded into the reward."""
-    mask = mask_bt.astype(bool)
-    last = jnp.sum(mask, axis=-1) - 1
-    at_last = (jnp.arange(mask.shape[1])[None, :] == last[:, None]) & mask
-    w = (1.0 - beta) if scale_reward else 1.0
-    r = jnp.where(at_last, w * reward_b.astype(jnp.float32)[:, None], 0.0)
-    if kl_in_reward:
-        r = r - beta * jnp.where(mask, kl_bt.astype(jnp.float32), 0.0)
-    return r
-
-
-def a2c_loss(logp_bt: jax.Array, values_bt: jax.Array, old_logp_bt: jax.Array, ref_logp_bt: jax.Array,
-             reward_b: jax.Array, mask_bt: jax.Array, *, beta: float | jax.Array, kl_mode: KLMode = "reward",
-             scale_reward: bool = True, value_coef: float = 0.5, normalize_advantages: bool = False
-             ) -> tuple[jax.Array, Metrics]:
-    """The A2C loss (see the module docstring) as a token mean over the batch, and its metrics.
-
-    logp_bt: policy log-probs of the sampled tokens (with gradient); values_bt: V(s_t) (with gradient);
-    old_logp_bt: log-probs at rollout time; ref_logp_bt: reference log-probs; reward_b: sequence rewards;
-    mask_bt: response tokens. All [B, T] except reward_b [B]."""
-    mask = mask_bt.astype(bool)
-    m = mask.astype(jnp.float32)
-    n_tok = jnp.maximum(jnp.sum(m), 1.0)
-    logp = logp_bt.astype(jnp.float32)
-    values = values_bt.astype(jnp.float32)
-    ref = ref_logp_bt.astype(jnp.float32)
-    kl_old = jnp.where(mask, old_logp_bt.astype(jnp.float32) - ref, 0.0)  # k1 estimate per sampled token
-    rewards = shaped_rewards(reward_b, kl_old, mask, beta=beta, kl_in_reward=kl_mode == "reward",
-                             scale_reward=scale_reward)
-    returns = returns_to_go(rewards, mask)
-    adv_raw = jax.lax.stop_gradient(returns - values)
-    adv = adv_raw
-    if normalize_advantages:
-        mean = jnp.sum(adv * m) / n_tok
-        std = jnp.sqrt(jnp.sum(jnp.square(adv - mean) * m) / n_tok)
-        adv = (adv - mean) / (std + 1e-8)
-    policy_loss = -jnp.sum(jnp.where(mask, logp * adv, 0.0)) / n_tok
-    value_loss = value_coef * jnp.sum(jnp.where(mask, jnp.square(returns - values), 0.0)) / n_tok
-    loss = policy_loss + value_loss
-    kl_loss = jnp.float32(0.0)
-    if kl_mode == "loss":
-        kl_loss = beta * jnp.sum(jnp.where(mask, 0.5 * jnp.square(logp - ref), 0.0)) / n_tok
-        loss = loss + kl_loss
-    reward = reward_b.astype(jnp.float32)
-    adv_mean = jnp.sum(adv_raw * m) / n_tok
-    metrics = {
-        "policy_loss": policy_loss, "value_loss": value_loss, "kl_loss": kl_loss,
-        "reward": jnp.mean(reward), "reward_std": jnp.std(reward),
-        "kl": jnp.mean(jnp.sum(kl_old, axis=-1)),  # sequence KL(pi || ref) estimate at the rollout
-        "return": jnp.sum(returns * m) / n_tok, "value": jnp.sum(values * m) / n_tok,
-        "advantage": adv_mean, "advantage_std": jnp.sqrt(jnp.sum(jnp.square(adv_raw - adv_mean) * m) / n_tok),
-        # ~0 on the first step after a rollout: the training forward agrees with the sampler's log-probs
-        "logp_minus_rollout": jnp.sum(jnp.where(mask, logp - old_logp_bt, 0.0)) / n_tok,
-        "response_len": jnp.mean(jnp.sum(m, axis=-1)),
-    }
-    return loss, metrics
-
-
-# ------------------------------------------------------------------------------------------------ models
-class ActorCritic(nnx.Module):
-    """What the trainer optimises: the policy and its value function (a head on the policy's backbone, or a
-    separate critic = reward-model backbone + scalar head)."""
-
-    def __init__(self, policy: CausalLM, critic: RewardModel | None = None, *, seed: int = 0):
-        self.policy = policy
-        self.critic = critic
-        head = None
-        if critic is None:
-            dtype = policy.model.embed_tokens.embedding[...].dtype
-            head = Dense(policy.config.hidden_size, 1, ("embed", None), bias=True, dtype=dtype, rngs=nnx.Rngs(seed))
-            head.kernel.set_value(jnp.zeros_like(head.kernel.get_value()))
-        self.value_head = head
-
-    def logps_and_values(self, ids: jax.Array, mask: jax.Array, r: int, static: Static
-                         ) -> tuple[jax.Array, jax.Array]:
-        """Log-probs [B, r] of the last r tokens and the values [B, r] of the states before them (only those r
-        hidden states reach the vocabulary projection)."""
-        hidden, _ = self.policy.model(ids, attention_mask=mask, remat=static.remat)
-        h = hidden[:, -r - 1:-1]
-        logp = token_logprobs(h, unembed_matrix(self.policy).astype(h.dtype), ids[:, -r:],
-                              method=static.logprob_method)
-        if self.critic is None:
-            values = self.value_head(h)[..., 0]
-        else:
-            hc, _ = self.critic.model(ids, attention_mask=mask, remat=static.remat)
-            values = self.critic.head(hc[:, -r - 1:-1])[..., 0]
-        return logp, values.astype(jnp.float32)
-
-
-@dataclasses.dataclass(frozen=True)
-class A2CLoss:
-    """The trainer's loss object: batch (input_ids, attention_mask, loss_mask, old_logp, ref_logp, reward) ->
-    `a2c_loss`."""
-
-    beta: float = 0.05
-    kl_mode: KLMode = "reward"
-    scale_reward: bool = True
-    value_coef: float = 0.5
-    normalize_advantages: bool = False
-
-    def __call__(self, model: ActorCritic, batch: dict[str, jax.Array], static: Static) -> tuple[jax.Array, Metrics]:
-        r = batch["loss_mask"].shape[1]
-        logp, values = model.logps_and_values(batch["input_ids"], batch["attention_mask"], r, static)
-        return a2c_loss(logp, values, batch["old_logp"], batch["ref_logp"], batch["reward"], batch["loss_mask"],
-                        beta=self.beta, kl_mode=self.kl_mode, scale_reward=self.scale_reward,
-                        value_coef=self.value_coef, normalize_advantages=self.normalize_advantages)
-
-
-def _tail_logps_fn(state, ids, mask, *, graphdef, r, method):
-    model = nnx.merge(graphdef, state)
-    hidden, _ = model.model(ids, attention_mask=mask)
-    h = hidden[:, -r - 1:-1]
-    return token_logprobs(h, unembed_matrix(model).astype(h.dtype), ids[:, -r:], method=method)
-
-
-# log-probs of the last r tokens (the response), for the frozen reference; shared by every A2C run
-TAIL_LOGPS = jax.jit(_tail_logps_fn, static_argnames=("graphdef", "r", "method"))
-
-
-# ------------------------------------------------------------------------------------------------ rewards
-class Reward(Protocol):
-    """Rewards for responses to prompts: any callable (prompts, responses) -> floats."""
-
-    def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> Sequence[float]: ...
-
-
-@dataclasses.dataclass
-class ScorerReward:
-    """Adapter: a strategies `Scorer` (RewardModelScorer, CallableScorer, an AI judge taking (prompts, responses,
-    preferences)) as a `Reward`; preferences are None (the policy's prompt already holds any preference)."""
-
-    scorer: Callable[[Sequence[str], Sequence[str], Sequence[str | None]], Sequence[float]]
-
-    def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
-        return [float(x) for x in self.scorer(prompts, responses, [None] * len(prompts))]
-
-
-@dataclasses.dataclass
-class PairReward:
-    """Adapter: a per-pair function fn(prompt, response) -> float as a `Reward`."""
-
-    fn: Callable[[str, str], float]
-
-    def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
-        return [float(self.fn(p, r)) for p, r in zip(prompts, responses)]
+# the names this module held before the split (imported from here by users and tests)
+__all__ = ["A2C", "A2CConfig", "A2CLoss", "A2CRunConfig", "ActorCritic", "KLMode", "PairReward", "PromptsConfig",
+           "Reward", "RewardConfig", "Rollout", "RolloutConfig", "ScorerReward", "TAIL_LOGPS", "ValueConfig",
+           "a2c_loss", "read_prompts", "returns_to_go", "run_a2c", "shaped_rewards"]
 
 
 # ------------------------------------------------------------------------------------------------ configs
-@dataclasses.dataclass(frozen=True)
-class RolloutConfig:
-    """Sampling of the rollouts: n samples per prompt (siblings share the prompt's KV), temperature 0.9."""
-
-    n: int = 4
-    max_new_tokens: int = 64
-    temperature: float = 0.9
-    top_k: int = 0
-    top_p: float = 1.0
-    min_p: float = 0.0
-    chat: bool | None = None  # prompts as a user chat turn; None: when the tokenizer has a chat template
-    attention_impl: Literal["auto", "reference", "pallas"] = "auto"
-
-    def __post_init__(self) -> None:
-        if self.n < 1 or self.max_new_tokens < 1:
-            raise ConfigError(f"rollout.n ({self.n}) and rollout.max_new_tokens ({self.max_new_tokens}) must be "
-                              "positive.")
-
-    def sampling(self) -> SamplingParams:
-        """The engine's sampling parameters."""
-        return SamplingParams(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p)
-
-
 @dataclasses.dataclass(frozen=True)
 class A2CConfig:
     """The method: KL strength beta, how KL enters (`reward`: per-token penalty; `loss`: a loss term), the
@@ -280,22 +111,13 @@ class A2CConfig:
         if self.value_coef < 0:
             raise ConfigError(f"a2c.value_coef must be >= 0, got {self.value_coef}.")
 
-    def loss(self) -> A2CLoss:
-        """The trainer's loss object."""
-        return A2CLoss(self.beta, self.kl_mode, self.scale_reward, self.value_coef, self.normalize_advantages)
+    def loss(self, temperature: float = 1.0) -> A2CLoss:
+        """The trainer's loss object, scoring the policy at the rollout `temperature`."""
+        return A2CLoss(self.beta, self.kl_mode, self.scale_reward, self.value_coef, self.normalize_advantages,
+                       temperature)
 
 
 # ------------------------------------------------------------------------------------------------ the loop
-@dataclasses.dataclass
-class Rollout:
-    """One batch of rollouts: texts per sequence and the fixed-shape arrays of the training batch."""
-
-    prompts: list[str]
-    responses: list[str]
-    arrays: dict[str, np.ndarray]  # input_ids, attention_mask [B, P + R]; loss_mask, old_logp [B, R]
-    finish_reasons: list[str]
-
-
 def _copy_module(module: nnx.Module) -> nnx.Module:
     # fresh buffers: the trainer donates the policy's parameter buffers, a reference sharing them would die
     graphdef, state = nnx.split(module)
@@ -330,7 +152,7 @@ class A2C:
         self.ref = ref if ref is not None else _copy_module(policy)
         self._ref_graphdef, self._ref_state = nnx.split(self.ref)
         self.model = ActorCritic(policy, critic, seed=trainer.seed)
-        self.trainer = Trainer(self.model, config.loss(), trainer, optim, run_config=run_config)
+        self.trainer = Trainer(self.model, config.loss(rollout.temperature), trainer, optim, run_config=run_config)
         self._chat = rollout.chat if rollout.chat is not None else bool(getattr(tokenizer, "chat_template", None))
         self._prompt_ids = [self._encode(p, i) for i, p in enumerate(self.prompts)]
         window = window_of(policy)
@@ -364,35 +186,13 @@ class A2C:
 
     def rollout(self, indices: Sequence[int], seed: int, *, n: int | None = None,
                 sampling: SamplingParams | None = None) -> Rollout:
-        """Sample n responses per prompt from the current weights of `self.model.policy` on a fresh tree engine."""
+        """Sample n responses per prompt from the current weights of `self.model.policy` on a fresh tree engine;
+        `old_logp` is their log pi_T at the sampling temperature T."""
         rc = self.rollout_config
-        n = rc.n if n is None else n
-        engine = TreeEngine(self.model.policy, self.tokenizer, seed=seed, pad_id=self.pad_id, config=EngineConfig(
-            attention_impl=rc.attention_impl, min_prefix_bucket=self.prompt_len, min_extend_bucket=self.prompt_len))
-        roots = engine.add_prompts([self._prompt_ids[i] for i in indices])
-        kids = engine.expand(roots, n, sampling or rc.sampling(), max_new_tokens=self.response_len)
-        b, p, r = len(indices) * n, self.prompt_len, self.response_len
-        ids = np.full((b, p + r), self.pad_id, np.int32)
-        mask = np.zeros((b, p + r), bool)
-        loss_mask = np.zeros((b, r), bool)
-        old_logp = np.zeros((b, r), np.float32)
-        prompts, responses, reasons = [], [], []
-        for j, (i, children) in enumerate(zip(indices, kids)):
-            prompt = self._prompt_ids[i]
-            for c, node in enumerate(children):
-                row = j * n + c
-                ids[row, p - len(prompt):p] = prompt  # left-padded prompt: response starts at column p
-                mask[row, p - len(prompt):p] = True
-                toks = node.tokens
-                ids[row, p:p + len(toks)] = toks
-                mask[row, p:p + len(toks)] = True
-                loss_mask[row, :len(toks)] = True
-                old_logp[row, :len(toks)] = node.logprobs
-                prompts.append(self.prompts[i])
-                responses.append(node.text)
-                reasons.append(node.finish_reason or "")
-        return Rollout(prompts, responses, {"input_ids": ids, "attention_mask": mask, "loss_mask": loss_mask,
-                                            "old_logp": old_logp}, reasons)
+        return sample_rollouts(self.model.policy, self.tokenizer, [self._prompt_ids[i] for i in indices],
+                               [self.prompts[i] for i in indices], seed=seed, n=rc.n if n is None else n,
+                               sampling=sampling or rc.sampling(), prompt_len=self.prompt_len,
+                               response_len=self.response_len, pad_id=self.pad_id, attention_impl=rc.attention_impl)
 
     def score(self, rollout: Rollout) -> np.ndarray:
         """Rewards [B] of a rollout batch (checked: one finite number per response)."""
@@ -406,23 +206,26 @@ class A2C:
                               f"({rollout.responses[bad]!r:.80}); rewards must be finite.")
         return out
 
-    def reference_logps(self, arrays: Mapping[str, np.ndarray]) -> np.ndarray:
-        """log pi_ref [B, R] of the response tokens (response positions only reach the unembedding)."""
-        return np.asarray(TAIL_LOGPS(self._ref_state, jnp.asarray(arrays["input_ids"]),
-                                     jnp.asarray(arrays["attention_mask"]), graphdef=self._ref_graphdef,
-                                     r=self.response_len, method=self.config.logprob_method))
+    def reference_logps(self, arrays: Mapping[str, np.ndarray], temperature: float | None = None) -> np.ndarray:
+        """log pi_ref,T [B, R] of the response tokens at T (default: the rollout temperature); response positions
+        only reach the unembedding."""
+        t = self.rollout_config.temperature if temperature is None else temperature
+        return tail_logps((self._ref_graphdef, self._ref_state), dict(arrays), self.response_len,
+                          method=self.config.logprob_method, temperature=t)
 
     def evaluate(self, indices: Sequence[int] | None = None, *, n: int | None = None, seed: int = 0,
                  temperature: float = 1.0) -> dict[str, float]:
-        """Mean reward, sequence KL(pi || ref) estimate and length of fresh samples from the current policy
-        (temperature 1 by default: then the KL estimate is unbiased)."""
+        """Mean reward, sequence KL(pi_T || ref_T) estimate and length of fresh samples from the current policy
+        at `temperature` (1 by default); the policy's and the reference's log-probs are taken at the same
+        temperature, so the KL estimate is unbiased at any temperature."""
         self.trainer.sync_model()
         indices = list(range(len(self.prompts))) if indices is None else list(indices)
         roll = self.rollout(indices, seed, n=n, sampling=dataclasses.replace(
             self.rollout_config.sampling(), temperature=temperature))
         rewards = self.score(roll)
         m = roll.arrays["loss_mask"]
-        kl = np.sum(np.where(m, roll.arrays["old_logp"] - self.reference_logps(roll.arrays), 0.0), axis=-1)
+        ref = self.reference_logps(roll.arrays, temperature)
+        kl = np.sum(np.where(m, roll.arrays["old_logp"] - ref, 0.0), axis=-1)
         return {"reward": float(rewards.mean()), "kl": float(kl.mean()), "response_len": float(m.sum(-1).mean())}
 
     def train(self) -> dict[str, float]:
@@ -485,47 +288,6 @@ class PromptsConfig:
 
     def __post_init__(self) -> None:
         check_ranges(self, "prompts", {"max_prompts": ">= 1"})
-
-
-@dataclasses.dataclass(frozen=True)
-class RewardConfig:
-    """The reward: a Python object `callable: package.module:name` or a reward-model directory.
-
-    interface: "batch" fn(prompts, responses) -> floats; "pair" fn(prompt, response) -> float; "scorer"
-    fn(prompts, responses, preferences) -> floats (prs_jax scorers, AI judges). With `kwargs` the object is a
-    factory called with them to build the reward (e.g. a judge class and its model directory)."""
-
-    callable: str | None = None
-    kwargs: dict[str, Any] | None = None
-    interface: Literal["batch", "pair", "scorer"] = "batch"
-    reward_model: str | None = None
-    head_name: str | None = None
-    formatter: Literal["chat", "template"] = "chat"
-    template: str = "Human: {prompt}\n\nAssistant: {response}"
-
-    def build(self) -> Reward:
-        """The `Reward` this section describes."""
-        if self.callable and self.reward_model:
-            raise ConfigError("reward: set either `reward.callable` or `reward.reward_model`, not both.")
-        if self.callable:
-            obj = import_object(self.callable)
-            if self.kwargs is not None:
-                obj = obj(**self.kwargs)
-            if not callable(obj):
-                raise ConfigError(f"reward.callable: {self.callable!r} is not callable.")
-            if self.interface == "pair":
-                return PairReward(obj)
-            return ScorerReward(obj) if self.interface == "scorer" else obj
-        if not self.reward_model:
-            raise ConfigError("reward: set `reward.callable` (package.module:name) or `reward.reward_model` (a "
-                              "reward-model checkpoint directory).")
-        from prs_jax.models import load_reward_model, load_tokenizer
-        from prs_jax.strategies.base import RewardModelScorer
-        from prs_jax.tree.scoring import RewardFormatter, RewardScorer
-
-        rm = load_reward_model(self.reward_model, head_name=self.head_name)
-        scorer = RewardScorer(rm, load_tokenizer(self.reward_model), RewardFormatter(self.formatter, self.template))
-        return ScorerReward(RewardModelScorer(scorer))
 
 
 @dataclasses.dataclass(frozen=True)

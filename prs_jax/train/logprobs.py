@@ -138,11 +138,14 @@ def token_logprobs_chunked(hidden_nd: jax.Array, w_dv: jax.Array, targets_n: jax
 
 def token_logprobs(hidden_btd: jax.Array, unembed_w_dv: jax.Array, targets_bt: jax.Array, *,
                    method: Method = "chunked", chunk_size: int | None = None, block_rows: int = 128,
-                   interpret: bool | None = None) -> jax.Array:
-    """Float32 [B, T] log-probs of targets_bt under softmax(hidden_btd @ unembed_w_dv), never [B, T, V] unless plain.
+                   interpret: bool | None = None, temperature: float = 1.0) -> jax.Array:
+    """Float32 [B, T] log-probs of targets_bt under softmax(hidden_btd @ unembed_w_dv / temperature), never
+    [B, T, V] unless plain.
 
     chunk_size: vocabulary chunk for "chunked" (default 2048) and vocabulary block for "pallas" (default 512).
-    block_rows and interpret are passed to the Pallas kernel only.
+    block_rows and interpret are passed to the Pallas kernel only. temperature (a Python float): the hidden
+    states are divided by it before the unembedding, which is logits / temperature for every method (RL scores
+    samples under the tempered distribution they were drawn from); gradients flow through the division.
     """
     if hidden_btd.ndim != 3 or unembed_w_dv.ndim != 2 or targets_bt.ndim != 2:
         raise ValueError(f"token_logprobs: expected hidden_btd [B, T, D], unembed_w_dv [D, V], targets_bt "
@@ -155,6 +158,10 @@ def token_logprobs(hidden_btd: jax.Array, unembed_w_dv: jax.Array, targets_bt: j
         raise ValueError(f"token_logprobs: targets_bt {targets_bt.shape} must match hidden_btd's [B, T] = {(b, t)}.")
     if not jnp.issubdtype(targets_bt.dtype, jnp.integer):
         raise ValueError(f"token_logprobs: targets_bt must be integer token ids, got {targets_bt.dtype}.")
+    if not temperature > 0:
+        raise ValueError(f"token_logprobs: temperature must be > 0, got {temperature}.")
+    if temperature != 1.0:
+        hidden_btd = hidden_btd / jnp.asarray(temperature, hidden_btd.dtype)
     hidden_nd = hidden_btd.reshape(b * t, d)
     targets_n = targets_bt.reshape(b * t).astype(jnp.int32)
     if method == "plain":

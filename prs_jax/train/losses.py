@@ -13,6 +13,9 @@ Conventions shared by every function here:
   (``normalize``, ``form``, ``reduction``) must be static (bind them with ``functools.partial`` or
   ``static_argnames``). Hyperparameters are validated when they are concrete (eager calls, or Python numbers
   bound before ``jax.jit``); traced values cannot be inspected and are not checked.
+- Shapes and dtypes are asserted at each function's entry with chex (through prs_jax.checks where the error
+  names the function): they read shapes only, so under jit they cost nothing at run time, and a wrong shape is a
+  ValueError naming the argument and the expected shape.
 - Inputs are computed in at least float32 (bf16 log-probs are upcast) so that margins of long sequences
   do not lose their low bits.
 - Reference log-probs are not stop-gradient'ed here: they come from frozen parameters upstream. Only the
@@ -24,21 +27,27 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
+from prs_jax.checks import assert_floating, assert_rank, assert_shape
+
 __all__ = [
     "LOSSES",
     "PROMPT_AUGMENTED_LOSSES",
+    "a2c_loss",
     "bt_reward",
     "dpo",
     "get_loss",
     "hinge",
     "ipo",
+    "returns_to_go",
     "robust",
     "sft_nll",
+    "shaped_rewards",
     "soft_label_reward",
     "sr_dpo",
     "sr_ipo",
@@ -47,6 +56,7 @@ __all__ = [
 Metrics = dict[str, jax.Array]
 LossOutput = tuple[jax.Array, Metrics]
 Normalize = Literal["sum", "mean"]
+KLMode = Literal["reward", "loss"]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -104,14 +114,12 @@ def _as_float(name: str, x: ArrayLike) -> jax.Array:
 def _batch(**arrays: ArrayLike) -> dict[str, jax.Array]:
     """Convert arrays to float and check they all have the same shape [B] (names appear in the error)."""
     out = {name: _as_float(name, x) for name, x in arrays.items()}
-    shapes = {name: x.shape for name, x in out.items()}
-    first_name, first_shape = next(iter(shapes.items()))
-    if len(first_shape) != 1:
-        raise ValueError(f"{first_name} must have shape [B] (one value per sequence), got shape {first_shape}")
-    bad = {name: s for name, s in shapes.items() if s != first_shape}
-    if bad:
-        listed = ", ".join(f"{name}{list(s)}" for name, s in shapes.items())
-        raise ValueError(f"inputs must all have the same shape [B]; got {listed}")
+    first_name, first = next(iter(out.items()))
+    chex.assert_rank(first, 1, exception_type=ValueError,
+                     custom_message=f"{first_name} must have shape [B] (one value per sequence)")
+    listed = ", ".join(f"{name}{list(x.shape)}" for name, x in out.items())
+    chex.assert_equal_shape(list(out.values()), exception_type=ValueError,
+                            custom_message=f"inputs must all have the same shape [B]; got {listed}")
     return out
 
 
@@ -451,11 +459,8 @@ def sft_nll(
     _check_choice("reduction", reduction, ("token", "sequence_mean", "sequence_sum"))
     logps_bt = _as_float("token_logps", token_logps)
     mask_bt = _as_float("mask", mask)
-    if logps_bt.ndim != 2:
-        raise ValueError(f"token_logps must have shape [B, T], got shape {list(logps_bt.shape)}")
-    if mask_bt.shape != logps_bt.shape:
-        raise ValueError(f"mask must have the shape of token_logps {list(logps_bt.shape)}, got shape "
-                         f"{list(mask_bt.shape)}")
+    assert_rank("sft_nll", "token_logps", logps_bt, 2, " [B, T]")
+    assert_shape("sft_nll", "mask", mask_bt, logps_bt.shape, " (mask must have the shape of token_logps)")
     # where() rather than multiply: padding positions may hold -inf log-probs, and -inf * 0 is NaN.
     nll_bt = jnp.where(mask_bt > 0, -logps_bt * mask_bt, 0.0)
     tokens_b = jnp.sum(mask_bt, axis=-1)
@@ -475,5 +480,98 @@ def sft_nll(
         "nll": token_mean,
         "perplexity": jnp.exp(token_mean),
         "tokens": total_tokens,
+    }
+    return loss, metrics
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A2C / REINFORCE with a value baseline (RLAIF section RL); the loop is prs_jax.train.a2c
+# ----------------------------------------------------------------------------------------------------------
+
+def returns_to_go(rewards_bt: jax.Array, mask_bt: jax.Array) -> jax.Array:
+    """Undiscounted return to go R_t = sum_{t' >= t} r_t' over the masked positions (gamma = 1), 0 elsewhere."""
+    assert_rank("returns_to_go", "rewards_bt", rewards_bt, 2, " [B, T]")
+    assert_shape("returns_to_go", "mask_bt", mask_bt, rewards_bt.shape, " (the shape of rewards_bt)")
+    mask = mask_bt.astype(bool)
+    r = jnp.where(mask, rewards_bt.astype(jnp.float32), 0.0)
+    return jnp.where(mask, jnp.flip(jnp.cumsum(jnp.flip(r, -1), -1), -1), 0.0)
+
+
+def shaped_rewards(reward_b: jax.Array, kl_bt: jax.Array, mask_bt: jax.Array, *, beta: float | jax.Array,
+                   kl_in_reward: bool, scale_reward: bool) -> jax.Array:
+    """Per-token rewards [B, T]: w * reward at each row's last masked token (w = 1 - beta if scale_reward else 1),
+    minus beta * kl_t on every masked token when the KL penalty is folded into the reward."""
+    assert_rank("shaped_rewards", "mask_bt", mask_bt, 2, " [B, T]")
+    assert_shape("shaped_rewards", "kl_bt", kl_bt, mask_bt.shape, " (the shape of mask_bt)")
+    assert_shape("shaped_rewards", "reward_b", reward_b, mask_bt.shape[:1], " (one reward per row of mask_bt)")
+    mask = mask_bt.astype(bool)
+    last = jnp.sum(mask, axis=-1) - 1
+    at_last = (jnp.arange(mask.shape[1])[None, :] == last[:, None]) & mask
+    w = (1.0 - beta) if scale_reward else 1.0
+    r = jnp.where(at_last, w * reward_b.astype(jnp.float32)[:, None], 0.0)
+    if kl_in_reward:
+        r = r - beta * jnp.where(mask, kl_bt.astype(jnp.float32), 0.0)
+    return r
+
+
+def a2c_loss(logp_bt: jax.Array, values_bt: jax.Array, old_logp_bt: jax.Array, ref_logp_bt: jax.Array,
+             reward_b: jax.Array, mask_bt: jax.Array, *, beta: float | jax.Array, kl_mode: KLMode = "reward",
+             scale_reward: bool = True, value_coef: float = 0.5, normalize_advantages: bool = False
+             ) -> LossOutput:
+    """The A2C loss as a token mean over the batch, and its metrics.
+
+    Per response token t (gamma = 1, the sequence reward at the last token, w = 1 - beta or 1):
+    kl_mode="reward": r_t = -beta (old_logp_t - ref_logp_t) + [t = last] w r; kl_mode="loss": r_t = [t = last] w r
+    and the loss gains beta * 1/2 (logp_t - ref_logp_t)^2. R_t = sum_{t' >= t} r_t';
+    loss = -sum_t logp_t sg(R_t - V_t) + value_coef sum_t (R_t - V_t)^2, each sum over the batch's response
+    tokens divided by their number.
+
+    logp_bt: policy log-probs of the sampled tokens (with gradient); values_bt: V(s_t) (with gradient);
+    old_logp_bt: log-probs at rollout time; ref_logp_bt: reference log-probs; reward_b: sequence rewards;
+    mask_bt: response tokens. All [B, T] except reward_b [B]; log-probs, values and rewards floating."""
+    _check_choice("kl_mode", kl_mode, ("reward", "loss"))
+    where = "a2c_loss"
+    assert_rank(where, "logp_bt", logp_bt, 2, " [B, T]")
+    for name, x in (("values_bt", values_bt), ("old_logp_bt", old_logp_bt), ("ref_logp_bt", ref_logp_bt),
+                    ("mask_bt", mask_bt)):
+        assert_shape(where, name, x, logp_bt.shape, " (the [B, T] of logp_bt)")
+    assert_shape(where, "reward_b", reward_b, logp_bt.shape[:1], " [B] (one reward per row of logp_bt)")
+    for name, x in (("logp_bt", logp_bt), ("values_bt", values_bt), ("old_logp_bt", old_logp_bt),
+                    ("ref_logp_bt", ref_logp_bt), ("reward_b", reward_b)):
+        assert_floating(where, name, x)
+    mask = mask_bt.astype(bool)
+    m = mask.astype(jnp.float32)
+    n_tok = jnp.maximum(jnp.sum(m), 1.0)
+    logp = logp_bt.astype(jnp.float32)
+    values = values_bt.astype(jnp.float32)
+    ref = ref_logp_bt.astype(jnp.float32)
+    kl_old = jnp.where(mask, old_logp_bt.astype(jnp.float32) - ref, 0.0)  # k1 estimate per sampled token
+    rewards = shaped_rewards(reward_b, kl_old, mask, beta=beta, kl_in_reward=kl_mode == "reward",
+                             scale_reward=scale_reward)
+    returns = returns_to_go(rewards, mask)
+    adv_raw = jax.lax.stop_gradient(returns - values)
+    adv = adv_raw
+    if normalize_advantages:
+        mean = jnp.sum(adv * m) / n_tok
+        std = jnp.sqrt(jnp.sum(jnp.square(adv - mean) * m) / n_tok)
+        adv = (adv - mean) / (std + 1e-8)
+    policy_loss = -jnp.sum(jnp.where(mask, logp * adv, 0.0)) / n_tok
+    value_loss = value_coef * jnp.sum(jnp.where(mask, jnp.square(returns - values), 0.0)) / n_tok
+    loss = policy_loss + value_loss
+    kl_loss = jnp.float32(0.0)
+    if kl_mode == "loss":
+        kl_loss = beta * jnp.sum(jnp.where(mask, 0.5 * jnp.square(logp - ref), 0.0)) / n_tok
+        loss = loss + kl_loss
+    reward = reward_b.astype(jnp.float32)
+    adv_mean = jnp.sum(adv_raw * m) / n_tok
+    metrics = {
+        "policy_loss": policy_loss, "value_loss": value_loss, "kl_loss": kl_loss,
+        "reward": jnp.mean(reward), "reward_std": jnp.std(reward),
+        "kl": jnp.mean(jnp.sum(kl_old, axis=-1)),  # sequence KL(pi || ref) estimate at the rollout
+        "return": jnp.sum(returns * m) / n_tok, "value": jnp.sum(values * m) / n_tok,
+        "advantage": adv_mean, "advantage_std": jnp.sqrt(jnp.sum(jnp.square(adv_raw - adv_mean) * m) / n_tok),
+        # ~0 on the first step after a rollout: the training forward agrees with the rollout's log-probs
+        "logp_minus_rollout": jnp.sum(jnp.where(mask, logp - old_logp_bt, 0.0)) / n_tok,
+        "response_len": jnp.mean(jnp.sum(m, axis=-1)),
     }
     return loss, metrics

@@ -11,6 +11,7 @@ progress bar, and a guard that stops on a non-finite loss without overwriting go
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -25,7 +26,6 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
 from prs_jax.config import check_ranges
@@ -33,7 +33,7 @@ from prs_jax.data.io import write_text_atomic
 from prs_jax.data.lock import OutputLock
 from prs_jax.data.stamp import describe_diff, diff_keys
 from prs_jax.errors import ConfigError, PrsJaxError
-from prs_jax.models.sharding import MeshConfig, shard_model
+from prs_jax.models.sharding import MeshConfig
 
 Metrics = dict[str, jax.Array]
 LossFn = Callable[[nnx.Module, dict[str, jax.Array], Any], tuple[jax.Array, Metrics]]
@@ -64,8 +64,14 @@ class OptimConfig:
                                      "min_lr_ratio": "in [0, 1]"})
 
 
+def decay_mask(params: Any) -> Any:
+    """True for the leaves AdamW decays: weights of rank >= 2 (matrices, embeddings, conv kernels); norms' scales
+    and biases (rank <= 1) are not decayed, the usual practice."""
+    return jax.tree.map(lambda x: jnp.ndim(x) >= 2, params)
+
+
 def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
-    """The optax chain for `cfg` over `total_steps` optimizer steps."""
+    """The optax chain for `cfg` over `total_steps` optimizer steps (AdamW's weight decay: rank >= 2 leaves only)."""
     decay_steps = max(total_steps - cfg.warmup_steps, 1)
     if cfg.schedule == "constant":
         after = optax.constant_schedule(cfg.lr)
@@ -76,7 +82,8 @@ def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransfor
     schedule = (optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, cfg.warmup_steps), after],
                                      [cfg.warmup_steps]) if cfg.warmup_steps else after)
     if cfg.name == "adamw":
-        opt = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)
+        opt = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
+                          mask=decay_mask)
     elif cfg.name == "rmsprop":
         opt = optax.rmsprop(schedule, eps=cfg.eps)
     else:
@@ -175,11 +182,14 @@ class Trainer:
         self.config = config
         self.frozen = dict(frozen or {})
         self.out_dir = Path(config.out_dir)
-        self.mesh = config.mesh.make_mesh() if config.mesh is not None else None
-        if self.mesh is not None:
-            shard_model(model, self.mesh)
+        # the mesh and the configured logical-axis rules; every step is traced and run inside `_scope()`, so
+        # the activation constraints (`constrain`) take effect with these rules
+        self.mesh_context = config.mesh.context() if config.mesh is not None else None
+        self.mesh = self.mesh_context.mesh if self.mesh_context is not None else None
+        if self.mesh_context is not None:
+            self.mesh_context.shard(model)
             for m in self.frozen.values():
-                shard_model(m, self.mesh)
+                self.mesh_context.shard(m)
         self.tx = make_optimizer(optim, config.steps)
         self.step = 0
         self.run_config = dict(run_config or {})
@@ -193,8 +203,9 @@ class Trainer:
         self._keys = [jax.tree_util.keystr(p) for p, _ in leaves]
         self._params = {k: leaf for k, (_, leaf) in zip(self._keys, leaves)}
         self._frozen_split = {k: nnx.split(m) for k, m in self.frozen.items()}
-        self._train_step = jax.jit(self._train_step_impl, static_argnames=("static",), donate_argnums=(0, 1))
-        self._eval_step = jax.jit(self._eval_step_impl, static_argnames=("static",))
+        self._train_step = self._scoped(jax.jit(self._train_step_impl, static_argnames=("static",),
+                                                donate_argnums=(0, 1)))
+        self._eval_step = self._scoped(jax.jit(self._eval_step_impl, static_argnames=("static",)))
 
     # ---------------------------------------------------------------------------------------- compiled
     def _state(self, params: dict[str, jax.Array]) -> nnx.State:
@@ -240,17 +251,44 @@ class Trainer:
         keep = lambda new, old: jnp.where(ok, new, old)  # noqa: E731
         return jax.tree.map(keep, new_params, params), jax.tree.map(keep, new_opt_state, opt_state), metrics
 
-    def _eval_step_impl(self, params, rest, frozen_states, batch, *, static):
-        loss, metrics = self._loss(params, rest, frozen_states, batch, static)
-        return dict(metrics, loss=loss)
+    def _eval_step_impl(self, params, rest, frozen_states, batch, valid_b, *, static):
+        """Sums over the valid rows of each row's loss and metrics, every row evaluated as a batch of one (a
+        vmap: one compiled program, one batched forward), so padding rows add nothing and a row's value does
+        not depend on the rows it was batched with."""
+
+        def one(row):
+            loss, metrics = self._loss(params, rest, frozen_states, row, static)
+            return dict(metrics, loss=loss)
+
+        per_row = jax.vmap(one)(jax.tree.map(lambda x: x[:, None], batch))
+        # where, not multiply: a padding row's value is never mixed in, even if it is not finite
+        return {k: jnp.sum(jnp.where(valid_b.reshape((-1,) + (1,) * (v.ndim - 1)), v.astype(jnp.float32), 0.0),
+                           axis=0) for k, v in per_row.items()}
 
     # ---------------------------------------------------------------------------------------- plumbing
+    def _scope(self) -> contextlib.AbstractContextManager:
+        """The mesh context (mesh + rules) the compiled steps are traced and run in; a no-op without a mesh."""
+        return self.mesh_context.activate() if self.mesh_context is not None else contextlib.nullcontext()
+
+    def _scoped(self, fn: Callable) -> Callable:
+        """`fn` traced and run inside `_scope()`; `.lower(...)` too (for inspecting the compiled program)."""
+
+        def call(*args, **kwargs):
+            with self._scope():
+                return fn(*args, **kwargs)
+
+        def lower(*args, **kwargs):
+            with self._scope():
+                return fn.lower(*args, **kwargs)
+
+        call.lower = lower
+        return call
+
     def _device_batch(self, arrays: Any) -> Any:
         """A batch pytree (a dict of arrays or a typed batch from prs_jax.data.batches) on the device(s)."""
-        if self.mesh is None:
+        if self.mesh_context is None:
             return jax.tree.map(jnp.asarray, arrays)
-        sharding = NamedSharding(self.mesh, P(("data", "fsdp")))
-        return jax.tree.map(lambda v: jax.device_put(v, sharding), arrays)
+        return jax.tree.map(lambda v: jax.device_put(v, self.mesh_context.batch_sharding(np.shape(v))), arrays)
 
     def _manager(self) -> ocp.CheckpointManager:
         cfg = self.config
@@ -417,7 +455,11 @@ class Trainer:
             metrics=metrics or None)
 
     def evaluate(self, source: BatchSource, params=None, rest=None, frozen_states=None) -> dict[str, float]:
-        """Mean metrics over the eval source (in order, `eval_batches` batches or all)."""
+        """Means over the eval rows (in order, `eval_batches` batches or all) of each row's loss and metrics.
+
+        A row's loss is the loss of that row alone (the loss function applied to a batch of one), so the result
+        is the plain mean over rows whatever the batch size: the last, partial batch is padded to the fixed
+        batch shape and a row mask drops the padding rows."""
         params = self._params if params is None else params
         rest = self._rest if rest is None else rest
         frozen_states = frozen_states if frozen_states is not None else {
@@ -430,17 +472,19 @@ class Trainer:
         count = 0
         for b in range(n_batches):
             idx = np.arange(b * bs, min((b + 1) * bs, len(source)))
-            if len(idx) < bs:  # keep shapes fixed: pad with repeats, weight only the real ones
-                idx = np.concatenate([idx, np.resize(idx, bs - len(idx))])
-                real = len(source) - b * bs
-            else:
-                real = bs
+            real = len(idx)
+            if real < bs:  # keep shapes fixed: pad with repeats, masked out below
+                idx = np.concatenate([idx, np.resize(idx, bs - real)])
             arrays, static = source.collate(idx)
-            m = jax.device_get(self._eval_step(params, rest, frozen_states, self._device_batch(arrays), static=static))
+            valid = np.arange(bs) < real
+            if self.mesh is not None:
+                valid = jax.device_put(valid, self.mesh_context.batch_sharding(valid.shape))
+            m = jax.device_get(self._eval_step(params, rest, frozen_states, self._device_batch(arrays),
+                                               jnp.asarray(valid), static=static))
             for k, v in m.items():
-                sums[k] = sums.get(k, 0.0) + float(v) * real
+                sums[k] = sums.get(k, 0.0) + float(v)
             count += real
-        return {k: v / count for k, v in sums.items()}
+        return {k: float(v / count) for k, v in sums.items()}
 
     def _log(self, fh, writer, split: str, metrics: dict[str, float]) -> None:
         fh.write(json.dumps({"step": self.step, "split": split, **metrics}) + "\n")

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from prs_jax.models.layers import KVCache
+from prs_jax.models.sharding import mesh_context_of, use_rules
 from prs_jax.tree.sampling import SamplingParams, sample
 from prs_jax.models.transformer import CausalLM
 
@@ -35,10 +36,19 @@ class Generation:
     lengths: jax.Array
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampling", "eos_ids", "pad_id"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampling", "eos_ids", "pad_id",
+                                             "rules"))
 def _generate(graphdef: nnx.GraphDef, state: nnx.State, input_ids: jax.Array, attention_mask: jax.Array,
               key: jax.Array, *, max_new_tokens: int, sampling: SamplingParams,
-              eos_ids: tuple[int, ...], pad_id: int) -> Generation:
+              eos_ids: tuple[int, ...], pad_id: int, rules: Any = None) -> Generation:
+    with use_rules(rules):
+        return _generate_body(graphdef, state, input_ids, attention_mask, key, max_new_tokens=max_new_tokens,
+                              sampling=sampling, eos_ids=eos_ids, pad_id=pad_id)
+
+
+def _generate_body(graphdef: nnx.GraphDef, state: nnx.State, input_ids: jax.Array, attention_mask: jax.Array,
+                   key: jax.Array, *, max_new_tokens: int, sampling: SamplingParams,
+                   eos_ids: tuple[int, ...], pad_id: int) -> Generation:
     model = nnx.merge(graphdef, state)
     b, t = input_ids.shape
     # The cache is born inside the program, so XLA updates it in place without a donated input.
@@ -114,5 +124,10 @@ def generate(model: CausalLM, input_ids: jax.Array, attention_mask: jax.Array, *
             raise ValueError(f"generate: row_keys must hold one key per row ({b}), got shape {row_keys.shape}.")
         key = row_keys
     key = key if key is not None else jax.random.key(0)
-    return _generate(graphdef, state, input_ids, attention_mask, key, max_new_tokens=max_new_tokens,
-                     sampling=sampling, eos_ids=tuple(int(e) for e in eos_ids), pad_id=int(pad_id))
+    kwargs = dict(max_new_tokens=max_new_tokens, sampling=sampling, eos_ids=tuple(int(e) for e in eos_ids),
+                  pad_id=int(pad_id))
+    ctx = mesh_context_of(model)  # a sharded model decodes inside its mesh
+    if ctx is None:
+        return _generate(graphdef, state, input_ids, attention_mask, key, **kwargs)
+    with ctx.activate():
+        return _generate(graphdef, state, input_ids, attention_mask, key, rules=ctx.frozen_rules, **kwargs)

@@ -33,6 +33,7 @@ from flax import nnx
 
 from prs_jax.kernels.cascade import use_pallas_default
 from prs_jax.models.layers import CascadeCache
+from prs_jax.models.sharding import MeshContext, mesh_context_of, use_rules
 from prs_jax.models.tokenizer import encode_chat
 from prs_jax.models.transformer import CausalLM
 from prs_jax.tree.sampling import SamplingParams, sample
@@ -62,6 +63,18 @@ class EngineConfig:
     # float results depend on the shapes a row is computed in (not on the row's position): with fixed shapes
     # the log-probs and KV of a node are bitwise the same whatever else was batched with it. 0: programs are
     # sized by the call (fewer, fuller programs; floats may differ in the last bits with the batching).
+    token_budget: int = 1 << 16  # group_tile = 0: a program holds at most this many padded tokens (groups x
+    # (prefix + rows x new tokens), bucketed); a call over more is split into several programs (longest-first
+    # items grouped by length), so memory is bounded by the budget, not by how many prompts a call gets. One
+    # group larger than the budget runs alone. 0: unbounded. With group_tile > 0 the tile fixes the shapes.
+
+    def __post_init__(self) -> None:
+        for name in ("min_prefix_bucket", "min_new_tokens_bucket", "min_groups_bucket", "min_extend_bucket"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"EngineConfig.{name} must be >= 1, got {getattr(self, name)}.")
+        for name in ("min_rows_bucket", "group_tile", "token_budget"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"EngineConfig.{name} must be >= 0, got {getattr(self, name)}.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,14 +159,24 @@ def extend_rows(module: Any, prefix_kv: jax.Array, prefix_mask: jax.Array, token
     return suffix, jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
 
 
-def _extend_fn(state, prefix_kv, prefix_mask, tokens, mask, *, graphdef, rows_per_group, impl, want_hidden):
-    return extend_rows(nnx.merge(graphdef, state), prefix_kv, prefix_mask, tokens, mask,
-                       rows_per_group=rows_per_group, impl=impl, want_hidden=want_hidden)
+def _extend_fn(state, prefix_kv, prefix_mask, tokens, mask, *, graphdef, rows_per_group, impl, want_hidden,
+               rules=None):
+    with use_rules(rules):
+        return extend_rows(nnx.merge(graphdef, state), prefix_kv, prefix_mask, tokens, mask,
+                           rows_per_group=rows_per_group, impl=impl, want_hidden=want_hidden)
 
 
 def _decode_fn(state, prefix_kv, prefix_mask, first_tok, row_keys, active, max_new, context_seen,
-               *, graphdef, rows_per_group, buf, params, eos_ids, pad_id, impl):
+               *, graphdef, rows_per_group, buf, params, eos_ids, pad_id, impl, rules=None):
     """The whole expansion in one program: cascade decode in a while_loop that stops when every row is done."""
+    with use_rules(rules):
+        return _decode_body(state, prefix_kv, prefix_mask, first_tok, row_keys, active, max_new, context_seen,
+                            graphdef=graphdef, rows_per_group=rows_per_group, buf=buf, params=params,
+                            eos_ids=eos_ids, pad_id=pad_id, impl=impl)
+
+
+def _decode_body(state, prefix_kv, prefix_mask, first_tok, row_keys, active, max_new, context_seen,
+                 *, graphdef, rows_per_group, buf, params, eos_ids, pad_id, impl):
     model = nnx.merge(graphdef, state)
     r = first_tok.shape[0]
     pk, pv = _stack_layers(prefix_kv)
@@ -196,17 +219,24 @@ def _decode_fn(state, prefix_kv, prefix_mask, first_tok, row_keys, active, max_n
 
 # Compiled programs are shared by every engine (and scorer) in the process: a new engine on the same model
 # shapes reuses them. Engines count the programs compiled during their own calls.
-EXTEND = jax.jit(_extend_fn, static_argnames=("graphdef", "rows_per_group", "impl", "want_hidden"))
+# The logical-axis rules are a static argument: a program cached for one engine never carries another's rules.
+EXTEND = jax.jit(_extend_fn, static_argnames=("graphdef", "rows_per_group", "impl", "want_hidden", "rules"))
 DECODE = jax.jit(_decode_fn, static_argnames=("graphdef", "rows_per_group", "buf", "params", "eos_ids", "pad_id",
-                                              "impl"))
+                                              "impl", "rules"))
 
 
 def counting(fn, owner: Any):
-    """Call jitted `fn`, adding the number of programs it compiled to `owner.compilations`."""
+    """Call jitted `fn`, adding the number of programs it compiled to `owner.compilations`. With an
+    `owner.mesh_context`, the call is traced and run inside it and `fn` gets its rules (static `rules`)."""
 
     def call(*args, **kwargs):
         before = fn._cache_size()
-        out = fn(*args, **kwargs)
+        ctx = getattr(owner, "mesh_context", None)
+        if ctx is None:
+            out = fn(*args, **kwargs)
+        else:
+            with ctx.activate():
+                out = fn(*args, rules=ctx.frozen_rules, **kwargs)
         owner.compilations += fn._cache_size() - before
         return out
 
@@ -218,8 +248,10 @@ class TreeEngine:
 
     def __init__(self, model: CausalLM, tokenizer: Any = None, *, seed: int = 0,
                  config: EngineConfig = EngineConfig(), eos_ids: Sequence[int] | None = None,
-                 pad_id: int | None = None):
+                 pad_id: int | None = None, mesh_context: MeshContext | None = None):
         self.model = model
+        # programs run inside the mesh the model's parameters live on (given, or found on them: default rules)
+        self.mesh_context = mesh_context if mesh_context is not None else mesh_context_of(model)
         self.cfg = model.config
         self.tokenizer = tokenizer
         self.config = config
@@ -322,18 +354,30 @@ class TreeEngine:
             return ""
         return self.tokenizer.decode(list(tokens), skip_special_tokens=True)
 
-    def _tiles(self, keys: Sequence[Any], todo: Sequence[int]) -> list[tuple[list[int], int]]:
+    def _tiles(self, keys: Sequence[Any], todo: Sequence[int], costs: Sequence[int] | None = None
+               ) -> list[tuple[list[int], int]]:
         """Split items `todo` into programs: (item indices, groups of the program).
 
-        group_tile = 0: one program for all, groups bucketed from their count. group_tile > 0: items grouped by
-        their own bucket key (`keys[i]`), each group cut into programs of exactly group_tile groups, so no
-        item's shapes depend on the other items of the call."""
+        group_tile = 0: programs of bucketed group counts, each within `token_budget` padded tokens (`costs[i]`:
+        item i's tokens as one group; items sorted by cost so similar lengths share a program). group_tile > 0:
+        items grouped by their own bucket key (`keys[i]`), each group cut into programs of exactly group_tile
+        groups, so no item's shapes depend on the other items of the call."""
         todo = list(todo)
         if not todo:
             return []
         tile = self.config.group_tile
         if tile <= 0:
-            return [(todo, bucket(len(todo), self.config.min_groups_bucket))]
+            floor, budget = self.config.min_groups_bucket, self.config.token_budget
+            if budget <= 0 or costs is None:
+                return [(todo, bucket(len(todo), floor))]
+            programs: list[list[int]] = [[]]
+            for i in sorted(todo, key=lambda j: -costs[j]):  # longest first: the first item sets the program's cost
+                cur = programs[-1]
+                if cur and bucket(len(cur) + 1, floor) * costs[cur[0]] > budget:
+                    programs.append([i])
+                else:
+                    cur.append(i)
+            return [(sorted(p), bucket(len(p), floor)) for p in programs]
         parts: dict[Any, list[int]] = {}
         for i in todo:
             parts.setdefault(keys[i], []).append(i)
@@ -348,7 +392,8 @@ class TreeEngine:
         out: list[tuple[jax.Array | None, int]] = [(None, -1)] * len(new_tokens)
         keys = [(bucket(length, self.config.min_prefix_bucket), bucket(len(t), self.config.min_extend_bucket))
                 for length, t in zip(prefix_lengths, new_tokens)]
-        for todo, groups in self._tiles(keys, [i for i, t in enumerate(new_tokens) if t]):
+        costs = [a + b for a, b in keys]
+        for todo, groups in self._tiles(keys, [i for i, t in enumerate(new_tokens) if t], costs):
             prefix_kv, prefix_mask = self.prefix_batch([parents[i] for i in todo],
                                                         [prefix_lengths[i] for i in todo], groups)
             t_bucket = bucket(max(len(new_tokens[i]) for i in todo), self.config.min_extend_bucket)
@@ -448,7 +493,10 @@ class TreeEngine:
         keys = [bucket(p.context_len - 1, self.config.min_prefix_bucket) for p in parents]
         result: list[list[Node]] = [[] for _ in parents]
         stats = {"groups": 0, "rows": 0, "prefix_kv_bytes": 0, "suffix_kv_bytes": 0, "programs": 0}
-        for todo, groups in self._tiles(keys, range(len(parents))):
+        buf = bucket(max_new_tokens, self.config.min_new_tokens_bucket)
+        rows = bucket(n, self.config.min_rows_bucket) if self.config.min_rows_bucket > 0 else n
+        costs = [k + rows * buf if self.config.share_prefix else n * (k + buf) for k in keys]
+        for todo, groups in self._tiles(keys, range(len(parents)), costs):
             kids = self._expand_tile([parents[i] for i in todo], [kid_paths[i] for i in todo], n, groups, sampling,
                                      max_new_tokens, stop_spec, stats)
             for i, ks in zip(todo, kids):

@@ -2,8 +2,9 @@
 
 Order: repetition penalty (on context + generated tokens), presence/frequency penalties (generated tokens),
 temperature, top-k, top-p, min-p. Greedy takes the argmax of the penalised logits. The log-prob kept for a
-sampled token is under the model's raw distribution (log_softmax of the unprocessed logits), which is what
-training and RL need.
+sampled token is under the model's raw distribution (log_softmax of the unprocessed logits), or with
+`tempered_logprobs` under log_softmax(logits / temperature), the distribution sampled before penalties and
+truncation (what RL at a temperature scores: prs_jax.train.rollout).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     greedy: bool = False
+    tempered_logprobs: bool = False  # keep log softmax(logits / temperature) instead of the raw log-prob
 
     def __post_init__(self) -> None:
         if not self.greedy and self.temperature <= 0:
@@ -151,7 +153,8 @@ def inverse_cdf(x: jax.Array, u: jax.Array) -> jax.Array:
 
 def sample(logits: jax.Array, u: jax.Array, params: SamplingParams, gen_counts: jax.Array | None = None,
            context_seen: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-    """Next token per row from logits [R, V] and uniforms u [R]; returns (tokens [R], raw log-probs [R])."""
+    """Next token per row from logits [R, V] and uniforms u [R]; returns (tokens [R], log-probs [R]: raw, or at
+    the temperature with `tempered_logprobs`)."""
     x = apply_penalties(logits, gen_counts, context_seen, params) if params.needs_counts else logits.astype(
         jnp.float32)
     if params.greedy:
@@ -159,6 +162,8 @@ def sample(logits: jax.Array, u: jax.Array, params: SamplingParams, gen_counts: 
     else:
         tok = inverse_cdf(truncate(x, params), u)
     raw = logits.astype(jnp.float32)
+    if params.tempered_logprobs and not params.greedy and params.temperature != 1.0:
+        raw = raw / params.temperature
     raw_logp = jnp.take_along_axis(raw, tok[:, None], axis=-1)[:, 0] - jax.nn.logsumexp(raw, axis=-1)
     return tok, raw_logp
 

@@ -22,6 +22,7 @@ import numpy as np
 from flax import nnx
 
 from prs_jax.kernels.cascade import use_pallas_default
+from prs_jax.models.sharding import MeshContext, mesh_context_of, use_rules
 from prs_jax.models.tokenizer import encode_chat
 from prs_jax.models.transformer import RewardModel
 from prs_jax.models.window import check_fits, window_of
@@ -116,33 +117,39 @@ def rows_per_group(cfg: Any, heads: int, n: int, p: int, t: int) -> int:
     return n
 
 
-def _prefill_fn(state, tokens, mask, *, graphdef, impl):
+def _prefill_fn(state, tokens, mask, *, graphdef, impl, rules=None):
     rm = nnx.merge(graphdef, state)
     c = rm.config
     g = tokens.shape[0]
     empty = jnp.zeros((c.num_hidden_layers, 2, g, c.num_key_value_heads, 1, c.head_dim), rm.head.kernel[...].dtype)
-    kv, _ = extend_rows(rm, empty, jnp.zeros((g, 1), bool), tokens, mask, rows_per_group=1, impl=impl,
-                        want_hidden=False)
+    with use_rules(rules):
+        kv, _ = extend_rows(rm, empty, jnp.zeros((g, 1), bool), tokens, mask, rows_per_group=1, impl=impl,
+                            want_hidden=False)
     return kv
 
 
-def _score_fn(state, prefix_kv, prefix_mask, tokens, mask, *, graphdef, rows_per_group, impl):
+def _score_fn(state, prefix_kv, prefix_mask, tokens, mask, *, graphdef, rows_per_group, impl, rules=None):
     rm = nnx.merge(graphdef, state)
-    _, h_last = extend_rows(rm, prefix_kv, prefix_mask, tokens, mask, rows_per_group=rows_per_group, impl=impl,
-                            want_hidden=True)
+    with use_rules(rules):
+        _, h_last = extend_rows(rm, prefix_kv, prefix_mask, tokens, mask, rows_per_group=rows_per_group,
+                                impl=impl, want_hidden=True)
     return rm.head(h_last)[:, 0]
 
 
-PREFILL = jax.jit(_prefill_fn, static_argnames=("graphdef", "impl"))
-SCORE = jax.jit(_score_fn, static_argnames=("graphdef", "rows_per_group", "impl"))
+# rules: static, so a cached program never carries another scorer's logical-axis rules
+PREFILL = jax.jit(_prefill_fn, static_argnames=("graphdef", "impl", "rules"))
+SCORE = jax.jit(_score_fn, static_argnames=("graphdef", "rows_per_group", "impl", "rules"))
 
 
 class RewardScorer:
     """Scores responses with a reward model, batched and bucketed, sharing each prompt's prefix KV."""
 
     def __init__(self, rm: RewardModel, tokenizer: Any, formatter: RewardFormatter = RewardFormatter(),
-                 config: ScorerConfig = ScorerConfig(), pad_id: int | None = None):
+                 config: ScorerConfig = ScorerConfig(), pad_id: int | None = None,
+                 mesh_context: MeshContext | None = None):
         self.rm, self.tokenizer, self.formatter, self.config = rm, tokenizer, formatter, config
+        # programs run inside the mesh the model's parameters live on (given, or found on them: default rules)
+        self.mesh_context = mesh_context if mesh_context is not None else mesh_context_of(rm)
         self._graphdef, self._state = nnx.split(rm)
         self.compilations = 0
         self.pad_id = int(pad_id if pad_id is not None else (tokenizer.pad_token_id or 0))

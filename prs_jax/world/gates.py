@@ -133,6 +133,33 @@ def _ratio(policy: float, teacher: float) -> float:
     return policy / teacher if teacher > 1e-9 else float("nan")
 
 
+def critique_breakdown(true: Sequence[Sequence[str]], got: Sequence[Sequence[str]]) -> dict[str, dict[str, float]]:
+    """Per issue kind (the part of an issue name before ':'): recall of the true issues, false alarms (named but
+    not true, counted per critique) and wrong items (the right kind named with another item): where an exact-set
+    miss comes from."""
+    out: dict[str, dict[str, float]] = {}
+    for t_list, g_list in zip(true, got):
+        t_set, g_set = set(t_list), set(g_list)
+        for issue in t_set:
+            kind = issue.split(":")[0]
+            row = out.setdefault(kind, {"true": 0, "found": 0, "false_alarms": 0, "wrong_item": 0})
+            row["true"] += 1
+            row["found"] += issue in g_set
+            row["wrong_item"] += issue not in g_set and ":" in issue and any(
+                g.split(":")[0] == kind for g in g_set - t_set)
+        for issue in g_set - t_set:
+            out.setdefault(issue.split(":")[0], {"true": 0, "found": 0, "false_alarms": 0, "wrong_item": 0})[
+                "false_alarms"] += 1
+    for row in out.values():
+        row["recall"] = row["found"] / row["true"] if row["true"] else float("nan")
+    return out
+
+
+def _worst(breakdown: dict[str, dict[str, float]], k: int = 4) -> str:
+    ranked = sorted((v["recall"], kind) for kind, v in breakdown.items() if v["true"])
+    return "recall " + ", ".join(f"{kind} {r:.2f}" for r, kind in ranked[:k])
+
+
 def measure_gates(built: Any, cfg: GateConfig, console: Console | None = None) -> dict[str, Any]:
     """Measure every policy / RM gate of a built world on its held-out prompts; returns {"rows", "policy",
     "teacher"} (rows as in `gate_table`)."""
@@ -184,11 +211,15 @@ def measure_gates(built: Any, cfg: GateConfig, console: Console | None = None) -
     ask_t = engine.append(roots_t, [require_turn_text(tok, FEEDBACK_TURN, r) for r in roots_t])
     crit_t = [k[0].text for k in engine.expand(ask_t, 1, greedy, max_new_tokens=cfg.critique_max_new_tokens)]
     match_t = [parse_feedback(c) == (violations(p.x, p.z, d.text()), 0) for p, d, c in zip(prompts, t_drafts, crit_t)]
+    by_kind_t = critique_breakdown([violations(p.x, p.z, d.text()) for p, d in zip(prompts, t_drafts)],
+                                   [parse_feedback(c)[0] for c in crit_t])
     engine.release(roots_t)
     drafts = [ks[0] for ks in kxz]
     ask = engine.append(drafts, [require_turn_text(tok, FEEDBACK_TURN, d) for d in drafts])
     own = [k[0] for k in engine.expand(ask, 1, greedy, max_new_tokens=cfg.critique_max_new_tokens)]
     match_own = [parse_feedback(c.text) == (violations(p.x, p.z, d.text), 0) for p, d, c in zip(prompts, drafts, own)]
+    by_kind_own = critique_breakdown([violations(p.x, p.z, d.text) for p, d in zip(prompts, drafts)],
+                                     [parse_feedback(c.text)[0] for c in own])
     pol["critique_examples"] = [{"draft": d.text, "critique": c.text, "true": violations(p.x, p.z, d.text)}
                                 for p, d, c in list(zip(prompts, drafts, own))[:3]]
 
@@ -291,8 +322,9 @@ def measure_gates(built: Any, cfg: GateConfig, console: Console | None = None) -
         rows.append(_row(f"lift:{kind}", _ratio(v["policy"], v["teacher"]), cfg.lift, 1.0,
                          note=f"policy lift {v['policy']:+.2f}, teacher {v['teacher']:+.2f}; met with z "
                               f"{v['policy_met_xz']:.2f} vs {v['teacher_met_xz']:.2f}"))
-    rows.append(_row("critique_teacher", float(np.mean(match_t)), cfg.critique_teacher, 1.0))
-    rows.append(_row("critique_own", float(np.mean(match_own)), cfg.critique_own, 1.0))
+    rows.append(_row("critique_teacher", float(np.mean(match_t)), cfg.critique_teacher, 1.0,
+                     note=_worst(by_kind_t)))
+    rows.append(_row("critique_own", float(np.mean(match_own)), cfg.critique_own, 1.0, note=_worst(by_kind_own)))
     rows.append(_row("refine_true", _ratio(gains["true"], tea["refine_gain_true"]), cfg.refine_true, 1.0,
                      note=f"gain {gains['true']:+.3f} vs teacher {tea['refine_gain_true']:+.3f}"))
     rows.append(_row("refine_self", _ratio(gains["self"], tea["refine_gain_true"]), cfg.refine_self, 1.0,
@@ -308,7 +340,8 @@ def measure_gates(built: Any, cfg: GateConfig, console: Console | None = None) -
     rows.append(_row("vs_kl", float(np.mean(kls)), cfg.vs_kl, 0.0, upper=True,
                      note=f"{cfg.vs_samples * 2} direct answers per category"))
     pol.update({"lift": lift, "critique_teacher_match": float(np.mean(match_t)),
-                "critique_own_match": float(np.mean(match_own)), "rm_auc": {k: v[0] for k, v in rm_auc.items()},
+                "critique_own_match": float(np.mean(match_own)), "critique_teacher_by_kind": by_kind_t,
+                "critique_own_by_kind": by_kind_own, "rm_auc": {k: v[0] for k, v in rm_auc.items()},
                 "rm_own_accuracy": rm_own, "vs_pearson": vs_pearson, "vs_kl_per_category": kls})
     return _finite({"rows": rows, "policy": pol, "teacher": tea, "prompts": len(prompts), "samples": S})
 

@@ -31,7 +31,7 @@ from prs_jax.strategies.prs import PRS
 from prs_jax.tree.engine import EngineConfig, TreeEngine
 from prs_jax.tree.sampling import SamplingParams
 from prs_jax.tree.scoring import RewardScorer
-from prs_jax.world.build import BuiltWorld, build_world, preset
+from prs_jax.world.build import BuiltWorld, build_world, load_world, preset
 from prs_jax.world.ceiling import METHODS, prs_widths, teacher_best_of_n
 from prs_jax.world.corpus import world_templates
 from prs_jax.world.gates import gate_table
@@ -44,6 +44,8 @@ class QuickstartConfig:
 
     preset: str = "default"
     world_root: str = "runs/world"
+    world_dir: str = ""  # an existing built world (e.g. `world build sft_steps=2800`): used instead of the preset,
+    # and its seed becomes the sampling seed
     out_dir: str = "runs/quickstart"
     seed: int = 0  # the world's seed (and the sampling seed)
     prompts: int = 256
@@ -198,8 +200,12 @@ def run_quickstart(cfg: QuickstartConfig = QuickstartConfig(), console: Console 
     """Build or load the world, run the paired comparison and the teacher ceiling, print tables, write JSON + PNG."""
     console = console or Console()
     t_start = time.perf_counter()
-    built = build_world(preset(cfg.preset, seed=cfg.seed), root=cfg.world_root, console=console,  # type: ignore[arg-type]
-                        allow_weak=cfg.allow_weak)
+    if cfg.world_dir:
+        built = load_world(cfg.world_dir, allow_weak=cfg.allow_weak, console=console)
+        cfg = dataclasses.replace(cfg, seed=built.config.seed)
+    else:
+        built = build_world(preset(cfg.preset, seed=cfg.seed), root=cfg.world_root,  # type: ignore[arg-type]
+                            console=console, allow_weak=cfg.allow_weak)
     t_world = time.perf_counter() - t_start
     held = built.heldout()
     if len(held) < cfg.prompts:

@@ -1,4 +1,5 @@
-"""A forward sharded over 8 simulated CPU devices (fsdp x tensor) equals the unsharded forward."""
+"""A forward sharded over 8 simulated CPU devices (fsdp x tensor) equals the unsharded forward; the tree engine's
+decode program keeps its KV sharded on kv heads (tensor) and rows (batch axes) as the configured rules say."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import os
 import subprocess
 import sys
 import textwrap
+
+import pytest
 
 SCRIPT = textwrap.dedent("""
     import jax
@@ -40,6 +43,7 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # ~23 s: three 8-device meshes compiled in a subprocess
 def test_sharded_forward_equals_unsharded(make_checkpoint):
     path = make_checkpoint("llama", num_attention_heads=4, num_key_value_heads=4)
     rm_path = make_checkpoint("llama", task="reward")
@@ -49,3 +53,76 @@ def test_sharded_forward_equals_unsharded(make_checkpoint):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "ALL OK" in proc.stdout
     assert "('fsdp', 'tensor')" in proc.stdout or "'tensor'" in proc.stdout
+
+
+ENGINE_SCRIPT = textwrap.dedent(r"""
+    import jax
+    jax.config.update("jax_num_cpu_devices", 8)
+    import json, re, sys
+    import prs_jax.tree.engine as E
+    from prs_jax.models import MeshConfig, load_causal_lm, load_tokenizer
+    from prs_jax.tree.sampling import SamplingParams
+
+    path = sys.argv[1]
+    calls = {}
+
+    class Spy:  # records what the engine's decode program returns and its lowered text (inside the engine's scope)
+        def __init__(self, fn):
+            self.fn = fn
+
+        def _cache_size(self):
+            return self.fn._cache_size()
+
+        def __call__(self, *args, **kwargs):
+            out = self.fn(*args, **kwargs)
+            calls["suffix"] = out[-1]
+            calls["text"] = self.fn.lower(*args, **kwargs).as_text()
+            return out
+
+    E.DECODE = Spy(E.DECODE)
+
+    def spec(array):
+        out = [list(a) if isinstance(a, tuple) else a for a in array.sharding.spec]
+        return out + [None] * (array.ndim - len(out))
+
+    report = {}
+    for name, rules in (("default", {}), ("kv_replicated", {"kv_heads": []})):
+        ctx = MeshConfig(data=2, fsdp=1, tensor=4, rules=rules).context()
+        model = load_causal_lm(path, mesh=ctx.mesh, sharding_rules=ctx.rules)
+        engine = E.TreeEngine(model, load_tokenizer(path), config=E.EngineConfig(attention_impl="reference"),
+                              mesh_context=ctx if rules else None)  # default: found on the parameters
+        roots = engine.add_prompts([[5, 6, 7, 8, 9], [10, 11, 12]])
+        kids = engine.expand(roots, 2, SamplingParams(temperature=1.0), max_new_tokens=6)
+        suffix = calls["suffix"]  # [L, 2, rows, kv_heads, T, head_dim]
+        kv_constraints = re.findall(r"sdy\.sharding_constraint %\S+ <@mesh, (\[.*?\])> : tensor<4x4x\d+x\d+xf32>",
+                                    calls["text"])
+        report[name] = dict(suffix=spec(suffix), shape=list(suffix.shape), constraints=sorted(set(kv_constraints)),
+                            n_kids=[len(k) for k in kids], segment=spec(kids[0][0].kv) if kids[0][0].kv is not None
+                            else None)
+    print(json.dumps(report))
+""")
+
+
+@pytest.mark.slow  # ~20 s: engine programs compiled for 8 devices in a subprocess
+def test_engine_kv_sharded_on_kv_heads(make_checkpoint):
+    import json
+
+    path = make_checkpoint("llama", num_attention_heads=4, num_key_value_heads=4)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    proc = subprocess.run([sys.executable, "-c", ENGINE_SCRIPT, str(path)], capture_output=True, text=True,
+                          env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    default, replicated = report["default"], report["kv_replicated"]
+    assert default["n_kids"] == [2, 2]
+    # tensor parallelism: the decode program's KV is constrained and returned with rows on the batch axes
+    # (data) and kv heads on tensor
+    assert default["shape"][2:4] == [4, 4]
+    assert default["suffix"][2:4] == ["data", "tensor"], default
+    assert default["constraints"] and all(c.startswith('[{"data"') and c.endswith('}, {"tensor"}, {}, {}]')
+                                          for c in default["constraints"]), default
+    assert default["segment"][2] == "tensor", default  # node segments [L, 2, kv_heads, T, D] keep it
+    # the configured rules decide: kv_heads -> [] keeps the heads whole
+    assert replicated["suffix"][2:4] == ["data", None], replicated
+    assert replicated["constraints"] and all(c.startswith('[{"data"') and c.endswith('}, {}, {}, {}]')
+                                             for c in replicated["constraints"]), replicated

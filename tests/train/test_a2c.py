@@ -1,6 +1,6 @@
-"""A2C (RLAIF section RL): the loss against NumPy, learning on a tiny bandit-like task (reward up, value loss
-down), the KL term holding the policy near the reference, exact resume, adapters and config errors, and the
-`prs-jax train a2c` command end to end.
+"""A2C (RLAIF section RL): the loss against NumPy, log-probs at the sampling temperature, learning on a tiny
+bandit-like task (reward up, value loss down), the KL term holding the policy near the reference, exact resume,
+adapters and config errors, and the `prs-jax train a2c` command end to end.
 
 One 1-layer random Llama (hidden 32) serves every run, so the engine's programs compile once for the module;
 each Trainer compiles its own step (~10 s on 2 cores), hence few runs: the beta = 0 run is shared by the
@@ -21,19 +21,11 @@ import pytest
 from prs_jax.cli import main
 from prs_jax.errors import ConfigError, PrsJaxError
 from prs_jax.models import load_causal_lm, load_reward_model, load_tokenizer
-from prs_jax.train.a2c import (
-    A2C,
-    A2CConfig,
-    PairReward,
-    RewardConfig,
-    Rollout,
-    RolloutConfig,
-    ScorerReward,
-    a2c_loss,
-    returns_to_go,
-    shaped_rewards,
-)
-from prs_jax.train.a2c_rewards import WordCount, vowel_reward
+from prs_jax.train import a2c as a2c_module
+from prs_jax.train.a2c import A2C, A2CConfig, RolloutConfig
+from prs_jax.train.a2c_rewards import PairReward, RewardConfig, ScorerReward, WordCount, vowel_reward
+from prs_jax.train.losses import a2c_loss, returns_to_go, shaped_rewards
+from prs_jax.train.rollout import Rollout
 from prs_jax.train.trainer import OptimConfig, TrainerConfig
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "experiments"
@@ -109,6 +101,30 @@ def test_returns_hand_values():
     np.testing.assert_allclose(np.asarray(returns_to_go(r, jnp.array([[1, 1, 1, 0]], bool))), [[1.5, 2.0, 2.0, 0.0]])
 
 
+def test_a2c_loss_shape_errors_name_the_argument():
+    mask = np.ones((2, 3), bool)
+    x = np.zeros((2, 3), np.float32)
+    ok = dict(logp_bt=x, values_bt=x, old_logp_bt=x, ref_logp_bt=x, reward_b=np.zeros(2, np.float32), mask_bt=mask)
+    a2c_loss(**ok, beta=0.1)
+    for bad, match in ((dict(values_bt=np.zeros((2, 4), np.float32)), r"a2c_loss: values_bt must have shape \[2, 3\]"),
+                       (dict(reward_b=np.zeros(3, np.float32)), r"a2c_loss: reward_b must have shape \[2\]"),
+                       (dict(logp_bt=np.zeros(6, np.float32)), r"a2c_loss: logp_bt must have rank 2"),
+                       (dict(ref_logp_bt=np.zeros((2, 3), np.int32)), r"a2c_loss: ref_logp_bt must be a floating"),
+                       (dict(mask_bt=np.ones((3, 3), bool)), r"a2c_loss: mask_bt must have shape")):
+        with pytest.raises(ValueError, match=match):
+            a2c_loss(**{**ok, **bad}, beta=0.1)
+    # the checks read shapes only: under jit they run once, at trace time, and raise the same error
+    with pytest.raises(ValueError, match="a2c_loss: values_bt"):
+        jax.jit(lambda v: a2c_loss(**{**ok, "values_bt": v}, beta=0.1))(np.zeros((2, 4), np.float32))
+    with pytest.raises(ValueError, match="kl_mode must be one of"):
+        a2c_loss(**ok, beta=0.1, kl_mode="penalty")
+    with pytest.raises(ValueError, match="shaped_rewards: reward_b must have shape"):
+        shaped_rewards(np.zeros(3), x, mask, beta=0.1, kl_in_reward=True, scale_reward=True)
+    # the names A2C users imported from prs_jax.train.a2c before the split are still there
+    assert a2c_module.a2c_loss is a2c_loss and a2c_module.Rollout is Rollout
+    assert {"RewardConfig", "ScorerReward", "PairReward", "A2CLoss", "ActorCritic", "TAIL_LOGPS"} <= set(dir(a2c_module))
+
+
 # ---------------------------------------------------------------------------------------------- rewards, config
 def test_rewards_and_adapters():
     from prs_jax.strategies.base import CallableScorer
@@ -165,6 +181,39 @@ def make_a2c(model_dir: Path, out_dir: Path, beta: float = 0.0) -> A2C:
 
 def rows_of(out_dir) -> list[dict]:
     return [json.loads(x) for x in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def _logp_at(logits_btv: np.ndarray, targets_bt: np.ndarray, temperature: float) -> np.ndarray:
+    z = logits_btv.astype(np.float64) / temperature
+    z = z - np.log(np.sum(np.exp(z - z.max(-1, keepdims=True)), -1, keepdims=True)) - z.max(-1, keepdims=True)
+    return np.take_along_axis(z, targets_bt[..., None], -1)[..., 0]
+
+
+def test_logps_are_at_the_sampling_temperature(small_dir, tmp_path):
+    """Rollouts sample from softmax(logits / T): old_logp, the training forward and the reference are all
+    log softmax(logits / T) of a plain forward (the old code scored them at T = 1)."""
+    a = make_a2c(small_dir, tmp_path)  # the training runs' shapes: their engine and forward programs are reused
+    t = a.rollout_config.temperature
+    assert t == 0.9
+    roll = a.rollout(range(len(PROMPTS)), seed=3)
+    ids, mask, lm = (roll.arrays[k] for k in ("input_ids", "attention_mask", "loss_mask"))
+    r = lm.shape[1]
+    logits, _ = a.model.policy(jnp.asarray(ids), attention_mask=jnp.asarray(mask))
+    logits = np.asarray(logits)[:, -r - 1:-1]
+    want, raw = _logp_at(logits, ids[:, -r:], t), _logp_at(logits, ids[:, -r:], 1.0)
+    assert lm.sum() > 4 and np.all(roll.arrays["old_logp"][~lm] == 0)
+
+    def on(x):
+        return np.asarray(x)[lm]
+
+    np.testing.assert_allclose(on(roll.arrays["old_logp"]), on(want), atol=2e-5)
+    assert np.max(np.abs(on(raw) - on(want))) > 1e-2  # what the old behaviour stored: visibly different
+    # the training forward (the loss object scores at the rollout temperature) and the reference agree
+    assert a.trainer.loss_fn.temperature == t
+    logp, _ = a.model.logps_and_values(jnp.asarray(ids), jnp.asarray(mask), r, a._static, temperature=t)
+    np.testing.assert_allclose(on(logp), on(want), atol=2e-5)
+    np.testing.assert_allclose(on(a.reference_logps(roll.arrays)), on(want), atol=2e-5)  # ref_T (ref = policy)
+    np.testing.assert_allclose(on(a.reference_logps(roll.arrays, 1.0)), on(raw), atol=2e-5)
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 SCRIPT = textwrap.dedent("""
     import jax
     jax.config.update("jax_num_cpu_devices", 8)
@@ -40,6 +42,7 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # ~60 s: three trainers (plain + two 8-device meshes) in a subprocess
 def test_sharded_training_matches_unsharded(make_checkpoint, tmp_path):
     import json
 

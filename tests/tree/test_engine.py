@@ -218,3 +218,27 @@ def test_path_keys_sample_without_bias(model_tok):
     big = expected >= 10
     chi2 = float(((counts[big] - expected[big]) ** 2 / expected[big]).sum())
     assert big.sum() >= 10 and chi2 < big.sum() + 4 * np.sqrt(2 * big.sum())  # mean dof, sd sqrt(2 dof)
+
+
+def test_token_budget_splits_programs_without_changing_trees(model_tok):
+    """A call over more tokens than `token_budget` runs in several programs (each within the budget); the tree
+    is the same, and log-probs equal to float tolerance."""
+    model, tok = model_tok
+    prompts = ["one two three four five six seven", "four five", "six", "a b c d e f g h i j k l", "x y"]
+    params = SamplingParams(temperature=1.0)
+
+    def run(budget):
+        eng = TreeEngine(model, tok, seed=2, config=EngineConfig(token_budget=budget))
+        roots = eng.add_prompts(prompts, ids=[str(i) for i in range(len(prompts))])
+        kids = eng.expand(roots, 3, params, max_new_tokens=6)
+        return kids, dict(eng.last_decode_stats)
+
+    big, big_stats = run(0)
+    small, small_stats = run(64)
+    assert big_stats["programs"] == 1 and small_stats["programs"] >= 3
+    for a, b in zip(big, small):
+        assert [k.tokens for k in a] == [k.tokens for k in b]
+        for x, y in zip(a, b):
+            np.testing.assert_allclose(x.logprobs, y.logprobs, atol=1e-5)
+    with pytest.raises(ValueError, match="token_budget must be >= 0"):
+        EngineConfig(token_budget=-1)

@@ -120,3 +120,14 @@ def test_labelers_are_separate_models_with_gates(micro):
     gates = {g["gate"] for g in report["gates"]["rows"]}
     assert gates == {"labeler_teacher_accuracy", "labeler_policy_accuracy", "labeler_position_bias"}
     assert build_labelers(built, lcfg, progress=False) == report  # cached
+
+
+def test_critique_breakdown_counts_recall_false_alarms_and_wrong_items():
+    from prs_jax.world.gates import critique_breakdown
+
+    true = [["off:gold", "first:judo"], ["thanks"], []]
+    got = [["first:deer"], ["thanks", "numbered"], ["exclude:cat"]]
+    b = critique_breakdown(true, got)
+    assert b["off"] == {"true": 1, "found": 0, "false_alarms": 0, "wrong_item": 0, "recall": 0.0}
+    assert b["first"] == {"true": 1, "found": 0, "false_alarms": 1, "wrong_item": 1, "recall": 0.0}
+    assert b["thanks"]["recall"] == 1.0 and b["numbered"]["false_alarms"] == 1 and b["exclude"]["false_alarms"] == 1
