@@ -4,17 +4,26 @@
 
 Model for every contender: the same random tiny Llama checkpoint (hidden 256, 4 layers, 4 heads, vocab 32000,
 float32), written once by prs_jax.models.tiny.build_checkpoint and loaded by both prs_jax and transformers.
-Data: 8 * `--batches` preference pairs, prompt 64 tokens + response 64 tokens (63 words and EOS) for chosen and
-rejected; batch 8 pairs. TRL takes text only, so a word-level tokenizer ("wN" <-> id N) makes the texts
-round-trip to exactly the token ids prs_jax gets (checked in the run: TRL's tokenised dataset must equal the
-prs_jax arrays, and both sides' reference log-probs must agree).
+Data, per shape (`--shapes`, default "64x64,256x64": prompt x response tokens): 8 * `--batches` preference
+pairs, random prompt words + a response of (response - 1) words and EOS, for chosen and rejected; batch 8 pairs.
+TRL takes text only, so a word-level tokenizer ("wN" <-> id N) makes the texts round-trip to exactly the token
+ids prs_jax gets (checked in the run: TRL's tokenised dataset must equal the prs_jax ids, and both sides'
+reference log-probs must agree).
+
+prs_jax runs each preference batch in the three layouts of prs_jax.data.pairs.collate_pairs: "packed" (one row
+[prompt | chosen | rejected] per pair, block mask: the prompt is computed once; the default), "cascade" (the
+prompt once as its own row, the responses attend to its keys/values by cascade attention, gradients through
+it) and "separate" (rows [prompt | chosen], [prompt | rejected]: the unshared forward).
 
 T1  DPO optimizer steps/s, prs_jax Trainer vs TRL DPOTrainer (torch CPU, f32, 2 threads), with a live reference
-    model and with precomputed reference log-probs. Goal: prs_jax >= 2x TRL in both modes.
-T2  Sr-DPO step time / DPO step time in prs_jax, both with precomputed reference log-probs. Goal <= 1.2.
+    model and with precomputed reference log-probs. Goal (issue 17): prs_jax >= 5x TRL with precomputed
+    references at prompt 256 + response 64 (the shape where sharing matters); the 64 + 64 shape is kept.
+T2  Sr-DPO step time / DPO step time in prs_jax, both with precomputed reference log-probs, same layout.
+    Goal <= 1.1 (issue 17; the p (+) x view is its own packed row [p + x | chosen | rejected]).
 T3  Token log-probs (values + gradient w.r.t. the hidden states) at vocab 128k, [8, 128] tokens, hidden 256:
     method "chunked" (several chunk sizes) vs "plain": peak XLA temporaries (compiled memory_analysis) and time.
-    Goals: >= 8x less memory, <= 1.2x plain's time.
+    Goals: >= 8x less memory, <= 1.2x plain's time. (With --skip t3 the previous JSON's T3 block is kept,
+    marked with its date.)
 
 Timing. A "step" is one optimizer step: forward + backward of the loss, gradient clipping (norm 1.0), AdamW
 update. TRL: the time between the Trainer callbacks on_step_begin and on_step_end inside `trainer.train()`
@@ -55,11 +64,14 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from prs_jax.data.batching import bucket_length  # noqa: E402
+import dataclasses  # noqa: E402
+
+from prs_jax.data.batches import PairBatch  # noqa: E402
+from prs_jax.data.pairs import TokenizedPair, collate_pairs  # noqa: E402
 from prs_jax.models import load_causal_lm  # noqa: E402
 from prs_jax.models.tiny import build_checkpoint  # noqa: E402
 from prs_jax.train.logprobs import token_logprobs  # noqa: E402
-from prs_jax.train.objectives import PreferenceLoss, Static, bucket_r_max  # noqa: E402
+from prs_jax.train.objectives import PreferenceLoss  # noqa: E402
 from prs_jax.train.reference import compute_reference  # noqa: E402
 from prs_jax.train.trainer import OptimConfig, Trainer, TrainerConfig  # noqa: E402
 
@@ -67,7 +79,8 @@ VOCAB = 32000
 MODEL = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
              num_key_value_heads=4, vocab_size=VOCAB, max_position_embeddings=512)
 PAD, EOS, UNK = 0, 1, 2  # "<pad>", "</s>", "<unk>"; word "wN" has id N for 3 <= N < VOCAB
-PROMPT_LEN, RESP_LEN, BATCH = 64, 64, 8
+BATCH = 8
+PAD_MULTIPLE = 16
 SR_PREFIX_LEN = 16  # the Sr-DPO prompt prefix p, in tokens
 LR, BETA, SR_LAM = 1e-5, 0.1, 0.5
 QUIET_CORES = 0.3  # a step is "quiet" when other processes kept fewer cores than this busy during it
@@ -127,53 +140,40 @@ def words(ids) -> str:
     return " ".join(f"w{int(i)}" for i in ids)
 
 
-def make_data(n_pairs: int, seed: int = 0) -> tuple[dict[str, list[str]], dict[str, np.ndarray], np.ndarray]:
-    """Texts for TRL, pair arrays for prs_jax (same ids), and the Sr-DPO prefix ids."""
+def make_data(n_pairs: int, prompt_len: int, resp_len: int, seed: int = 0
+              ) -> tuple[dict[str, list[str]], list[TokenizedPair]]:
+    """Texts for TRL and the same pairs as prs_jax token ids (each with its p (+) x view: an Sr-DPO prefix of
+    SR_PREFIX_LEN tokens before the prompt)."""
     rng = np.random.default_rng(seed)
-    t = PROMPT_LEN + RESP_LEN
     texts: dict[str, list[str]] = {"prompt": [], "chosen": [], "rejected": []}
-    arrays: dict[str, list[np.ndarray]] = {}
+    prefix = rng.integers(3, VOCAB, SR_PREFIX_LEN).astype(np.int32)
+    pairs = []
     for _ in range(n_pairs):
-        prompt = rng.integers(3, VOCAB, PROMPT_LEN)
+        prompt = rng.integers(3, VOCAB, prompt_len).astype(np.int32)
         texts["prompt"].append(words(prompt))
+        resps = []
         for side in ("chosen", "rejected"):
-            resp = np.append(rng.integers(3, VOCAB, RESP_LEN - 1), EOS)
+            resp = np.append(rng.integers(3, VOCAB, resp_len - 1), EOS).astype(np.int32)
             # leading space: TRL tokenises prompt + chosen as one string; trailing "</s>": TRL adds no second EOS
             texts[side].append(" " + words(resp[:-1]) + "</s>")
-            arrays.setdefault(f"{side}_ids", []).append(np.concatenate([prompt, resp]).astype(np.int32))
-            arrays.setdefault(f"{side}_mask", []).append(np.ones(t, np.int32))
-            arrays.setdefault(f"{side}_loss_mask", []).append((np.arange(t) >= PROMPT_LEN).astype(np.int32))
-    prefix = rng.integers(3, VOCAB, SR_PREFIX_LEN).astype(np.int32)
-    return texts, {k: np.stack(v) for k, v in arrays.items()}, prefix
+            resps.append(resp)
+        aug = TokenizedPair(np.concatenate([prefix, prompt]), resps[0], resps[1])
+        pairs.append(TokenizedPair(prompt, resps[0], resps[1], augmented=aug))
+    return texts, pairs
 
 
-def augment(arrays: dict[str, np.ndarray], prefix: np.ndarray, shared_t: int | None = None) -> dict[str, np.ndarray]:
-    """Add the p (+) x views (prefix before the prompt, same responses). shared_t: pad EVERY view (plain ones
-    included) to that length, as prs_jax.data.pairs.collate_pairs does (one T for all arrays)."""
-    out = dict(arrays)
-    n = len(arrays["chosen_ids"])
-    for side in ("chosen", "rejected"):
-        out[f"{side}_aug_ids"] = np.concatenate([np.tile(prefix, (n, 1)), arrays[f"{side}_ids"]], axis=1)
-        out[f"{side}_aug_mask"] = np.concatenate([np.ones((n, len(prefix)), np.int32), arrays[f"{side}_mask"]], 1)
-        out[f"{side}_aug_loss_mask"] = np.concatenate([np.zeros((n, len(prefix)), np.int32),
-                                                       arrays[f"{side}_loss_mask"]], axis=1)
-    if shared_t is not None:
-        for k in [k for k in out if k.endswith(("_ids", "_mask"))]:
-            a = out[k]
-            out[k] = np.pad(a, ((0, 0), (0, shared_t - a.shape[1])))
-    return out
-
-
-def pair_static(batch: dict[str, np.ndarray]) -> Static:
-    return Static(r_max=bucket_r_max(batch["chosen_loss_mask"], batch["rejected_loss_mask"]))
+def with_refs(data: PairBatch, refs: dict[str, np.ndarray], augmented: bool) -> PairBatch:
+    """The batch with precomputed reference log-probs attached (and its p (+) x view only when used)."""
+    keep = {k: v for k, v in refs.items() if augmented or not k.endswith("_aug")}
+    return dataclasses.replace(data, aug=data.aug if augmented else None, **keep)
 
 
 # ------------------------------------------------------------------------------------------------ contenders
 class JaxContender:
     """prs_jax: the Trainer's jitted `_train_step` on device-resident batches (see the module docstring)."""
 
-    def __init__(self, name: str, ckpt: Path, loss: PreferenceLoss, arrays: dict[str, np.ndarray],
-                 live_ref: bool, out_dir: Path):
+    def __init__(self, name: str, ckpt: Path, loss: PreferenceLoss, data: PairBatch, live_ref: bool,
+                 out_dir: Path):
         self.name = name
         frozen = {"ref": load_causal_lm(ckpt)} if live_ref else None
         self.trainer = Trainer(load_causal_lm(ckpt), loss,
@@ -185,18 +185,22 @@ class JaxContender:
         self.opt_state = tr.tx.init(self.params)
         self.rest = tr._rest
         self.frozen_states = {k: s for k, (_, s) in tr._frozen_split.items()}
-        n = len(arrays["chosen_ids"])
-        self.batches = []
-        for start in range(0, n - BATCH + 1, BATCH):
-            np_batch = {k: v[start:start + BATCH] for k, v in arrays.items()}
-            self.batches.append(({k: jnp.asarray(v) for k, v in np_batch.items()}, pair_static(np_batch)))
-        assert len({s for _, s in self.batches}) == 1, "one compiled shape"
-        self.shapes = {k: list(v.shape) for k, v in self.batches[0][0].items()}
+        n = len(jax.tree.leaves(data.x)[0])
+        self.batches = [(jax.tree.map(lambda v, s=start: jnp.asarray(v[s:s + BATCH]), data), None)
+                        for start in range(0, n - BATCH + 1, BATCH)]
+        leaves = jax.tree_util.tree_flatten_with_path(self.batches[0][0])[0]
+        self.shapes = {jax.tree_util.keystr(p, simple=True, separator="."): list(v.shape) for p, v in leaves
+                       if jax.tree_util.keystr(p).endswith("tokens") or "target_slot" in jax.tree_util.keystr(p)}
         self.i = 0
         self.times: list[float] = []
         self.others: list[float] = []
         self.first_call_s = None
         self.losses: list[float] = []
+        # FLOPs of one step from the lowered (unoptimised) HLO: the work each layout asks for, independent of noise
+        cost = tr._train_step.lower(self.params, self.opt_state, self.rest, self.frozen_states, self.batches[0][0],
+                                    static=None).cost_analysis()
+        cost = cost[0] if isinstance(cost, list) else cost
+        self.gflops = float(cost["flops"]) / 1e9 if cost and "flops" in cost else None
 
     def step(self) -> float:
         batch, static = self.batches[self.i % len(self.batches)]
@@ -305,6 +309,7 @@ def summary(c) -> dict:
         d["first_call_s"] = c.first_call_s
         d["compile_s"] = c.first_call_s - med
         d["batch_shapes"] = c.shapes
+        d["step_gflops_lowered_hlo"] = c.gflops
         d["first_loss"], d["last_loss"] = c.losses[0], c.losses[-1]
     else:
         d["trainer_init_s"] = c.init_s
@@ -372,10 +377,146 @@ def bench_logprobs(chunks: list[int], repeats: int, vocab: int = 128_000) -> dic
     return out
 
 
+# ------------------------------------------------------------------------------------------------ T1, T2
+def bench_shape(prompt_len: int, resp_len: int, args, ckpt: Path, tok_dir: Path, tmp: Path, skip: set[str]
+                ) -> tuple[dict, dict]:
+    """T1 and T2 at one shape: (the shape's JSON block, its summary entries)."""
+    tag = f"p{prompt_len}_r{resp_len}"
+    texts, pairs = make_data(BATCH * args.batches, prompt_len, resp_len)
+    block: dict = {"data": {"pairs": len(pairs), "batch_pairs": BATCH, "prompt_tokens": prompt_len,
+                            "response_tokens": f"{resp_len} ({resp_len - 1} random words + EOS)",
+                            "sr_dpo_prefix_tokens": SR_PREFIX_LEN, "pad_multiple": PAD_MULTIPLE}}
+    summary_block: dict = {}
+    layouts = ("packed", "cascade", "separate")
+    # pad rows to a multiple of 16 (DataConfig.pad_multiple; TRL pads to the batch's longest row)
+    data = {lay: collate_pairs(pairs, layout=lay, multiple=PAD_MULTIPLE) for lay in layouts}
+    t0 = time.perf_counter()
+    ref_model = load_causal_lm(ckpt)
+    refs = compute_reference(ref_model, data["packed"], batch_size=BATCH, augmented=True, progress=False)
+    prs_ref_s = time.perf_counter() - t0
+    del ref_model
+    dpo = PreferenceLoss("sigmoid", beta=BETA)
+    sr = PreferenceLoss("sr_dpo", beta=BETA, lam=SR_LAM)
+    contenders: list = []
+    checks: dict = {}
+    if "t1" not in skip:
+        trl_pre = TrlContender("trl_precomputed_ref", ckpt, tok_dir, texts, True, tmp / f"trl_pre_{tag}", args.steps)
+        got = trl_pre.dataset_arrays()
+        checks["trl_token_ids_equal_prs_jax"] = all(
+            np.array_equal(got[f"{side}_ids"][i], np.concatenate([p.prompt_ids, getattr(p, f"{side}_ids")]))
+            for i, p in enumerate(pairs) for side in ("chosen", "rejected"))
+        checks["ref_logps_max_abs_diff_trl_vs_prs_jax"] = float(max(
+            np.max(np.abs(got[k] - refs[k])) for k in ("ref_chosen", "ref_rejected")))
+        checks["ref_logps_mean_abs_value"] = float(np.mean(np.abs(refs["ref_chosen"])))
+        checks["prs_jax_precompute_ref_s (incl. compile, both views)"] = prs_ref_s
+        trl = [trl_pre]
+        if not args.no_live:
+            trl.insert(0, TrlContender("trl_live_ref", ckpt, tok_dir, texts, False, tmp / f"trl_live_{tag}",
+                                       args.steps))
+        checks["trl_config"] = {c.name: c.config_check for c in trl}
+        print(tag, "checks", checks, flush=True)
+        if not checks["trl_token_ids_equal_prs_jax"]:
+            raise SystemExit("TRL tokenised the texts into other ids than prs_jax gets; the comparison is void.")
+        contenders += trl
+        if not args.no_live:
+            contenders.append(JaxContender("prs_jax_live_ref_packed", ckpt, dpo, with_refs(data["packed"], {}, False),
+                                           True, tmp / f"j_live_{tag}"))
+    for lay in layouts:
+        contenders.append(JaxContender(f"prs_jax_precomputed_ref_{lay}", ckpt, dpo,
+                                       with_refs(data[lay], refs, False), False, tmp / f"j_pre_{lay}_{tag}"))
+        if "t2" not in skip:
+            contenders.append(JaxContender(f"prs_jax_sr_dpo_precomputed_ref_{lay}", ckpt, sr,
+                                           with_refs(data[lay], refs, True), False, tmp / f"j_sr_{lay}_{tag}"))
+    block["checks"] = checks
+
+    waits, waited_total = [], 0.0
+    for r in range(args.rounds):
+        for c in contenders:
+            budget = min(args.quiet_wait, args.quiet_wait_total - waited_total)
+            if budget > 0:
+                waited, load = wait_quiet(budget)
+                waited_total += waited
+                waits.append({"round": r + 1, "contender": c.name, "waited_s": round(waited, 1),
+                              "other_process_cores_then": round(load, 2)})
+            t0 = time.perf_counter()
+            c.run(args.steps)
+            print(f"{tag} round {r + 1}/{args.rounds} {c.name}: median so far {statistics.median(c.times):.3f} "
+                  f"s/step; other processes kept {statistics.median(c.others[-args.steps:]):.2f} cores busy "
+                  f"(round took {time.perf_counter() - t0:.1f} s)", flush=True)
+    block["quiet_waits"] = {"total_s": round(waited_total, 1), "per_round": waits}
+    summary_block["median_other_process_cores_during_timed_steps"] = round(
+        statistics.median(o for c in contenders for o in c.others), 2)
+    summary_block["quiet_steps"] = f"{sum(o < QUIET_CORES for c in contenders for o in c.others)} of " \
+                                   f"{sum(len(c.others) for c in contenders)}"
+    by = {c.name: summary(c) for c in contenders}
+
+    def per_round_ratios(num: str, den: str) -> list[float]:
+        a, b, k = by[num]["step_times_s"], by[den]["step_times_s"], args.steps
+        return [round(statistics.median(a[i:i + k]) / statistics.median(b[i:i + k]), 3)
+                for i in range(0, len(a), k)]
+
+    def quiet_ratio(num: str, den: str) -> float | None:
+        a, b = by[num]["median_step_s_quiet_steps"], by[den]["median_step_s_quiet_steps"]
+        return a / b if a and b else None
+
+    if "t1" not in skip:
+        t1 = dict(by)
+        t1["trl_precomputed_ref"]["note"] = "trainer_init_s: tokenisation + reference log-probs"
+        pairs_ = [(f"precomputed_ref_{lay}", "trl_precomputed_ref", f"prs_jax_precomputed_ref_{lay}")
+                  for lay in layouts]
+        if not args.no_live:
+            t1["trl_live_ref"]["note"] = "trainer_init_s: tokenisation of the data set"
+            pairs_.append(("live_ref_packed", "trl_live_ref", "prs_jax_live_ref_packed"))
+        for mode, den, num in pairs_:
+            sp = by[den]["median_step_s"] / by[num]["median_step_s"]
+            t1[f"speedup_{mode}"] = sp
+            t1[f"speedup_{mode}_per_round"] = per_round_ratios(den, num)
+            t1[f"speedup_{mode}_quiet_steps_only"] = quiet_ratio(den, num)
+            q = t1[f"speedup_{mode}_quiet_steps_only"]
+            summary_block[f"T1_speedup_{mode}"] = round(sp, 3)
+            summary_block[f"T1_speedup_{mode}_quiet_steps_only"] = None if q is None else round(q, 3)
+        t1["goal_met_precomputed_ref"] = t1["speedup_precomputed_ref_packed"] >= 5.0
+        summary_block["T1_goal_met_precomputed_ref"] = t1["goal_met_precomputed_ref"]
+        for lay in layouts:
+            summary_block[f"dpo_step_gflops_{lay}"] = by[f"prs_jax_precomputed_ref_{lay}"]["step_gflops_lowered_hlo"]
+        for lay in ("packed", "cascade"):
+            t1[f"{lay}_over_separate_step_time"] = (by[f"prs_jax_precomputed_ref_{lay}"]["median_step_s"]
+                                                    / by["prs_jax_precomputed_ref_separate"]["median_step_s"])
+            summary_block[f"{lay}_over_separate_dpo_step_time"] = round(t1[f"{lay}_over_separate_step_time"], 3)
+        t1["goal"] = "prs_jax (packed, the default) >= 5x TRL DPOTrainer steps/s with precomputed reference log-probs"
+        block["T1_dpo_steps"] = t1
+        print(tag, "T1", json.dumps({k: v for k, v in t1.items() if not isinstance(v, dict)}), flush=True)
+    if "t2" not in skip:
+        t2: dict = {}
+        for lay in layouts:
+            base, name = f"prs_jax_precomputed_ref_{lay}", f"prs_jax_sr_dpo_precomputed_ref_{lay}"
+            t2[name] = by[name]
+            t2[base] = by[base]
+            ratio = by[name]["median_step_s"] / by[base]["median_step_s"]
+            t2[f"ratio_sr_dpo_over_dpo_{lay}"] = ratio
+            t2[f"ratio_sr_dpo_over_dpo_{lay}_per_round"] = per_round_ratios(name, base)
+            q = t2[f"ratio_sr_dpo_over_dpo_{lay}_quiet_steps_only"] = quiet_ratio(name, base)
+            summary_block[f"T2_ratio_sr_dpo_over_dpo_{lay}"] = round(ratio, 3)
+            if by[name]["step_gflops_lowered_hlo"] and by[base]["step_gflops_lowered_hlo"]:
+                t2[f"flop_ratio_sr_dpo_over_dpo_{lay}"] = (by[name]["step_gflops_lowered_hlo"]
+                                                           / by[base]["step_gflops_lowered_hlo"])
+                summary_block[f"T2_flop_ratio_{lay}"] = round(t2[f"flop_ratio_sr_dpo_over_dpo_{lay}"], 3)
+            summary_block[f"T2_ratio_{lay}_quiet_steps_only"] = None if q is None else round(q, 3)
+        t2["goal_met"] = t2["ratio_sr_dpo_over_dpo_packed"] <= 1.1
+        summary_block["T2_goal_met"] = t2["goal_met"]
+        t2["shapes"] = {c.name: c.shapes for c in contenders if isinstance(c, JaxContender)}
+        t2["goal"] = "Sr-DPO step / DPO step <= 1.1 (packed, the default), both with precomputed reference log-probs"
+        t2["lambda"] = SR_LAM
+        block["T2_sr_dpo_overhead"] = t2
+        print(tag, "T2", json.dumps({k: v for k, v in t2.items() if not isinstance(v, dict)}), flush=True)
+    return block, summary_block
+
+
 # ------------------------------------------------------------------------------------------------ main
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/train.json"))
+    ap.add_argument("--shapes", default="64x64,256x64", help="comma list of PROMPTxRESPONSE token shapes")
     ap.add_argument("--rounds", type=int, default=3, help="alternated rounds of all contenders")
     ap.add_argument("--steps", type=int, default=2, help="timed steps per contender per round (after 1 warm-up)")
     ap.add_argument("--batches", type=int, default=4, help="distinct batches of 8 pairs in the data set")
@@ -386,11 +527,13 @@ def main() -> None:
                          "the CPUs (they distort the timings; torch's OpenMP threads suffer most)")
     ap.add_argument("--quiet-wait-total", type=float, default=120.0, help="cap on all quiet waits together")
     ap.add_argument("--skip", default="", help="comma list of parts to skip: t1,t2,t3")
+    ap.add_argument("--no-live", action="store_true", help="skip the live-reference contenders (T1 live mode)")
     ap.add_argument("--quick", action="store_true", help="smoke run: 1 round of 2 steps, fewer variants")
     args = ap.parse_args()
     if args.quick:
         args.rounds, args.steps, args.t3_repeats, args.chunks, args.quiet_wait = 1, 2, 2, "4096", 0.0
     skip = {s.strip().lower() for s in args.skip.split(",") if s.strip()}
+    shapes = [tuple(int(x) for x in sh.split("x")) for sh in args.shapes.split(",") if sh]
 
     import torch
     import transformers
@@ -403,8 +546,8 @@ def main() -> None:
     tok_dir = build_word_tokenizer(tmp / "tokenizer")
     ckpt = build_checkpoint(tmp / "llama-h256", "llama", seed=0, tokenizer_dir=tok_dir, pad_token_id=PAD,
                             bos_token_id=EOS, eos_token_id=EOS, **MODEL)
-    n_pairs = BATCH * args.batches
-    texts, arrays, prefix = make_data(n_pairs)
+    out = args.out
+    previous = json.loads(out.read_text()) if out.is_file() else {}
 
     results: dict = {
         "date": datetime.date.today().isoformat(),
@@ -413,8 +556,6 @@ def main() -> None:
                    f"{transformers.__version__}, trl {trl.__version__}",
         "model": {**MODEL, "dtype": "float32", "checkpoint": "prs_jax.models.tiny.build_checkpoint(seed=0), same "
                   "files for prs_jax and TRL (policy and reference)"},
-        "data": {"pairs": n_pairs, "batch_pairs": BATCH, "prompt_tokens": PROMPT_LEN,
-                 "response_tokens": f"{RESP_LEN} (63 random words + EOS)", "sr_dpo_prefix_tokens": SR_PREFIX_LEN},
         "optimizer": f"AdamW lr {LR}, constant, grad clip 1.0, weight decay 0; DPO sigmoid beta {BETA}",
         "protocol": {"rounds": args.rounds, "timed_steps_per_round": args.steps, "warmup_steps_per_round": 1,
                      "quick": args.quick,
@@ -423,136 +564,23 @@ def main() -> None:
                                "until outputs are ready (fwd+bwd, clip, AdamW). Contenders alternated per round; "
                                "medians of all timed steps; compile reported apart."},
     }
-    out = args.out
     out.parent.mkdir(parents=True, exist_ok=True)
     t_run = time.perf_counter()
     summary_block: dict = {}
     results["summary"] = summary_block
+    results["shapes"] = {}
 
     def save():
         results["wall_s"] = round(time.perf_counter() - t_run, 1)
         out.write_text(json.dumps(results, indent=1))
 
-    # ---------------- contenders
-    contenders = []
-    checks: dict = {}
     if "t1" not in skip or "t2" not in skip:
-        t0 = time.perf_counter()
-        ref_model = load_causal_lm(ckpt)
-        ref_arrays = compute_reference(ref_model, arrays, batch_size=BATCH)
-        prs_ref_s = time.perf_counter() - t0
-        aug = augment(arrays, prefix)
-        aug_ref = compute_reference(ref_model, aug, batch_size=BATCH, augmented=True)
-        del ref_model
-        pre = {**arrays, **ref_arrays}
-        sr_pre = {**aug, **aug_ref}
-        dpo = PreferenceLoss("sigmoid", beta=BETA)
-        sr = PreferenceLoss("sr_dpo", beta=BETA, lam=SR_LAM)
-        if "t1" not in skip:
-            trl_live = TrlContender("trl_live_ref", ckpt, tok_dir, texts, False, tmp / "trl_live", args.steps)
-            trl_pre = TrlContender("trl_precomputed_ref", ckpt, tok_dir, texts, True, tmp / "trl_pre", args.steps)
-            # same data: TRL's tokenised rows must be the prs_jax ids; reference log-probs must agree
-            got = trl_live.dataset_arrays()
-            checks["trl_token_ids_equal_prs_jax"] = all(np.array_equal(got[k], arrays[k])
-                                                        for k in ("chosen_ids", "rejected_ids"))
-            ref_trl = trl_pre.dataset_arrays()
-            checks["ref_logps_max_abs_diff_trl_vs_prs_jax"] = float(max(
-                np.max(np.abs(ref_trl[k] - ref_arrays[k])) for k in ("ref_chosen", "ref_rejected")))
-            checks["ref_logps_mean_abs_value"] = float(np.mean(np.abs(ref_arrays["ref_chosen"])))
-            checks["prs_jax_precompute_ref_s (incl. compile)"] = prs_ref_s
-            checks["trl_config"] = {c.name: c.config_check for c in (trl_live, trl_pre)}
-            print("checks", checks, flush=True)
-            if not checks["trl_token_ids_equal_prs_jax"]:
-                raise SystemExit("TRL tokenised the texts into other ids than prs_jax gets; the comparison is void.")
-            contenders += [trl_live, JaxContender("prs_jax_live_ref", ckpt, dpo, arrays, True, tmp / "j_live"),
-                           trl_pre]
-        contenders.append(JaxContender("prs_jax_precomputed_ref", ckpt, dpo, pre, False, tmp / "j_pre"))
-        if "t2" not in skip:
-            contenders.append(JaxContender("prs_jax_sr_dpo_precomputed_ref", ckpt, sr, sr_pre, False, tmp / "j_sr"))
-            if not args.quick:
-                # The layout collate_pairs produces: one T for all views, the 144-token p (+) x rows bucketed to 192
-                # and the 128-token plain rows padded to 192 with them.
-                t_shared = bucket_length(PROMPT_LEN + RESP_LEN + SR_PREFIX_LEN)
-                shared = {**augment(arrays, prefix, shared_t=t_shared), **aug_ref, **ref_arrays}
-                contenders.append(JaxContender("prs_jax_sr_dpo_precomputed_ref_collate_pairs_layout", ckpt, sr,
-                                               shared, False, tmp / "j_sr_shared"))
-        results["checks"] = checks
-
-        waits, waited_total = [], 0.0
-        for r in range(args.rounds):
-            for c in contenders:
-                budget = min(args.quiet_wait, args.quiet_wait_total - waited_total)
-                if budget > 0:
-                    waited, load = wait_quiet(budget)
-                    waited_total += waited
-                    waits.append({"round": r + 1, "contender": c.name, "waited_s": round(waited, 1),
-                                  "other_process_cores_then": round(load, 2)})
-                t0 = time.perf_counter()
-                c.run(args.steps)
-                print(f"round {r + 1}/{args.rounds} {c.name}: median so far {statistics.median(c.times):.3f} s/step; "
-                      f"other processes kept {statistics.median(c.others[-args.steps:]):.2f} cores busy "
-                      f"(round took {time.perf_counter() - t0:.1f} s)", flush=True)
-        results["quiet_waits"] = {"total_s": round(waited_total, 1), "per_round": waits}
-        summary_block["median_other_process_cores_during_timed_steps"] = round(
-            statistics.median(o for c in contenders for o in c.others), 2)
-        summary_block["quiet_steps"] = f"{sum(o < QUIET_CORES for c in contenders for o in c.others)} of " \
-                                       f"{sum(len(c.others) for c in contenders)}"
-        by = {c.name: summary(c) for c in contenders}
-
-        def per_round_ratios(num: str, den: str) -> list[float]:
-            a, b, k = by[num]["step_times_s"], by[den]["step_times_s"], args.steps
-            return [round(statistics.median(a[i:i + k]) / statistics.median(b[i:i + k]), 3)
-                    for i in range(0, len(a), k)]
-
-        def quiet_ratio(num: str, den: str) -> float | None:
-            a, b = by[num]["median_step_s_quiet_steps"], by[den]["median_step_s_quiet_steps"]
-            return a / b if a and b else None
-
-        if "t1" not in skip:
-            t1 = {k: by[k] for k in ("trl_live_ref", "prs_jax_live_ref", "trl_precomputed_ref",
-                                     "prs_jax_precomputed_ref")}
-            t1["trl_live_ref"]["note"] = "trainer_init_s: tokenisation of the data set"
-            t1["trl_precomputed_ref"]["note"] = "trainer_init_s: tokenisation + reference log-probs"
-            for mode in ("live_ref", "precomputed_ref"):
-                sp = by[f"trl_{mode}"]["median_step_s"] / by[f"prs_jax_{mode}"]["median_step_s"]
-                t1[f"speedup_{mode}"] = sp
-                t1[f"goal_met_{mode}"] = sp >= 2.0
-                t1[f"speedup_{mode}_per_round"] = per_round_ratios(f"trl_{mode}", f"prs_jax_{mode}")
-                t1[f"speedup_{mode}_quiet_steps_only"] = quiet_ratio(f"trl_{mode}", f"prs_jax_{mode}")
-            t1["goal"] = "prs_jax >= 2x TRL DPOTrainer steps/s, with and without precomputed reference log-probs"
-            results["T1_dpo_steps"] = t1
-            for mode in ("live_ref", "precomputed_ref"):
-                summary_block[f"T1_speedup_{mode}"] = round(t1[f"speedup_{mode}"], 3)
-                summary_block[f"T1_goal_met_{mode}"] = t1[f"goal_met_{mode}"]
-                q = t1[f"speedup_{mode}_quiet_steps_only"]
-                summary_block[f"T1_speedup_{mode}_quiet_steps_only"] = None if q is None else round(q, 3)
-            print("T1", json.dumps({k: v for k, v in t1.items() if not isinstance(v, dict)}), flush=True)
-        if "t2" not in skip:
-            base = by["prs_jax_precomputed_ref"]["median_step_s"]
-            t2 = {"prs_jax_precomputed_ref": by["prs_jax_precomputed_ref"],
-                  "prs_jax_sr_dpo_precomputed_ref": by["prs_jax_sr_dpo_precomputed_ref"],
-                  "ratio_sr_dpo_over_dpo": by["prs_jax_sr_dpo_precomputed_ref"]["median_step_s"] / base}
-            t2["goal_met"] = t2["ratio_sr_dpo_over_dpo"] <= 1.2
-            t2["ratio_sr_dpo_over_dpo_per_round"] = per_round_ratios("prs_jax_sr_dpo_precomputed_ref",
-                                                                     "prs_jax_precomputed_ref")
-            t2["ratio_sr_dpo_over_dpo_quiet_steps_only"] = quiet_ratio("prs_jax_sr_dpo_precomputed_ref",
-                                                                       "prs_jax_precomputed_ref")
-            name = "prs_jax_sr_dpo_precomputed_ref_collate_pairs_layout"
-            if name in by:
-                t2[name] = by[name]
-                t2["ratio_collate_pairs_layout_over_dpo"] = by[name]["median_step_s"] / base
-            t2["layout"] = (f"plain views [8, {PROMPT_LEN + RESP_LEN}], p (+) x views [8, "
-                            f"{PROMPT_LEN + RESP_LEN + SR_PREFIX_LEN}] (prefix p of {SR_PREFIX_LEN} tokens); the "
-                            "collate_pairs layout pads all views to one bucketed T")
-            t2["goal"] = "Sr-DPO step / DPO step <= 1.2 (paper: 1.24), both with precomputed reference log-probs"
-            t2["lambda"] = SR_LAM
-            results["T2_sr_dpo_overhead"] = t2
-            summary_block["T2_ratio_sr_dpo_over_dpo"] = round(t2["ratio_sr_dpo_over_dpo"], 3)
-            summary_block["T2_goal_met"] = t2["goal_met"]
-            q = t2["ratio_sr_dpo_over_dpo_quiet_steps_only"]
-            summary_block["T2_ratio_quiet_steps_only"] = None if q is None else round(q, 3)
-            print("T2", json.dumps({k: v for k, v in t2.items() if not isinstance(v, dict)}), flush=True)
-        save()
+        for prompt_len, resp_len in shapes:
+            tag = f"p{prompt_len}_r{resp_len}"
+            block, summ = bench_shape(prompt_len, resp_len, args, ckpt, tok_dir, tmp, skip)
+            results["shapes"][tag] = block
+            summary_block[tag] = summ
+            save()
 
     if "t3" not in skip:
         chunks = [int(c) for c in args.chunks.split(",") if c]
@@ -562,6 +590,13 @@ def main() -> None:
                 summary_block[f"T3_{name}"] = {"memory_reduction": round(r["memory_reduction_vs_plain"], 1),
                                                "time_ratio": round(r["time_ratio_vs_plain"], 3),
                                                "goals_met": r["goal_memory_met"] and r["goal_time_met"]}
+        save()
+    elif "T3_logprobs_vocab_128k" in previous:
+        results["T3_logprobs_vocab_128k"] = dict(previous["T3_logprobs_vocab_128k"],
+                                                 note=f"not rerun: kept from the run of {previous.get('date')}")
+        for k, v in previous.get("summary", {}).items():
+            if k.startswith("T3_"):
+                summary_block[k] = v
         save()
     print("summary", json.dumps(summary_block), f"\nwrote {out} ({results['wall_s']} s)")
 

@@ -36,7 +36,8 @@ from typing import Any, Iterable, Literal, Mapping, Sequence
 
 import numpy as np
 
-from prs_jax.data.batching import PadTo, bucket_length, pad_right
+from prs_jax.data.batches import Layout, PairBatch, RowSpec, pack_rows, pack_shared_prompt
+from prs_jax.data.batching import PadTo
 from prs_jax.data.io import Row, iter_rows
 from prs_jax.errors import DataError, TokenizerError
 from prs_jax.models.tokenizer import has_chat_template, render_chat
@@ -566,12 +567,6 @@ def tokenize_pairs(rows: Iterable[PreferencePair | Row | Mapping[str, Any]], tok
 
 # ---------------------------------------------------------------------------------------------- collation
 
-def _sequences(prompt: np.ndarray, response: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    ids = np.concatenate([prompt, response]).astype(np.int32)
-    loss = np.concatenate([np.zeros(len(prompt), np.int32), np.ones(len(response), np.int32)])
-    return ids, loss
-
-
 def _float_column(examples: Sequence[TokenizedPair], name: str) -> np.ndarray | None:
     values = [getattr(e, name) for e in examples]
     if all(v is None for v in values):
@@ -583,33 +578,47 @@ def _float_column(examples: Sequence[TokenizedPair], name: str) -> np.ndarray | 
     return np.asarray(values, np.float32)
 
 
+def pair_rows(ex: TokenizedPair, layout: Layout) -> list[RowSpec]:
+    """The rows of one pair: [prompt | chosen | rejected] (packed) or [prompt | chosen], [prompt | rejected]."""
+    c = (ex.chosen_ids, np.ones(len(ex.chosen_ids), np.int32))
+    r = (ex.rejected_ids, np.ones(len(ex.rejected_ids), np.int32))
+    if layout == "packed":
+        return [RowSpec(ex.prompt_ids, (c, r))]
+    if layout == "separate":
+        return [RowSpec(ex.prompt_ids, (c,)), RowSpec(ex.prompt_ids, (r,))]
+    raise ValueError(f"pair layout must be 'packed' or 'separate', got {layout!r}.")
+
+
 def collate_pairs(examples: Sequence[TokenizedPair], max_length: int | None = None, pad_id: int = 0, *,
-                  pad_to: PadTo = "bucket", multiple: int = 64) -> dict[str, np.ndarray]:
-    """Right-padded [B, T] int32 arrays: {chosen,rejected}_{ids,mask,loss_mask} (+ the same with an `_aug`
-    infix for p (+) x views) and optional float32 [B] margin / p_chosen. loss_mask marks response tokens.
-    T (shared by every array) is the longest row rounded up to `multiple` (capped at max_length), or
-    max_length exactly with pad_to='max_length'."""
+                  pad_to: PadTo = "bucket", multiple: int = 64, layout: Layout = "packed",
+                  padding_side: Literal["right", "left"] = "right") -> PairBatch:
+    """A PairBatch (prs_jax.data.batches): the x view and, when the examples carry one, the p (+) x view, in
+    `layout` ("packed": the prompt once per row, chosen and rejected as two branches; "separate": one row per
+    response; "cascade": the prompt as its own row, see prs_jax.data.batches), plus optional float32 [B] margin / p_chosen. Every prompt + response must fit max_length; the
+    padded row length T is the longest row rounded up to `multiple`, or with pad_to='max_length' exactly
+    max_length (separate) or 2 * max_length (packed: the longest a packed pair can be)."""
     if not examples:
         raise DataError("collate_pairs: no examples.")
     n_aug = sum(e.augmented is not None for e in examples)
     if n_aug not in (0, len(examples)):
         raise DataError("collate_pairs: some examples have a p (+) x view and some do not; tokenise them together.")
-    views: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
-    for e in examples:
-        for suffix, ex in (("", e), ("_aug", e.augmented)):
-            if ex is None:
-                continue
-            views.setdefault(f"chosen{suffix}", []).append(_sequences(ex.prompt_ids, ex.chosen_ids))
-            views.setdefault(f"rejected{suffix}", []).append(_sequences(ex.prompt_ids, ex.rejected_ids))
-    longest = max(len(ids) for seqs in views.values() for ids, _ in seqs)
-    t = bucket_length(longest, max_length=max_length, pad_to=pad_to, multiple=multiple)
-    batch: dict[str, np.ndarray] = {}
-    for name, seqs in views.items():
-        batch[f"{name}_ids"] = pad_right([ids for ids, _ in seqs], t, pad_id)
-        batch[f"{name}_mask"] = pad_right([np.ones(len(ids), np.int32) for ids, _ in seqs], t, 0)
-        batch[f"{name}_loss_mask"] = pad_right([loss for _, loss in seqs], t, 0)
-    for name in ("margin", "p_chosen"):
-        col = _float_column(examples, name)
-        if col is not None:
-            batch[name] = col
-    return batch
+    views = [list(examples)] + ([[e.augmented for e in examples]] if n_aug else [])
+    if max_length is not None:
+        for view in views:
+            for e in view:
+                longest = len(e.prompt_ids) + max(len(e.chosen_ids), len(e.rejected_ids))
+                if longest > max_length:
+                    raise DataError(f"collate_pairs: {e.where or 'a pair'} has {longest} tokens, more than "
+                                    f"max_length={max_length}; tokenise with the same max_length as the collation "
+                                    "(it truncates or drops long rows).")
+    if layout == "cascade":
+        packed = [pack_shared_prompt([(e.prompt_ids, [(e.chosen_ids, np.ones(len(e.chosen_ids), np.int32)),
+                                                      (e.rejected_ids, np.ones(len(e.rejected_ids), np.int32))])
+                                      for e in view], pad_id=pad_id, max_length=max_length, pad_to=pad_to,
+                                     multiple=multiple) for view in views]
+    else:
+        cap = None if max_length is None else (2 * max_length if layout == "packed" else max_length)
+        packed = [pack_rows([pair_rows(e, layout) for e in view], pad_id=pad_id, max_length=cap, pad_to=pad_to,
+                            multiple=multiple, padding_side=padding_side) for view in views]
+    return PairBatch(x=packed[0], aug=packed[1] if n_aug else None, margin=_float_column(examples, "margin"),
+                     p_chosen=_float_column(examples, "p_chosen"))

@@ -19,7 +19,8 @@ from typing import Any, Iterable, Literal, Mapping, Sequence
 
 import numpy as np
 
-from prs_jax.data.batching import PadTo, bucket_length, pad_right
+from prs_jax.data.batches import RowSpec, TokenBatch, pack_rows
+from prs_jax.data.batching import PadTo
 from prs_jax.data.io import Row, iter_rows
 from prs_jax.data.pairs import (
     Content, DataReport, Encoder, Limits, Message, OnTooLong, TruncationMode, check_messages,
@@ -179,13 +180,10 @@ def tokenize_sft(rows: Iterable[SFTExample | Row | Mapping[str, Any]], tokenizer
 
 
 def collate_sft(examples: Sequence[TokenizedSFT], max_length: int | None = None, pad_id: int = 0, *,
-                pad_to: PadTo = "bucket", multiple: int = 64) -> dict[str, np.ndarray]:
-    """Right-padded int32 [B, T] input_ids, attention_mask and loss_mask (1 on scored response tokens)."""
+                pad_to: PadTo = "bucket", multiple: int = 64) -> TokenBatch:
+    """A TokenBatch (one row, one sequence per example): the prompt as the row's prefix, the response as its
+    branch, scored where the response's loss mask is 1; right-padded to a bucketed (or max_length) T."""
     if not examples:
         raise DataError("collate_sft: no examples.")
-    ids = [e.input_ids for e in examples]
-    t = bucket_length(max(len(x) for x in ids), max_length=max_length, pad_to=pad_to, multiple=multiple)
-    return {"input_ids": pad_right(ids, t, pad_id),
-            "attention_mask": pad_right([np.ones(len(x), np.int32) for x in ids], t, 0),
-            "loss_mask": pad_right([e.loss_mask for e in examples], t, 0)}
-
+    return pack_rows([[RowSpec(e.prompt_ids, ((e.response_ids, e.response_loss_mask),))] for e in examples],
+                     pad_id=pad_id, max_length=max_length, pad_to=pad_to, multiple=multiple)

@@ -23,7 +23,6 @@ Outputs: results.json, results.md (tables), win_rate_vs_lambda.png, margin_vs_go
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import shutil
 import time
@@ -181,53 +180,24 @@ def _judge_diff(row: dict[str, Any]) -> float | None:
 
 
 # ------------------------------------------------------------------------------------------------ log-probs
-def _pair_arrays(rows, tok, cfg: Config, prefix: str) -> dict[str, np.ndarray]:
+def _pair_arrays(rows, tok, cfg: Config, prefix: str):
+    """The pairs (x and p (+) x views) as one host PairBatch, packed: [prompt | chosen | rejected] per row."""
     from prs_jax.data.batching import pad_id_of
     from prs_jax.data.pairs import collate_pairs, tokenize_pairs
 
     examples, _ = tokenize_pairs(rows, tok, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
                                  prompt_prefix=prefix, placement=cfg.placement)
-    return collate_pairs(examples, cfg.max_length, pad_id_of(tok), pad_to="max_length")
+    return collate_pairs(examples, cfg.max_length, pad_id_of(tok))
 
 
-@functools.lru_cache(maxsize=1)
-def _logps_program():
-    """One jitted pair log-prob program for every policy of a study (the graph definition is a static argument,
-    so the trained policies reuse the starting policy's compiled shapes)."""
-    import jax
-    from flax import nnx
-
-    from prs_jax.train.objectives import _pair_logps
-
-    return jax.jit(lambda graphdef, state, batch, static, suffix: _pair_logps(nnx.merge(graphdef, state), batch,
-                                                                            static, suffix)[:2],
-                   static_argnums=(0, 3, 4))
-
-
-def _logps(model, arrays, cfg: Config) -> dict[str, np.ndarray]:
+def _logps(model, data, cfg: Config) -> dict[str, np.ndarray]:
     """Sequence log-probs of chosen / rejected on x and on p (+) x (keys ref_chosen, ..., ref_rejected_aug), in
-    fixed-size batches (the last one padded with repeats)."""
-    import jax.numpy as jnp
-    from flax import nnx
+    fixed-size batches (the last one padded with repeats), through the reference cache's shared program."""
+    from prs_jax.train.logprobs import LogProbConfig
+    from prs_jax.train.reference import compute_reference
 
-    from prs_jax.train.objectives import Static, bucket_r_max
-
-    graphdef, state = nnx.split(model)
-    run_ = _logps_program()
-    n, bs = len(arrays["chosen_ids"]), cfg.eval.pair_batch_size
-    out = {f"ref_{side}{s}": np.zeros(n, np.float32) for s in ("", "_aug") for side in ("chosen", "rejected")}
-    for start in range(0, n, bs):
-        idx = np.arange(start, min(start + bs, n))
-        pad = np.concatenate([idx, np.resize(idx, bs - len(idx))]) if len(idx) < bs else idx
-        for s in ("", "_aug"):
-            batch = {f"{side}{s}_{part}": arrays[f"{side}{s}_{part}"][pad] for side in ("chosen", "rejected")
-                     for part in ("ids", "mask", "loss_mask")}
-            static = Static(r_max=bucket_r_max(batch[f"chosen{s}_loss_mask"], batch[f"rejected{s}_loss_mask"]),
-                            logprob_method=cfg.logprob_method)
-            c, r = run_(graphdef, state, {k: jnp.asarray(v) for k, v in batch.items()}, static, s)
-            out[f"ref_chosen{s}"][idx] = np.asarray(c)[:len(idx)]
-            out[f"ref_rejected{s}"][idx] = np.asarray(r)[:len(idx)]
-    return out
+    return compute_reference(model, data, batch_size=cfg.eval.pair_batch_size, augmented=True,
+                             config=LogProbConfig(method=cfg.logprob_method), progress=False)
 
 
 def log_ratio_margins(pol: dict[str, np.ndarray], ref: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -262,27 +232,21 @@ def time_losses(policy: Path, tok, rows, cfg: Config, prefix: str, work: Path) -
     """Seconds per optimizer step of each base loss and its Sr-* form, interleaved round by round on the same
     batches (reference log-probs are zeros: their values do not change the cost of a step)."""
     from prs_jax.models import load_causal_lm
-    from prs_jax.train.objectives import PreferenceLoss, Static, bucket_r_max
+    from prs_jax.train.logprobs import LogProbConfig
+    from prs_jax.train.objectives import PreferenceLoss
     from prs_jax.train.trainer import ArraySource, Trainer, data_order
 
-    arrays = _pair_arrays(rows, tok, cfg, prefix)
-    n = len(arrays["chosen_ids"])
-
-    def static_fn(augmented: bool, batch: dict[str, np.ndarray]) -> Static:
-        masks = [batch["chosen_loss_mask"], batch["rejected_loss_mask"]]
-        if augmented:
-            masks += [batch["chosen_aug_loss_mask"], batch["rejected_aug_loss_mask"]]
-        return Static(r_max=bucket_r_max(*masks), logprob_method=cfg.logprob_method)
+    data = _pair_arrays(rows, tok, cfg, prefix)
+    n = data.x.tokens.shape[0]  # packed layout (_pair_arrays)
+    zeros = np.zeros(n, np.float32)
 
     names = sorted({r.loss for r in cfg.runs} | {BASE_OF[r.loss] for r in cfg.runs},
                    key=["sigmoid", "ipo", "sr_dpo", "sr_ipo"].index)
     trainers, sources = {}, {}
     for name in names:
-        loss = PreferenceLoss(name, cfg.beta, 0.5, 0.1, cfg.ipo_normalize)
-        keep = {k: v for k, v in arrays.items() if loss.augmented or "_aug_" not in k}
-        zeros = {f"ref_{s}{a}": np.zeros(n, np.float32) for s in ("chosen", "rejected")
-                 for a in (("", "_aug") if loss.augmented else ("",))}
-        sources[name] = ArraySource({**keep, **zeros}, functools.partial(static_fn, loss.augmented))
+        loss = PreferenceLoss(name, cfg.beta, 0.5, 0.1, cfg.ipo_normalize, LogProbConfig(method=cfg.logprob_method))
+        aug = dict(aug=data.aug, ref_chosen_aug=zeros, ref_rejected_aug=zeros) if loss.augmented else dict(aug=None)
+        sources[name] = ArraySource(dataclasses.replace(data, ref_chosen=zeros, ref_rejected=zeros, **aug))
         out = work / "timing" / name
         shutil.rmtree(out, ignore_errors=True)
         tcfg = dataclasses.replace(cfg.trainer, out_dir=str(out), steps=10 ** 6, save_every=0, eval_every=0,

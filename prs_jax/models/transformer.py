@@ -84,17 +84,34 @@ class Backbone(nnx.Module):
             allowed &= s[None, None, :] > q_slot_bt[:, :, None] - self.config.sliding_window
         return allowed
 
+    def _segment_mask(self, segment_ids_bt: jax.Array, positions_bt: jax.Array) -> jax.Array:
+        """Packed rows (prs_jax.data.batches): causal over slots, padding (segment 0) hidden, the shared prefix
+        (segment 1) visible to every later token, any other segment visible only to itself."""
+        t = segment_ids_bt.shape[1]
+        s = jnp.arange(t, dtype=jnp.int32)
+        seg_q, seg_k = segment_ids_bt[:, :, None], segment_ids_bt[:, None, :]
+        allowed = (s[None, None, :] <= s[None, :, None]) & (seg_k > 0) & ((seg_k == seg_q) | (seg_k == 1))
+        if self.config.sliding_window is not None:  # distances in positions: slots of packed branches skip
+            allowed &= positions_bt[:, None, :] > positions_bt[:, :, None] - self.config.sliding_window
+        return allowed
+
     def __call__(self, input_ids: jax.Array, *, attention_mask: jax.Array | None = None,
                  positions: jax.Array | None = None, cache: KVCache | CascadeCache | None = None,
-                 remat: bool = False, scan: bool | None = None) -> tuple[jax.Array, KVCache | CascadeCache | None]:
+                 remat: bool = False, scan: bool | None = None, segment_ids: jax.Array | None = None
+                 ) -> tuple[jax.Array, KVCache | CascadeCache | None]:
         """Hidden states [B, T, hidden] and the updated cache. `remat`: recompute each layer in the backward
         pass (cache-free forwards). `scan`: run the layers as a `lax.scan` (default: `self.scan_layers`;
-        cache-free forwards only)."""
+        cache-free forwards only). `segment_ids` [B, T] (training only, no cache): packed rows with a shared
+        prefix, see `_segment_mask`; then `positions` must be given and `attention_mask` is not used."""
         if scan and cache is not None:
             raise ValueError("Backbone: scan=True runs cache-free forwards only (training, scoring); a forward "
                              "with a KV cache runs the layers unrolled. Drop scan=True for cached calls.")
         scan = self.scan_layers if scan is None else scan
         b, t = input_ids.shape
+        if segment_ids is not None:
+            if cache is not None or positions is None:
+                raise ValueError("Backbone: segment_ids (packed rows) need explicit positions and no cache.")
+            attention_mask = segment_ids > 0
         if attention_mask is None:
             attention_mask = jnp.ones((b, t), bool)
         attention_mask = attention_mask.astype(bool)
@@ -103,7 +120,8 @@ class Backbone(nnx.Module):
             if positions is None:
                 positions = default_positions(attention_mask)
             q_slot = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-            mask = self._mask(q_slot, attention_mask)
+            mask = (self._segment_mask(segment_ids, positions) if segment_ids is not None
+                    else self._mask(q_slot, attention_mask))
             write_index = valid = None
         else:
             write_index = cache.index

@@ -1,15 +1,12 @@
-"""Loss functions over batches: sequence log-probs on response positions only, then the pure losses.
+"""Loss objects over typed batches (prs_jax.data.batches): sequence log-probs from the one log-prob API
+(prs_jax.train.logprobs.sequence_logps), then the pure losses of prs_jax.train.losses.
 
-Batch conventions (right-padded, fixed shapes; `*_loss_mask` marks the tokens that are scored, i.e. response
-tokens):
-    SFT:        input_ids, attention_mask, loss_mask                                  [B, T]
-    pairs:      chosen_ids, chosen_mask, chosen_loss_mask, rejected_ids, ...          [B, T]
-                optional margin [B], p_chosen [B] (soft label),
-                optional ref_chosen, ref_rejected [B] (precomputed reference log-probs),
-                Sr-*: chosen_aug_ids, chosen_aug_mask, chosen_aug_loss_mask, rejected_aug_... (p (+) x inputs)
-                      and optionally ref_chosen_aug, ref_rejected_aug [B]
-Only hidden states at scored positions reach the vocabulary projection: a static `r_max` (bucketed longest
-response) bounds how many positions per row are gathered before the unembedding.
+    SFTLoss          TokenBatch -> mean NLL per scored token
+    PreferenceLoss   PairBatch  -> DPO family (and Sr-* with the p (+) x view `batch.aug`)
+    RewardLoss       PairBatch  -> Bradley-Terry / soft-label loss on the reward at each response's last token
+
+Every loss is called by the trainer as `loss(model, batch, static=None, frozen=None)`; `static` is not used
+(static facts live in the batch's tree structure and in the loss's LogProbConfig).
 """
 
 from __future__ import annotations
@@ -19,78 +16,72 @@ from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from prs_jax.data.batches import PairBatch, SharedPromptBatch, TokenBatch
 from prs_jax.models.transformer import CausalLM, RewardModel
 from prs_jax.train import losses as L
-from prs_jax.train.logprobs import sequence_logprobs, token_logprobs
+from prs_jax.train.logprobs import LogProbConfig, sequence_logps, shared_prompt_logps, unembed_matrix
+
+__all__ = ["SFTLoss", "PreferenceLoss", "RewardLoss", "pair_logps", "LogProbConfig", "Static", "unembed_matrix"]
 
 
 @dataclasses.dataclass(frozen=True)
 class Static:
-    """Static (hashable) facts of a batch: scored positions per row, and the log-prob method."""
+    """Static facts of an A2C batch (r_max scored positions, log-prob method, remat). Only prs_jax.train.a2c
+    still uses it; the other losses take a LogProbConfig and typed batches."""
 
     r_max: int
     logprob_method: Literal["plain", "chunked", "pallas"] = "chunked"
-    remat: bool = False  # recompute each decoder layer in the backward pass (activation memory ~ one layer)
+    remat: bool = False
 
 
-def bucket_r_max(*loss_masks: np.ndarray, minimum: int = 8) -> int:
-    """Power-of-two bucket of the longest scored span (few distinct compiled shapes)."""
-    longest = max(int(np.asarray(m).sum(axis=1).max()) for m in loss_masks)
-    longest = max(longest, minimum)
-    return min(1 << (longest - 1).bit_length(), max(np.asarray(m).shape[1] for m in loss_masks))
+def _pairs(batch: PairBatch | TokenBatch | SharedPromptBatch, aug: bool = False) -> TokenBatch | SharedPromptBatch:
+    view = batch if isinstance(batch, (TokenBatch, SharedPromptBatch)) else (batch.aug if aug else batch.x)
+    if view is None:
+        raise ValueError("pair_logps: the batch has no p (+) x view (`aug`); collate pairs tokenised with a "
+                         "prompt prefix (tokenize_pairs(..., prompt_prefix=...)).")
+    if view.seqs_per_example != 2:
+        raise ValueError(f"pair_logps: a pair batch holds 2 sequences per example (chosen, rejected), this one "
+                         f"{view.seqs_per_example}; build it with prs_jax.data.pairs.collate_pairs.")
+    return view
 
 
-def unembed_matrix(model: CausalLM) -> jax.Array:
-    """The [hidden, vocab] output projection (the embedding's transpose when tied)."""
-    if model.lm_head is None:
-        return model.model.embed_tokens.embedding[...].T
-    return model.lm_head.kernel[...]
+def pair_logps(model: CausalLM, batch: PairBatch | TokenBatch | SharedPromptBatch,
+               config: LogProbConfig = LogProbConfig(), *, aug: bool = False
+               ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """(chosen, rejected) summed log-probs [B] and token counts [B] of the x view (or `aug`: the p (+) x view),
+    in ONE forward whatever the layout (packed and cascade: the prompt is computed once)."""
+    view = _pairs(batch, aug)
+    if isinstance(view, SharedPromptBatch):
+        sums, counts = shared_prompt_logps(model, view, config)
+    else:
+        sums, counts = sequence_logps(model, view, config)
+    return sums[:, 0], sums[:, 1], counts[:, 0], counts[:, 1]
 
 
-def response_logps(model: CausalLM, ids: jax.Array, mask: jax.Array, loss_mask: jax.Array, static: Static
-                   ) -> tuple[jax.Array, jax.Array]:
-    """Summed log-probs [B] of the scored tokens and their counts [B]; logits only at scored positions."""
-    hidden, _ = model.model(ids, attention_mask=mask, remat=static.remat)
-    scored = loss_mask.astype(bool).at[:, 0].set(False)  # token 0 has no prediction
-    # indices of scored tokens first (stable, in order), padded with unscored ones
-    order = jnp.argsort(~scored, axis=1, stable=True)[:, :static.r_max]
-    valid = jnp.take_along_axis(scored, order, axis=1)
-    h = jnp.take_along_axis(hidden, jnp.maximum(order - 1, 0)[..., None], axis=1)
-    targets = jnp.take_along_axis(ids, order, axis=1)
-    tok = token_logprobs(h, unembed_matrix(model).astype(h.dtype), targets, method=static.logprob_method)
-    return sequence_logprobs(tok, valid)
+@dataclasses.dataclass(frozen=True)
+class SFTLoss:
+    """Mean negative log-likelihood per scored token of a TokenBatch."""
 
+    logprob: LogProbConfig = LogProbConfig()
 
-def sft_loss(model: CausalLM, batch: dict[str, jax.Array], static: Static) -> tuple[jax.Array, dict]:
-    """Mean negative log-likelihood per scored token."""
-    total, count = response_logps(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"], static)
-    n = jnp.maximum(jnp.sum(count), 1.0)
-    loss = -jnp.sum(total) / n
-    return loss, {"nll": loss, "tokens": jnp.sum(count)}
-
-
-def _pair_logps(model: CausalLM, batch: dict[str, jax.Array], static: Static, suffix: str = ""
-                ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """Chosen and rejected in ONE forward (concatenated on the batch axis)."""
-    ids = jnp.concatenate([batch[f"chosen{suffix}_ids"], batch[f"rejected{suffix}_ids"]])
-    mask = jnp.concatenate([batch[f"chosen{suffix}_mask"], batch[f"rejected{suffix}_mask"]])
-    lmask = jnp.concatenate([batch[f"chosen{suffix}_loss_mask"], batch[f"rejected{suffix}_loss_mask"]])
-    total, count = response_logps(model, ids, mask, lmask, static)
-    b = ids.shape[0] // 2
-    return total[:b], total[b:], count[:b], count[b:]
+    def __call__(self, model: CausalLM, batch: TokenBatch, static: Any = None) -> tuple[jax.Array, dict]:
+        total, count = sequence_logps(model, batch, self.logprob)
+        n = jnp.maximum(jnp.sum(count), 1.0)
+        loss = -jnp.sum(total) / n
+        return loss, {"nll": loss, "tokens": jnp.sum(count)}
 
 
 @dataclasses.dataclass(frozen=True)
 class PreferenceLoss:
-    """DPO-family loss over pair batches: name in losses.LOSSES, beta, lambda (Sr-*), label smoothing, IPO norm."""
+    """DPO-family loss over PairBatches: name in losses.LOSSES, beta, lambda (Sr-*), label smoothing, IPO norm."""
 
     name: str = "sigmoid"
     beta: float = 0.1
     lam: float = 0.5
     eps: float = 0.1
     ipo_normalize: Literal["sum", "mean"] = "sum"
+    logprob: LogProbConfig = LogProbConfig()
 
     def __post_init__(self) -> None:
         L.get_loss(self.name)
@@ -99,10 +90,10 @@ class PreferenceLoss:
     def augmented(self) -> bool:
         return self.name in L.PROMPT_AUGMENTED_LOSSES
 
-    def __call__(self, model: CausalLM, batch: dict[str, jax.Array], static: Static,
+    def __call__(self, model: CausalLM, batch: PairBatch, static: Any = None,
                  frozen: dict[str, Any] | None = None) -> tuple[jax.Array, dict]:
-        pc, pr, nc, nr = _pair_logps(model, batch, static)
-        rc, rr = self._reference(batch, static, frozen, "")
+        pc, pr, nc, nr = pair_logps(model, batch, self.logprob)
+        rc, rr = self._reference(batch, frozen, aug=False)
         kw: dict[str, Any] = {}
         if self.name in ("ipo", "sr_ipo"):
             kw = dict(normalize=self.ipo_normalize, chosen_tokens=nc, rejected_tokens=nr)
@@ -111,31 +102,44 @@ class PreferenceLoss:
         if not self.augmented:
             return L.get_loss(self.name)(pc, pr, rc, rr, self.beta, **kw)
         # Delta uses the current policy on p (+) x; the loss stops its gradient, so no backward flows there
-        pca, pra, _, _ = _pair_logps(model, batch, static, "_aug")
-        rca, rra = self._reference(batch, static, frozen, "_aug")
+        pca, pra, _, _ = pair_logps(model, batch, self.logprob, aug=True)
+        rca, rra = self._reference(batch, frozen, aug=True)
         return L.get_loss(self.name)(pc, pr, rc, rr, pca, pra, rca, rra, self.beta, lam=self.lam, **kw)
 
-    def _reference(self, batch, static, frozen, suffix):
-        key_c, key_r = f"ref_chosen{suffix}", f"ref_rejected{suffix}"
-        if key_c in batch:
-            return batch[key_c], batch[key_r]
+    def _reference(self, batch: PairBatch, frozen: dict[str, Any] | None, aug: bool) -> tuple[jax.Array, jax.Array]:
+        rc, rr = (batch.ref_chosen_aug, batch.ref_rejected_aug) if aug else (batch.ref_chosen, batch.ref_rejected)
+        if rc is not None and rr is not None:
+            return rc, rr
         if not frozen or "ref" not in frozen:
-            raise ValueError(f"{self.name}: the batch has no precomputed '{key_c}' and no reference model was given.")
-        rc, rr, _, _ = _pair_logps(frozen["ref"], batch, static, suffix)
+            which = "ref_chosen_aug" if aug else "ref_chosen"
+            raise ValueError(f"{self.name}: the batch has no precomputed '{which}' and no reference model was given.")
+        rc, rr, _, _ = pair_logps(frozen["ref"], batch, self.logprob, aug=aug)
         return jax.lax.stop_gradient(rc), jax.lax.stop_gradient(rr)
 
 
 @dataclasses.dataclass(frozen=True)
 class RewardLoss:
-    """Bradley-Terry (hard labels, optional margin) or soft-label cross-entropy for reward models."""
+    """Bradley-Terry (hard labels, optional margin) or soft-label cross-entropy for reward models; the reward
+    is the head's output at each response's last token (packed pairs: both responses in one row)."""
 
     soft_labels: bool = False
+    remat: bool = False
 
-    def __call__(self, rm: RewardModel, batch: dict[str, jax.Array], static: Any) -> tuple[jax.Array, dict]:
-        ids = jnp.concatenate([batch["chosen_ids"], batch["rejected_ids"]])
-        mask = jnp.concatenate([batch["chosen_mask"], batch["rejected_mask"]])
-        r = rm(ids, attention_mask=mask)
-        b = ids.shape[0] // 2
+    def __call__(self, rm: RewardModel, batch: PairBatch, static: Any = None) -> tuple[jax.Array, dict]:
+        view = _pairs(batch)
+        if not isinstance(view, TokenBatch):
+            raise ValueError("RewardLoss: collate reward-model pairs with layout 'packed' or 'separate' (the "
+                             "cascade layout serves log-prob losses only).")
+        b, v, t = view.tokens.shape
+        flat = lambda x: x.reshape((-1,) + x.shape[2:])  # noqa: E731
+        hidden, _ = rm.model(flat(view.tokens), positions=flat(view.positions),
+                             segment_ids=flat(view.segment_ids), remat=self.remat)
+        s = view.seqs_per_row
+        hit = flat(view.target_seq)[..., None] == jnp.arange(s, dtype=jnp.int32)  # [BV, R, S]
+        last = jnp.max(jnp.where(hit, flat(view.target_slot)[..., None], 0), axis=1)  # [BV, S]
+        h = jnp.take_along_axis(hidden, last[..., None], axis=1).reshape(b, v * s, -1)
+        r = rm.head(h)[..., 0]
         if self.soft_labels:
-            return L.soft_label_reward(r[:b], r[b:], batch["p_chosen"])
-        return L.bt_reward(r[:b], r[b:], batch.get("margin"))
+            return L.soft_label_reward(r[:, 0], r[:, 1], batch.p_chosen)
+        return L.bt_reward(r[:, 0], r[:, 1], batch.margin)
+

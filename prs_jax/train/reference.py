@@ -3,18 +3,22 @@ reference weights, the tokenised data and the tokenizer. A run with a cache hit 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
 from prs_jax.models.safetensors_io import SafetensorsFile, iter_checkpoint_files, save_file
+from prs_jax.data.batches import PairBatch
 from prs_jax.models.transformer import CausalLM
-from prs_jax.train.objectives import Static, _pair_logps, bucket_r_max
+from prs_jax.train.logprobs import LogProbConfig
+from prs_jax.train.objectives import pair_logps
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "chat_template.jinja")
 
@@ -46,28 +50,38 @@ def cache_key(ref_dir: str | Path, arrays: Mapping[str, np.ndarray], tokenizer_d
     return h.hexdigest()[:32]
 
 
-def compute_reference(ref: CausalLM, arrays: Mapping[str, np.ndarray], *, batch_size: int = 8,
-                      augmented: bool = False, logprob_method: str = "chunked") -> dict[str, np.ndarray]:
-    """ref_chosen / ref_rejected (and *_aug) sequence log-probs [N] for pair arrays, in batches."""
-    n = len(arrays["chosen_ids"])
-    graphdef, state = nnx.split(ref)
-    suffixes = ("", "_aug") if augmented else ("",)
+def batch_arrays(batch: Any) -> dict[str, np.ndarray]:
+    """The leaves of a batch pytree by path (e.g. "x.tokens"), as NumPy arrays: what `cache_key` hashes."""
+    leaves = jax.tree_util.tree_flatten_with_path(batch)[0]
+    return {jax.tree_util.keystr(p, simple=True, separator="."): np.asarray(v) for p, v in leaves}
 
-    run = jax.jit(lambda state, batch, static, suffix: _pair_logps(nnx.merge(graphdef, state), batch, static,
-                                                                  suffix)[:2], static_argnums=(2, 3))
-    out = {f"ref_{side}{s}": np.zeros(n, np.float32) for s in suffixes for side in ("chosen", "rejected")}
-    for start in tqdm(range(0, n, batch_size), desc="reference log-probs", unit="batch"):
+
+@functools.lru_cache(maxsize=8)
+def _pair_logps_program(config: LogProbConfig):
+    """One jitted (chosen, rejected) program per log-prob config; the graph definition is a static argument, so
+    every model of the same architecture (e.g. the policies of a study) reuses its compiled shapes."""
+    return jax.jit(lambda graphdef, state, batch, aug: pair_logps(nnx.merge(graphdef, state), batch, config,
+                                                                  aug=aug)[:2], static_argnums=(0, 3))
+
+
+def compute_reference(ref: CausalLM, data: PairBatch, *, batch_size: int = 8, augmented: bool = False,
+                      config: LogProbConfig = LogProbConfig(), progress: bool = True) -> dict[str, np.ndarray]:
+    """ref_chosen / ref_rejected (and *_aug) sequence log-probs [N] of a host PairBatch over N pairs, in batches
+    of `batch_size` (the last one padded with repeats)."""
+    n = len(jax.tree.leaves(data.x)[0])
+    graphdef, state = nnx.split(ref)
+    views = (False, True) if augmented else (False,)
+    run = _pair_logps_program(config)
+    out = {f"ref_{side}{'_aug' if a else ''}": np.zeros(n, np.float32) for a in views
+           for side in ("chosen", "rejected")}
+    for start in tqdm(range(0, n, batch_size), desc="reference log-probs", unit="batch", disable=not progress):
         idx = np.arange(start, min(start + batch_size, n))
         pad = np.concatenate([idx, np.resize(idx, batch_size - len(idx))]) if len(idx) < batch_size else idx
-        for s in suffixes:
-            # exactly this view's arrays ("chosen_" would also match the unused "chosen_aug_*" ones)
-            batch = {f"{side}{s}_{part}": arrays[f"{side}{s}_{part}"][pad] for side in ("chosen", "rejected")
-                     for part in ("ids", "mask", "loss_mask")}
-            static = Static(r_max=bucket_r_max(batch[f"chosen{s}_loss_mask"], batch[f"rejected{s}_loss_mask"]),
-                            logprob_method=logprob_method)
-            c, r = run(state, {k: jax.numpy.asarray(v) for k, v in batch.items()}, static, s)
-            out[f"ref_chosen{s}"][idx] = np.asarray(c)[:len(idx)]
-            out[f"ref_rejected{s}"][idx] = np.asarray(r)[:len(idx)]
+        for a in views:
+            view = data.aug if a else data.x
+            c, r = run(graphdef, state, jax.tree.map(lambda v: jnp.asarray(v[pad]), view), a)
+            out[f"ref_chosen{'_aug' if a else ''}"][idx] = np.asarray(c)[:len(idx)]
+            out[f"ref_rejected{'_aug' if a else ''}"][idx] = np.asarray(r)[:len(idx)]
     return out
 
 

@@ -16,8 +16,9 @@ from prs_jax.data.pairs import collate_pairs, tokenize_pairs
 from prs_jax.data.sft import collate_sft, tokenize_sft
 from prs_jax.errors import ConfigError
 from prs_jax.models import load_causal_lm, load_reward_model, load_tokenizer, save_pretrained
-from prs_jax.train.objectives import PreferenceLoss, RewardLoss, Static, bucket_r_max, sft_loss
-from prs_jax.train.reference import cache_key, cached_reference, compute_reference
+from prs_jax.train.logprobs import LogProbConfig
+from prs_jax.train.objectives import PreferenceLoss, RewardLoss, SFTLoss
+from prs_jax.train.reference import batch_arrays, cache_key, cached_reference, compute_reference
 from prs_jax.train.trainer import ArraySource, OptimConfig, Trainer, TrainerConfig
 
 Task = Literal["sft", "rm", "dpo"]
@@ -83,19 +84,13 @@ class TrainRunConfig:
     export_dir: str | None = None
     logprob_method: Literal["plain", "chunked", "pallas"] = "chunked"
     remat: bool = False  # rematerialise decoder layers in the backward pass (less memory, ~1.3x compute)
+    # preference pairs: "packed" rows [prompt | chosen | rejected] compute the prompt once (default);
+    # "cascade": the prompt once as its own row, responses attend to it by cascade attention (prompts must not
+    # be empty; no remat); "separate" rows [prompt | chosen], [prompt | rejected] (the unshared forward).
+    # Same results (tests/train/test_packed_pairs.py); speed: benchmarks/results/train.json
+    pair_layout: Literal["packed", "cascade", "separate"] = "packed"
     rm_head_name: str | None = None
     rm_init_head: bool = True
-
-
-def _static_sft(method: str, remat: bool, batch: dict[str, np.ndarray]) -> Static:
-    return Static(r_max=bucket_r_max(batch["loss_mask"]), logprob_method=method, remat=remat)
-
-
-def _static_pairs(method: str, remat: bool, augmented: bool, batch: dict[str, np.ndarray]) -> Static:
-    masks = [batch["chosen_loss_mask"], batch["rejected_loss_mask"]]
-    if augmented:
-        masks += [batch["chosen_aug_loss_mask"], batch["rejected_aug_loss_mask"]]
-    return Static(r_max=bucket_r_max(*masks), logprob_method=method, remat=remat)
 
 
 def run_train(task: Task, cfg: TrainRunConfig, console: Console | None = None) -> dict[str, float]:
@@ -112,6 +107,7 @@ def run_train(task: Task, cfg: TrainRunConfig, console: Console | None = None) -
                   on_too_long=d.on_too_long, use_chat_template=d.use_chat_template)
     frozen: dict[str, Any] = {}
     loss_fn: Any
+    lp = LogProbConfig(method=cfg.logprob_method, remat=cfg.remat)
     if task == "sft":
         model: Any = load_causal_lm(cfg.model, dtype=cfg.dtype)
 
@@ -120,19 +116,18 @@ def run_train(task: Task, cfg: TrainRunConfig, console: Console | None = None) -
             console.print(f"data: {source}: {report.summary()}", markup=False)
             return ExampleSource(examples, functools.partial(collate_sft, max_length=d.max_length, pad_id=pad,
                                                              pad_to=d.pad_to, multiple=d.pad_multiple),
-                                 functools.partial(_static_sft, cfg.logprob_method, cfg.remat),
                                  length_fn=lambda e: len(e.prompt_ids) + len(e.response_ids))
 
-        loss_fn = sft_loss
+        loss_fn = SFTLoss(lp)
     else:
-        loss = PreferenceLoss(cfg.loss.name, cfg.loss.beta, cfg.loss.lam, cfg.loss.eps, cfg.loss.ipo_normalize)
+        loss = PreferenceLoss(cfg.loss.name, cfg.loss.beta, cfg.loss.lam, cfg.loss.eps, cfg.loss.ipo_normalize, lp)
         augmented = task == "dpo" and loss.augmented
         pair_kw = dict(common, soft_label_column=d.soft_label_column,
                        prompt_prefix=cfg.loss.prompt_prefix if augmented else None, placement=cfg.loss.placement)
         if task == "rm":
             model = load_reward_model(cfg.model, dtype=cfg.dtype, head_name=cfg.rm_head_name,
                                       init_head=cfg.rm_init_head)
-            loss_fn = RewardLoss(soft_labels=cfg.loss.soft_labels)
+            loss_fn = RewardLoss(soft_labels=cfg.loss.soft_labels, remat=cfg.remat)
         else:
             model = load_causal_lm(cfg.model, dtype=cfg.dtype)
             loss_fn = loss
@@ -142,20 +137,20 @@ def run_train(task: Task, cfg: TrainRunConfig, console: Console | None = None) -
             examples, report = tokenize_pairs(iter_rows(source, split), tok, **pair_kw)
             console.print(f"data: {source}: {report.summary()}", markup=False)
             collate = functools.partial(collate_pairs, max_length=d.max_length, pad_id=pad, pad_to=d.pad_to,
-                                        multiple=d.pad_multiple)
-            static = functools.partial(_static_pairs, cfg.logprob_method, cfg.remat, augmented)
+                                        multiple=d.pad_multiple, layout=cfg.pair_layout)
             if task != "dpo" or not cfg.precompute_ref:
-                return ExampleSource(examples, collate, static if task == "dpo" else None,
-                                     length_fn=lambda e: len(e.prompt_ids) + max(len(e.chosen_ids),
-                                                                                 len(e.rejected_ids)))
-            arrays = collate_pairs(examples, d.max_length, pad, pad_to="max_length")
-            key = cache_key(ref_dir, arrays, cfg.tokenizer or cfg.model, extra=[cfg.logprob_method, cfg.dtype])
+                return ExampleSource(examples, collate,
+                                     length_fn=lambda e: len(e.prompt_ids) + len(e.chosen_ids) + len(e.rejected_ids))
+            # the whole set as one batch (shapes: its longest row, bucketed), reference log-probs attached
+            data = collate_pairs(examples, d.max_length, pad, multiple=d.pad_multiple, layout=cfg.pair_layout)
+            key = cache_key(ref_dir, batch_arrays(data), cfg.tokenizer or cfg.model,
+                            extra=[cfg.logprob_method, cfg.dtype])
             refs, hit = cached_reference(cfg.ref_cache_dir, key, lambda: compute_reference(
-                load_causal_lm(ref_dir, dtype=cfg.dtype), arrays, batch_size=cfg.trainer.batch_size,
-                augmented=augmented, logprob_method=cfg.logprob_method))
+                load_causal_lm(ref_dir, dtype=cfg.dtype), data, batch_size=cfg.trainer.batch_size,
+                augmented=augmented, config=lp))
             console.print(f"reference log-probs {'loaded from cache' if hit else 'computed and cached'} "
                           f"({cfg.ref_cache_dir}, key {key})", markup=False)
-            return ArraySource({**arrays, **refs}, static)
+            return ArraySource(dataclasses.replace(data, **{k: np.asarray(v) for k, v in refs.items()}))
 
         if task == "dpo" and not cfg.precompute_ref:
             frozen["ref"] = load_causal_lm(ref_dir, dtype=cfg.dtype)

@@ -284,10 +284,11 @@ class Trainer:
         call.lower = lower
         return call
 
-    def _device_batch(self, arrays: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    def _device_batch(self, arrays: Any) -> Any:
+        """A batch pytree (a dict of arrays or a typed batch from prs_jax.data.batches) on the device(s)."""
         if self.mesh_context is None:
-            return {k: jnp.asarray(v) for k, v in arrays.items()}
-        return {k: jax.device_put(v, self.mesh_context.batch_sharding(np.shape(v))) for k, v in arrays.items()}
+            return jax.tree.map(jnp.asarray, arrays)
+        return jax.tree.map(lambda v: jax.device_put(v, self.mesh_context.batch_sharding(np.shape(v))), arrays)
 
     def _manager(self) -> ocp.CheckpointManager:
         cfg = self.config
@@ -374,14 +375,13 @@ class Trainer:
         self._t_last, self._tokens_since = time.perf_counter(), 0
         return resumed
 
-    def train_on(self, arrays: Mapping[str, np.ndarray], static: Any, eval_source: BatchSource | None = None,
+    def train_on(self, arrays: Any, static: Any, eval_source: BatchSource | None = None,
                  extra_metrics: Mapping[str, float] | None = None) -> dict[str, float]:
         """One optimizer step on a batch the caller built (after `start`), with the NaN guard, logging (plus
         `extra_metrics`), evaluation and checkpoints on the configured schedule; returns the step's metrics."""
         cfg = self.config
-        self._tokens_since += int(sum(int(np.asarray(v).sum()) for k, v in arrays.items() if k.endswith("mask")
-                                      and not k.endswith("loss_mask")))
-        batch = self._device_batch(dict(arrays))
+        self._tokens_since += _count_tokens(arrays)
+        batch = self._device_batch(arrays)
         new_params, new_opt, metrics = self._train_step(self._params, self._opt_state_tree, self._rest,
                                                         self._frozen_states, batch, static=static)
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -478,7 +478,7 @@ class Trainer:
             arrays, static = source.collate(idx)
             valid = np.arange(bs) < real
             if self.mesh is not None:
-                valid = jax.device_put(valid, NamedSharding(self.mesh, P(("data", "fsdp"))))
+                valid = jax.device_put(valid, self.mesh_context.batch_sharding(valid.shape))
             m = jax.device_get(self._eval_step(params, rest, frozen_states, self._device_batch(arrays),
                                                jnp.asarray(valid), static=static))
             for k, v in m.items():
@@ -531,20 +531,36 @@ def trim_metrics(path: Path, step: int) -> None:
     tmp.replace(path)
 
 
-class ArraySource:
-    """A BatchSource over equally long NumPy arrays (already tokenised and padded); `static_fn` derives the
-    static facts of a batch (e.g. the bucketed response length) from its arrays."""
+def _count_tokens(arrays: Any) -> int:
+    """Real tokens in a batch: the sum of its attention masks (dict batches) or the non-padding segment ids
+    (typed batches, prs_jax.data.batches)."""
+    total = 0
+    for path, v in jax.tree_util.tree_flatten_with_path(arrays)[0]:
+        name = jax.tree_util.keystr(path)
+        if name.endswith("segment_ids"):
+            total += int((np.asarray(v) > 0).sum())
+        elif name.rstrip("']").endswith("mask") and not name.rstrip("']").endswith("loss_mask"):
+            total += int(np.asarray(v).sum())
+    return total
 
-    def __init__(self, arrays: Mapping[str, np.ndarray], static_fn: Callable[[dict[str, np.ndarray]], Any]):
-        lengths = {k: len(v) for k, v in arrays.items()}
+
+class ArraySource:
+    """A BatchSource over a pytree of equally long NumPy arrays (a dict, or a typed batch such as
+    prs_jax.data.batches.PairBatch; already tokenised and padded), indexed on the leading axis; `static_fn`
+    (optional) derives the static facts of a batch from it."""
+
+    def __init__(self, arrays: Any, static_fn: Callable[[Any], Any] | None = None):
+        leaves = jax.tree_util.tree_flatten_with_path(arrays)[0]
+        lengths = {jax.tree_util.keystr(p): len(v) for p, v in leaves}
         if len(set(lengths.values())) != 1:
             raise ValueError(f"ArraySource: arrays differ in length: {lengths}")
-        self.arrays = {k: np.asarray(v) for k, v in arrays.items()}
+        self.arrays = jax.tree.map(np.asarray, arrays)
         self.static_fn = static_fn
+        self._n = next(iter(lengths.values()))
 
     def __len__(self) -> int:
-        return len(next(iter(self.arrays.values())))
+        return self._n
 
-    def collate(self, indices: np.ndarray) -> tuple[dict[str, np.ndarray], Any]:
-        batch = {k: v[indices] for k, v in self.arrays.items()}
-        return batch, self.static_fn(batch)
+    def collate(self, indices: np.ndarray) -> tuple[Any, Any]:
+        batch = jax.tree.map(lambda v: v[indices], self.arrays)
+        return batch, (self.static_fn(batch) if self.static_fn is not None else None)

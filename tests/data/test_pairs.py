@@ -278,28 +278,43 @@ def test_sr_views_truncate_to_the_same_response_and_count_a_cut_prefix(tok):
 
 # ------------------------------------------------------------------------------------------------ collation
 
+def _scored(view, i, v, seq):
+    """Token ids scored for sequence `seq` of row (i, v) of a TokenBatch."""
+    keep = view.target_seq[i, v] == seq
+    return view.tokens[i, v][view.target_slot[i, v][keep]]
+
+
 def test_collate_pairs_masks_shapes_and_labels(tok):
     rows = [{**TEXT, "margin": 1.0, "p_chosen": 0.9}, {**LONG, "margin": -0.5, "p_chosen": 0.2}]
     pairs, _ = tokenize_pairs(rows, tok)
     pad = pad_id_of(tok)
-    batch = collate_pairs(pairs, max_length=64, pad_id=pad, multiple=16)
-    t = batch["chosen_ids"].shape[1]
+    sep = collate_pairs(pairs, max_length=64, pad_id=pad, multiple=16, layout="separate").x
+    t = sep.tokens.shape[2]
     assert t % 16 == 0 and t == bucket_length(max(len(p.chosen_input_ids) for p in pairs), multiple=16)
-    for side in ("chosen", "rejected"):
-        assert batch[f"{side}_ids"].shape == batch[f"{side}_mask"].shape == (2, t)
-        assert batch[f"{side}_ids"].dtype == np.int32
+    assert sep.tokens.shape == sep.segment_ids.shape == (2, 2, t) and sep.tokens.dtype == np.int32
+    for v, side in enumerate(("chosen", "rejected")):
         for i, p in enumerate(pairs):
             resp = getattr(p, f"{side}_ids")
             seq = np.concatenate([p.prompt_ids, resp])
-            lo, hi = len(p.prompt_ids), len(seq)
-            np.testing.assert_array_equal(batch[f"{side}_ids"][i, :hi], seq)
-            assert (batch[f"{side}_ids"][i, hi:] == pad).all()
-            np.testing.assert_array_equal(batch[f"{side}_mask"][i], np.arange(t) < hi)
-            np.testing.assert_array_equal(batch[f"{side}_loss_mask"][i], (np.arange(t) >= lo) & (np.arange(t) < hi))
-            np.testing.assert_array_equal(batch[f"{side}_ids"][i][batch[f"{side}_loss_mask"][i] == 1], resp)
-    np.testing.assert_allclose(batch["margin"], [1.0, -0.5])
-    np.testing.assert_allclose(batch["p_chosen"], [0.9, 0.2])
-    assert collate_pairs(pairs, max_length=48, pad_id=pad, pad_to="max_length")["rejected_ids"].shape == (2, 48)
+            hi = len(seq)
+            np.testing.assert_array_equal(sep.tokens[i, v, :hi], seq)
+            assert (sep.tokens[i, v, hi:] == pad).all()
+            np.testing.assert_array_equal(sep.segment_ids[i, v] > 0, np.arange(t) < hi)
+            np.testing.assert_array_equal(sep.positions[i, v, :hi], np.arange(hi))
+            np.testing.assert_array_equal(_scored(sep, i, v, 0), resp)
+    packed = collate_pairs(pairs, max_length=64, pad_id=pad, multiple=16)
+    for i, p in enumerate(pairs):  # one row: [prompt | chosen | rejected], rejected's positions after the prompt
+        n_p, n_c, n_r = len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids)
+        np.testing.assert_array_equal(packed.x.tokens[i, 0, :n_p + n_c + n_r],
+                                      np.concatenate([p.prompt_ids, p.chosen_ids, p.rejected_ids]))
+        np.testing.assert_array_equal(packed.x.positions[i, 0, n_p + n_c:n_p + n_c + n_r], n_p + np.arange(n_r))
+        np.testing.assert_array_equal(_scored(packed.x, i, 0, 0), p.chosen_ids)
+        np.testing.assert_array_equal(_scored(packed.x, i, 0, 1), p.rejected_ids)
+    np.testing.assert_allclose(packed.margin, [1.0, -0.5])
+    np.testing.assert_allclose(packed.p_chosen, [0.9, 0.2])
+    assert collate_pairs(pairs, max_length=48, pad_id=pad, pad_to="max_length",
+                         layout="separate").x.tokens.shape == (2, 2, 48)
+    assert collate_pairs(pairs, max_length=48, pad_id=pad, pad_to="max_length").x.tokens.shape == (2, 1, 96)
     with pytest.raises(DataError, match="more than max_length=8"):
         collate_pairs(pairs, max_length=8, pad_id=pad)
     mixed, _ = tokenize_pairs([TEXT, {**TEXT, "margin": 1.0}], tok)
@@ -312,15 +327,15 @@ def test_collate_sr_views_and_example_source(tok):
     source = ExampleSource(pairs, lambda ex: collate_pairs(ex, max_length=128, pad_id=0))
     batch, static = source.collate(np.array([1, 0]))
     assert static is None and len(source) == 2
-    keys = {f"{s}{v}_{k}" for s in ("chosen", "rejected") for v in ("", "_aug") for k in ("ids", "mask", "loss_mask")}
-    assert set(batch) == keys
-    assert len({a.shape for a in batch.values()}) == 1
-    for v in ("", "_aug"):
-        np.testing.assert_array_equal(batch[f"chosen{v}_loss_mask"].sum(1), [len(pairs[1].chosen_ids),
-                                                                              len(pairs[0].chosen_ids)])
+    assert batch.aug is not None and batch.margin is None and batch.ref_chosen is None
+    for view in (batch.x, batch.aug):
+        np.testing.assert_array_equal([len(_scored(view, i, 0, 0)) for i in range(2)],
+                                      [len(pairs[1].chosen_ids), len(pairs[0].chosen_ids)])
     # the p (+) x rows carry the prefix before the same response tokens
-    row = batch["chosen_aug_ids"][1][batch["chosen_aug_mask"][1] == 1]
-    assert P in tok.decode(row) and tok.decode(row).endswith("Paris is the capital.<|end|>\n")
+    aug = batch.aug
+    n_p = len(pairs[0].augmented.prompt_ids)
+    text = tok.decode(np.concatenate([aug.tokens[1, 0, :n_p], _scored(aug, 1, 0, 0)]))
+    assert P in text and text.endswith("Paris is the capital.<|end|>\n")
 
 
 def test_plain_dicts_and_pair_objects_are_accepted(tok):

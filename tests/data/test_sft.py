@@ -91,16 +91,22 @@ def test_sft_truncation_and_collation(tok):
     np.testing.assert_array_equal(examples[0].response_ids, full.response_ids[:5])
     np.testing.assert_array_equal(examples[1].response_loss_mask, conv.response_loss_mask[:5])
     batch = collate_sft(examples, max_length=8, pad_id=0, pad_to="max_length")
-    assert {k: v.shape for k, v in batch.items()} == {k: (2, 8) for k in ("input_ids", "attention_mask", "loss_mask")}
-    np.testing.assert_array_equal(batch["loss_mask"][0], [0, 0, 0, 1, 1, 1, 1, 1])
+    assert batch.tokens.shape == batch.segment_ids.shape == batch.positions.shape == (2, 1, 8)
+    scored = np.zeros(8, int)
+    scored[batch.target_slot[0, 0][batch.target_seq[0, 0] >= 0]] = 1
+    np.testing.assert_array_equal(scored, [0, 0, 0, 1, 1, 1, 1, 1])
     batch = collate_sft([full, conv], pad_id=0, multiple=16)
-    t = batch["input_ids"].shape[1]
+    t = batch.tokens.shape[2]
     assert t % 16 == 0
     for i, ex in enumerate([full, conv]):
         n = len(ex.input_ids)
-        np.testing.assert_array_equal(batch["attention_mask"][i], np.arange(t) < n)
-        np.testing.assert_array_equal(batch["loss_mask"][i, :n], ex.loss_mask)
-        assert batch["loss_mask"][i, n:].sum() == 0 and (batch["input_ids"][i, n:] == 0).all()
+        np.testing.assert_array_equal(batch.segment_ids[i, 0] > 0, np.arange(t) < n)
+        scored = np.zeros(t, np.int32)
+        scored[batch.target_slot[i, 0][batch.target_seq[i, 0] >= 0]] = 1
+        np.testing.assert_array_equal(scored[:n], ex.loss_mask * (np.arange(n) > 0))
+        assert scored[n:].sum() == 0 and (batch.tokens[i, 0, n:] == 0).all()
+        np.testing.assert_array_equal(batch.context_slot[i, 0][batch.target_seq[i, 0] >= 0] + 1,
+                                      batch.target_slot[i, 0][batch.target_seq[i, 0] >= 0])
 
     short = {"prompt": "Hi", "completion": " there"}
     with pytest.raises(DataError, match=f"row 1: the prompt has {len(conv.prompt_ids)} tokens"):

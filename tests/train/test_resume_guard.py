@@ -11,7 +11,9 @@ import pytest
 from prs_jax.data.lock import OutputLock
 from prs_jax.errors import LockError
 from prs_jax.models import load_causal_lm
-from prs_jax.train.objectives import PreferenceLoss, Static, bucket_r_max
+from prs_jax.data.batches import PairBatch
+from prs_jax.data.pairs import TokenizedPair, collate_pairs
+from prs_jax.train.objectives import PreferenceLoss
 from prs_jax.train.trainer import (
     ArraySource,
     OptimConfig,
@@ -22,28 +24,13 @@ from prs_jax.train.trainer import (
     trim_metrics,
 )
 
-T = 24
-
-
-def pair_arrays(n: int, seed: int = 0) -> dict[str, np.ndarray]:
+def pair_arrays(n: int, seed: int = 0) -> PairBatch:
     """Separable preference pairs (as in test_trainer): chosen repeat token 40, rejected token 90."""
     rng = np.random.default_rng(seed)
-    out: dict[str, list] = {}
-    for _ in range(n):
-        prompt = list(rng.integers(100, 400, size=8))
-        for name, tok in (("chosen", 40), ("rejected", 90)):
-            ids = prompt + [tok] * int(rng.integers(4, 10))
-            row = np.zeros(T, np.int32)
-            row[:len(ids)] = ids
-            mask = np.arange(T) < len(ids)
-            out.setdefault(f"{name}_ids", []).append(row)
-            out.setdefault(f"{name}_mask", []).append(mask)
-            out.setdefault(f"{name}_loss_mask", []).append((np.arange(T) >= len(prompt)) & mask)
-    return {k: np.stack(v) for k, v in out.items()}
-
-
-def pair_static(batch):
-    return Static(r_max=bucket_r_max(batch["chosen_loss_mask"], batch["rejected_loss_mask"]))
+    pairs = [TokenizedPair(rng.integers(100, 400, size=8).astype(np.int32),
+                           np.full(int(rng.integers(4, 10)), 40, np.int32),
+                           np.full(int(rng.integers(4, 10)), 90, np.int32)) for _ in range(n)]
+    return collate_pairs(pairs, multiple=8)
 
 
 def cfg(tmp_path, **kw):
@@ -84,14 +71,14 @@ def _rows(run_dir):
 
 def test_metrics_after_crash_and_resume_hold_each_step_once(llama_dir, tmp_path):
     arrays = pair_arrays(n=10)
-    _trainer(llama_dir, tmp_path / "a", steps=6, save_every=2, tensorboard=True).fit(ArraySource(arrays, pair_static))
+    _trainer(llama_dir, tmp_path / "a", steps=6, save_every=2, tensorboard=True).fit(ArraySource(arrays))
     with pytest.raises(Crash):  # steps 1-3 logged, checkpoint at 2, crash while building step 4's batch
         _trainer(llama_dir, tmp_path / "b", steps=6, save_every=2, tensorboard=True).fit(
-            CrashAt(arrays, pair_static, at=4))
+            CrashAt(arrays, None, at=4))
     assert [r["step"] for r in _rows(tmp_path / "b")] == [1, 2, 3]
     with open(tmp_path / "b" / "run" / "metrics.jsonl", "a") as fh:
         fh.write('{"step": 4, "split": "tr')  # and a torn line from a kill mid-write
-    _trainer(llama_dir, tmp_path / "b", steps=6, save_every=2, tensorboard=True).fit(ArraySource(arrays, pair_static))
+    _trainer(llama_dir, tmp_path / "b", steps=6, save_every=2, tensorboard=True).fit(ArraySource(arrays))
     resumed = _rows(tmp_path / "b")
     assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
     assert [r["loss"] for r in resumed] == [r["loss"] for r in _rows(tmp_path / "a")]  # bitwise on CPU
@@ -121,7 +108,7 @@ def _tensorboard_steps(logdir, tag):
 
 
 def test_changed_optimizer_or_loss_is_refused_unless_forced(llama_dir, tmp_path):
-    src = ArraySource(pair_arrays(n=8), pair_static)
+    src = ArraySource(pair_arrays(n=8))
     _trainer(llama_dir, tmp_path, steps=2).fit(src)
     with pytest.raises(TrainingError, match=r"differing keys: optim.lr \(optim.lr: 0.001 -> 0.002\).*--force-resume"):
         _trainer(llama_dir, tmp_path, lr=2e-3, steps=4).fit(src)
@@ -135,7 +122,7 @@ def test_changed_optimizer_or_loss_is_refused_unless_forced(llama_dir, tmp_path)
 
 
 def test_run_directory_is_locked_while_training(llama_dir, tmp_path):
-    src = ArraySource(pair_arrays(n=8), pair_static)
+    src = ArraySource(pair_arrays(n=8))
     (tmp_path / "run").mkdir()
     with OutputLock(tmp_path / "run"):
         with pytest.raises(LockError, match="another run is writing .*run"):

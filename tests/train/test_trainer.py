@@ -10,34 +10,28 @@ import numpy as np
 import pytest
 
 from prs_jax.models import load_causal_lm, load_reward_model
-from prs_jax.train.objectives import PreferenceLoss, RewardLoss, Static, bucket_r_max, sft_loss
+from prs_jax.data.batches import PairBatch
+from prs_jax.data.pairs import TokenizedPair, collate_pairs
+from prs_jax.data.sft import TokenizedSFT, collate_sft
+from prs_jax.train.logprobs import LogProbConfig
+from prs_jax.train.objectives import PreferenceLoss, RewardLoss, SFTLoss
 from prs_jax.train.trainer import ArraySource, OptimConfig, Trainer, TrainerConfig, TrainingError
 
-T = 24
-
-
-def pair_arrays(n: int = 16, seed: int = 0, aug: bool = False) -> dict[str, np.ndarray]:
+def pair_examples(n: int = 16, seed: int = 0, aug: bool = False) -> list[TokenizedPair]:
     """Separable preferences: chosen responses repeat token 40, rejected repeat token 90 (prompt 8 tokens)."""
     rng = np.random.default_rng(seed)
-    out: dict[str, list] = {}
-    for _ in range(n):
-        prompt = list(rng.integers(100, 400, size=8))
-        for name, tok in (("chosen", 40), ("rejected", 90)):
-            resp_len = int(rng.integers(4, 10))
-            for suffix, pre in (("", []), ("_aug", [7, 7, 7])) if aug else (("", []),):
-                ids = pre + prompt + [tok] * resp_len
-                row = np.zeros(T, np.int32)
-                row[:len(ids)] = ids
-                mask = np.arange(T) < len(ids)
-                loss_mask = (np.arange(T) >= len(pre) + len(prompt)) & mask
-                out.setdefault(f"{name}{suffix}_ids", []).append(row)
-                out.setdefault(f"{name}{suffix}_mask", []).append(mask)
-                out.setdefault(f"{name}{suffix}_loss_mask", []).append(loss_mask)
-    return {k: np.stack(v) for k, v in out.items()}
+    out = []
+    for i in range(n):
+        prompt = rng.integers(100, 400, size=8).astype(np.int32)
+        c = np.full(int(rng.integers(4, 10)), 40, np.int32)
+        r = np.full(int(rng.integers(4, 10)), 90, np.int32)
+        augmented = TokenizedPair(np.concatenate([[7, 7, 7], prompt]).astype(np.int32), c, r) if aug else None
+        out.append(TokenizedPair(prompt, c, r, where=f"pair {i}", augmented=augmented))
+    return out
 
 
-def pair_static(batch):
-    return Static(r_max=bucket_r_max(batch["chosen_loss_mask"], batch["rejected_loss_mask"]))
+def pair_arrays(n: int = 16, seed: int = 0, aug: bool = False, layout: str = "packed") -> PairBatch:
+    return collate_pairs(pair_examples(n, seed, aug), multiple=8, layout=layout)
 
 
 def cfg(tmp_path, **kw):
@@ -49,7 +43,7 @@ def cfg(tmp_path, **kw):
 
 def test_dpo_starts_at_log2_and_learns(llama_dir, tmp_path):
     policy, ref = load_causal_lm(llama_dir), load_causal_lm(llama_dir)
-    src = ArraySource(pair_arrays(), pair_static)
+    src = ArraySource(pair_arrays())
     trainer = Trainer(policy, PreferenceLoss("sigmoid", beta=0.5), cfg(tmp_path, steps=12, eval_every=12,
                                                                          tensorboard=True),
                       OptimConfig(lr=3e-3), frozen={"ref": ref})
@@ -66,7 +60,7 @@ def test_dpo_starts_at_log2_and_learns(llama_dir, tmp_path):
 
 
 def test_kill_and_resume_is_exact(llama_dir, tmp_path):
-    src = ArraySource(pair_arrays(n=10), pair_static)
+    src = ArraySource(pair_arrays(n=10))
     loss = PreferenceLoss("ipo", beta=0.3)
 
     def losses(run_dir):
@@ -86,7 +80,7 @@ def test_kill_and_resume_is_exact(llama_dir, tmp_path):
 
 
 def test_sr_dpo_lambda_zero_equals_dpo(llama_dir, tmp_path):
-    src = ArraySource(pair_arrays(n=8, aug=True), pair_static)
+    src = ArraySource(pair_arrays(n=8, aug=True, layout="separate"))
     results = []
     for loss in (PreferenceLoss("sigmoid", beta=0.2), PreferenceLoss("sr_dpo", beta=0.2, lam=0.0)):
         tr = Trainer(load_causal_lm(llama_dir), loss, cfg(tmp_path / loss.name, steps=3), OptimConfig(lr=1e-3),
@@ -98,7 +92,7 @@ def test_sr_dpo_lambda_zero_equals_dpo(llama_dir, tmp_path):
 
 
 def test_nan_guard_stops_without_saving(llama_dir, tmp_path):
-    src = ArraySource(pair_arrays(n=8), pair_static)
+    src = ArraySource(pair_arrays(n=8))
     tr = Trainer(load_causal_lm(llama_dir), PreferenceLoss("sigmoid"), cfg(tmp_path, steps=4, save_every=1),
                  OptimConfig(lr=1e30, clip_norm=None, name="sgd"), frozen={"ref": load_causal_lm(llama_dir)})
     with pytest.raises(TrainingError, match="non-finite loss .* at step"):
@@ -110,25 +104,24 @@ def test_nan_guard_stops_without_saving(llama_dir, tmp_path):
 
 
 def test_sft_and_reward_model_training(llama_dir, make_checkpoint, tmp_path):
-    arrays = pair_arrays(n=12)
-    sft = ArraySource({"input_ids": arrays["chosen_ids"], "attention_mask": arrays["chosen_mask"],
-                       "loss_mask": arrays["chosen_loss_mask"]},
-                      lambda b: Static(r_max=bucket_r_max(b["loss_mask"])))
-    tr = Trainer(load_causal_lm(llama_dir), sft_loss, cfg(tmp_path / "sft", steps=8, grad_accum=2),
+    examples = pair_examples(n=12)
+    sft = ArraySource(collate_sft([TokenizedSFT(e.prompt_ids, e.chosen_ids, np.ones(len(e.chosen_ids), np.int32))
+                                   for e in examples], multiple=8))
+    tr = Trainer(load_causal_lm(llama_dir), SFTLoss(), cfg(tmp_path / "sft", steps=8, grad_accum=2),
                  OptimConfig(lr=3e-3, warmup_steps=2, schedule="cosine"))
     first = tr.evaluate(sft)["loss"]
     tr.fit(sft)
     assert tr.evaluate(sft)["loss"] < first - 0.5
 
     rm = load_reward_model(make_checkpoint("llama", task="reward"))
-    src = ArraySource({k: v for k, v in arrays.items()}, lambda b: None)
+    src = ArraySource(collate_pairs(examples, multiple=8))
     tr = Trainer(rm, RewardLoss(), cfg(tmp_path / "rm", steps=10), OptimConfig(lr=3e-3))
     tr.fit(src)
     assert tr.evaluate(src)["accuracy"] > 0.9
 
 
 def test_checkpoint_of_other_architecture_is_clear_error(llama_dir, make_checkpoint, tmp_path):
-    src = ArraySource(pair_arrays(n=8), pair_static)
+    src = ArraySource(pair_arrays(n=8))
     Trainer(load_causal_lm(llama_dir), PreferenceLoss(), cfg(tmp_path, steps=1), OptimConfig(),
             frozen={"ref": load_causal_lm(llama_dir)}).fit(src)
     other = make_checkpoint("llama", hidden_size=32, intermediate_size=64)
@@ -139,12 +132,15 @@ def test_checkpoint_of_other_architecture_is_clear_error(llama_dir, make_checkpo
 
 
 def test_precomputed_reference_cache_matches_live_reference(llama_dir, tmp_path):
-    from prs_jax.train.reference import cache_key, cached_reference, compute_reference
+    import dataclasses
+
+    from prs_jax.train.reference import batch_arrays, cache_key, cached_reference, compute_reference
 
     arrays = pair_arrays(n=6, aug=True)
     ref = load_causal_lm(llama_dir)
-    key = cache_key(llama_dir, arrays)
-    assert key == cache_key(llama_dir, arrays) != cache_key(llama_dir, pair_arrays(n=6, seed=1, aug=True))
+    key = cache_key(llama_dir, batch_arrays(arrays))
+    assert key == cache_key(llama_dir, batch_arrays(arrays)) != cache_key(
+        llama_dir, batch_arrays(pair_arrays(n=6, seed=1, aug=True)))
     calls = []
 
     def compute():
@@ -159,12 +155,12 @@ def test_precomputed_reference_cache_matches_live_reference(llama_dir, tmp_path)
     # training with cached reference log-probs equals training with the live reference model
     live = Trainer(load_causal_lm(llama_dir), PreferenceLoss("sr_dpo", lam=0.3),
                    cfg(tmp_path / "live", steps=2), OptimConfig(lr=1e-3), frozen={"ref": ref})
-    live.fit(ArraySource(arrays, pair_static))
+    live.fit(ArraySource(arrays))
     cached = Trainer(load_causal_lm(llama_dir), PreferenceLoss("sr_dpo", lam=0.3),
                      cfg(tmp_path / "cached", steps=2), OptimConfig(lr=1e-3))
-    cached.fit(ArraySource({**arrays, **second}, pair_static))
-    a = live.evaluate(ArraySource(arrays, pair_static), )
-    b = cached.evaluate(ArraySource({**arrays, **second}, pair_static))
+    cached.fit(ArraySource(dataclasses.replace(arrays, **second)))
+    a = live.evaluate(ArraySource(arrays), )
+    b = cached.evaluate(ArraySource(dataclasses.replace(arrays, **second)))
     np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)
 
 
@@ -175,20 +171,19 @@ def test_remat_gives_the_same_gradients(llama_dir):
 
     model = load_causal_lm(llama_dir)
     arrays = pair_arrays(n=4)
-    batch = {k: jnp.asarray(v) for k, v in arrays.items()}
-    loss = PreferenceLoss("sigmoid")
+    batch = jax.tree.map(jnp.asarray, arrays)
     ref = load_causal_lm(llama_dir)
     grads = []
     for remat in (False, True):
-        static = Static(r_max=bucket_r_max(arrays["chosen_loss_mask"], arrays["rejected_loss_mask"]), remat=remat)
-        g = nnx.grad(lambda m: loss(m, batch, static, frozen={"ref": ref})[0])(model)
+        loss = PreferenceLoss("sigmoid", logprob=LogProbConfig(remat=remat))
+        g = nnx.grad(lambda m: loss(m, batch, frozen={"ref": ref})[0])(model)
         grads.append(jax.tree.leaves(g))
     for a, b in zip(*grads):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-5)
 
 
 def test_best_k_checkpoints_by_eval_metric(llama_dir, tmp_path):
-    src = ArraySource(pair_arrays(n=8), pair_static)
+    src = ArraySource(pair_arrays(n=8))
     tr = Trainer(load_causal_lm(llama_dir), PreferenceLoss("sigmoid", beta=0.5),
                  cfg(tmp_path, steps=4, save_every=1, eval_every=1, keep=1, best_metric="eval/loss",
                      best_mode="min"),

@@ -16,20 +16,16 @@ SCRIPT = textwrap.dedent("""
     import json, sys
     import numpy as np
     from prs_jax.models import MeshConfig, load_causal_lm
-    from prs_jax.train.objectives import PreferenceLoss, Static, bucket_r_max
+    from prs_jax.data.pairs import TokenizedPair, collate_pairs
+    from prs_jax.train.objectives import PreferenceLoss
     from prs_jax.train.trainer import ArraySource, OptimConfig, Trainer, TrainerConfig
 
     path, out = sys.argv[1], sys.argv[2]
     rng = np.random.default_rng(0)
-    n, t = 16, 16
-    arrays = {}
-    for name, tok in (("chosen", 40), ("rejected", 90)):
-        ids = rng.integers(100, 400, size=(n, t)).astype(np.int32)
-        ids[:, 8:] = tok
-        arrays[f"{name}_ids"] = ids
-        arrays[f"{name}_mask"] = np.ones((n, t), bool)
-        arrays[f"{name}_loss_mask"] = np.arange(t)[None, :].repeat(n, 0) >= 8
-    src = ArraySource(arrays, lambda b: Static(r_max=bucket_r_max(b["chosen_loss_mask"], b["rejected_loss_mask"])))
+    n = 16
+    # random responses: the loss stays away from 0, where relative float differences mean nothing
+    pairs = [TokenizedPair(*(rng.integers(100, 400, size=8).astype(np.int32) for _ in range(3))) for _ in range(n)]
+    src = ArraySource(collate_pairs(pairs, multiple=8))
     traj = {}
     for name, mesh in (("plain", None), ("fsdp2_tensor4", MeshConfig(data=1, fsdp=2, tensor=4)),
                        ("data2_fsdp2_tensor2", MeshConfig(data=2, fsdp=2, tensor=2))):
