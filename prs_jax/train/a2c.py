@@ -69,7 +69,7 @@ from prs_jax.models.window import check_fits, window_of
 from prs_jax.train.a2c_model import A2CLoss, ActorCritic
 from prs_jax.train.a2c_rewards import PairReward, Reward, RewardConfig, ScorerReward
 from prs_jax.train.losses import KLMode, a2c_loss, returns_to_go, shaped_rewards
-from prs_jax.train.objectives import Static
+from prs_jax.train.logprobs import LogProbConfig
 from prs_jax.train.rollout import TAIL_LOGPS, Rollout, RolloutConfig, sample_rollouts, tail_logps
 from prs_jax.train.trainer import (
     OptimConfig,
@@ -165,7 +165,7 @@ class A2C:
         # fixed shapes for the whole run: prompt part = bucket of the longest prompt, response = max_new_tokens
         self.prompt_len = bucket(max(len(t) for t in self._prompt_ids), 16)
         self.response_len = rollout.max_new_tokens
-        self._static = Static(r_max=self.response_len, logprob_method=config.logprob_method, remat=config.remat)
+        self._static = LogProbConfig(method=config.logprob_method, remat=config.remat)
         self.pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else
                           (policy.config.pad_token_id or 0))
         self._key = jax.random.key(trainer.seed)

@@ -11,9 +11,8 @@ from flax import nnx
 
 from prs_jax.models.layers import Dense
 from prs_jax.models.transformer import CausalLM, RewardModel
-from prs_jax.train.logprobs import token_logprobs
+from prs_jax.train.logprobs import LogProbConfig, logps_from_hidden, response_hidden, tail_token_batch
 from prs_jax.train.losses import KLMode, a2c_loss
-from prs_jax.train.objectives import Static, unembed_matrix
 
 Metrics = dict[str, jax.Array]
 
@@ -32,19 +31,19 @@ class ActorCritic(nnx.Module):
             head.kernel.set_value(jnp.zeros_like(head.kernel.get_value()))
         self.value_head = head
 
-    def logps_and_values(self, ids: jax.Array, mask: jax.Array, r: int, static: Static, temperature: float = 1.0
-                         ) -> tuple[jax.Array, jax.Array]:
+    def logps_and_values(self, ids: jax.Array, mask: jax.Array, r: int, config: LogProbConfig,
+                         temperature: float = 1.0) -> tuple[jax.Array, jax.Array]:
         """Log-probs [B, r] of the last r tokens under softmax(logits / temperature) and the values [B, r] of the
-        states before them (only those r hidden states reach the vocabulary projection)."""
-        hidden, _ = self.policy.model(ids, attention_mask=mask, remat=static.remat)
-        h = hidden[:, -r - 1:-1]
-        logp = token_logprobs(h, unembed_matrix(self.policy).astype(h.dtype), ids[:, -r:],
-                              method=static.logprob_method, temperature=temperature)
+        states before them, through the trainer's log-prob API (`tail_token_batch`, `response_hidden`,
+        `logps_from_hidden`: only those r hidden states reach the vocabulary projection)."""
+        batch = tail_token_batch(ids, mask, r)
+        h, targets = response_hidden(self.policy, batch, config.remat)  # [B, 1, r, D], [B, 1, r]
+        logp = logps_from_hidden(self.policy, h, targets, config, temperature)[:, 0]
         if self.critic is None:
-            values = self.value_head(h)[..., 0]
+            values = self.value_head(h[:, 0])[..., 0]
         else:
-            hc, _ = self.critic.model(ids, attention_mask=mask, remat=static.remat)
-            values = self.critic.head(hc[:, -r - 1:-1])[..., 0]
+            hc, _ = response_hidden(self.critic, batch, config.remat)
+            values = self.critic.head(hc[:, 0])[..., 0]
         return logp, values.astype(jnp.float32)
 
 
@@ -60,7 +59,8 @@ class A2CLoss:
     normalize_advantages: bool = False
     temperature: float = 1.0
 
-    def __call__(self, model: ActorCritic, batch: dict[str, jax.Array], static: Static) -> tuple[jax.Array, Metrics]:
+    def __call__(self, model: ActorCritic, batch: dict[str, jax.Array], static: LogProbConfig
+                 ) -> tuple[jax.Array, Metrics]:
         r = batch["loss_mask"].shape[1]
         logp, values = model.logps_and_values(batch["input_ids"], batch["attention_mask"], r, static,
                                               temperature=self.temperature)

@@ -22,17 +22,7 @@ from prs_jax.models.transformer import CausalLM, RewardModel
 from prs_jax.train import losses as L
 from prs_jax.train.logprobs import LogProbConfig, sequence_logps, shared_prompt_logps, unembed_matrix
 
-__all__ = ["SFTLoss", "PreferenceLoss", "RewardLoss", "pair_logps", "LogProbConfig", "Static", "unembed_matrix"]
-
-
-@dataclasses.dataclass(frozen=True)
-class Static:
-    """Static facts of an A2C batch (r_max scored positions, log-prob method, remat). Only prs_jax.train.a2c
-    still uses it; the other losses take a LogProbConfig and typed batches."""
-
-    r_max: int
-    logprob_method: Literal["plain", "chunked", "pallas"] = "chunked"
-    remat: bool = False
+__all__ = ["SFTLoss", "PreferenceLoss", "RewardLoss", "pair_logps", "LogProbConfig", "unembed_matrix"]
 
 
 def _pairs(batch: PairBatch | TokenBatch | SharedPromptBatch, aug: bool = False) -> TokenBatch | SharedPromptBatch:

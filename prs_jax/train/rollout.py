@@ -25,8 +25,7 @@ from flax import nnx
 
 from prs_jax.errors import ConfigError
 from prs_jax.models.transformer import CausalLM
-from prs_jax.train.logprobs import token_logprobs
-from prs_jax.train.objectives import unembed_matrix
+from prs_jax.train.logprobs import LogProbConfig, logps_from_hidden, response_hidden, tail_token_batch
 from prs_jax.tree.engine import EngineConfig, TreeEngine
 from prs_jax.tree.sampling import SamplingParams
 
@@ -69,10 +68,9 @@ class Rollout:
 
 def _tail_logps_fn(state, ids, mask, *, graphdef, r, method, temperature):
     model = nnx.merge(graphdef, state)
-    hidden, _ = model.model(ids, attention_mask=mask)
-    h = hidden[:, -r - 1:-1]
-    return token_logprobs(h, unembed_matrix(model).astype(h.dtype), ids[:, -r:], method=method,
-                          temperature=temperature)
+    config = LogProbConfig(method=method)
+    h, targets = response_hidden(model, tail_token_batch(ids, mask, r))
+    return logps_from_hidden(model, h, targets, config, temperature)[:, 0]
 
 
 # log softmax(logits / T) of the last r tokens (the responses), only their hidden states reach the unembedding;
