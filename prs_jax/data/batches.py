@@ -73,6 +73,20 @@ class TokenBatch:
         """Bool [B, V, R]: which of the R gathered positions are real scored tokens."""
         return self.target_seq >= 0
 
+    def check(self, where: str) -> None:
+        """Shapes at a module boundary (chex; trace time only under jit): [B, V, T] token fields, [B, V, R]
+        scored-position fields. Errors name `where` and the field."""
+        from prs_jax.checks import assert_rank, assert_shape
+
+        assert_rank(where, "TokenBatch.tokens", self.tokens, 3, " [B, V, T]")
+        b, v, t = self.tokens.shape
+        for name in ("segment_ids", "positions"):
+            assert_shape(where, f"TokenBatch.{name}", getattr(self, name), (b, v, t), " (like tokens)")
+        assert_rank(where, "TokenBatch.target_slot", self.target_slot, 3, " [B, V, R]")
+        for name in ("context_slot", "target_seq"):
+            assert_shape(where, f"TokenBatch.{name}", getattr(self, name), self.target_slot.shape,
+                         " (like target_slot)")
+
 
 @struct.dataclass
 class SharedPromptBatch:
@@ -92,6 +106,20 @@ class SharedPromptBatch:
     @property
     def seqs_per_example(self) -> int:
         return self.resp_tokens.shape[1]
+
+    def check(self, where: str) -> None:
+        """Shapes at a module boundary (chex; trace time only under jit); errors name `where` and the field."""
+        from prs_jax.checks import assert_rank, assert_shape
+
+        assert_rank(where, "SharedPromptBatch.prompt_tokens", self.prompt_tokens, 2, " [B, P]")
+        assert_shape(where, "SharedPromptBatch.prompt_mask", self.prompt_mask, self.prompt_tokens.shape,
+                     " (like prompt_tokens)")
+        assert_rank(where, "SharedPromptBatch.resp_tokens", self.resp_tokens, 3, " [B, n, S]")
+        b = self.prompt_tokens.shape[0]
+        assert_shape(where, "SharedPromptBatch.resp_tokens", self.resp_tokens, (b, None, None), " (B as the prompts)")
+        for name in ("resp_mask", "resp_scored"):
+            assert_shape(where, f"SharedPromptBatch.{name}", getattr(self, name), self.resp_tokens.shape,
+                         " (like resp_tokens)")
 
 
 @struct.dataclass

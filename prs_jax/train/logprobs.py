@@ -230,6 +230,7 @@ def _flat(x: jax.Array) -> jax.Array:
 def response_hidden(model: "CausalLM", batch: TokenBatch, remat: bool = False) -> tuple[jax.Array, jax.Array]:
     """Hidden states [B, V, R, D] that predict the scored tokens and those tokens [B, V, R] (one backbone
     forward over the B * V rows; `model` is anything with a `.model` Backbone)."""
+    batch.check("response_hidden")
     b, v, _ = batch.tokens.shape
     r = batch.target_slot.shape[-1]
     tokens = _flat(batch.tokens)
@@ -288,6 +289,7 @@ def shared_prompt_logps(model: "CausalLM", batch: SharedPromptBatch, config: Log
         raise ValueError("shared_prompt_logps: remat is not supported with pair_layout='cascade'; use "
                          "pair_layout='packed' (same results) to rematerialise decoder layers.")
 
+    batch.check("shared_prompt_logps")
     b, p = batch.prompt_tokens.shape
     _, n, s = batch.resp_tokens.shape
     cfg = model.config
