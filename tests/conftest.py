@@ -109,3 +109,26 @@ def run_padded():
         return out[0, :len(tokens)] if out.ndim == 3 else out[0]
 
     return run
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drop jax's compiled programs after each test module. One pytest process compiles thousands of XLA:CPU
+    programs, each holding its own memory mappings; without this the suite approaches the kernel's
+    vm.max_map_count (65530) and XLA's compiler crashed (SIGSEGV) near the end of the run."""
+    yield
+    import gc
+
+    import jax
+
+    jax.clear_caches()
+    gc.collect()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Report the process's memory mappings (the resource the fixture above keeps bounded)."""
+    try:
+        with open("/proc/self/maps") as fh:
+            print(f"\n[conftest] memory mappings at the end of the session: {sum(1 for _ in fh)}")
+    except OSError:
+        pass
