@@ -28,7 +28,8 @@ from prs_jax.data.pairs import (
 )
 from prs_jax.errors import DataError
 
-__all__ = ["SFTExample", "TokenizedSFT", "parse_sft", "load_sft", "tokenize_sft", "collate_sft"]
+__all__ = ["SFTExample", "TokenizedSFT", "parse_sft", "load_sft", "tokenize_sft", "collate_sft", "pack_plan",
+           "collate_sft_packed"]
 
 LossOn = Literal["assistant", "last_assistant"]
 
@@ -187,3 +188,54 @@ def collate_sft(examples: Sequence[TokenizedSFT], max_length: int | None = None,
         raise DataError("collate_sft: no examples.")
     return pack_rows([[RowSpec(e.prompt_ids, ((e.response_ids, e.response_loss_mask),))] for e in examples],
                      pad_id=pad_id, max_length=max_length, pad_to=pad_to, multiple=multiple)
+
+
+def pack_plan(lengths: Sequence[int] | np.ndarray, max_length: int, seed: int = 0) -> list[list[int]]:
+    """Group examples into rows of at most `max_length` tokens (sequence packing): best-fit decreasing, ties
+    broken by a permutation seeded by `seed`, so the plan depends only on the lengths and the seed (not on
+    creation order or batch size). Returns the example indices of each row; every index appears once. Rows are
+    ordered by their smallest example index."""
+    lengths = np.asarray(lengths, np.int64).reshape(-1)
+    if len(lengths) and int(lengths.max()) > max_length:
+        i = int(np.argmax(lengths))
+        raise DataError(f"pack_plan: example {i} has {int(lengths[i])} tokens, more than max_length={max_length}; "
+                        "truncate first (data.on_too_long) or raise data.max_length.")
+    tie = np.random.default_rng([seed, 7]).permutation(len(lengths))
+    order = np.lexsort((tie, -lengths))  # longest first, seeded ties
+    rows: list[list[int]] = []
+    by_room: list[list[int]] = [[] for _ in range(max_length + 1)]  # room -> rows with exactly that room left
+    room_of: list[int] = []
+    for i in order:
+        need = int(lengths[i])
+        for room in range(need, max_length + 1):  # the fullest row that still fits (best fit)
+            if by_room[room]:
+                r = by_room[room].pop()
+                break
+        else:
+            r, room = len(rows), max_length
+            rows.append([])
+            room_of.append(max_length)
+        rows[r].append(int(i))
+        room_of[r] = room - need
+        by_room[room - need].append(r)
+    rows = [sorted(r) for r in rows]
+    rows.sort(key=lambda r: r[0])
+    return rows
+
+
+def collate_sft_packed(groups: Sequence[Sequence[TokenizedSFT]], max_length: int | None = None, pad_id: int = 0, *,
+                       pad_to: PadTo = "bucket", multiple: int = 64) -> TokenBatch:
+    """A TokenBatch whose rows each hold several whole conversations (a `pack_plan` row): every conversation is
+    its own segment (it attends only to itself) with positions restarting at 0, so each token's log-prob is the
+    one it has unpacked. Rows holding fewer conversations than the batch's fullest get empty sequences, which
+    score nothing."""
+    if not groups or not all(groups):
+        raise DataError("collate_sft_packed: no examples (or an empty packed row).")
+    s = max(len(g) for g in groups)
+    empty = (np.zeros(0, np.int32), np.zeros(0, np.int32))
+    rows = []
+    for g in groups:
+        branches = [(e.input_ids, np.concatenate([np.zeros(len(e.prompt_ids), np.int32),
+                                                  np.asarray(e.response_loss_mask, np.int32)])) for e in g]
+        rows.append([RowSpec(np.zeros(0, np.int32), tuple(branches) + (empty,) * (s - len(g)))])
+    return pack_rows(rows, pad_id=pad_id, max_length=max_length, pad_to=pad_to, multiple=multiple)

@@ -13,7 +13,7 @@ from prs_jax.config import check_ranges, to_dict
 from prs_jax.data.batching import ExampleSource, pad_id_of
 from prs_jax.data.io import iter_rows
 from prs_jax.data.pairs import collate_pairs, tokenize_pairs
-from prs_jax.data.sft import collate_sft, tokenize_sft
+from prs_jax.data.sft import collate_sft, collate_sft_packed, pack_plan, tokenize_sft
 from prs_jax.errors import ConfigError
 from prs_jax.models import load_causal_lm, load_reward_model, load_tokenizer, save_pretrained
 from prs_jax.train.logprobs import LogProbConfig
@@ -45,6 +45,10 @@ class DataConfig:
     pad_to: Literal["bucket", "max_length"] = "bucket"
     pad_multiple: int = 64  # bucketed batches pad to a multiple of this (smaller: less padding, more compiles)
     soft_label_column: str = "p_chosen"
+    # SFT only: pack several whole conversations into each training row of max_length tokens (each attends only
+    # to itself, positions restart), so a step carries ~max_length / mean length conversations per row instead
+    # of padding; the eval set stays one conversation per row
+    packing: bool = False
 
     def __post_init__(self) -> None:
         check_ranges(self, "data", {"max_length": ">= 1", "max_prompt_length": ">= 1", "pad_multiple": ">= 1"})
@@ -111,9 +115,18 @@ def run_train(task: Task, cfg: TrainRunConfig, console: Console | None = None) -
     if task == "sft":
         model: Any = load_causal_lm(cfg.model, dtype=cfg.dtype)
 
-        def make(source, split):
+        def make(source, split, pack=False):
             examples, report = tokenize_sft(iter_rows(source, split), tok, **common)
             console.print(f"data: {source}: {report.summary()}", markup=False)
+            if pack:
+                plan = pack_plan([len(e.prompt_ids) + len(e.response_ids) for e in examples], d.max_length,
+                                 seed=cfg.trainer.seed)
+                console.print(f"packing: {len(examples)} conversations in {len(plan)} rows of <= {d.max_length} "
+                              f"tokens ({len(examples) / len(plan):.2f} per row)", markup=False)
+                return ExampleSource([[examples[i] for i in row] for row in plan],
+                                     functools.partial(collate_sft_packed, max_length=d.max_length, pad_id=pad,
+                                                       pad_to=d.pad_to, multiple=d.pad_multiple),
+                                     length_fn=lambda g: sum(len(e.prompt_ids) + len(e.response_ids) for e in g))
             return ExampleSource(examples, functools.partial(collate_sft, max_length=d.max_length, pad_id=pad,
                                                              pad_to=d.pad_to, multiple=d.pad_multiple),
                                  length_fn=lambda e: len(e.prompt_ids) + len(e.response_ids))
@@ -154,7 +167,10 @@ def run_train(task: Task, cfg: TrainRunConfig, console: Console | None = None) -
 
         if task == "dpo" and not cfg.precompute_ref:
             frozen["ref"] = load_causal_lm(ref_dir, dtype=cfg.dtype)
-    train_src = make(d.train, d.split)
+    if d.packing and task != "sft":
+        raise ConfigError(f"data.packing: sequence packing is for SFT only (task is {task!r}); preference pairs "
+                          "already share their prompt (pair_layout).")
+    train_src = make(d.train, d.split, pack=True) if task == "sft" and d.packing else make(d.train, d.split)
     eval_src = make(d.eval, d.eval_split) if d.eval else None
     trainer = Trainer(model, loss_fn, cfg.trainer, cfg.optim, frozen=frozen,
                       run_config={"task": task, **to_dict(cfg)})

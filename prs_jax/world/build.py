@@ -85,7 +85,8 @@ class WorldConfig:
     mixture: Mixture = Mixture()
     curriculum_steps: int = 100
     sft_steps: int = 2800  # measured: 1400 -> 2800 lifts 7 gates (README, world section); still rising
-    sft_batch_size: int = 48
+    sft_batch_size: int = 48  # rows; packed (sft_packing), each holds ~2 conversations of the corpus
+    sft_packing: bool = True  # several whole conversations per row of max_length (prs_jax.data.sft.pack_plan)
     sft_lr: float = 3e-3
     rm_steps: int = 600
     rm_batch_size: int = 32
@@ -225,7 +226,7 @@ def _curve(run_dir: Path) -> list[dict[str, float]]:
 def _sft(cfg: WorldConfig, model: Path, train: Path, evalf: Path, out_dir: Path, export: Path, steps: int,
          console: Console, progress: bool) -> dict[str, float]:
     data_cfg = DataConfig(train=str(train), eval=str(evalf), max_length=cfg.max_length, max_prompt_length=None,
-                          pad_multiple=cfg.pad_multiple, on_too_long="drop")
+                          pad_multiple=cfg.pad_multiple, on_too_long="drop", packing=cfg.sft_packing)
     run = TrainRunConfig(
         model=str(model), data=data_cfg,
         optim=OptimConfig(lr=cfg.sft_lr, warmup_steps=max(steps // 20, 1), schedule="cosine", min_lr_ratio=0.05,

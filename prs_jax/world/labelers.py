@@ -51,6 +51,7 @@ class LabelerBuildConfig:
     batch_size: int = 48
     lr: float = 3e-3
     gate_pairs: int = 200
+    packing: bool = True  # several conversations per training row (prs_jax.data.sft.pack_plan)
     teacher_accuracy: float = 0.85
     policy_accuracy: float = 0.75
     position_bias: float = 0.35
@@ -99,7 +100,8 @@ def build_labelers(built: Any, cfg: LabelerBuildConfig = LabelerBuildConfig(), c
         run = TrainRunConfig(
             model=str(init), data=DataConfig(train=str(root / "train.jsonl"), eval=str(root / "eval.jsonl"),
                                              max_length=wcfg.max_length, max_prompt_length=None,
-                                             pad_multiple=wcfg.pad_multiple, on_too_long="drop"),
+                                             pad_multiple=wcfg.pad_multiple, on_too_long="drop",
+                                             packing=cfg.packing),
             optim=OptimConfig(lr=cfg.lr, warmup_steps=max(cfg.steps // 20, 1), schedule="cosine", min_lr_ratio=0.05),
             trainer=TrainerConfig(out_dir=str(root / "runs" / size.name), steps=cfg.steps, batch_size=cfg.batch_size,
                                   seed=wcfg.seed, log_every=10, progress=progress, async_checkpoint=False,
