@@ -16,6 +16,8 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from prs_jax.eval import stats
+
 DEFAULT_QUANTILES = (0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95)
 
 
@@ -109,7 +111,8 @@ def best_of_n_curve(rewards: Any, ns: Sequence[int]) -> dict[int, float]:
 # ----------------------------------------------------------------------------------------------- win rates
 @dataclasses.dataclass(frozen=True)
 class WinRate:
-    """A vs B over prompts: `win_rate` = (wins + ties / 2) / n; `mean_prob` is the soft win rate (mean of the
+    """A vs B over prompts: `win_rate` = (wins + ties / 2) / n and `se` its standard error over prompts
+    (prs_jax.eval.stats.win_rate on the per-prompt verdicts); `mean_prob` is the soft win rate (mean of the
     order-averaged P(A better)); `consistent` is the fraction where both orders agree on the winner."""
 
     n: int
@@ -120,9 +123,11 @@ class WinRate:
     mean_prob: float
     consistent: float
     probs: np.ndarray  # order-averaged P(A better) per prompt
+    se: float = math.nan
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in ("n", "wins", "losses", "ties", "win_rate", "mean_prob", "consistent")}
+        return {k: getattr(self, k) for k in ("n", "wins", "losses", "ties", "win_rate", "se", "mean_prob",
+                                              "consistent")}
 
 
 def win_rate_from_probs(p_ab: Sequence[float] | np.ndarray, p_ba: Sequence[float] | np.ndarray,
@@ -138,14 +143,13 @@ def win_rate_from_probs(p_ab: Sequence[float] | np.ndarray, p_ba: Sequence[float
     ok = np.isfinite(a) & np.isfinite(b)
     a, b = np.clip(a[ok], 0, 1), np.clip(b[ok], 0, 1)
     p = (a + (1.0 - b)) / 2.0
-    wins = int(np.sum(p > 0.5 + tie_margin))
-    losses = int(np.sum(p < 0.5 - tie_margin))
-    n = len(p)
-    ties = n - wins - losses
+    verdict = (p > 0.5 + tie_margin).astype(float) - (p < 0.5 - tie_margin)  # +1 A wins, -1 B wins, 0 tie
+    w = stats.win_rate(verdict, np.zeros_like(verdict))
+    n = w.n
     first, second = np.sign(a - 0.5), np.sign(0.5 - b)  # each order's verdict for A (+1 A, -1 B, 0 tie)
-    return WinRate(n=n, wins=wins, losses=losses, ties=ties,
-                   win_rate=(wins + 0.5 * ties) / n if n else math.nan, mean_prob=float(p.mean()) if n else math.nan,
-                   consistent=float(np.mean(first == second)) if n else math.nan, probs=p)
+    return WinRate(n=n, wins=w.wins, losses=w.losses, ties=w.ties, win_rate=w.win_rate,
+                   mean_prob=float(p.mean()) if n else math.nan,
+                   consistent=float(np.mean(first == second)) if n else math.nan, probs=p, se=w.se)
 
 
 def win_rate(prompts: Sequence[str], responses_a: Sequence[str], responses_b: Sequence[str],

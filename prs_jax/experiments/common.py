@@ -19,7 +19,6 @@ from typing import Any, Callable, Literal, Sequence
 import numpy as np
 
 from prs_jax.config import to_dict
-from prs_jax.eval.stats import mean_se  # noqa: F401  (one copy; the studies import it from here)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -27,7 +27,8 @@ from typing import Any, Literal
 import numpy as np
 
 from prs_jax.config import to_dict
-from prs_jax.experiments.common import Record, Source, mean_se
+from prs_jax.eval.stats import mean_se
+from prs_jax.experiments.common import Record, Source
 from prs_jax.experiments.policy_tools import (
     StudyEnv,
     assistant,

@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -161,16 +160,7 @@ def assistant(text: str) -> list[dict[str, str]]:
     return [{"role": "assistant", "content": text}]
 
 
-# ------------------------------------------------------------------------------------------------ statistics
-def win_rate(a: Sequence[float], b: Sequence[float]) -> tuple[float, float]:
-    """Share of paired comparisons a > b (ties count one half) and its standard error."""
-    a_, b_ = np.asarray(a, float), np.asarray(b, float)
-    if a_.shape != b_.shape or a_.size == 0:
-        raise ValueError(f"win_rate: need two equally long non-empty score lists (got {a_.shape} and {b_.shape}).")
-    w = (a_ > b_) + 0.5 * (a_ == b_)
-    return float(w.mean()), float(w.std(ddof=1) / math.sqrt(w.size)) if w.size > 1 else 0.0
-
-
+# ------------------------------------------------------------------------------------------------ correlations
 def pearson(x: Sequence[float], y: Sequence[float]) -> float:
     """Pearson correlation (nan when either side is constant or fewer than two points)."""
     x_, y_ = np.asarray(x, float), np.asarray(y, float)

@@ -20,7 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from prs_jax.experiments.common import Record, Source, mean_se
+from prs_jax.eval.stats import mean_se, win_rate
+from prs_jax.experiments.common import Record, Source
 from prs_jax.experiments.reward_vs_n import (
     Generation,
     Method,
@@ -56,16 +57,12 @@ class Config:
 
 
 # ------------------------------------------------------------------------------------------------ metrics
-def win_rate(a: Sequence[float], b: Sequence[float]) -> dict[str, float]:
-    """Per-prompt wins of a over b (ties count half): mean, s.e., and the win / tie / loss shares."""
-    x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
-    if x.shape != y.shape:
-        raise ValueError(f"win_rate: {x.shape} vs {y.shape} scores; pass one score per prompt for both methods.")
-    score = np.where(x > y, 1.0, np.where(x == y, 0.5, 0.0))
-    m, se = mean_se(score.tolist())
-    return {"win_rate": m, "se": se, "wins": float(np.mean(x > y)) if x.size else float("nan"),
-            "ties": float(np.mean(x == y)) if x.size else float("nan"),
-            "losses": float(np.mean(x < y)) if x.size else float("nan"), "prompts": int(x.size)}
+def win_rate_row(a: Sequence[float], b: Sequence[float]) -> dict[str, float]:
+    """results.json row of per-prompt wins of a over b (prs_jax.eval.stats.win_rate; ties count half): the win
+    rate, its s.e. over prompts, and the win / tie / loss shares."""
+    w = win_rate(a, b)
+    wins, ties, losses = w.shares()
+    return {"win_rate": w.win_rate, "se": w.se, "wins": wins, "ties": ties, "losses": losses, "prompts": w.n}
 
 
 def training_ids(built: Any) -> set[str]:
@@ -202,8 +199,8 @@ def run(cfg: Config, console: Any = None) -> dict[str, Any]:
         gname = group if group is not None else "all"
         entry: dict[str, Any] = {"prompts": len(pick(group_of, group)), "win_rates": {}, "methods": {}}
         for a, b in cfg.comparisons:
-            entry["win_rates"][f"{a} vs {b}"] = win_rate(pick(per_method[a][key], group),
-                                                         pick(per_method[b][key], group))
+            entry["win_rates"][f"{a} vs {b}"] = win_rate_row(pick(per_method[a][key], group),
+                                                             pick(per_method[b][key], group))
         for name, row in per_method.items():
             e: dict[str, Any] = {}
             if with_gold:

@@ -26,7 +26,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from prs_jax.experiments.common import Record, Source, build_world_from, mean_se, param_count
+from prs_jax.eval.stats import mean_se
+from prs_jax.experiments.common import Record, Source, build_world_from, param_count
 from prs_jax.models.sharding import MeshConfig
 from prs_jax.strategies.base import PromptItem, StrategyResult
 

@@ -42,12 +42,12 @@ import numpy as np
 from rich.console import Console
 from tqdm import tqdm
 
+from prs_jax.eval.stats import PairedWinRate, mean_se, win_rate
 from prs_jax.experiments.common import (
     Record,
     Source,
     WorldSpec,
     build_world_from,
-    mean_se,
 )
 from prs_jax.feedback.labeler import AILabeler, LabelerConfig
 from prs_jax.feedback.metrics import (
@@ -516,17 +516,15 @@ def run_rl(cfg: Config, setting: Setting, rm_dir: str | None, out: Path, console
 
 
 def win_rate_gold(gold: Callable[[str, str, str | None], float], items: Sequence[PromptItem],
-                  a: Sequence[Sequence[str]], b: Sequence[Sequence[str]]) -> tuple[float, float]:
-    """Win rate of policy A over B by the gold reward, sample j against sample j of the same prompt (ties half);
-    (mean, standard error over prompts)."""
-    per_prompt = []
+                  a: Sequence[Sequence[str]], b: Sequence[Sequence[str]]) -> PairedWinRate:
+    """Win rate of policy A over B by the gold reward, sample j against sample j of the same prompt (ties half;
+    prs_jax.eval.stats.win_rate on [prompts, samples] scores: the standard error is over prompts)."""
+    ga, gb = [], []
     for it, ra, rb in zip(items, a, b):
-        s = []
-        for x, y in zip(ra, rb):
-            gx, gy = gold(it.prompt, x, it.preference), gold(it.prompt, y, it.preference)
-            s.append(1.0 if gx > gy else 0.5 if gx == gy else 0.0)
-        per_prompt.append(float(np.mean(s)))
-    return mean_se(per_prompt)
+        pairs = list(zip(ra, rb))
+        ga.append([gold(it.prompt, x, it.preference) for x, _ in pairs])
+        gb.append([gold(it.prompt, y, it.preference) for _, y in pairs])
+    return win_rate(ga, gb)
 
 
 def win_rate_judge(labeler: AILabeler, items: Sequence[PromptItem], a: Sequence[Sequence[str]],
@@ -714,8 +712,8 @@ def run(cfg: Config, console: Any = None) -> dict[str, Any]:
             row: dict[str, Any] = {"judge_win_rate": win_rate_judge(judge, setting.eval_items, samples[x], samples[y],
                                                                     cfg.label_batch, cfg.seed, cfg.progress)}
             if setting.gold is not None:
-                row["gold_win_rate"], row["gold_win_rate_se"] = win_rate_gold(setting.gold, setting.eval_items,
-                                                                              samples[x], samples[y])
+                w = win_rate_gold(setting.gold, setting.eval_items, samples[x], samples[y])
+                row["gold_win_rate"], row["gold_win_rate_se"] = w.win_rate, w.se
             rl[f"{x}_vs_{y}"] = row
         means = {}
         if setting.gold is not None:

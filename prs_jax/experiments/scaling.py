@@ -25,8 +25,7 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
-
+from prs_jax.eval.stats import loglog_fit
 from prs_jax.experiments import sr_dpo
 from prs_jax.experiments.common import Record, Source, build_world_from
 from prs_jax.experiments.reward_vs_n import (
@@ -83,6 +82,7 @@ class Config:
     generation: Generation = dataclasses.field(default_factory=Generation)
     reuse_samples: bool = True
     parts: tuple[Part, ...] = ("reward_vs_n",)
+    fit_boot: int = 2000  # bootstrap resamples of the log-log fits' 95% intervals (prompts resampled per size)
     # the Sr-DPO part's settings; its source, out_dir and seed are set per size, and work_dir ("" = OUT_DIR/work)
     # gets one subdirectory per size
     sr_dpo: sr_dpo.Config = dataclasses.field(default_factory=_default_sr_dpo)
@@ -145,8 +145,9 @@ def _sr_dpo_size(cfg: Config, size: Size, ref: Any, console: Any) -> dict[str, A
     sub = _sr_dpo_config(cfg, size, src)
     record = sr_dpo.run(sub, console, reward_model=fixed_rm)
     r = record["results"]
-    keep = ("loss", "lam", "label", "win_rate", "win_rate_se", "judge_mean", "judge_mean_se", "average_marginal",
-            "accuracy", "prompt_augmented_accuracy", "pearson", "spearman", "vs_base", "train_wall_s")
+    keep = ("loss", "lam", "label", "win_rate", "win_rate_se", "judge_mean", "judge_mean_se", "judge_per_prompt",
+            "average_marginal", "accuracy", "prompt_augmented_accuracy", "pearson", "spearman", "vs_base",
+            "train_wall_s")
     return {"parameters": r["policy_parameters"], **facts, "rm_dir": r["reward_model"], "judge": r["judge"],
             "pairs": r["pairs"], "starting_policy": r["starting_policy"],
             "runs": {tag: {k: v[k] for k in keep if k in v} for tag, v in r["runs"].items()},
@@ -178,7 +179,7 @@ def run(cfg: Config, console: Any = None) -> dict[str, Any]:
             per_size[size.name] = _sr_dpo_size(cfg, size, ref, console)
             gc.collect()
         rec.results["sr_dpo"] = {"sizes": per_size}
-        _sr_dpo_report(rec, per_size, with_gold)
+        _sr_dpo_report(rec, per_size, with_gold, cfg.fit_boot, cfg.seed)
     rm_note = "fixed across sizes (the reference RM of `source`)" if cfg.rm == "fixed" else "each size uses its own RM"
     rec.notes.append(f"Proxy RM: {rm_note}; the same held-out prompts for every size.")
     if not with_gold:
@@ -187,12 +188,22 @@ def run(cfg: Config, console: Any = None) -> dict[str, Any]:
     return rec.finish(console)
 
 
-def _loglog(xs: list[float], ys: list[float]) -> dict[str, float] | None:
-    """Least-squares line of log10(ys) on log10(xs) (None for fewer than two points or a non-positive y)."""
-    if len(xs) < 2 or not all(y > 0 for y in ys):
+def _loglog(xs: list[float], ys: list[float], units: list[list[float]] | None = None, paired: bool = False,
+            n_boot: int = 2000, seed: int = 0) -> dict[str, Any] | None:
+    """prs_jax.eval.stats.loglog_fit of log10(ys) on log10(xs) as a results.json dict (slope, intercept and their
+    bootstrap 95% intervals); with `units` (per x, the per-prompt values whose means are ys) the bootstrap
+    resamples prompts, shared across x when `paired`. None for fewer than two points or a non-positive y."""
+    if len(xs) < 2 or len(set(xs)) < 2 or not all(y > 0 for y in ys):  # nan > 0 is False
         return None
-    slope, icpt = np.polyfit(np.log10(xs), np.log10(ys), 1)
-    return {"slope": float(slope), "intercept": float(icpt)}
+    fit = loglog_fit(xs, None if units else ys, n_boot=n_boot, seed=seed, units=units or None,
+                     paired_units=paired)
+    return fit.to_dict()
+
+
+def _fit_rows(fits: dict[str, dict[str, Any]]) -> list[list[str]]:
+    """Table rows: the slope and intercept with their bootstrap 95% intervals."""
+    return [[k, f"{v['slope']:.3f}", f"[{v['slope_ci'][0]:.3f}, {v['slope_ci'][1]:.3f}]", f"{v['intercept']:.3f}",
+             f"[{v['intercept_ci'][0]:.3f}, {v['intercept_ci'][1]:.3f}]"] for k, v in fits.items()]
 
 
 def _reward_vs_n_part(rec: Record, cfg: Config, ref: Any, with_gold: bool, console: Any) -> None:
@@ -221,10 +232,13 @@ def _reward_vs_n_part(rec: Record, cfg: Config, ref: Any, with_gold: bool, conso
     if with_gold:
         for m in cfg.methods:
             for n in budgets:
-                xs = [per_size[s]["parameters"] for s in order if str(n) in per_size[s]["methods"][m.name]]
-                ys = [1.0 - per_size[s]["methods"][m.name][str(n)]["gold"] for s in order
-                      if str(n) in per_size[s]["methods"][m.name]]
-                fit = _loglog(xs, ys)
+                have = [s for s in order if str(n) in per_size[s]["methods"][m.name]]
+                xs = [per_size[s]["parameters"] for s in have]
+                ys = [1.0 - per_size[s]["methods"][m.name][str(n)]["gold"] for s in have]
+                # the same held-out prompts for every size: resample prompts jointly across sizes
+                units = [[1.0 - g for g in per_size[s]["methods"][m.name][str(n)]["per_prompt_gold"]] for s in have]
+                fit = _loglog(xs, ys, units, paired=len({len(u) for u in units}) == 1, n_boot=cfg.fit_boot,
+                              seed=cfg.seed)
                 if fit is not None:
                     fits[f"{m.name} N={n}"] = fit
         rec.results["loglog_fits"] = fits
@@ -266,9 +280,9 @@ def _reward_vs_n_part(rec: Record, cfg: Config, ref: Any, with_gold: bool, conso
                       if str(budgets[-1]) in per_size[s]["methods"][m.name] else "—" for m in cfg.methods]]
                    for s in order])
         if fits:
-            rec.table("log10(1 - gold) = slope * log10(parameters) + intercept",
-                      ["method, N", "slope", "intercept"],
-                      [[k, f"{v['slope']:.3f}", f"{v['intercept']:.3f}"] for k, v in fits.items()])
+            rec.table("log10(1 - gold) = slope * log10(parameters) + intercept (95% bootstrap intervals over "
+                      "prompts, resampled jointly across sizes)",
+                      ["method, N", "slope", "slope 95% CI", "intercept", "intercept 95% CI"], _fit_rows(fits))
 
     def draw(fig: Any) -> None:
         axes = fig.subplots(1, 2)
@@ -309,7 +323,8 @@ def _reward_vs_n_part(rec: Record, cfg: Config, ref: Any, with_gold: bool, conso
 
 
 
-def _sr_dpo_report(rec: Record, per_size: dict[str, Any], with_gold: bool) -> None:
+def _sr_dpo_report(rec: Record, per_size: dict[str, Any], with_gold: bool, n_boot: int = 2000, seed: int = 0
+                   ) -> None:
     """Sr-DPO part: per-size tables, log-log fits of (1 - mean gold of the policy's samples) and scaling_sr_dpo.png."""
     order = sorted(per_size, key=lambda s: per_size[s]["parameters"])
     tags = list(per_size[order[0]]["runs"])
@@ -320,6 +335,10 @@ def _sr_dpo_report(rec: Record, per_size: dict[str, Any], with_gold: bool) -> No
     def judge(s: str, tag: str | None) -> tuple[float, float]:
         r = per_size[s]["starting_policy"] if tag is None else per_size[s]["runs"][tag]
         return r["judge_mean"], r["judge_mean_se"]
+
+    def per_prompt(s: str, tag: str | None) -> list[float] | None:
+        r = per_size[s]["starting_policy"] if tag is None else per_size[s]["runs"][tag]
+        return r.get("judge_per_prompt")
 
     rec.table(f"Sr-DPO part: mean {what} of the policy's samples on held-out prompts (mean ± s.e.)",
               ["size", "parameters", "SFT", *[label[t] for t in tags]],
@@ -339,13 +358,15 @@ def _sr_dpo_report(rec: Record, per_size: dict[str, Any], with_gold: bool) -> No
     fits: dict[str, dict[str, float]] = {}
     if with_gold:
         for tag in (None, *tags):
-            fit = _loglog(params, [1.0 - judge(s, tag)[0] for s in order])
+            pp = [per_prompt(s, tag) for s in order]
+            units = [[1.0 - g for g in u] for u in pp] if all(pp) else None  # else resample the sizes
+            fit = _loglog(params, [1.0 - judge(s, tag)[0] for s in order], units, n_boot=n_boot, seed=seed)
             if fit is not None:
                 fits["SFT" if tag is None else label[tag]] = fit
         if fits:
-            rec.table("Sr-DPO part: log10(1 - mean gold) = slope * log10(parameters) + intercept",
-                      ["policy", "slope", "intercept"],
-                      [[k, f"{v['slope']:.3f}", f"{v['intercept']:.3f}"] for k, v in fits.items()])
+            rec.table("Sr-DPO part: log10(1 - mean gold) = slope * log10(parameters) + intercept (95% bootstrap "
+                      "intervals over prompts, resampled within each size)",
+                      ["policy", "slope", "slope 95% CI", "intercept", "intercept 95% CI"], _fit_rows(fits))
     rec.results["sr_dpo"]["loglog_fits"] = fits
 
     def draw(fig: Any) -> None:

@@ -32,7 +32,8 @@ from typing import Any, Literal
 import numpy as np
 
 from prs_jax.config import to_dict
-from prs_jax.experiments.common import Record, Source, mean_se, param_count
+from prs_jax.eval.stats import mean_se, win_rate
+from prs_jax.experiments.common import Record, Source, param_count
 from prs_jax.experiments.policy_tools import (
     StudyEnv,
     assistant,
@@ -45,7 +46,6 @@ from prs_jax.experiments.policy_tools import (
     run_chunked,
     spearman,
     user_turn,
-    win_rate,
 )
 from prs_jax.train.trainer import OptimConfig, TrainerConfig
 from prs_jax.tree.sampling import SamplingParams
@@ -221,10 +221,9 @@ def pair_metrics(h: np.ndarray, h_aug: np.ndarray, beta: float, judge_diff: np.n
 
 def head_to_head(a: list[float], b: list[float]) -> dict[str, float]:
     """Win / tie / lose shares of a over b (paired) and the win rate with ties counted one half (pure)."""
-    a_, b_ = np.asarray(a, float), np.asarray(b, float)
-    wr, se = win_rate(a_, b_)
-    return {"win": float((a_ > b_).mean()), "tie": float((a_ == b_).mean()), "lose": float((a_ < b_).mean()),
-            "win_rate": wr, "win_rate_se": se}
+    w = win_rate(a, b)
+    win, tie, lose = w.shares()
+    return {"win": win, "tie": tie, "lose": lose, "win_rate": w.win_rate, "win_rate_se": w.se}
 
 
 # ------------------------------------------------------------------------------------------------ timing
@@ -389,11 +388,14 @@ def run(cfg: Config, console: Any = None, reward_model: str | Path | None = None
         metrics = pair_metrics(h, h_aug, cfg.beta, judge_diff)
         scores = _win_samples(env, cfg, win_items, policy, tok, judge)
         flat = [s for ss in scores for s in ss]
-        wr, wr_se = win_rate(flat, sft_flat)
+        w = win_rate(flat, sft_flat)
+        wr, wr_se = w.win_rate, w.se
         run_scores[spec.tag] = flat
-        g, g_se = mean_se([float(np.mean(s)) for s in scores])
+        per_prompt = [float(np.mean(s)) for s in scores]
+        g, g_se = mean_se(per_prompt)
         results_runs[spec.tag] = {"loss": spec.loss, "lam": spec.lam, "label": spec.label, "win_rate": wr,
-                                  "win_rate_se": wr_se, "judge_mean": g, "judge_mean_se": g_se, **metrics,
+                                  "win_rate_se": wr_se, "judge_mean": g, "judge_mean_se": g_se,
+                                  "judge_per_prompt": per_prompt, **metrics,
                                   "trainer_eval": trainer_eval, "train_wall_s": train_s,
                                   "eval_wall_s": time.perf_counter() - t0 - train_s, "run_dir": str(run_dir),
                                   "margins_beta_h": (cfg.beta * h).tolist()}
@@ -416,11 +418,13 @@ def run(cfg: Config, console: Any = None, reward_model: str | Path | None = None
         overhead = time_losses(env.policy, tok, train_rows[:k], cfg, prefix, work)
         timings["timing_s"] = time.perf_counter() - t0
 
-    sft_mean, sft_se = mean_se([float(np.mean(s)) for s in sft_scores])
+    sft_per_prompt = [float(np.mean(s)) for s in sft_scores]
+    sft_mean, sft_se = mean_se(sft_per_prompt)
     rec.results.update(
         judge=judge_name, prompt_prefix=prefix, env=env.info, reward_model=str(env.reward_model),
         policy_parameters=param_count(sft), pairs=pair_info,
-        starting_policy={"judge_mean": sft_mean, "judge_mean_se": sft_se, **start_metrics},
+        starting_policy={"judge_mean": sft_mean, "judge_mean_se": sft_se, "judge_per_prompt": sft_per_prompt,
+                         **start_metrics},
         runs=results_runs, overhead=overhead, timings=timings,
         win_rate_setup={"prompts": len(win_items), "samples_per_prompt": cfg.eval.win_samples,
                         "sampling": to_dict(cfg.eval.sampling)})

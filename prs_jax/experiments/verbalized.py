@@ -48,7 +48,8 @@ from typing import Any, Literal
 import numpy as np
 from rich.console import Console
 
-from prs_jax.experiments.common import Record, Source, build_world_from, mean_se
+from prs_jax.eval.stats import mean_se
+from prs_jax.experiments.common import Record, Source, build_world_from
 from prs_jax.models.sharding import MeshConfig
 from prs_jax.strategies.base import PromptItem, join_preference
 

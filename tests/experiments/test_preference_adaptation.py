@@ -19,11 +19,11 @@ def test_configs_load(name):
 
 
 def test_win_rate_counts_ties_half():
-    w = pa.win_rate([1.0, 0.5, 0.2, 0.7], [0.5, 0.5, 0.4, 0.7])
-    assert w["win_rate"] == pytest.approx((1 + 0.5 + 0 + 0.5) / 4)
+    w = pa.win_rate_row([1.0, 0.5, 0.2, 0.7], [0.5, 0.5, 0.4, 0.7])
+    assert w["win_rate"] == pytest.approx((1 + 0.5 + 0 + 0.5) / 4) and w["prompts"] == 4
     assert (w["wins"], w["ties"], w["losses"]) == (0.25, 0.5, 0.25)
-    with pytest.raises(ValueError):
-        pa.win_rate([1.0], [1.0, 0.0])
+    with pytest.raises(ValueError, match="paired"):
+        pa.win_rate_row([1.0], [1.0, 0.0])
 
 
 def test_fresh_prompts_are_held_out(smoke_world):

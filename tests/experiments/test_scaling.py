@@ -94,8 +94,15 @@ def test_sr_dpo_part_config_errors_come_first(tmp_path):
 
 
 def test_loglog_fit():
-    fit = scaling._loglog([1e3, 1e4, 1e5], [0.1, 0.01, 0.001])
+    fit = scaling._loglog([1e3, 1e4, 1e5], [0.1, 0.01, 0.001], n_boot=200)
     assert fit["slope"] == pytest.approx(-1.0) and fit["intercept"] == pytest.approx(2.0)
+    assert fit["slope_ci"] == pytest.approx([-1.0, -1.0])  # exact points: every resample gives the same line
+    units = [[0.09, 0.11], [0.009, 0.011], [0.0009, 0.0011]]  # per-prompt values, means 0.1, 0.01, 0.001
+    fit = scaling._loglog([1e3, 1e4, 1e5], [0.1, 0.01, 0.001], units, n_boot=200)
+    assert fit["slope"] == pytest.approx(-1.0) and fit["slope_ci"][0] < -1.0 < fit["slope_ci"][1]
+    # paired: each prompt's factor (0.9 or 1.1) is shared by every size, so it cancels from the slope
+    fit = scaling._loglog([1e3, 1e4, 1e5], [0.1, 0.01, 0.001], units, paired=True, n_boot=200)
+    assert fit["slope_ci"] == pytest.approx([-1.0, -1.0])
     assert scaling._loglog([1e3], [0.1]) is None
     assert scaling._loglog([1e3, 1e4], [0.1, 0.0]) is None  # log of 0
     assert scaling._loglog([1e3, 1e4], [0.1, float("nan")]) is None

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 
 from prs_jax.config import load_config
+from prs_jax.eval.stats import win_rate
 from prs_jax.experiments import run_experiment, sr_dpo
 from prs_jax.experiments.common import RealSpec, Source
-from prs_jax.experiments.policy_tools import pearson, resolve_env, spearman, win_rate
+from prs_jax.experiments.policy_tools import pearson, resolve_env, spearman
 
 CONFIGS = Path(__file__).parents[2] / "experiments" / "configs" / "sr_dpo"
 
@@ -59,8 +60,11 @@ def test_real_source_checks(tmp_path):
 
 
 def test_metrics():
-    assert win_rate([1, 0, 0.5], [0, 1, 0.5])[0] == pytest.approx(0.5)
-    assert win_rate([2, 2], [1, 1]) == (1.0, 0.0)
+    assert win_rate([1, 0, 0.5], [0, 1, 0.5]).win_rate == pytest.approx(0.5)
+    assert (win_rate([2, 2], [1, 1]).win_rate, win_rate([2, 2], [1, 1]).se) == (1.0, 0.0)
+    assert sr_dpo.head_to_head([1, 0, 0.5, 2], [0, 1, 0.5, 2]) == {"win": 0.25, "tie": 0.5, "lose": 0.25,
+                                                                   "win_rate": 0.5, "win_rate_se": pytest.approx(
+                                                                       np.std([1, 0, .5, .5], ddof=1) / 2)}
     assert spearman([1, 2, 3, 4], [10, 20, 20, 40]) == pytest.approx(pearson([1, 2, 3, 4], [1, 2.5, 2.5, 4]))
     assert np.isnan(pearson([1, 1], [2, 3]))
     pol = {"ref_chosen": np.array([-1.0, -2.0]), "ref_rejected": np.array([-3.0, -1.0]),
