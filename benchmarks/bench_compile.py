@@ -1,4 +1,5 @@
-"""Compile time and step time of a deep model's training step: layers scanned (`scan_layers=True`) vs unrolled.
+"""Compile time and step time of a deep model's training step: layers stacked and scanned (`scan_layers=True`) vs
+unrolled.
 
     python benchmarks/bench_compile.py --out benchmarks/results/compile.json [--quick]
 
@@ -7,13 +8,16 @@ float32), built in memory (no checkpoint). Step: the Trainer's jitted `_train_st
 next-token cross-entropy over every position, gradient clipping, AdamW), batch 8 x 64 tokens.
 
 Contenders, side by side in one run: unrolled, scanned, unrolled + remat, scanned + remat (remat: each layer
-recomputed in the backward pass; with scan, the scan body is checkpointed). For each contender and each round:
+recomputed in the backward pass; with scan, the scan body is checkpointed). The scanned models store their
+layers stacked (one Block with a leading layer axis) and start from the unrolled model's values, so the losses
+agree. For each contender and each round:
 trace + lower time (`jit(...).lower`), XLA compile time (`Lowered.compile`) and the compiled program's
 temporaries (memory_analysis); then `--steps` timed steps of the compiled program after one warm-up (until the
 outputs are ready). Rounds alternate the contenders; medians are reported, and the ratios scanned / unrolled.
 `--sweep` adds other depths (compile time only, one round): how each contender's compile time grows with depth.
-`prestacked_reference` (not a Trainer contender): the same step written over parameters already stacked
-[L, ...] (what a stacked-layer module would hold), compile time at each depth.
+`prestacked_reference` (not a Trainer contender): the same step written by hand over a scan_layers model's stacked
+parameters (plain optax over a dict, no Trainer), compile time at each depth: the floor the scanned Trainer step
+should reach.
 The load average is recorded: timings on a shared machine drift; compare ratios within one run.
 """
 
@@ -52,8 +56,25 @@ def next_token_loss(model, batch, static):
     return -jnp.mean(lp), {}
 
 
+def build(layers: int, scan: bool) -> CausalLM:
+    """The benchmark model; stacked (scan) models get the unrolled model's values, layer i at slice i."""
+    cfg = ModelConfig(**{**MODEL, "num_hidden_layers": layers})
+    plain = CausalLM(cfg, rngs=nnx.Rngs(0))
+    if not scan:
+        return plain
+    model = CausalLM(cfg, rngs=nnx.Rngs(0), scan_layers=True)
+    stacked = nnx.state(model.model.layers)
+    per_layer = [nnx.to_pure_dict(nnx.state(la)) for la in plain.model.layers]
+    nnx.replace_by_pure_dict(stacked, jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer))
+    nnx.update(model.model.layers, stacked)
+    for name in ("embed_tokens", "norm"):
+        nnx.update(getattr(model.model, name), nnx.state(getattr(plain.model, name)))
+    nnx.update(model.lm_head, nnx.state(plain.lm_head))
+    return model
+
+
 def contender(name: str, scan: bool, remat: bool, out_dir: Path, layers: int = MODEL["num_hidden_layers"]) -> dict:
-    model = CausalLM(ModelConfig(**{**MODEL, "num_hidden_layers": layers}), rngs=nnx.Rngs(0), scan_layers=scan)
+    model = build(layers, scan)
     tr = Trainer(model, next_token_loss, TrainerConfig(out_dir=str(out_dir / name), steps=10, batch_size=BATCH,
                                                        progress=False, tensorboard=False, async_checkpoint=False),
                  OptimConfig(lr=1e-3))
@@ -86,17 +107,17 @@ def one_round(c: dict, arrays: dict, steps: int) -> dict:
 
 
 def prestacked_compile(layers: int, arrays: dict) -> dict:
-    """Reference point, not a Trainer contender: the same loss, clipping and AdamW, with the layer parameters
-    held stacked ([L, ...] leaves, what a stacked-layer module would store) and scanned. Compile time only."""
+    """Reference point, not a Trainer contender: the same loss, clipping and AdamW written by hand over a
+    scan_layers model's stacked layer parameters ([L, ...] leaves) and scanned. Compile time only."""
     import optax
 
     from prs_jax.models.layers import AttnContext, rope_cos_sin, rope_inv_freq
     from prs_jax.models.transformer import default_positions
 
     cfg = ModelConfig(**{**MODEL, "num_hidden_layers": layers})
-    m = CausalLM(cfg, rngs=nnx.Rngs(0))
-    layer_def, _ = nnx.split(m.model.layers[0])
-    params = {"layers": jax.tree.map(lambda *xs: jnp.stack(xs), *[nnx.split(la)[1] for la in m.model.layers]),
+    m = build(layers, scan=True)
+    layer_def, stacked = nnx.split(m.model.layers)
+    params = {"layers": stacked,
               "embed": m.model.embed_tokens.embedding[...], "norm": m.model.norm.weight[...],
               "head": m.lm_head.kernel[...]}
     ids, mask = jnp.asarray(arrays["ids"]), jnp.asarray(arrays["mask"])

@@ -3,12 +3,15 @@
 Loading builds the module with `nnx.eval_shape` (no allocation), then fills it tensor by tensor from the
 memory-mapped shards, placing each leaf directly with its target sharding: the host never holds more than
 one tensor. Every HF tensor name maps to our parameter paths by a small table per family; the same table,
-read backwards, exports.
+read backwards, exports. The table names per-layer paths (`model.layers.{i}...`); in a `scan_layers` model,
+whose decoder layers are stored stacked, such a path is slice i of the stacked parameter (`_slot`), written
+on the device one layer at a time.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import shutil
 from pathlib import Path
@@ -164,6 +167,44 @@ def _checkpoint_names(model_dir: Path) -> dict[str, Path]:
     return names
 
 
+def _slot(path: Path_, variables: Mapping[Path_, Any]) -> tuple[Path_, int | None]:
+    """Where a rule's parameter path lives in the model: the path itself (index None), or, for a per-layer path
+    ("model", "layers", i, ...) of a model with stacked layers, slice i of the stacked ("model", "layers", ...)."""
+    if path in variables:
+        return path, None
+    if len(path) > 3 and path[:2] == ("model", "layers") and isinstance(path[2], int):
+        stacked = path[:2] + path[3:]
+        if stacked in variables:
+            return stacked, path[2]
+    raise KeyError(f"parameter {'.'.join(map(str, path))} is not in the model (neither per layer nor stacked)")
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _set_layer(stacked: jax.Array, value: jax.Array, i: jax.Array) -> jax.Array:
+    """`stacked` with layer i replaced by `value`, in place (the stack is donated)."""
+    return jax.lax.dynamic_update_index_in_dim(stacked, value.astype(stacked.dtype), i, 0)
+
+
+def _place(host: np.ndarray, var: nnx.Variable, index: int | None, mesh: Mesh | None,
+           sharding_rules: Mapping[str, tuple[str, ...]] | None, started: set[int]) -> None:
+    """Put `host` on the device(s) as `var`'s value (index None) or as layer `index` of the stacked `var`."""
+    axes = var.get_metadata().get("logical_axes")
+    if index is None:
+        sharding = logical_to_sharding(host.shape, axes, mesh, sharding_rules) if mesh is not None else None
+        var.set_value(jax.device_put(host, sharding) if sharding is not None else jax.device_put(host))
+        return
+    if id(var) not in started:  # first layer written: allocate the stack (on the mesh if there is one)
+        want = var.get_value()
+        sharding = logical_to_sharding(want.shape, axes, mesh, sharding_rules) if mesh is not None else None
+        zeros = (jnp.zeros(want.shape, host.dtype) if sharding is None
+                 else jax.jit(lambda: jnp.zeros(want.shape, host.dtype), out_shardings=sharding)())
+        var.set_value(zeros)
+        started.add(id(var))
+    if mesh is not None:  # the layer lands split like the stack's other axes
+        host = jax.device_put(host, logical_to_sharding(host.shape, tuple(axes)[1:], mesh, sharding_rules))
+    var.set_value(_set_layer(var.get_value(), host, jnp.int32(index)))
+
+
 def _load_into(model_fn: Callable[[], nnx.Module], rules: list[TensorRule], model_dir: Path, dtype: jnp.dtype,
                mesh: Mesh | None, sharding_rules: Mapping[str, tuple[str, ...]] | None,
                ignore: Callable[[str], bool], allow_missing: Callable[[Path_], bool], seed: int = 0) -> nnx.Module:
@@ -171,7 +212,9 @@ def _load_into(model_fn: Callable[[], nnx.Module], rules: list[TensorRule], mode
     graphdef, state = nnx.split(abstract)
     variables: dict[Path_, nnx.Variable] = dict(nnx.to_flat_state(state))
     by_name = {r.hf_name: r for r in rules}
-    filled: set[Path_] = set()
+    slots = {p: _slot(p, variables) for r in rules for p in r.paths}
+    filled: set[Path_] = set()  # rule paths written
+    started: set[int] = set()  # stacked variables allocated
     for file in iter_checkpoint_files(model_dir):
         with SafetensorsFile(file) as st:
             for name in st.keys():
@@ -186,30 +229,28 @@ def _load_into(model_fn: Callable[[], nnx.Module], rules: list[TensorRule], mode
                         f"{abstract.config.tie_word_embeddings}).")
                 parts = rule.load(st.get(name))
                 for path, arr in zip(rule.paths, parts):
-                    var = variables[path]
-                    want = var.get_value()
-                    if tuple(arr.shape) != tuple(want.shape):
+                    where, index = slots[path]
+                    var = variables[where]
+                    want = var.get_value().shape if index is None else var.get_value().shape[1:]
+                    if tuple(arr.shape) != tuple(want):
                         raise CheckpointError(
                             f"{file}: tensor {name!r} has shape {list(st.shape(name))}, which maps to "
                             f"{list(arr.shape)} for parameter {'.'.join(map(str, path))}, expected "
-                            f"{list(want.shape)} from config.json.")
-                    host = np.asarray(arr, dtype=dtype)
-                    if mesh is not None:
-                        axes = var.get_metadata().get("logical_axes")
-                        value = jax.device_put(host, logical_to_sharding(host.shape, axes, mesh, sharding_rules))
-                    else:
-                        value = jax.device_put(host)
-                    var.set_value(value)
+                            f"{list(want)} from config.json.")
+                    _place(np.asarray(arr, dtype=dtype), var, index, mesh, sharding_rules, started)
                     filled.add(path)
-    missing = [p for p in variables if p not in filled and not allow_missing(p)]
+    covered = {where for where, _ in slots.values()}
+    missing = [p for p in slots if p not in filled and not allow_missing(p)]
+    missing += [p for p in variables if p not in covered and not allow_missing(p)]
     if missing:
         reverse = {p: r.hf_name for r in rules for p in r.paths}
         names = sorted({reverse.get(p, ".".join(map(str, p))) for p in missing})
         shown = ", ".join(repr(n) for n in names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
         raise CheckpointError(f"{model_dir}: missing tensor(s) {shown} in the safetensors files.")
+    written = {slots[p][0] for p in filled}
     key = jax.random.key(seed)
     for path, var in variables.items():
-        if path in filled:
+        if path in written:
             continue
         # Allowed-missing parameters (a fresh reward head) start like HF's init: N(0, 0.02) weights, zero bias.
         key, sub = jax.random.split(key)
@@ -224,7 +265,7 @@ def load_causal_lm(model_dir: str | Path, *, dtype: Any = "float32", mesh: Mesh 
                    sharding_rules: Mapping[str, tuple[str, ...]] | None = None, scan_layers: bool = False
                    ) -> CausalLM:
     """A `CausalLM` from a local HF checkpoint directory (Llama, Mistral, Qwen2/3, GPT-NeoX). `scan_layers`:
-    cache-free forwards scan over the layers (same parameters; see `prs_jax.models.transformer`)."""
+    store the decoder layers stacked and scan over them (same values; see `prs_jax.models.transformer`)."""
     model_dir = Path(model_dir)
     cfg = ModelConfig.from_dir(model_dir)
     dt = resolve_dtype(dtype)
@@ -232,8 +273,8 @@ def load_causal_lm(model_dir: str | Path, *, dtype: Any = "float32", mesh: Mesh 
     lm_head = "lm_head.weight" if cfg.family == "llama" else "embed_out.weight"
     # Tied checkpoints sometimes store the (identical) output matrix too; classification heads are not ours.
     ignore = (lambda n: n == lm_head) if cfg.tie_word_embeddings else (lambda n: False)
-    return _load_into(lambda: CausalLM(cfg, dtype=dt, rngs=nnx.Rngs(0), scan_layers=scan_layers), rules, model_dir, dt, mesh,
-                      sharding_rules, ignore, lambda p: False)
+    return _load_into(lambda: CausalLM(cfg, dtype=dt, rngs=nnx.Rngs(0), scan_layers=scan_layers), rules, model_dir,
+                      dt, mesh, sharding_rules, ignore, lambda p: False)
 
 
 def load_reward_model(model_dir: str | Path, *, dtype: Any = "float32", mesh: Mesh | None = None,
@@ -244,6 +285,7 @@ def load_reward_model(model_dir: str | Path, *, dtype: Any = "float32", mesh: Me
 
     With `init_head=True` a causal-LM checkpoint is accepted too: its `lm_head` is ignored and the scalar
     head starts from a fresh initialisation (the usual way to start a reward model from an SFT policy).
+    `scan_layers`: store the decoder layers stacked and scan over them (see `prs_jax.models.transformer`).
     """
     model_dir = Path(model_dir)
     cfg = ModelConfig.from_dir(model_dir)
@@ -294,9 +336,17 @@ def _copy_tokenizer(tokenizer: Any, out: Path) -> None:
         raise CheckpointError(f"{src}: no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...) to copy.")
 
 
+def _host_value(flat: Mapping[Path_, nnx.Variable], path: Path_, dtype: jnp.dtype) -> np.ndarray:
+    """The value of the rule path `path` on the host (a slice of a stacked parameter for a per-layer path)."""
+    where, index = _slot(path, flat)
+    value = flat[where].get_value()
+    return np.asarray(jax.device_get(value if index is None else value[index])).astype(dtype)
+
+
 def save_pretrained(model: CausalLM | RewardModel, out_dir: str | Path, *, tokenizer: Any = None,
                     dtype: Any = None, max_shard_bytes: int = 2 * 1024**3) -> Path:
-    """Write `model` as an HF directory (config.json, safetensors shards + index, tokenizer) for transformers."""
+    """Write `model` as an HF directory (config.json, safetensors shards + index, tokenizer) for transformers.
+    A `scan_layers` model writes the same per-layer tensors (slice i of each stacked parameter)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg: ModelConfig = model.config
@@ -317,7 +367,7 @@ def save_pretrained(model: CausalLM | RewardModel, out_dir: str | Path, *, token
     shards: list[dict[str, np.ndarray]] = [{}]
     size = 0
     for rule in rules:
-        parts = [np.asarray(jax.device_get(flat[p].get_value())).astype(out_dtype) for p in rule.paths]
+        parts = [_host_value(flat, p, out_dtype) for p in rule.paths]
         arr = np.ascontiguousarray(rule.save(*parts))
         if size and size + arr.nbytes > max_shard_bytes:
             shards.append({})

@@ -1,9 +1,10 @@
 """Logical axis names -> device mesh axes.
 
 Parameters carry logical axis names (`logical_axes` metadata: "vocab", "embed", "heads", "kv_heads", "mlp",
-"norm"); activations are constrained with names ("batch", "heads", "kv_heads", "mlp", "embed_act"). A
-`MeshConfig` builds a mesh with axes (data, fsdp, tensor) and holds the rule table that maps each logical name
-to mesh axes (`rules`, merged over DEFAULT_RULES; config files override single names, e.g.
+"norm", and "layers" for the leading layer axis of a `scan_layers` model's stacked decoder layers, which the
+default rules never shard); activations are constrained with names ("batch", "heads", "kv_heads", "mlp",
+"embed_act"). A `MeshConfig` builds a mesh with axes (data, fsdp, tensor) and holds the rule table that maps
+each logical name to mesh axes (`rules`, merged over DEFAULT_RULES; config files override single names, e.g.
 `trainer.mesh.rules.batch=[data]`). A dimension that the mapped mesh axes do not divide evenly is replicated
 instead (tiny models on big meshes keep working).
 
@@ -34,6 +35,8 @@ MESH_AXES = ("data", "fsdp", "tensor")
 
 Rules = Mapping[str, tuple[str, ...]]
 
+LAYER_AXIS = "layers"  # logical name of the leading layer axis of stacked decoder layers (scan_layers)
+
 # logical name -> mesh axes (a tuple shards one dim over several mesh axes)
 DEFAULT_RULES: dict[str, tuple[str, ...]] = {
     "batch": ("data", "fsdp"),
@@ -44,6 +47,7 @@ DEFAULT_RULES: dict[str, tuple[str, ...]] = {
     "kv_heads": ("tensor",),
     "mlp": ("tensor",),
     "norm": (),
+    LAYER_AXIS: (),  # the layer axis of stacked layers is never split: the layer scan takes one layer per step
 }
 
 

@@ -105,7 +105,7 @@ def randomize(model: nnx.Module, seed: int) -> nnx.Module:
         name = str(path[-1])
         noise = jax.random.normal(sub, leaf.shape, jnp.float32)
         if name == "kernel":
-            value = noise / np.sqrt(leaf.shape[0])
+            value = noise / np.sqrt(leaf.shape[-2])  # fan-in (a stacked kernel is [L, in, out])
         elif name == "embedding":
             value = noise
         elif any("norm" in str(p) for p in path) and name == "weight":

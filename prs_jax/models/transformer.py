@@ -9,13 +9,17 @@ written at `cache.index` and attend to every valid slot up to their own (prefill
 the same call). `CausalLM.unembed` is separate so training can send only response positions through the
 vocabulary projection.
 
-Layer scan (`scan_layers=True`, default off): a cache-free forward (training, scoring without a cache) runs the
-decoder layers as one `lax.scan` over their parameters stacked on a leading layer axis, so a deep model
-compiles one layer body instead of L copies; `remat=True` then checkpoints the scan body (per-layer remat). The
-parameters stay one module per layer (HF checkpoints, exports, optimizer state and checkpoints are unchanged);
-the stacking happens inside the traced forward (one extra copy of the layer weights per step, and their
-gradients are sliced back per layer). Forwards with a KV cache (prefill into a cache, decoding) always run the
-layers unrolled; asking for `scan=True` together with a cache is an error.
+Layer scan (`scan_layers=True`, default off): the decoder layers are stored as ONE stacked `Block` whose
+parameters carry a leading layer axis [L, ...] (built with `nnx.vmap` over a Block factory and
+`nnx.split_rngs`; the axis has the logical name "layers", never sharded). A cache-free forward (training, scoring
+without a cache) runs the layers as one `lax.scan` over that stack, so a deep model compiles one layer body
+instead of L copies and the training step (forward, backward, optimizer update) never stacks or slices layer
+parameters; `remat=True` then checkpoints the scan body (per-layer remat). Forwards with a KV cache (prefill
+into a cache, decoding) run the layers unrolled, each layer's parameters indexed from the stack (`layer(i)`), so
+the per-layer caches keep their layout; `scan=False` does the same without a cache. Storage differs from the
+default model only in layout: HF checkpoints load and save per-layer names either way (`hf_io` maps
+`model.layers.{i}.*` to slice i of the stacked arrays), but optimizer state and Trainer checkpoints hold the
+stacked arrays, so a run checkpointed with one layout does not resume into the other.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from prs_jax.models.layers import (
     AttnContext, Attention, CascadeCache, Dense, Embed, GatedMLP, KVCache, LayerNorm, PlainMLP, RMSNorm, named,
     rope_cos_sin, rope_inv_freq,
 )
-from prs_jax.models.sharding import constrain
+from prs_jax.models.sharding import LAYER_AXIS, constrain
 
 
 class Block(nnx.Module):
@@ -71,11 +75,22 @@ class Backbone(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs,
                  scan_layers: bool = False):
         self.config = cfg
-        self.scan_layers = scan_layers  # cache-free forwards scan over the layers (see the module docstring)
+        self.scan_layers = scan_layers  # layers stored stacked and scanned (see the module docstring)
         self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, rngs=rngs)
-        self.layers = nnx.List([Block(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.num_hidden_layers)])
+        if scan_layers:
+            self.layers = stacked_blocks(cfg, dtype=dtype, rngs=rngs)
+        else:
+            self.layers = nnx.List([Block(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.num_hidden_layers)])
         norm = RMSNorm if cfg.family == "llama" else LayerNorm
         self.norm = norm(cfg.hidden_size, cfg.norm_eps, dtype=dtype)
+
+    def layer(self, i: int) -> Block:
+        """Decoder layer `i` as a `Block` (with stacked storage: a new module over slice i of every parameter;
+        updating it does not write back into the stack)."""
+        if not self.scan_layers:
+            return self.layers[i]
+        graphdef, state = nnx.split(self.layers)
+        return nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state))
 
     def _mask(self, q_slot_bt: jax.Array, kv_valid_bs: jax.Array) -> jax.Array:
         s = jnp.arange(kv_valid_bs.shape[1], dtype=jnp.int32)
@@ -100,13 +115,17 @@ class Backbone(nnx.Module):
                  remat: bool = False, scan: bool | None = None, segment_ids: jax.Array | None = None
                  ) -> tuple[jax.Array, KVCache | CascadeCache | None]:
         """Hidden states [B, T, hidden] and the updated cache. `remat`: recompute each layer in the backward
-        pass (cache-free forwards). `scan`: run the layers as a `lax.scan` (default: `self.scan_layers`;
-        cache-free forwards only). `segment_ids` [B, T] (training only, no cache): packed rows with a shared
-        prefix, see `_segment_mask`; then `positions` must be given and `attention_mask` is not used."""
+        pass (cache-free forwards). `scan`: run the layers as a `lax.scan` over the stacked layer parameters
+        (default: `self.scan_layers`; cache-free forwards of a `scan_layers=True` model only; False runs a
+        stacked model's layers unrolled). `segment_ids` [B, T] (training only, no cache): packed rows with a
+        shared prefix, see `_segment_mask`; then `positions` must be given and `attention_mask` is not used."""
         if scan and cache is not None:
             raise ValueError("Backbone: scan=True runs cache-free forwards only (training, scoring); a forward "
                              "with a KV cache runs the layers unrolled. Drop scan=True for cached calls.")
-        scan = self.scan_layers if scan is None else scan
+        if scan and not self.scan_layers:
+            raise ValueError("Backbone: scan=True needs the layers stored stacked; build or load the model with "
+                             "scan_layers=True (e.g. load_causal_lm(path, scan_layers=True)).")
+        scan = self.scan_layers and cache is None if scan is None else scan
         b, t = input_ids.shape
         if segment_ids is not None:
             if cache is not None or positions is None:
@@ -144,10 +163,11 @@ class Backbone(nnx.Module):
         ctx = AttnContext(cos=cos, sin=sin, mask_bts=mask, write_index=write_index, cascade=cascade)
         x = constrain(self.embed_tokens(input_ids), ("batch", None, "embed_act"))
         new_k, new_v = [], []
-        if scan and cache is None:
+        if scan:
             x = self._scan(x, ctx, remat)
             return self.norm(x), None
-        for i, layer in enumerate(self.layers):
+        for i in range(self.config.num_hidden_layers):
+            layer = self.layer(i)
             if cascade is not None:
                 kv = (cascade.prefix_k[i], cascade.prefix_v[i], cascade.suffix_k[i], cascade.suffix_v[i])
             else:
@@ -172,36 +192,29 @@ class Backbone(nnx.Module):
 
     @named("layers_scan")
     def _scan(self, x: jax.Array, ctx: AttnContext, remat: bool) -> jax.Array:
-        """The decoder layers as one `lax.scan` over their stacked parameters (remat: per-layer checkpoint)."""
-        graphdef, _ = nnx.split(self.layers[0])
-        stacked = jax.tree.map(lambda *xs: _stack(xs), *[nnx.split(layer)[1] for layer in self.layers])
+        """The decoder layers as one `lax.scan` over the stacked parameters (remat: per-layer checkpoint)."""
+        graphdef, state = nnx.split(self.layers)
 
-        def body(h: jax.Array, state: nnx.State) -> tuple[jax.Array, None]:
-            return nnx.merge(graphdef, state)(h, ctx, None)[0], None
+        def body(h: jax.Array, layer_state: nnx.State) -> tuple[jax.Array, None]:
+            return nnx.merge(graphdef, layer_state)(h, ctx, None)[0], None
 
         if remat:
             body = jax.checkpoint(body)
-        x, _ = jax.lax.scan(body, x, stacked)
+        x, _ = jax.lax.scan(body, x, state)
         return x
 
 
-@jax.custom_vjp
-def _stack(xs: tuple[jax.Array, ...]) -> jax.Array:
-    """jnp.stack whose gradient hands each layer its slice behind an optimization barrier: left to itself, XLA
-    fuses the slices of the stacked gradient into the optimizer's update of every layer, and XLA:CPU then spends
-    several times longer compiling the training step (measured: benchmarks/bench_compile.py)."""
-    return jax.lax.optimization_barrier(jnp.stack(xs))
+def stacked_blocks(cfg: ModelConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs) -> Block:
+    """`cfg.num_hidden_layers` decoder layers as one `Block` whose parameters have a leading layer axis [L, ...]
+    (logical name `LAYER_AXIS`, prepended to each parameter's `logical_axes`); each layer draws its own init."""
 
+    @nnx.split_rngs(splits=cfg.num_hidden_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0,
+              transform_metadata={nnx.PARTITION_NAME: LAYER_AXIS, "logical_axes": LAYER_AXIS})
+    def make(layer_rngs: nnx.Rngs) -> Block:
+        return Block(cfg, dtype=dtype, rngs=layer_rngs)
 
-def _stack_fwd(xs):
-    return jax.lax.optimization_barrier(jnp.stack(xs)), len(xs)
-
-
-def _stack_bwd(n, g):
-    return (jax.lax.optimization_barrier(tuple(g[i] for i in range(n))),)
-
-
-_stack.defvjp(_stack_fwd, _stack_bwd)
+    return make(rngs)
 
 
 class CausalLM(nnx.Module):

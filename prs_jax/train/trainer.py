@@ -33,7 +33,7 @@ from prs_jax.data.io import write_text_atomic
 from prs_jax.data.lock import OutputLock
 from prs_jax.data.stamp import describe_diff, diff_keys
 from prs_jax.errors import ConfigError, PrsJaxError
-from prs_jax.models.sharding import MeshConfig
+from prs_jax.models.sharding import LAYER_AXIS, MeshConfig
 
 Metrics = dict[str, jax.Array]
 LossFn = Callable[[nnx.Module, dict[str, jax.Array], Any], tuple[jax.Array, Metrics]]
@@ -70,8 +70,21 @@ def decay_mask(params: Any) -> Any:
     return jax.tree.map(lambda x: jnp.ndim(x) >= 2, params)
 
 
-def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
-    """The optax chain for `cfg` over `total_steps` optimizer steps (AdamW's weight decay: rank >= 2 leaves only)."""
+def param_decay_mask(state: nnx.State) -> nnx.State:
+    """`decay_mask` for parameters that carry logical axes: the rank counts the weight's own axes only, so the
+    stacked layers of a `scan_layers` model (leading axis named `LAYER_AXIS`) are decayed like per-layer ones:
+    a stacked norm scale [L, hidden] or bias is not decayed, a stacked kernel [L, in, out] is."""
+
+    def one(var: nnx.Variable) -> nnx.Variable:
+        axes = var.get_metadata().get("logical_axes") or ()
+        return var.replace(jnp.ndim(var.get_value()) - sum(a == LAYER_AXIS for a in axes) >= 2)
+
+    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def make_optimizer(cfg: OptimConfig, total_steps: int, decay: Any = None) -> optax.GradientTransformation:
+    """The optax chain for `cfg` over `total_steps` optimizer steps. AdamW decays the leaves `decay` marks (a
+    pytree of bools like the parameters); by default `decay_mask`, rank >= 2 leaves only."""
     decay_steps = max(total_steps - cfg.warmup_steps, 1)
     if cfg.schedule == "constant":
         after = optax.constant_schedule(cfg.lr)
@@ -83,7 +96,7 @@ def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransfor
                                      [cfg.warmup_steps]) if cfg.warmup_steps else after)
     if cfg.name == "adamw":
         opt = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
-                          mask=decay_mask)
+                          mask=decay_mask if decay is None else decay)
     elif cfg.name == "rmsprop":
         opt = optax.rmsprop(schedule, eps=cfg.eps)
     else:
@@ -190,7 +203,6 @@ class Trainer:
             self.mesh_context.shard(model)
             for m in self.frozen.values():
                 self.mesh_context.shard(m)
-        self.tx = make_optimizer(optim, config.steps)
         self.step = 0
         self.run_config = dict(run_config or {})
         # extra JSON saved with every checkpoint (e.g. an outer loop's counters and RNG); `restored_meta` is
@@ -202,6 +214,8 @@ class Trainer:
         leaves, self._treedef = jax.tree_util.tree_flatten_with_path(params_state)
         self._keys = [jax.tree_util.keystr(p) for p, _ in leaves]
         self._params = {k: leaf for k, (_, leaf) in zip(self._keys, leaves)}
+        decay = jax.tree.leaves(param_decay_mask(params_state))
+        self.tx = make_optimizer(optim, config.steps, decay=dict(zip(self._keys, decay)))
         self._frozen_split = {k: nnx.split(m) for k, m in self.frozen.items()}
         self._train_step = self._scoped(jax.jit(self._train_step_impl, static_argnames=("static",),
                                                 donate_argnums=(0, 1)))

@@ -29,17 +29,19 @@ def _rewrite(path, edit):
 
 def test_missing_tensor(ckpt):
     _rewrite(ckpt / "model.safetensors", lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
-    with pytest.raises(CheckpointError, match=r"missing tensor\(s\) 'model.layers.1.mlp.up_proj.weight'"):
-        load_causal_lm(ckpt)
+    for scan_layers in (False, True):  # stacked layers: a missing layer of a stack is named the same way
+        with pytest.raises(CheckpointError, match=r"missing tensor\(s\) 'model.layers.1.mlp.up_proj.weight'"):
+            load_causal_lm(ckpt, scan_layers=scan_layers)
 
 
 def test_wrong_shape_names_tensor_and_file(ckpt):
     def edit(t):
         t["model.layers.0.self_attn.k_proj.weight"] = t["model.layers.0.self_attn.k_proj.weight"][:16]
     _rewrite(ckpt / "model.safetensors", edit)
-    with pytest.raises(CheckpointError, match=r"model.safetensors: tensor 'model.layers.0.self_attn.k_proj.weight' "
-                                              r"has shape \[16, 64\]"):
-        load_causal_lm(ckpt)
+    for scan_layers in (False, True):
+        with pytest.raises(CheckpointError, match=r"model.safetensors: tensor 'model.layers.0.self_attn.k_proj."
+                                                  r"weight' has shape \[16, 64\]"):
+            load_causal_lm(ckpt, scan_layers=scan_layers)
 
 
 def test_unexpected_tensor(ckpt):
