@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 import numpy as np
 from rich.console import Console
@@ -88,13 +88,31 @@ class TrainRunConfig:
     export_dir: str | None = None
     logprob_method: Literal["plain", "chunked", "pallas"] = "chunked"
     remat: bool = False  # rematerialise decoder layers in the backward pass (less memory, ~1.3x compute)
-    # preference pairs: "packed" rows [prompt | chosen | rejected] compute the prompt once (default);
+    # preference pairs: "packed" rows [prompt | chosen | rejected] compute the prompt once;
     # "cascade": the prompt once as its own row, responses attend to it by cascade attention (prompts must not
-    # be empty; no remat); "separate" rows [prompt | chosen], [prompt | rejected] (the unshared forward).
-    # Same results (tests/train/test_packed_pairs.py); speed: benchmarks/results/train.json
-    pair_layout: Literal["packed", "cascade", "separate"] = "packed"
+    # be empty; no remat; log-prob losses only); "separate" rows [prompt | chosen], [prompt | rejected] (the
+    # unshared forward); "auto" (default): cascade, the fastest (benchmarks/results/train.json), wherever it
+    # applies, else packed (`resolve_pair_layout`). Same results (tests/train/test_packed_pairs.py)
+    pair_layout: Literal["auto", "packed", "cascade", "separate"] = "auto"
     rm_head_name: str | None = None
     rm_init_head: bool = True
+
+
+def resolve_pair_layout(requested: str, task: Task, remat: bool, examples: Sequence[Any]) -> tuple[str, str]:
+    """The pair layout a run uses and why: an explicit layout is kept; "auto" picks "cascade" (measured fastest
+    for DPO-family steps) when the loss is a log-prob loss (not a reward model), remat is off and every prompt
+    (and Sr-* augmented prompt) has a token, and "packed" otherwise (same results)."""
+    if requested != "auto":
+        return requested, "as configured"
+    if task != "dpo":
+        return "packed", "reward models read hidden states of packed rows"
+    if remat:
+        return "packed", "remat is on (the cascade path keeps its activations)"
+    for i, e in enumerate(examples):
+        aug = getattr(e, "augmented", None)
+        if len(e.prompt_ids) == 0 or (aug is not None and len(aug.prompt_ids) == 0):
+            return "packed", f"pair {i} ({getattr(e, 'where', '?')}) has an empty prompt"
+    return "cascade", "log-prob loss, no remat, every prompt non-empty"
 
 
 def run_train(task: Task, cfg: TrainRunConfig, console: Console | None = None) -> dict[str, float]:
@@ -149,13 +167,15 @@ def run_train(task: Task, cfg: TrainRunConfig, console: Console | None = None) -
         def make(source, split):
             examples, report = tokenize_pairs(iter_rows(source, split), tok, **pair_kw)
             console.print(f"data: {source}: {report.summary()}", markup=False)
+            layout, why = resolve_pair_layout(cfg.pair_layout, task, cfg.remat, examples)
+            console.print(f"pair layout: {layout} ({why})", markup=False)
             collate = functools.partial(collate_pairs, max_length=d.max_length, pad_id=pad, pad_to=d.pad_to,
-                                        multiple=d.pad_multiple, layout=cfg.pair_layout)
+                                        multiple=d.pad_multiple, layout=layout)
             if task != "dpo" or not cfg.precompute_ref:
                 return ExampleSource(examples, collate,
                                      length_fn=lambda e: len(e.prompt_ids) + len(e.chosen_ids) + len(e.rejected_ids))
             # the whole set as one batch (shapes: its longest row, bucketed), reference log-probs attached
-            data = collate_pairs(examples, d.max_length, pad, multiple=d.pad_multiple, layout=cfg.pair_layout)
+            data = collate_pairs(examples, d.max_length, pad, multiple=d.pad_multiple, layout=layout)
             key = cache_key(ref_dir, batch_arrays(data), cfg.tokenizer or cfg.model,
                             extra=[cfg.logprob_method, cfg.dtype])
             refs, hit = cached_reference(cfg.ref_cache_dir, key, lambda: compute_reference(

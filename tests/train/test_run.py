@@ -59,3 +59,22 @@ def test_train_config_errors(tmp_path, capsys):
     assert "/nonexistent" in capsys.readouterr().err
     assert main(["train", "dpo", f"data.train={missing}"]) == 2
     assert "`model`" in capsys.readouterr().err
+
+
+def test_auto_pair_layout_picks_cascade_only_where_it_applies():
+    from types import SimpleNamespace as NS
+
+    import numpy as np
+
+    from prs_jax.train.run import resolve_pair_layout
+
+    full = [NS(prompt_ids=np.array([1, 2]), augmented=None, where="a:1"),
+            NS(prompt_ids=np.array([3]), augmented=NS(prompt_ids=np.array([9, 3])), where="a:2")]
+    empty = full + [NS(prompt_ids=np.array([], np.int32), augmented=None, where="a:3")]
+    assert resolve_pair_layout("auto", "dpo", False, full)[0] == "cascade"
+    layout, why = resolve_pair_layout("auto", "dpo", False, empty)
+    assert layout == "packed" and "pair 2 (a:3) has an empty prompt" in why
+    assert resolve_pair_layout("auto", "dpo", True, full) == ("packed", "remat is on (the cascade path keeps its "
+                                                                       "activations)")
+    assert resolve_pair_layout("auto", "rm", False, full)[0] == "packed"
+    assert resolve_pair_layout("separate", "dpo", False, full) == ("separate", "as configured")
