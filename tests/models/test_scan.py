@@ -268,3 +268,18 @@ def test_reward_model_scans(make_checkpoint):
         fwd = nnx.jit(lambda m, x, k: m(x, attention_mask=k))
         want, got = (np.asarray(fwd(m, ids, mask)) for m in (plain, scanned))
         np.testing.assert_allclose(got, want, atol=2e-5, rtol=0)
+
+
+def test_packed_sft_rows_through_the_scan(pair):
+    """Segment masks (SFT packing) reach the scanned layers: packed log-probs of a stacked model equal the
+    per-layer model's."""
+    from prs_jax.data.sft import TokenizedSFT, collate_sft_packed
+    from prs_jax.train.logprobs import sequence_logps
+
+    _, plain, stacked = pair
+    rng = np.random.default_rng(3)
+    convs = [TokenizedSFT(rng.integers(3, 200, 4 + i).astype(np.int32), rng.integers(3, 200, 3 + i).astype(np.int32),
+                          np.ones(3 + i, np.int32)) for i in range(5)]
+    batch = collate_sft_packed([convs[:3], convs[3:]], max_length=64, multiple=8)
+    np.testing.assert_allclose(np.asarray(sequence_logps(stacked, batch)[0]),
+                               np.asarray(sequence_logps(plain, batch)[0]), rtol=2e-5, atol=2e-5)
