@@ -33,9 +33,11 @@ from flax import nnx
 
 from prs_jax.kernels.cascade import use_pallas_default
 from prs_jax.models.layers import CascadeCache
-from prs_jax.models.sharding import MeshContext, mesh_context_of, use_rules
+from prs_jax.kernels.paged import gather_pages
+from prs_jax.models.sharding import MeshContext, constrain, mesh_context_of, use_rules
 from prs_jax.models.tokenizer import encode_chat
 from prs_jax.models.transformer import CausalLM
+from prs_jax.tree.pages import PageAllocator, PlanBuilder, apply_write_plan
 from prs_jax.tree.sampling import SamplingParams, sample
 from prs_jax.tree.tree import Node, Tree
 
@@ -67,9 +69,15 @@ class EngineConfig:
     # (prefix + rows x new tokens), bucketed); a call over more is split into several programs (longest-first
     # items grouped by length), so memory is bounded by the budget, not by how many prompts a call gets. One
     # group larger than the budget runs alone. 0: unbounded. With group_tile > 0 the tile fixes the shapes.
+    page_size: int = 16  # tokens per page of the KV pool
+    pool_pages: int = 16384  # most pages the KV pool may hold (all layers; bytes: pages x page_size x layers
+    # x 2 x kv_heads x head_dim x dtype size); needing more raises an error that names this key
+    initial_pool_pages: int = 256  # the pool starts this big and doubles as needed up to pool_pages (each
+    # size compiles its own programs)
 
     def __post_init__(self) -> None:
-        for name in ("min_prefix_bucket", "min_new_tokens_bucket", "min_groups_bucket", "min_extend_bucket"):
+        for name in ("min_prefix_bucket", "min_new_tokens_bucket", "min_groups_bucket", "min_extend_bucket",
+                     "page_size", "pool_pages", "initial_pool_pages"):
             if getattr(self, name) < 1:
                 raise ValueError(f"EngineConfig.{name} must be >= 1, got {getattr(self, name)}.")
         for name in ("min_rows_bucket", "group_tile", "token_budget"):
@@ -97,26 +105,6 @@ class Stop:
             return cls(eos_ids=default_eos, strings=tuple(spec))
         raise ValueError(f"stop: expected None, a non-empty string, a list of non-empty strings or a Stop; "
                          f"got {spec!r}")
-
-
-@functools.partial(jax.jit, static_argnames=("size",))
-def _take_segment(buf: jax.Array, row: jax.Array, start: jax.Array, *, size: int) -> jax.Array:
-    """buf [L, 2, R, K, S, D] -> row's slots start..start+size as [L, 2, K, size, D] (zeros past the end)."""
-    rows = jax.lax.dynamic_index_in_dim(buf, row, axis=2, keepdims=False)
-    return jnp.take(rows, start + jnp.arange(size), axis=3, mode="fill", fill_value=0)
-
-
-@functools.partial(jax.jit, donate_argnums=(0,))
-def _place_segment(prefix: jax.Array, seg: jax.Array, group: jax.Array, offset: jax.Array) -> jax.Array:
-    """Write seg [L, 2, K, Sb, D] into prefix [L, 2, G, K, P, D] at (group, offset..); writes past P drop."""
-    idx = offset + jnp.arange(seg.shape[3])
-    return prefix.at[:, :, group, :, idx, :].set(jnp.moveaxis(seg, 3, 0), mode="drop")
-
-
-@functools.partial(jax.jit, donate_argnums=(0,))
-def _put_slot(kv: jax.Array, tok: jax.Array, pos: jax.Array) -> jax.Array:
-    """Write one slot tok [L, 2, K, 1, D] into kv [L, 2, K, Sb, D] at pos."""
-    return jax.lax.dynamic_update_slice(kv, tok, (0, 0, 0, pos, 0))
 
 
 def path_words(path: tuple) -> np.ndarray:
@@ -159,20 +147,43 @@ def extend_rows(module: Any, prefix_kv: jax.Array, prefix_mask: jax.Array, token
     return suffix, jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
 
 
-def _extend_fn(state, prefix_kv, prefix_mask, tokens, mask, *, graphdef, rows_per_group, impl, want_hidden,
-               rules=None):
+def _extend_fn(state, pool, table, prefix_len, tokens, mask, plan, *, graphdef, prefix_size, impl, rules=None):
+    """Prefill rows after their group's prefix (read from the pool by block table) and write their KV into the
+    pool (donated) as `plan` says, in one program."""
     with use_rules(rules):
-        return extend_rows(nnx.merge(graphdef, state), prefix_kv, prefix_mask, tokens, mask,
-                           rows_per_group=rows_per_group, impl=impl, want_hidden=want_hidden)
+        prefix_kv, prefix_mask = gather_pages(pool, table, prefix_len, prefix_size)
+        suffix, _ = extend_rows(nnx.merge(graphdef, state), prefix_kv, prefix_mask, tokens, mask, rows_per_group=1,
+                                impl=impl, want_hidden=False)
+        return constrain(apply_write_plan(pool, suffix, plan), POOL_AXES)
 
 
-def _decode_fn(state, prefix_kv, prefix_mask, first_tok, row_keys, active, max_new, context_seen,
-               *, graphdef, rows_per_group, buf, params, eos_ids, pad_id, impl, rules=None):
-    """The whole expansion in one program: cascade decode in a while_loop that stops when every row is done."""
+def _decode_fn(state, pool, table, prefix_len, first_tok, row_keys, active, max_new, context_seen, plan,
+               *, graphdef, rows_per_group, prefix_size, buf, params, eos_ids, pad_id, impl, rules=None):
+    """The whole expansion in one program: the prefixes are read from the pool by block table, cascade decode
+    runs in a while_loop that stops when every row is done, and the rows' KV is written into the pool
+    (donated) as `plan` says."""
     with use_rules(rules):
-        return _decode_body(state, prefix_kv, prefix_mask, first_tok, row_keys, active, max_new, context_seen,
-                            graphdef=graphdef, rows_per_group=rows_per_group, buf=buf, params=params,
-                            eos_ids=eos_ids, pad_id=pad_id, impl=impl)
+        prefix_kv, prefix_mask = gather_pages(pool, table, prefix_len, prefix_size)
+        out_tok, out_lp, lengths, hit_eos, suffix = _decode_body(
+            state, prefix_kv, prefix_mask, first_tok, row_keys, active, max_new, context_seen, graphdef=graphdef,
+            rows_per_group=rows_per_group, buf=buf, params=params, eos_ids=eos_ids, pad_id=pad_id, impl=impl)
+        return out_tok, out_lp, lengths, hit_eos, constrain(apply_write_plan(pool, suffix, plan), POOL_AXES)
+
+
+def _gather_fn(pool, table, prefix_len, *, size, rules=None):
+    with use_rules(rules):
+        return gather_pages(pool, table, prefix_len, size)
+
+
+def _new_pool_fn(*, shape, dtype, rules=None):
+    with use_rules(rules):
+        return constrain(jnp.zeros(shape, dtype), POOL_AXES)
+
+
+def _grow_pool_fn(pool, *, extra, rules=None):
+    with use_rules(rules):
+        pad = jnp.zeros(pool.shape[:2] + (extra,) + pool.shape[3:], pool.dtype)
+        return constrain(jnp.concatenate([pool, pad], axis=2), POOL_AXES)
 
 
 def _decode_body(state, prefix_kv, prefix_mask, first_tok, row_keys, active, max_new, context_seen,
@@ -220,9 +231,13 @@ def _decode_body(state, prefix_kv, prefix_mask, first_tok, row_keys, active, max
 # Compiled programs are shared by every engine (and scorer) in the process: a new engine on the same model
 # shapes reuses them. Engines count the programs compiled during their own calls.
 # The logical-axis rules are a static argument: a program cached for one engine never carries another's rules.
-EXTEND = jax.jit(_extend_fn, static_argnames=("graphdef", "rows_per_group", "impl", "want_hidden", "rules"))
-DECODE = jax.jit(_decode_fn, static_argnames=("graphdef", "rows_per_group", "buf", "params", "eos_ids", "pad_id",
-                                              "impl", "rules"))
+EXTEND = jax.jit(_extend_fn, static_argnames=("graphdef", "prefix_size", "impl", "rules"), donate_argnums=(1,))
+DECODE = jax.jit(_decode_fn, static_argnames=("graphdef", "rows_per_group", "prefix_size", "buf", "params", "eos_ids",
+                                              "pad_id", "impl", "rules"), donate_argnums=(1,))
+GATHER = jax.jit(_gather_fn, static_argnames=("size", "rules"))
+NEW_POOL = jax.jit(_new_pool_fn, static_argnames=("shape", "dtype", "rules"))
+GROW_POOL = jax.jit(_grow_pool_fn, static_argnames=("extra", "rules"), donate_argnums=(0,))
+POOL_AXES = (None, None, None, None, "kv_heads", None)  # pool [L, 2, N, ps, K, D]: heads on tensor
 
 
 def counting(fn, owner: Any):
@@ -277,54 +292,103 @@ class TreeEngine:
         self.pad_id = int(pad_id)
         self._extend_jit = counting(EXTEND, self)
         self._decode_jit = counting(DECODE, self)
+        self._gather_jit = counting(GATHER, self)
+        c = self.cfg
+        ps = config.page_size
+        page_bytes = c.num_hidden_layers * 2 * ps * c.num_key_value_heads * c.head_dim * jnp.dtype(self._dtype).itemsize
+        self.pages = PageAllocator(config.pool_pages, config.initial_pool_pages, ps, page_bytes)
+        self._pool: jax.Array | None = None  # [L, 2, N, page_size, K, D], created at the first call
 
-    # ----------------------------------------------------------------------------------------- programs
-    # ----------------------------------------------------------------------------------------- KV helpers
-    def _segment(self, buf: jax.Array, row: int, start: int, valid: int) -> tuple[jax.Array | None, int]:
-        """A node segment: slots start..start+valid of `row`, stored padded to a bucketed length."""
-        if valid <= 0:
-            return None, 0
-        return _take_segment(buf, jnp.int32(row), jnp.int32(start), size=bucket(valid, 8)), valid
+    # ----------------------------------------------------------------------------------------- KV pool
+    def _in_mesh(self, fn, *args, **kwargs):
+        ctx = self.mesh_context
+        if ctx is None:
+            return fn(*args, **kwargs)
+        with ctx.activate():
+            return fn(*args, rules=ctx.frozen_rules, **kwargs)
+
+    def _reserve(self, pages: int, what: str) -> None:
+        """Make sure `pages` more pages can be allocated: grow the device pool if needed (or raise)."""
+        size = self.pages.need(pages, what)
+        if self._pool is None:
+            c = self.cfg
+            shape = (c.num_hidden_layers, 2, size, self.config.page_size, c.num_key_value_heads, c.head_dim)
+            self._pool = self._in_mesh(NEW_POOL, shape=shape, dtype=jnp.dtype(self._dtype))
+        elif size > self._pool.shape[2]:
+            self._pool = self._in_mesh(GROW_POOL, self._pool, extra=size - self._pool.shape[2])
+        self.pages.grow(size)
+
+    def kv_stats(self) -> dict[str, int]:
+        """KV pool accounting: page size and bytes, pages (and bytes) in use, free, peak, allocated, maximum."""
+        return self.pages.stats().as_dict()
+
+    def _check_kv(self, node: Node, need: int) -> None:
+        """Raise unless `node`'s block table holds KV for its first `need` context tokens."""
+        if node.block_table is None:
+            raise RuntimeError(f"tree engine: node #{node.id} has no KV (released with TreeEngine.release, or not "
+                               "built through this engine); keep the KV of nodes that will be built on.")
+        have = node.context_len - len(node.tokens) + node.kv_valid
+        if have < need:
+            raise RuntimeError(f"tree engine: node #{node.id} holds KV for {have} of the {need} context tokens "
+                               "needed below it (segments must be built through the engine).")
+
+    def prefix_tables(self, parents: Sequence[Node | None], lengths: Sequence[int], groups: int
+                      ) -> tuple[np.ndarray, np.ndarray, int]:
+        """Block tables [G, nb] and lengths [G] of the first lengths[g] context tokens of parents[g], and the
+        padded prefix length P (bucketed) a program reads them as; nb = ceil(P / page_size)."""
+        ps = self.config.page_size
+        size = bucket(max(lengths, default=0), self.config.min_prefix_bucket)
+        table = np.zeros((groups, -(-size // ps)), np.int32)
+        length = np.zeros((groups,), np.int32)
+        for g, (node, n) in enumerate(zip(parents, lengths)):
+            if node is None or n <= 0:
+                continue
+            self._check_kv(node, n)
+            pages = node.block_table[:-(-n // ps)]
+            table[g, :len(pages)] = pages
+            length[g] = n
+        return table, length, size
 
     def prefix_batch(self, parents: Sequence[Node | None], lengths: Sequence[int], groups: int
-                      ) -> tuple[jax.Array, jax.Array]:
-        """Prefix KV [L, 2, G, K, P, D] holding the first lengths[g] context tokens of parents[g], and its mask.
+                     ) -> tuple[jax.Array, jax.Array]:
+        """Prefix KV [L, 2, G, K, P, D] holding the first lengths[g] context tokens of parents[g], and its mask
+        [G, P]: one gather from the pool by block table (slots past a length are zero)."""
+        table, length, size = self.prefix_tables(parents, lengths, groups)
+        self._reserve(0, "prefix_batch")
+        return self._gather_jit(self._pool, jnp.asarray(table), jnp.asarray(length), size=size)
 
-        Segments are written in root-to-node order; each write may spill padding past its valid tokens, which
-        the next segment overwrites or the mask hides."""
-        c = self.cfg
-        p_bucket = bucket(max(lengths, default=0), self.config.min_prefix_bucket)
-        prefix = jnp.zeros((c.num_hidden_layers, 2, groups, c.num_key_value_heads, p_bucket, c.head_dim),
-                           self._dtype)
-        mask = np.zeros((groups, p_bucket), bool)
-        for g, (node, length) in enumerate(zip(parents, lengths)):
-            mask[g, :length] = True
-            have = 0
-            for n in (node.path() if node is not None and length else []):
-                if have >= length:
-                    break
-                need = min(len(n.tokens), length - have)
-                if n.kv_len < need:
-                    raise RuntimeError(f"tree engine: node #{n.id} holds KV for {n.kv_len} of the {need} tokens "
-                                       f"needed below it (segments must be built through the engine).")
-                if need:
-                    prefix = _place_segment(prefix, n.kv, jnp.int32(g), jnp.int32(have))
-                have += need
-        return prefix, jnp.asarray(mask)
+    def _new_table(self, node: Node, parent: Node | None, own: Sequence[int]) -> None:
+        """Give `node` its block table: the parent's pages before its first position, then its own pages."""
+        start = 0 if parent is None else parent.context_len
+        shared = () if parent is None else tuple(parent.block_table[:start // self.config.page_size])
+        self.pages.incref(shared)
+        node.block_table = shared + tuple(int(p) for p in own)
+        node.kv_valid = 0
 
-    def _complete(self, node: Node, buf: jax.Array, row: int, slot: int) -> None:
-        """Store the KV of node's last token (computed as slot `slot` of `row` in `buf`) if it is missing."""
-        if node.kv_len != len(node.tokens) - 1:
-            return
-        tok = _take_segment(buf, jnp.int32(row), jnp.int32(slot), size=1)
-        if node.kv is None:
-            node.kv, node.kv_valid = jnp.pad(tok, ((0, 0),) * 3 + ((0, 7), (0, 0))), 1
-            return
-        if node.kv.shape[3] <= node.kv_valid:  # no padding slot left: grow to the next bucket
-            grow = bucket(node.kv_valid + 1) - node.kv.shape[3]
-            node.kv = jnp.pad(node.kv, ((0, 0),) * 3 + ((0, grow), (0, 0)))
-        node.kv = _put_slot(node.kv, tok, jnp.int32(node.kv_valid))
-        node.kv_valid += 1
+    def _plan_row(self, plan: PlanBuilder, row: int, parent: Node | None, start: int, own: Sequence[int],
+                  first_slot: int, count: int, completer: dict[int, int], item: int,
+                  pending: dict[int, list[int]]) -> None:
+        """Plan one row's writes: parent completion (if this item completes it), copy on write of the parent's
+        partial last page, and `count` slots from `first_slot` on at context positions start, start + 1, ..."""
+        ps = self.config.page_size
+        if parent is not None:
+            needs = parent.kv_valid == len(parent.tokens) - 1
+            if needs and completer.get(parent.id) == item:
+                last = start - 1
+                plan.complete(row, last, [parent.block_table[last // ps]] + pending.pop(parent.id, []))
+            if start % ps and own:
+                plan.copy(row, parent.block_table[start // ps], own[0])
+                if needs and completer.get(parent.id) not in plan.items:
+                    pending.setdefault(parent.id, []).append(own[0])  # completed by a later program
+        plan.write(row, first_slot, count, start, own)
+
+    def release(self, nodes: Sequence[Node]) -> None:
+        """Drop the KV of nodes that will not be built on (their text and tokens stay): their block tables'
+        page references go; pages nothing references any more return to the pool."""
+        for n in nodes:
+            if n.block_table is not None:
+                self.pages.decref(n.block_table)
+            n.block_table, n.kv_valid = None, 0
 
     def check_context(self, total: int, what: str) -> None:
         """Raise a clear error when `total` tokens of context would exceed the model's positions."""
@@ -384,30 +448,52 @@ class TreeEngine:
         return [(ids[s:s + tile], tile) for key in sorted(parts) for ids in [parts[key]]
                 for s in range(0, len(ids), tile)]
 
-    def _extend(self, parents: Sequence[Node | None], prefix_lengths: Sequence[int],
-                new_tokens: Sequence[list[int]]) -> list[tuple[jax.Array | None, int]]:
-        """Run `new_tokens[i]` after the first `prefix_lengths[i]` context tokens of `parents[i]`, batched
-        (one program, or one per tile with `group_tile`). Returns per item the KV buffer [L, 2, G, K, T, D] of
-        its program and its row there ((None, -1) for an item without new tokens)."""
-        out: list[tuple[jax.Array | None, int]] = [(None, -1)] * len(new_tokens)
+    def _extend(self, parents: Sequence[Node | None], nodes: Sequence[Node], prefix_lengths: Sequence[int],
+                new_tokens: Sequence[list[int]], first_slot: int, what: str) -> None:
+        """Run `new_tokens[i]` after the first `prefix_lengths[i]` context tokens of `parents[i]`, batched (one
+        program, or one per tile with `group_tile`), and store node i's KV in the pool: slots first_slot.. of
+        its row are its tokens (all but its last); with first_slot = 1, slot 0 is the parent's last token and
+        completes the parent's KV (from the parent's first item in the call)."""
+        ps = self.config.page_size
+        starts = [0 if p is None else p.context_len for p in parents]
+        counts = [self.pages.pages_for(s, s + len(n.tokens)) for s, n in zip(starts, nodes)]
+        for p in parents:
+            if p is not None:
+                self._check_kv(p, p.context_len - 1)
+        self._reserve(sum(counts), what)
+        owns = [self.pages.alloc(c, what) for c in counts]
+        for n, p, own in zip(nodes, parents, owns):
+            self._new_table(n, p, own)
+        completer: dict[int, int] = {}
+        for i, p in enumerate(parents):
+            if p is not None and new_tokens[i] and p.kv_valid == len(p.tokens) - 1:
+                completer.setdefault(p.id, i)
+        pending: dict[int, list[int]] = {}
         keys = [(bucket(length, self.config.min_prefix_bucket), bucket(len(t), self.config.min_extend_bucket))
                 for length, t in zip(prefix_lengths, new_tokens)]
         costs = [a + b for a, b in keys]
         for todo, groups in self._tiles(keys, [i for i, t in enumerate(new_tokens) if t], costs):
-            prefix_kv, prefix_mask = self.prefix_batch([parents[i] for i in todo],
-                                                        [prefix_lengths[i] for i in todo], groups)
+            table, length, size = self.prefix_tables([parents[i] for i in todo], [prefix_lengths[i] for i in todo],
+                                                     groups)
             t_bucket = bucket(max(len(new_tokens[i]) for i in todo), self.config.min_extend_bucket)
             tokens = np.full((groups, t_bucket), self.pad_id, np.int32)
             mask = np.zeros((groups, t_bucket), bool)
+            plan = PlanBuilder(groups, t_bucket, self._pool.shape[2], ps)
+            plan.items = set(todo)
             for g, i in enumerate(todo):
                 tokens[g, :len(new_tokens[i])] = new_tokens[i]
                 mask[g, :len(new_tokens[i])] = True
-            suffix, _ = self._extend_jit(self._state, prefix_kv, prefix_mask, jnp.asarray(tokens),
-                                         jnp.asarray(mask), graphdef=self._graphdef, rows_per_group=1,
-                                         impl=self._impl, want_hidden=False)
-            for g, i in enumerate(todo):
-                out[i] = (suffix, g)
-        return out
+                self._plan_row(plan, g, parents[i], starts[i], owns[i], first_slot, len(nodes[i].tokens) - 1,
+                               completer, i, pending)
+            self._pool = self._extend_jit(self._state, self._pool, jnp.asarray(table), jnp.asarray(length),
+                                          jnp.asarray(tokens), jnp.asarray(mask), plan.build(),
+                                          graphdef=self._graphdef, prefix_size=size, impl=self._impl)
+            for i in todo:
+                p = parents[i]
+                if p is not None and completer.get(p.id) == i:
+                    p.kv_valid = len(p.tokens)
+        for n in nodes:
+            n.kv_valid = len(n.tokens) - 1
 
     def root_path(self, prompt_id: str | None, tokens: Sequence[int]) -> tuple:
         """The key path of a new root: a digest of (prompt id, tokens, how often this engine saw both)."""
@@ -444,10 +530,8 @@ class TreeEngine:
             roots.append(self.tree.add("prompt", toks, None, text=text,
                                        metadata=dict(metadata[i]) if metadata else {},
                                        key_path=self.root_path(ids[i] if ids is not None else None, toks)))
-        done = self._extend([None] * len(roots), [0] * len(roots), [r.tokens[:-1] for r in roots])
-        for r, (buf, row) in zip(roots, done):
-            if row >= 0:
-                r.kv, r.kv_valid = self._segment(buf, row, 0, len(r.tokens) - 1)
+        self._extend([None] * len(roots), roots, [0] * len(roots), [r.tokens[:-1] for r in roots], 0,
+                     "add_prompts")
         return roots
 
     def append(self, parents: Sequence[Node], texts: Sequence[str | Sequence[int]],
@@ -466,10 +550,7 @@ class TreeEngine:
                 key_path=parent.key_path + ((self._branch(parent), 0),)))
         # feed [parent's last token] + fixed[:-1] after the parent's context minus its last token
         items = [[p.tokens[-1]] + n.tokens[:-1] for p, n in zip(parents, nodes)]
-        done = self._extend(parents, [p.context_len - 1 for p in parents], items)
-        for p, n, (buf, row) in zip(parents, nodes, done):
-            self._complete(p, buf, row, 0)
-            n.kv, n.kv_valid = self._segment(buf, row, 1, len(n.tokens) - 1)
+        self._extend(parents, nodes, [p.context_len - 1 for p in parents], items, 1, "append")
         return nodes
 
     def expand(self, parents: Sequence[Node], n: int, sampling: SamplingParams = SamplingParams(), *,
@@ -486,13 +567,14 @@ class TreeEngine:
         stop_spec = Stop.parse(stop, self.eos_ids)
         for p in parents:
             self.check_context(p.context_len + max_new_tokens, f"expand: node #{p.id}")
+            self._check_kv(p, p.context_len - 1)
         kid_paths = []
         for p in parents:
             e = self._branch(p)
             kid_paths.append([p.key_path + ((e, c),) for c in range(n)])
         keys = [bucket(p.context_len - 1, self.config.min_prefix_bucket) for p in parents]
         result: list[list[Node]] = [[] for _ in parents]
-        stats = {"groups": 0, "rows": 0, "prefix_kv_bytes": 0, "suffix_kv_bytes": 0, "programs": 0}
+        stats: dict[str, int] = {"groups": 0, "rows": 0, "prefix_kv_bytes": 0, "suffix_kv_bytes": 0, "programs": 0}
         buf = bucket(max_new_tokens, self.config.min_new_tokens_bucket)
         rows = bucket(n, self.config.min_rows_bucket) if self.config.min_rows_bucket > 0 else n
         costs = [k + rows * buf if self.config.share_prefix else n * (k + buf) for k in keys]
@@ -501,6 +583,7 @@ class TreeEngine:
                                      max_new_tokens, stop_spec, stats)
             for i, ks in zip(todo, kids):
                 result[i] = ks
+        stats.update({f"kv_{k}": v for k, v in self.kv_stats().items()})
         self.last_decode_stats = stats
         return result
 
@@ -517,8 +600,20 @@ class TreeEngine:
         buf = bucket(max_new_tokens, self.config.min_new_tokens_bucket)
         group_parents = list(parents) if share else [p for p in parents for _ in range(n)]
         lengths = [p.context_len - 1 for p in group_parents]
-        prefix_kv, prefix_mask = self.prefix_batch(group_parents, lengths, groups)
+        table, prefix_len, prefix_size = self.prefix_tables(group_parents, lengths, groups)
         r = groups * rows_per_group
+        # every child gets pages for max_new_tokens before the program (what it does not use is freed after)
+        starts = [p.context_len for p in parents]
+        counts = [self.pages.pages_for(st, st + max_new_tokens) for st in starts]
+        what = f"expand ({len(parents)} parents x {n} children, max_new_tokens={max_new_tokens})"
+        self._reserve(n * sum(counts), what)
+        owns = [[self.pages.alloc(c, what) for _ in range(n)] for c in counts]
+        plan = PlanBuilder(r, buf, self._pool.shape[2], self.config.page_size)
+        plan.items = set(range(len(parents)))
+        completer: dict[int, int] = {}
+        for pi, p in enumerate(parents):
+            if p.kv_valid == len(p.tokens) - 1:
+                completer.setdefault(p.id, pi)
         first = np.full((r,), self.pad_id, np.int32)
         active = np.zeros((r,), bool)
         words = np.zeros((r, 4), np.uint32)
@@ -528,27 +623,33 @@ class TreeEngine:
                 first[row] = p.tokens[-1]
                 active[row] = True
                 words[row] = path_words(kid_paths[pi][c])
+                self._plan_row(plan, row, p, starts[pi], owns[pi][c], 1, max_new_tokens, completer,
+                               pi if c == 0 else -1, {})
         context_seen = None
         if sampling.repetition_penalty != 1.0:
             seen = np.zeros((groups, self.cfg.vocab_size), bool)
             for g, p in enumerate(group_parents):
                 seen[g, p.context_tokens()] = True
             context_seen = jnp.asarray(seen)
-        out_tok, out_lp, out_len, hit_eos, suffix = self._decode_jit(
-            self._state, prefix_kv, prefix_mask, jnp.asarray(first), path_keys(self._key, jnp.asarray(words)),
-            jnp.asarray(active), jnp.int32(max_new_tokens), context_seen, graphdef=self._graphdef,
-            rows_per_group=rows_per_group, buf=buf, params=sampling, eos_ids=stop_spec.eos_ids, pad_id=self.pad_id,
-            impl=self._impl)
+        out_tok, out_lp, out_len, hit_eos, self._pool = self._decode_jit(
+            self._state, self._pool, jnp.asarray(table), jnp.asarray(prefix_len), jnp.asarray(first),
+            path_keys(self._key, jnp.asarray(words)), jnp.asarray(active), jnp.int32(max_new_tokens), context_seen,
+            plan.build(), graphdef=self._graphdef, rows_per_group=rows_per_group, prefix_size=prefix_size, buf=buf,
+            params=sampling, eos_ids=stop_spec.eos_ids, pad_id=self.pad_id, impl=self._impl)
+        for pi, p in enumerate(parents):
+            if completer.get(p.id) == pi:
+                p.kv_valid = len(p.tokens)
+        c = self.cfg
+        slot_bytes = c.num_hidden_layers * 2 * c.num_key_value_heads * c.head_dim * jnp.dtype(self._dtype).itemsize
         stats["groups"] += groups
         stats["rows"] += r
         stats["programs"] += 1
-        stats["prefix_kv_bytes"] = max(stats["prefix_kv_bytes"], int(prefix_kv.nbytes))  # peak per program
-        stats["suffix_kv_bytes"] = max(stats["suffix_kv_bytes"], int(suffix.nbytes))
+        stats["prefix_kv_bytes"] = max(stats["prefix_kv_bytes"], groups * prefix_size * slot_bytes)  # per program
+        stats["suffix_kv_bytes"] = max(stats["suffix_kv_bytes"], r * buf * slot_bytes)
         toks, lps = np.asarray(out_tok), np.asarray(out_lp)
         lens, eos_hit = np.asarray(out_len), np.asarray(hit_eos)
         result = []
         for pi, p in enumerate(parents):
-            self._complete(p, suffix, pi * stride, 0)
             kids = []
             for c in range(n):
                 row = pi * stride + c
@@ -561,7 +662,11 @@ class TreeEngine:
                     tokens, text, reason = tokens[:cut[0]], cut[1], "stop"
                 node = self.tree.add("generated", tokens, p, text=text, logprobs=lps[row, :len(tokens)].tolist(),
                                      finish_reason=reason, key_path=kid_paths[pi][c])
-                node.kv, node.kv_valid = self._segment(suffix, row, 1, len(tokens) - 1)
+                own = owns[pi][c]
+                keep = self.pages.pages_for(starts[pi], starts[pi] + len(tokens))
+                self.pages.decref(own[keep:])
+                self._new_table(node, p, own[:keep])
+                node.kv_valid = max(len(tokens) - 1, 0)
                 kids.append(node)
             result.append(kids)
         return result
@@ -577,8 +682,3 @@ class TreeEngine:
             if len(self.decode(tokens[:k])) >= pos + len(s) and s in self.decode(tokens[:k]):
                 return k, text[:pos]
         return len(tokens), text[:pos]
-
-    def release(self, nodes: Sequence[Node]) -> None:
-        """Drop the stored KV of nodes that will not be built on (their text and tokens stay)."""
-        for n in nodes:
-            n.kv, n.kv_valid = None, 0

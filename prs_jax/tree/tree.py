@@ -25,10 +25,11 @@ class Node:
     reward: float | None = None
     metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
     children: list["Node"] = dataclasses.field(default_factory=list, repr=False)
-    # Device KV of this segment's tokens [L, 2, kv_heads, Sb, head_dim], padded to a bucketed length Sb; the
-    # first `kv_valid` slots are real: len(tokens) or one less (a segment's last token is computed when
-    # something is built on it). Managed by the engine.
-    kv: Any = dataclasses.field(default=None, repr=False)
+    # Block table of this node's context in the engine's KV pool: page ids covering context positions 0 ..
+    # context_len - 1, root first (the pages of its own tokens last; ancestors' pages shared, holding one
+    # reference each). The first `kv_valid` of its own tokens have KV: len(tokens) or one less (a segment's
+    # last token is computed when something is built on it). None: no KV (released). Managed by the engine.
+    block_table: tuple[int, ...] | None = dataclasses.field(default=None, repr=False)
     kv_valid: int = dataclasses.field(default=0, repr=False)
     # Position-stable identity for randomness: (root digest, (branch, child), ...) from the root. A root's digest
     # hashes its prompt id and tokens; each later element is (index of the child-making call on the parent,
@@ -43,7 +44,7 @@ class Node:
 
     @property
     def kv_len(self) -> int:
-        return 0 if self.kv is None else self.kv_valid
+        return 0 if self.block_table is None else self.kv_valid
 
     def path(self) -> list["Node"]:
         """Nodes from the root to this node."""
