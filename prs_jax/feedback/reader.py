@@ -2,7 +2,8 @@
 
 A query continues the context of a tree node (the first `keep` of its context tokens) with more tokens (the
 rest of the labeler prompt, ending included) and asks for the log-prob of each label right after them. The
-node's context KV is assembled once per (node, keep) and every row built on it (both candidate orders of a
+node's context KV is read from the engine's paged pool by block table inside the program, once per
+(node, keep), and every row built on it (both candidate orders of a
 pair, all responses of one context, multi-token label continuations) runs as a suffix row against it with
 cascade attention, as `TreeEngine.expand` does. Only the few positions and tokens needed leave the device.
 """
@@ -22,6 +23,7 @@ from flax import nnx
 from prs_jax.data.pairs import Encoder
 from prs_jax.feedback.probs import label_log_probs, plan_rows, split_labels
 from prs_jax.kernels.cascade import use_pallas_default
+from prs_jax.kernels.paged import gather_pages
 from prs_jax.models.layers import CascadeCache
 from prs_jax.tree.engine import TreeEngine, bucket, counting
 from prs_jax.tree.scoring import chunk_groups, rows_per_group
@@ -53,11 +55,12 @@ class ReaderConfig:
     activation_budget_bytes: int = 2 << 30
 
 
-def _label_fn(state, prefix_kv, prefix_mask, tokens, mask, positions, vocab_ids, *, graphdef, rows_per_group,
-              impl):
-    """log_softmax at `positions` [R, Q] of rows `tokens` [R, T] run after their group's prefix, restricted to
-    `vocab_ids` [U]: [R, Q, U] float32."""
+def _label_fn(state, pool, table, prefix_len, tokens, mask, positions, vocab_ids, *, graphdef, rows_per_group,
+              prefix_size, impl):
+    """log_softmax at `positions` [R, Q] of rows `tokens` [R, T] run after their group's prefix (read from the
+    engine's KV pool by block table), restricted to `vocab_ids` [U]: [R, Q, U] float32."""
     model = nnx.merge(graphdef, state)
+    prefix_kv, prefix_mask = gather_pages(pool, table, prefix_len, prefix_size)
     n_layers = prefix_kv.shape[0]
     pk = tuple(prefix_kv[i, 0] for i in range(n_layers))
     pv = tuple(prefix_kv[i, 1] for i in range(n_layers))
@@ -69,7 +72,7 @@ def _label_fn(state, prefix_kv, prefix_mask, tokens, mask, positions, vocab_ids,
     return jnp.take(logp, vocab_ids, axis=-1)
 
 
-LABEL_LOGPROBS = jax.jit(_label_fn, static_argnames=("graphdef", "rows_per_group", "impl"))
+LABEL_LOGPROBS = jax.jit(_label_fn, static_argnames=("graphdef", "rows_per_group", "prefix_size", "impl"))
 
 
 class LabelReader:
@@ -116,10 +119,11 @@ class LabelReader:
     def _run_chunk(self, chunk, n: int, queries: Sequence[LabelQuery], table, t: int | None = None) -> None:
         engine = self.engine
         g = bucket(len(chunk), engine.config.min_groups_bucket)
-        prefix_kv, prefix_mask = engine.prefix_batch([p for p, _, _ in chunk], [k - 1 for _, k, _ in chunk], g)
+        table, prefix_len, prefix_size = engine.prefix_tables([p for p, _, _ in chunk], [k - 1 for _, k, _ in chunk],
+                                                              g)
         rows = [r for _, _, rs in chunk for r in rs]
         t = t or bucket(max(len(r[2]) for r in rows), self.config.min_row_bucket)
-        self.last_chunks.append((g, n, prefix_mask.shape[1], t))
+        self.last_chunks.append((g, n, prefix_size, t))
         qn = bucket(max(len(r[1]) for r in rows) + 1)
         vocab = sorted({tok for q in queries for lab in q.labels for tok in lab})
         u = bucket(len(vocab), 8)
@@ -136,9 +140,10 @@ class LabelReader:
                 first = len(toks) - len(ext) - 1  # the row position whose logits give the first label token
                 positions[row] = np.minimum(first + np.arange(qn), t - 1)
                 where.append((row, qi, ext))
-        out = np.asarray(self._run(self._state, prefix_kv, prefix_mask, jnp.asarray(tokens), jnp.asarray(mask),
-                                   jnp.asarray(positions), jnp.asarray(np.pad(vocab, (0, u - len(vocab)))),
-                                   graphdef=self._graphdef, rows_per_group=n, impl=self._impl))
+        out = np.asarray(self._run(self._state, engine.kv_pool(), jnp.asarray(table), jnp.asarray(prefix_len),
+                                   jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(positions),
+                                   jnp.asarray(np.pad(vocab, (0, u - len(vocab)))), graphdef=self._graphdef,
+                                   rows_per_group=n, prefix_size=prefix_size, impl=self._impl))
         for row, qi, ext in where:
             for j in range(len(ext) + 1):
                 table[qi][ext[:j]] = {tok: float(out[row, j, c]) for tok, c in col.items()}

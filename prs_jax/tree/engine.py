@@ -1,8 +1,13 @@
 """The tree-expansion engine: batched, jit-compiled prefill and decode over a tree with shared prefixes.
 
-Every node stores the KV of its own tokens once. To build on a node X (append fixed text, or expand children)
-the engine assembles X's context KV from the segments on its root-to-X path, once per X, and runs all new
-rows against it with cascade attention: siblings share the prefix, each row has its own suffix.
+KV lives in one pool of fixed-size pages for all layers ([L, 2, pages, page_size, kv_heads, head_dim],
+`tree.pages` keeps the free list and reference counts). A node owns the pages of its own tokens and its block
+table references its ancestors' pages; a child whose first position falls inside its parent's last page gets a
+copy of that page (copy on write). To build on a node X (append fixed text, or expand children) a program gets
+X's block table, reads X's context from the pool inside the program (one gather) and runs all new rows
+against it with cascade attention: siblings share the prefix, each row has its own suffix. The same program
+writes the new tokens' KV into the pool (donated): nothing is copied per row or per segment from Python.
+`release` drops a node's references; pages nothing references return to the pool.
 
 Invariant: a segment's KV covers all its tokens or all but the last. The context's last token is always fed
 again as the first suffix token of what is built on it (that gives the logits the first child token is drawn
@@ -236,7 +241,7 @@ DECODE = jax.jit(_decode_fn, static_argnames=("graphdef", "rows_per_group", "pre
                                               "pad_id", "impl", "rules"), donate_argnums=(1,))
 GATHER = jax.jit(_gather_fn, static_argnames=("size", "rules"))
 NEW_POOL = jax.jit(_new_pool_fn, static_argnames=("shape", "dtype", "rules"))
-GROW_POOL = jax.jit(_grow_pool_fn, static_argnames=("extra", "rules"), donate_argnums=(0,))
+GROW_POOL = jax.jit(_grow_pool_fn, static_argnames=("extra", "rules"))  # a new, larger buffer
 POOL_AXES = (None, None, None, None, "kv_heads", None)  # pool [L, 2, N, ps, K, D]: heads on tensor
 
 
@@ -317,6 +322,11 @@ class TreeEngine:
         elif size > self._pool.shape[2]:
             self._pool = self._in_mesh(GROW_POOL, self._pool, extra=size - self._pool.shape[2])
         self.pages.grow(size)
+
+    def kv_pool(self) -> jax.Array:
+        """The device KV pool [L, 2, pages, page_size, kv_heads, head_dim] (read it with `prefix_tables`)."""
+        self._reserve(0, "kv_pool")
+        return self._pool
 
     def kv_stats(self) -> dict[str, int]:
         """KV pool accounting: page size and bytes, pages (and bytes) in use, free, peak, allocated, maximum."""
@@ -520,12 +530,15 @@ class TreeEngine:
         same prompt text may appear under different ids (e.g. `PromptItem.id`)."""
         if ids is not None and len(ids) != len(prompts):
             raise ValueError(f"add_prompts: {len(prompts)} prompts but {len(ids)} ids.")
-        roots = []
+        roots, encoded = [], []
         for i, p in enumerate(prompts):
             toks = self.encode(p)
             if not toks:
                 raise ValueError(f"add_prompts: prompt {i} is empty (no tokens); every prompt needs text.")
             self.check_context(len(toks) + 1, f"add_prompts: prompt {i}")
+            encoded.append(toks)
+        self.pages.need(sum(self.pages.pages_for(0, len(t)) for t in encoded), "add_prompts")  # before any node
+        for i, (p, toks) in enumerate(zip(prompts, encoded)):
             text = p if isinstance(p, str) else (self.tokenizer.decode(toks) if self.tokenizer else "")
             roots.append(self.tree.add("prompt", toks, None, text=text,
                                        metadata=dict(metadata[i]) if metadata else {},
@@ -539,12 +552,17 @@ class TreeEngine:
         """Append a fixed-text node to each parent, prefilled on top of the parent's context (not recomputed)."""
         if len(parents) != len(texts):
             raise ValueError(f"append: {len(parents)} parents but {len(texts)} texts.")
-        nodes = []
+        nodes, encoded = [], []
         for i, (parent, text) in enumerate(zip(parents, texts)):
             toks = self.encode(text, special_tokens=False)
             if not toks:
                 raise ValueError(f"append: text {i} is empty.")
             self.check_context(parent.context_len + len(toks) + 1, f"append: node {i}")
+            self._check_kv(parent, parent.context_len - 1)
+            encoded.append(toks)
+        self.pages.need(sum(self.pages.pages_for(p.context_len, p.context_len + len(t))
+                            for p, t in zip(parents, encoded)), "append")  # before any node is added
+        for i, (parent, text, toks) in enumerate(zip(parents, texts, encoded)):
             nodes.append(self.tree.add("fixed", toks, parent, text=text if isinstance(text, str) else self.decode(
                 toks), metadata=dict(metadata[i]) if metadata else {},
                 key_path=parent.key_path + ((self._branch(parent), 0),)))

@@ -114,10 +114,11 @@ class PageAllocator:
         if not len(ids):
             return
         arr = np.asarray(ids, np.int64)
-        if np.any(self.refcount[arr] <= 0):
-            bad = sorted(set(arr[self.refcount[arr] <= 0].tolist()))
+        drop = np.bincount(arr, minlength=self.allocated)
+        if np.any(drop > self.refcount):
+            bad = np.flatnonzero(drop > self.refcount).tolist()
             raise RuntimeError(f"page allocator: releasing unreferenced pages {bad} (engine bug).")
-        np.add.at(self.refcount, arr, -1)
+        self.refcount -= drop
         for p in sorted(set(arr[self.refcount[arr] == 0].tolist()), reverse=True):
             self._free.append(p)
 
