@@ -586,17 +586,23 @@ class TreeEngine:
         for p in parents:
             self.check_context(p.context_len + max_new_tokens, f"expand: node #{p.id}")
             self._check_kv(p, p.context_len - 1)
+        keys = [bucket(p.context_len - 1, self.config.min_prefix_bucket) for p in parents]
+        buf = bucket(max_new_tokens, self.config.min_new_tokens_bucket)
+        rows = bucket(n, self.config.min_rows_bucket) if self.config.min_rows_bucket > 0 else n
+        costs = [k + rows * buf if self.config.share_prefix else n * (k + buf) for k in keys]
+        tiles = self._tiles(keys, range(len(parents)), costs)
+        # before any branch is counted: the largest program must fit (what each program does not keep is freed
+        # before the next, so a call of several programs can still run out later)
+        self.pages.need(max(n * sum(self.pages.pages_for(parents[i].context_len, parents[i].context_len
+                                                         + max_new_tokens) for i in todo) for todo, _ in tiles),
+                        f"expand ({len(parents)} parents x {n} children, max_new_tokens={max_new_tokens})")
         kid_paths = []
         for p in parents:
             e = self._branch(p)
             kid_paths.append([p.key_path + ((e, c),) for c in range(n)])
-        keys = [bucket(p.context_len - 1, self.config.min_prefix_bucket) for p in parents]
         result: list[list[Node]] = [[] for _ in parents]
         stats: dict[str, int] = {"groups": 0, "rows": 0, "prefix_kv_bytes": 0, "suffix_kv_bytes": 0, "programs": 0}
-        buf = bucket(max_new_tokens, self.config.min_new_tokens_bucket)
-        rows = bucket(n, self.config.min_rows_bucket) if self.config.min_rows_bucket > 0 else n
-        costs = [k + rows * buf if self.config.share_prefix else n * (k + buf) for k in keys]
-        for todo, groups in self._tiles(keys, range(len(parents)), costs):
+        for todo, groups in tiles:
             kids = self._expand_tile([parents[i] for i in todo], [kid_paths[i] for i in todo], n, groups, sampling,
                                      max_new_tokens, stop_spec, stats)
             for i, ks in zip(todo, kids):

@@ -66,7 +66,7 @@ ENGINE_SCRIPT = textwrap.dedent(r"""
     path = sys.argv[1]
     calls = {}
 
-    class Spy:  # records what the engine's decode program returns and its lowered text (inside the engine's scope)
+    class Spy:  # records the KV pool the engine's decode program returns and its lowered text (in the engine's scope)
         def __init__(self, fn):
             self.fn = fn
 
@@ -75,7 +75,7 @@ ENGINE_SCRIPT = textwrap.dedent(r"""
 
         def __call__(self, *args, **kwargs):
             out = self.fn(*args, **kwargs)
-            calls["suffix"] = out[-1]
+            calls["pool"] = out[-1]
             calls["text"] = self.fn.lower(*args, **kwargs).as_text()
             return out
 
@@ -93,12 +93,11 @@ ENGINE_SCRIPT = textwrap.dedent(r"""
                               mesh_context=ctx if rules else None)  # default: found on the parameters
         roots = engine.add_prompts([[5, 6, 7, 8, 9], [10, 11, 12]])
         kids = engine.expand(roots, 2, SamplingParams(temperature=1.0), max_new_tokens=6)
-        suffix = calls["suffix"]  # [L, 2, rows, kv_heads, T, head_dim]
+        pool = calls["pool"]  # [L, 2, pages, page_size, kv_heads, head_dim]
         kv_constraints = re.findall(r"sdy\.sharding_constraint %\S+ <@mesh, (\[.*?\])> : tensor<4x4x\d+x\d+xf32>",
                                     calls["text"])
-        report[name] = dict(suffix=spec(suffix), shape=list(suffix.shape), constraints=sorted(set(kv_constraints)),
-                            n_kids=[len(k) for k in kids], segment=spec(kids[0][0].kv) if kids[0][0].kv is not None
-                            else None)
+        report[name] = dict(pool=spec(pool), shape=list(pool.shape), constraints=sorted(set(kv_constraints)),
+                            n_kids=[len(k) for k in kids], engine_pool=spec(engine.kv_pool()))
     print(json.dumps(report))
 """)
 
@@ -115,14 +114,13 @@ def test_engine_kv_sharded_on_kv_heads(make_checkpoint):
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     default, replicated = report["default"], report["kv_replicated"]
     assert default["n_kids"] == [2, 2]
-    # tensor parallelism: the decode program's KV is constrained and returned with rows on the batch axes
-    # (data) and kv heads on tensor
-    assert default["shape"][2:4] == [4, 4]
-    assert default["suffix"][2:4] == ["data", "tensor"], default
+    # tensor parallelism: the decode program's rows' KV is constrained with rows on the batch axes (data) and
+    # kv heads on tensor; the KV pool it returns keeps kv heads on tensor
+    assert default["shape"][4] == 4
+    assert default["pool"][4] == "tensor" and default["engine_pool"][4] == "tensor", default
     assert default["constraints"] and all(c.startswith('[{"data"') and c.endswith('}, {"tensor"}, {}, {}]')
                                           for c in default["constraints"]), default
-    assert default["segment"][2] == "tensor", default  # node segments [L, 2, kv_heads, T, D] keep it
     # the configured rules decide: kv_heads -> [] keeps the heads whole
-    assert replicated["suffix"][2:4] == ["data", None], replicated
+    assert replicated["pool"][4] is None, replicated
     assert replicated["constraints"] and all(c.startswith('[{"data"') and c.endswith('}, {}, {}, {}]')
                                              for c in replicated["constraints"]), replicated

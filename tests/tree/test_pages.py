@@ -105,6 +105,7 @@ def test_pool_exhaustion_names_the_key_and_changes_nothing(model_tok):
     assert eng.kv_stats()["pages_allocated"] == 2
     with pytest.raises(PoolExhausted, match=r"expand .*: the KV pool is exhausted: 8 pages .* 2 free of 4"):
         eng.expand([root], 2, max_new_tokens=12)
+    assert root.branches == 0  # checked before any randomness was spent: a retry samples the same tree
     kids = eng.expand([root], 2, SamplingParams(greedy=True), max_new_tokens=2)[0]  # fits: 1 page each
     assert eng.kv_stats()["pages_used"] == 4 and all(len(k.tokens) == 2 for k in kids)
 
@@ -123,3 +124,32 @@ def test_trees_do_not_depend_on_page_size_or_pool_growth(model_tok):
     base = run()
     assert run(page_size=3, initial_pool_pages=1) == base  # bitwise: tokens and log-probs
     assert run(page_size=64) == base
+
+
+def test_nan_in_every_free_page_never_reaches_a_tree(model_tok):
+    """Pages and slots no block table covers are NaN: every read is in bounds and masked, so trees are bitwise
+    the same as over a zero-filled pool."""
+    import jax.numpy as jnp
+
+    model, tok = model_tok
+
+    def run(poison):
+        eng = TreeEngine(model, tok, seed=6, config=EngineConfig(page_size=4))
+        roots = eng.add_prompts(["one two three four five", [5, 9, 13, 17, 21, 25, 29]])
+
+        def nan_free():
+            if poison:
+                free = np.flatnonzero(eng.pages.refcount == 0)
+                eng._pool = eng.kv_pool().at[:, :, jnp.asarray(free)].set(jnp.nan)
+
+        nan_free()
+        kids = eng.expand(roots, 2, SamplingParams(temperature=1.0), max_new_tokens=7)
+        nan_free()
+        asks = eng.append([kids[0][1], kids[1][0]], [" ok then", " and"])
+        nan_free()
+        eng.expand(asks + [kids[1][1]], 2, SamplingParams(temperature=0.8), max_new_tokens=6)
+        return [(n.tokens, np.asarray(n.logprobs or [], np.float32).tobytes()) for n in eng.tree]
+
+    poisoned = run(True)
+    assert all(np.isfinite(np.frombuffer(lp, np.float32)).all() for _, lp in poisoned)
+    assert poisoned == run(False)
