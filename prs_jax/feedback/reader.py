@@ -119,7 +119,7 @@ class LabelReader:
     def _run_chunk(self, chunk, n: int, queries: Sequence[LabelQuery], table, t: int | None = None) -> None:
         engine = self.engine
         g = bucket(len(chunk), engine.config.min_groups_bucket)
-        table, prefix_len, prefix_size = engine.prefix_tables([p for p, _, _ in chunk], [k - 1 for _, k, _ in chunk],
+        blocks, prefix_len, prefix_size = engine.prefix_tables([p for p, _, _ in chunk], [k - 1 for _, k, _ in chunk],
                                                               g)
         rows = [r for _, _, rs in chunk for r in rs]
         t = t or bucket(max(len(r[2]) for r in rows), self.config.min_row_bucket)
@@ -140,7 +140,7 @@ class LabelReader:
                 first = len(toks) - len(ext) - 1  # the row position whose logits give the first label token
                 positions[row] = np.minimum(first + np.arange(qn), t - 1)
                 where.append((row, qi, ext))
-        out = np.asarray(self._run(self._state, engine.kv_pool(), jnp.asarray(table), jnp.asarray(prefix_len),
+        out = np.asarray(self._run(self._state, engine.kv_pool(), jnp.asarray(blocks), jnp.asarray(prefix_len),
                                    jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(positions),
                                    jnp.asarray(np.pad(vocab, (0, u - len(vocab)))), graphdef=self._graphdef,
                                    rows_per_group=n, prefix_size=prefix_size, impl=self._impl))

@@ -27,7 +27,6 @@ the number of processes and resuming a run never change a tree.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 from typing import Any, Literal, Sequence
 
@@ -37,8 +36,8 @@ import numpy as np
 from flax import nnx
 
 from prs_jax.kernels.cascade import use_pallas_default
-from prs_jax.models.layers import CascadeCache
 from prs_jax.kernels.paged import gather_pages
+from prs_jax.models.layers import CascadeCache
 from prs_jax.models.sharding import MeshContext, constrain, mesh_context_of, use_rules
 from prs_jax.models.tokenizer import encode_chat
 from prs_jax.models.transformer import CausalLM
@@ -300,7 +299,8 @@ class TreeEngine:
         self._gather_jit = counting(GATHER, self)
         c = self.cfg
         ps = config.page_size
-        page_bytes = c.num_hidden_layers * 2 * ps * c.num_key_value_heads * c.head_dim * jnp.dtype(self._dtype).itemsize
+        itemsize = jnp.dtype(self._dtype).itemsize
+        page_bytes = c.num_hidden_layers * 2 * ps * c.num_key_value_heads * c.head_dim * itemsize
         self.pages = PageAllocator(config.pool_pages, config.initial_pool_pages, ps, page_bytes)
         self._pool: jax.Array | None = None  # [L, 2, N, page_size, K, D], created at the first call
 
