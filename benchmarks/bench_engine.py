@@ -118,6 +118,7 @@ def main() -> None:
     def engine_b1():
         roots = engine.add_prompts(prompts)
         engine.expand(roots, 1, params, max_new_tokens=new, stop=NO_EOS)
+        engine.release(list(engine.tree))  # each repeat starts from an empty KV pool (same programs)
 
     b1 = {}
     for name, fn in (("hf_generate", hf_b1), ("prs_jax_flat", flat_b1), ("prs_jax_engine", engine_b1)):
@@ -148,6 +149,7 @@ def main() -> None:
             root = eng.add_prompts([long_prompt])[0]
             eng.expand([root], kids, params, max_new_tokens=new, stop=NO_EOS)
             stats[name] = dict(eng.last_decode_stats)
+            eng.release(list(eng.tree))  # each repeat starts from an empty KV pool (same programs)
         return fn
 
     b2 = {}
