@@ -4,7 +4,7 @@
 
 Same random tiny Llama for every contender: hidden 256, 4 layers, 4 heads, vocab 32000, float32.
 B1 plain batch sampling (16 x (64 prompt + 64 new)); B2 shared prefix (one 1024-token prompt, 32 children x 64
-new); B3 prefill throughput (16 x 256 = 4096 tokens per call) as MFU against the f32 matmul peak measured in
+new; B2d a depth-4 tree timed per level, KV pool peak); B3 prefill throughput (16 x 256 = 4096 tokens per call) as MFU against the f32 matmul peak measured in
 this run, and against torch's forward. Medians of repeats, contenders alternated; compile time reported apart.
 """
 
@@ -167,6 +167,34 @@ def main() -> None:
     b2["goals"] = ">= 10x HF, >= 2x copied, KV <= 1/8 of copied"
     results["B2_shared_prefix"] = b2
     print("B2", json.dumps(b2, indent=1))
+
+    # ---------------- B2d: a depth-4 tree, time per level (8 parents x 4 children per level, the next level's
+    # parents are the first children). With the default buckets the prefix crosses a power of two between
+    # levels; with one bucket for every level the ratio shows the cost of depth alone.
+    g, n, t_new, root_len = 8, 4, (16 if args.quick else 32), (64 if args.quick else 128)
+    roots_tok = [list(rng.integers(10, cfg.vocab_size, size=root_len)) for _ in range(g)]
+    b2d = {"parents": g, "children": n, "new_tokens": t_new, "root_tokens": root_len,
+           "goal": "every level within 1.2x of the first"}
+    for label, floor in (("default_buckets", EngineConfig().min_prefix_bucket),
+                         ("one_prefix_bucket", 1 << (root_len + 3 * t_new - 1).bit_length())):
+        eng = TreeEngine(model, None, seed=0, config=EngineConfig(min_prefix_bucket=floor))
+
+        def tree():
+            parents, per = eng.add_prompts(roots_tok), []
+            for _ in range(4):
+                t0 = time.perf_counter()
+                kids = eng.expand(parents, n, params, max_new_tokens=t_new, stop=NO_EOS)
+                per.append(time.perf_counter() - t0)
+                parents = [k[0] for k in kids]
+            eng.release(list(eng.tree))
+            return per
+
+        tree()  # compile
+        med = np.median(np.asarray([tree() for _ in range(reps)]), axis=0)
+        b2d[label] = {"min_prefix_bucket": floor, "level_s": med.tolist(),
+                      "level_over_first": (med / med[0]).tolist(), "kv_peak_bytes": eng.kv_stats()["bytes_peak"]}
+    results["B2d_depth4_levels"] = b2d
+    print("B2d", json.dumps(b2d, indent=1))
 
     # ---------------- B3: prefill throughput
     pb, pt = 16, 256
