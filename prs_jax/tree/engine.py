@@ -76,8 +76,8 @@ class EngineConfig:
     page_size: int = 16  # tokens per page of the KV pool
     pool_pages: int = 16384  # most pages the KV pool may hold (all layers; bytes: pages x page_size x layers
     # x 2 x kv_heads x head_dim x dtype size); needing more raises an error that names this key
-    initial_pool_pages: int = 256  # the pool starts this big and doubles as needed up to pool_pages (each
-    # size compiles its own programs)
+    initial_pool_pages: int = 1024  # the pool starts this big and grows 4x at a time as needed up to
+    # pool_pages; each size compiles its own programs (set it to pool_pages for one fixed pool, no growth)
 
     def __post_init__(self) -> None:
         for name in ("min_prefix_bucket", "min_new_tokens_bucket", "min_groups_bucket", "min_extend_bucket",

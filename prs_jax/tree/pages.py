@@ -1,13 +1,16 @@
-"""The page allocator of the tree engine's KV pool: free list, reference counts, memory accounting.
+"""The tree engine's KV pages: the allocator (free list, reference counts, memory accounting) and the write
+plan a program applies to the pool.
 
-Host-side bookkeeping only (the device pool lives in the engine and is written inside its programs). A node's
+The allocator is host-side bookkeeping (the device pool lives in the engine and is written inside its
+programs, as a `WritePlan` built by `PlanBuilder` says). A node's
 block table lists the pages of its whole context, root first; it holds one reference to each of them. A node
 owns the pages of its own tokens (fresh pages, the first one a copy of its parent's partial last page when its
 first position is not page-aligned) and shares its ancestors' pages. `release` drops a table's references; a
 page returns to the free list when its count reaches zero.
 
-The pool grows by doubling from `initial_pages` up to `max_pages` (each size is one more set of compiled
-programs); needing more than `max_pages` raises `PoolExhausted`, which names the config key to raise.
+The pool grows by a factor of `GROWTH` from `initial_pages` up to `max_pages` (each size is one more set of
+compiled programs, so few, large steps); needing more than `max_pages` raises `PoolExhausted`, which names the
+config key to raise.
 """
 
 from __future__ import annotations
@@ -20,6 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from prs_jax.kernels.paged import copy_pages, write_slots
+
+
+GROWTH = 4  # pool size factor per growth step
 
 
 class PoolExhausted(RuntimeError):
@@ -35,7 +41,7 @@ class PageStats:
     pages_used: int
     pages_free: int
     pages_peak: int
-    pages_allocated: int  # device pool size now (grows by doubling)
+    pages_allocated: int  # device pool size now (grows in steps of GROWTH x)
     pages_max: int  # EngineConfig.pool_pages
 
     def as_dict(self) -> dict[str, int]:
@@ -83,7 +89,7 @@ class PageAllocator:
                 f"nodes that will not be built on (TreeEngine.release).")
         size = self.allocated
         while len(self._free) + size - self.allocated < pages:
-            size = min(2 * size, self.max_pages)
+            size = min(GROWTH * size, self.max_pages)
         return size
 
     def grow(self, size: int) -> None:
