@@ -153,3 +153,22 @@ def test_nan_in_every_free_page_never_reaches_a_tree(model_tok):
     poisoned = run(True)
     assert all(np.isfinite(np.frombuffer(lp, np.float32)).all() for _, lp in poisoned)
     assert poisoned == run(False)
+
+
+def test_completion_reaches_a_copy_made_by_an_earlier_program(model_tok):
+    """Two appends to one incomplete parent in separate programs, the copying one first: the parent's last
+    token, computed by the later program, lands in the parent's page and in the earlier copy."""
+    from prs_jax.tree.engine import Stop
+
+    model, tok = model_tok
+    eng = TreeEngine(model, tok, seed=0, config=EngineConfig(page_size=4, group_tile=1))
+    (root,) = eng.add_prompts([[5, 6, 7, 8, 9, 10]])
+    (kid,) = eng.expand([root], 1, SamplingParams(greedy=True), max_new_tokens=3, stop=Stop(eos_ids=()))[0]
+    assert kid.context_len == 9 and kid.kv_valid == 2  # position 8 (page 2, slot 0) not computed yet
+    long, short = eng.append([kid, kid], [list(range(20, 40)), [41]])  # the short item's program runs first
+    pool = _pool(eng)
+    own = kid.block_table[2]
+    assert kid.kv_valid == 3 and np.any(pool[:, :, own, 0] != 0)
+    for node in (long, short):
+        assert node.block_table[:2] == kid.block_table[:2] and node.block_table[2] != own
+        np.testing.assert_array_equal(pool[:, :, node.block_table[2], 0], pool[:, :, own, 0])
