@@ -196,9 +196,9 @@ class PlanBuilder:
         self.wr_off[row, first_slot:first_slot + count] = pos % self.ps
 
     def build(self) -> WritePlan:
-        q = 2 * self.rows
-        if len(self.comps) > q:
-            raise RuntimeError(f"write plan: {len(self.comps)} completions for {self.rows} rows (engine bug).")
+        """The plan as device arrays (completions padded to a power of two >= 2 per row with "no write")."""
+        # one completion per row plus the copies earlier programs of the call made: rarely more than 2 per row
+        q = max(2 * self.rows, 1 << (len(self.comps) - 1).bit_length())
         comp = np.array(self.comps + [(self.n, 0, 0)] * (q - len(self.comps)), np.int32).reshape(q, 3)
         return WritePlan(comp_page=jnp.asarray(comp[:, 0]), comp_off=jnp.asarray(comp[:, 1]),
                          comp_row=jnp.asarray(comp[:, 2]), cow_src=jnp.asarray(self.cow_src),

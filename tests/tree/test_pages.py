@@ -165,10 +165,12 @@ def test_completion_reaches_a_copy_made_by_an_earlier_program(model_tok):
     (root,) = eng.add_prompts([[5, 6, 7, 8, 9, 10]])
     (kid,) = eng.expand([root], 1, SamplingParams(greedy=True), max_new_tokens=3, stop=Stop(eos_ids=()))[0]
     assert kid.context_len == 9 and kid.kv_valid == 2  # position 8 (page 2, slot 0) not computed yet
-    long, short = eng.append([kid, kid], [list(range(20, 40)), [41]])  # the short item's program runs first
+    # one program per item; the short items' programs run first (smaller bucket), so the long item's program
+    # writes the parent's last token into its page and three earlier copies (more than two per row)
+    long, *shorts = eng.append([kid] * 4, [list(range(20, 40)), [41], [42], [43]])
     pool = _pool(eng)
     own = kid.block_table[2]
     assert kid.kv_valid == 3 and np.any(pool[:, :, own, 0] != 0)
-    for node in (long, short):
+    for node in (long, *shorts):
         assert node.block_table[:2] == kid.block_table[:2] and node.block_table[2] != own
         np.testing.assert_array_equal(pool[:, :, node.block_table[2], 0], pool[:, :, own, 0])
