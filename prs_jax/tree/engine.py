@@ -400,6 +400,17 @@ class TreeEngine:
                 self.pages.decref(n.block_table)
             n.block_table, n.kv_valid = None, 0
 
+    def release_descendants(self, nodes: Sequence[Node]) -> None:
+        """Release every node below `nodes` (not the nodes themselves): for a caller that builds several
+        independent trees on the same parents (e.g. PRS at several budgets on one set of drafts)."""
+        stack = [c for n in nodes for c in n.children]
+        seen: list[Node] = []
+        while stack:
+            node = stack.pop()
+            seen.append(node)
+            stack.extend(node.children)
+        self.release(seen)
+
     def check_context(self, total: int, what: str) -> None:
         """Raise a clear error when `total` tokens of context would exceed the model's positions."""
         limit = self.cfg.max_position_embeddings

@@ -107,6 +107,8 @@ def paired_run(built: BuiltWorld, cfg: QuickstartConfig, items: list[PromptItem]
             out[method][n] = {"proxy": vals[:, 0], "oracle": vals[:, 1], "proxy_reward": vals[:, 2]}
         console.print(f"  {method}: {len(items)} prompts x {top} samples ({time.perf_counter() - t0:.1f} s)",
                       markup=False)
+        if method == "rand":  # nothing builds on Rand's samples: give their KV pages back
+            engine.release(roots + [k for ks in kids for k in ks])
     for n in cfg.budgets:
         t0 = time.perf_counter()
         if n < 2:
@@ -118,6 +120,7 @@ def paired_run(built: BuiltWorld, cfg: QuickstartConfig, items: list[PromptItem]
         results = strategy.run(items, engine, proxy, first_layer=[ks[:first] for ks in streams["prand"]])
         vals = np.array([pick(r.item, r.candidates) for r in results])
         out["prs"][n] = {"proxy": vals[:, 0], "oracle": vals[:, 1], "proxy_reward": vals[:, 2]}
+        engine.release_descendants([k for ks in streams["prand"] for k in ks])  # the next N builds afresh
         console.print(f"  prs N={n}: widths {prs_widths(n)} ({time.perf_counter() - t0:.1f} s)", markup=False)
     return out
 

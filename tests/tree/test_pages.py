@@ -174,3 +174,19 @@ def test_completion_reaches_a_copy_made_by_an_earlier_program(model_tok):
     for node in (long, *shorts):
         assert node.block_table[:2] == kid.block_table[:2] and node.block_table[2] != own
         np.testing.assert_array_equal(pool[:, :, node.block_table[2], 0], pool[:, :, own, 0])
+
+
+def test_release_descendants_keeps_the_parents_and_gives_back_the_rest(model_tok):
+    model, tok = model_tok
+    eng = TreeEngine(model, tok, seed=0, config=EngineConfig(page_size=4))
+    roots = eng.add_prompts([list(range(5, 12)), list(range(20, 29))])
+    drafts = eng.expand(roots, 2, SamplingParams(temperature=1.0), max_new_tokens=5)
+    flat = [d for ds in drafts for d in ds]
+    base = eng.kv_stats()["pages_used"]
+    first = eng.expand(flat, 2, SamplingParams(temperature=1.0), max_new_tokens=6)
+    eng.expand([first[0][0]], 2, SamplingParams(temperature=1.0), max_new_tokens=3)
+    eng.release_descendants(flat)
+    assert eng.kv_stats()["pages_used"] == base
+    assert all(d.block_table is not None for d in flat) and all(k.block_table is None for ks in first for k in ks)
+    second = eng.expand(flat, 2, SamplingParams(temperature=1.0), max_new_tokens=6)  # the parents still build
+    assert len(second) == len(flat) and eng.kv_stats()["pages_used"] > base
