@@ -204,7 +204,6 @@ def pack_plan(lengths: Sequence[int] | np.ndarray, max_length: int, seed: int = 
     order = np.lexsort((tie, -lengths))  # longest first, seeded ties
     rows: list[list[int]] = []
     by_room: list[list[int]] = [[] for _ in range(max_length + 1)]  # room -> rows with exactly that room left
-    room_of: list[int] = []
     for i in order:
         need = int(lengths[i])
         for room in range(need, max_length + 1):  # the fullest row that still fits (best fit)
@@ -214,9 +213,7 @@ def pack_plan(lengths: Sequence[int] | np.ndarray, max_length: int, seed: int = 
         else:
             r, room = len(rows), max_length
             rows.append([])
-            room_of.append(max_length)
         rows[r].append(int(i))
-        room_of[r] = room - need
         by_room[room - need].append(r)
     rows = [sorted(r) for r in rows]
     rows.sort(key=lambda r: r[0])

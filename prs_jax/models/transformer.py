@@ -87,10 +87,15 @@ class Backbone(nnx.Module):
     def layer(self, i: int) -> Block:
         """Decoder layer `i` as a `Block` (with stacked storage: a new module over slice i of every parameter;
         updating it does not write back into the stack)."""
+        return self.layers[i] if not self.scan_layers else self._unstacked()[i]
+
+    def _unstacked(self) -> list[Block]:
+        """Every decoder layer as its own `Block` (stacked storage: one split, then slice i per layer)."""
         if not self.scan_layers:
-            return self.layers[i]
+            return list(self.layers)
         graphdef, state = nnx.split(self.layers)
-        return nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state))
+        return [nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], state))
+                for i in range(self.config.num_hidden_layers)]
 
     def _mask(self, q_slot_bt: jax.Array, kv_valid_bs: jax.Array) -> jax.Array:
         s = jnp.arange(kv_valid_bs.shape[1], dtype=jnp.int32)
@@ -166,8 +171,7 @@ class Backbone(nnx.Module):
         if scan:
             x = self._scan(x, ctx, remat)
             return self.norm(x), None
-        for i in range(self.config.num_hidden_layers):
-            layer = self.layer(i)
+        for i, layer in enumerate(self._unstacked()):
             if cascade is not None:
                 kv = (cascade.prefix_k[i], cascade.prefix_v[i], cascade.suffix_k[i], cascade.suffix_v[i])
             else:
