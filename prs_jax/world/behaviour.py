@@ -122,11 +122,12 @@ class World:
         k = min(k, len(pool))
         return [str(i) for i in rng.choice(pool, size=k, replace=False, p=w / w.sum())]
 
-    def draft(self, p: Prompt, cond: Condition, rng: np.random.Generator) -> Answer:
-        """One answer from the teacher's distribution under condition `cond`."""
+    def draft(self, p: Prompt, cond: Condition, rng: np.random.Generator, rates: Behaviour | None = None) -> Answer:
+        """One answer from the teacher's distribution under condition `cond` (`rates` overrides the world's
+        behaviour, e.g. the error-rich `drill_rates` of the critique drills)."""
         if p.n == 1:
             return Answer(tuple(self._pick(rng, p.category, 1)), intro=None)
-        b, q = self.b, cond == "pxz"
+        b, q = rates or self.b, cond == "pxz"
         n = p.n
         if rng.random() < (b.count_error_quality if q else b.count_error):
             n += int(rng.choice([-1, 1]))
@@ -265,6 +266,14 @@ class World:
         order = np.argsort(-w, kind="stable")
         probs = _percents(w[order] / w.sum())
         return [(answers[i], pr) for i, pr in zip(order, probs)]
+
+
+def drill_rates(b: Behaviour) -> Behaviour:
+    """Error-rich draft rates for the critique drills: the rare violations (a wrong count, an item from another
+    category, a repeated item) are common, and each preference is met half the time, so a critic has to look at
+    the answer instead of relying on how often a violation occurs."""
+    return dataclasses.replace(b, count_error=0.3, count_error_quality=0.3, off_topic=0.12, off_topic_quality=0.12,
+                               repeat=0.3, repeat_quality=0.3, attend=0.5, attend_quality=0.5)
 
 
 def _percents(p: np.ndarray) -> list[float]:

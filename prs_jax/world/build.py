@@ -88,7 +88,7 @@ class WorldConfig:
     sft_batch_size: int = 48  # rows; packed (sft_packing), each holds ~2 conversations of the corpus
     sft_packing: bool = True  # several whole conversations per row of max_length (prs_jax.data.sft.pack_plan)
     sft_lr: float = 3e-3
-    rm_steps: int = 600
+    rm_steps: int = 900  # 600 left the 'last' and validity AUCs at 0.68-0.80
     rm_batch_size: int = 32
     rm_lr: float = 1e-3
     max_length: int = 160

@@ -20,7 +20,7 @@ from prs_jax.data.pairs import augment_prompt
 from prs_jax.feedback.prompts import PromptBuilder, PromptConfig
 from prs_jax.strategies.base import join_preference
 from prs_jax.strategies.templates import PRSTemplates
-from prs_jax.world.behaviour import Condition, World
+from prs_jax.world.behaviour import Condition, World, drill_rates
 from prs_jax.world.task import CATEGORIES, NUMBER_WORDS, Answer, Prompt, gold_reward, violations
 
 # Quality instruction p of the world (Sr-DPO's prompt augmentation): drafts under it honour preferences more often.
@@ -138,8 +138,9 @@ class Mixture:
     answer_xz: float = 0.10
     answer_pxz: float = 0.05
     critique: float = 0.18  # own draft -> critique (the PRS conversation, stopped after the critique)
-    critique_given: float = 0.12  # critique of an answer quoted in the user turn
-    reflect: float = 0.24  # own draft -> critique -> refinement
+    critique_given: float = 0.10  # critique of an answer quoted in the user turn
+    critique_drill: float = 0.06  # the same on error-rich answers (behaviour.drill_rates): rare violations
+    reflect: float = 0.20  # own draft -> critique -> refinement
     reflect_no_feedback: float = 0.04
     judge: float = 0.03  # the policy keeps a little judging (the separate labelers are trained on much more)
     judge_cot: float = 0.02
@@ -158,8 +159,8 @@ class Mixture:
 
 
 SKILL_OF_KIND = {"answer_x": "answer", "answer_xz": "answer", "answer_pxz": "answer", "critique": "critique",
-                 "critique_given": "critique", "reflect": "refine", "reflect_no_feedback": "refine",
-                 "judge": "judge", "judge_cot": "judge", "rating": "judge", "vs_direct": "verbalized",
+                 "critique_given": "critique", "critique_drill": "critique", "reflect": "refine",
+                 "reflect_no_feedback": "refine", "judge": "judge", "judge_cot": "judge", "rating": "judge", "vs_direct": "verbalized",
                  "vs_list": "verbalized", "verbalized": "verbalized", "verbalized_more": "verbalized",
                  "sequence": "verbalized", "multi_turn": "verbalized"}
 
@@ -193,8 +194,9 @@ def conversation(world: World, kind: str, p: Prompt, rng: np.random.Generator) -
         msgs = [_user(query(p)), _assistant(d.text()), _user(FEEDBACK_TURN), _assistant(feedback_text(p, named))]
         if kind == "reflect":
             msgs += [_user(REFINE_TURN), _assistant(world.refine(p, d, named, rng).text())]
-    elif kind == "critique_given":
-        d = world.draft(p, str(rng.choice(["x", "xz", "pxz"])), rng)  # type: ignore[arg-type]
+    elif kind in ("critique_given", "critique_drill"):
+        rates = drill_rates(world.b) if kind == "critique_drill" else None
+        d = world.draft(p, str(rng.choice(["x", "xz", "pxz"])), rng, rates)  # type: ignore[arg-type]
         msgs = [_user(CRITIQUE_REQUEST.format(query=query(p), answer=d.text())),
                 _assistant(feedback_text(p, world.feedback(p, d)))]
     elif kind == "reflect_no_feedback":

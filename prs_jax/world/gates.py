@@ -55,7 +55,7 @@ class GateError(RuntimeError):
 class GateConfig:
     """How the gates are measured and their targets."""
 
-    prompts: int = 128  # held-out prompts (the first ones)
+    prompts: int = 256  # held-out prompts (the first ones); 128 left the per-kind lifts +-0.1 noisy
     samples: int = 8  # samples per prompt and condition (lift, refinements)
     vs_samples: int = 200  # direct single-item answers per request (8 categories x 2 wordings); the plug-in
     # KL of n samples from p_base itself is about 9 / (2 n), so 400 per category keeps that floor near 0.01
@@ -302,12 +302,15 @@ def measure_gates(built: Any, cfg: GateConfig, console: Console | None = None) -
     vs_roots = engine.add_prompts([_user(s.x + VS_SUFFIX.format(k=k)) for s in singles for k in (3, 4, 5)])
     vs_out = engine.expand(vs_roots, cfg.vs_lists, samp, max_new_tokens=48)
     verb, true = [], []
-    parsed = 0
+    parsed = not_dist = 0
     for (s, k), ks in zip([(s, k) for s in singles for k in (3, 4, 5)], vs_out):
         base = world.p_base(s.category)
         for c in ks:
             lst = _parse_vs(c.text)
             if not lst or any(i not in base for i, _ in lst) or len({i for i, _ in lst}) != len(lst):
+                continue
+            if not _is_distribution([v for _, v in lst]):
+                not_dist += 1  # e.g. "- wolf. (830%)": a garbled number, not a verbalised probability
                 continue
             parsed += 1
             z = sum(base[i] for i, _ in lst)
@@ -336,7 +339,7 @@ def measure_gates(built: Any, cfg: GateConfig, console: Console | None = None) -
         rows.append(_row(f"rm_auc:{kind}", auc, cfg.rm_auc, 1.0, note=f"{n} minimal pairs"))
     rows.append(_row("rm_own_accuracy", rm_own, cfg.rm_own_accuracy, 1.0, note=f"{len(own_rows)} pairs"))
     rows.append(_row("vs_pearson", vs_pearson, cfg.vs_pearson, 1.0,
-                     note=f"{parsed} of {len(vs_out) * cfg.vs_lists} lists parsed"))
+                     note=f"{parsed} of {len(vs_out) * cfg.vs_lists} lists parsed, {not_dist} not a distribution"))
     rows.append(_row("vs_kl", float(np.mean(kls)), cfg.vs_kl, 0.0, upper=True,
                      note=f"{cfg.vs_samples * 2} direct answers per category"))
     pol.update({"lift": lift, "critique_teacher_match": float(np.mean(match_t)),
@@ -358,6 +361,12 @@ def _finite(obj: Any) -> Any:
 
 
 _VS_LINE = re.compile(r"^-\s*(.+?)\s*\((\d+)%\)\s*$")
+
+
+def _is_distribution(probs: Sequence[float], tol: float = 0.1) -> bool:
+    """Whether verbalised probabilities can be one distribution: each in (0, 1], summing to 1 within `tol`
+    (whole-percent rounding moves the sum by a few percent)."""
+    return all(0.0 < p <= 1.0 for p in probs) and abs(sum(probs) - 1.0) <= tol
 
 
 def _parse_vs(text: str) -> list[tuple[str, float]]:

@@ -131,3 +131,13 @@ def test_critique_breakdown_counts_recall_false_alarms_and_wrong_items():
     assert b["off"] == {"true": 1, "found": 0, "false_alarms": 0, "wrong_item": 0, "recall": 0.0}
     assert b["first"] == {"true": 1, "found": 0, "false_alarms": 1, "wrong_item": 1, "recall": 0.0}
     assert b["thanks"]["recall"] == 1.0 and b["numbered"]["false_alarms"] == 1 and b["exclude"]["false_alarms"] == 1
+
+
+def test_vs_gate_drops_lists_that_are_not_a_distribution():
+    from prs_jax.world.gates import _is_distribution, _parse_vs
+
+    ok = _parse_vs("- wolf. (50%)\n- fox. (30%)\n- owl. (21%)")
+    assert ok and _is_distribution([v for _, v in ok])
+    garbled = _parse_vs("- wolf. (830%)\n- fox. (30%)")
+    assert garbled and not _is_distribution([v for _, v in garbled])
+    assert not _is_distribution([0.2, 0.2])  # sums to 0.4

@@ -181,7 +181,8 @@ def test_corpus_rows_and_pairs():
     rng = np.random.default_rng(4)
     rows = list(sft_corpus(world, train, 400, rng))
     kinds = {r["kind"] for r in rows}
-    assert {"answer_x", "reflect", "critique", "critique_given", "judge", "judge_cot", "vs_list"} <= kinds
+    assert {"answer_x", "reflect", "critique", "critique_given", "critique_drill", "judge", "judge_cot",
+            "vs_list"} <= kinds
     for r in rows:
         assert r["messages"][-1]["role"] == "assistant" and r["messages"][0]["role"] == "user"
         if r["kind"] == "reflect":
@@ -238,3 +239,28 @@ def test_study_kind_list_matches_the_world():
     from prs_jax.experiments.preference_adaptation import WORLD_KINDS
 
     assert set(WORLD_KINDS) == set(KINDS)
+
+
+def test_critique_drills_are_error_rich_and_critiqued_by_the_teacher():
+    """Drill answers carry the rare violations (count, off-topic, repeats) far more often than ordinary drafts,
+    meet each preference about half the time, and their target is still the teacher's exact critique."""
+    from prs_jax.world.behaviour import drill_rates
+    from prs_jax.world.corpus import conversation, parse_feedback
+
+    world = World(seed=3)
+    rng = np.random.default_rng(0)
+    prompts = [world.sample_prompt(rng) for _ in range(300)]
+
+    def share(rates, kind):
+        r = np.random.default_rng(1)
+        hits = [any(v.split(":")[0] == kind for v in violations(p.x, p.z, world.draft(p, "xz", r, rates).text()))
+                for p in prompts]
+        return float(np.mean(hits))
+
+    assert share(drill_rates(world.b), "repeat") > 3 * share(None, "repeat")
+    assert share(drill_rates(world.b), "off") > 1.5 * share(None, "off")
+    r = np.random.default_rng(2)
+    for p in prompts[:40]:
+        row = conversation(world, "critique_drill", p, r)
+        quoted = row["messages"][0]["content"].split("\nAnswer: ")[1].split("\nWhat should change")[0]
+        assert parse_feedback(row["messages"][-1]["content"]) == (violations(p.x, p.z, quoted), 0)
