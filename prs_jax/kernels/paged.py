@@ -28,7 +28,6 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import tpu as pltpu
 
 from prs_jax.kernels.cascade import NEG_INF, prefix_attention_reference
 
@@ -152,6 +151,8 @@ def paged_prefix_attention_pallas(q_gkmd: jax.Array, k_pages: jax.Array, v_pages
     [G, K, M, D] float32, lse [G, K, M] float32): out 0 and lse -inf for an empty prefix, as the reference.
     `interpret` is passed to `pallas_call` (True on CPU; `pltpu.InterpretParams()` for TPU semantics).
     """
+    from jax.experimental.pallas import tpu as pltpu  # only when the kernel is built: the engine imports paged
+
     g, kh, m_rows, d = q_gkmd.shape
     n_pages, ps = k_pages.shape[:2]
     if k_pages.shape != (n_pages, ps, kh, d) or v_pages.shape != k_pages.shape:
