@@ -29,7 +29,7 @@ import numpy as np
 from rich.console import Console
 
 from prs_jax.config import to_dict
-from prs_jax.data.io import write_jsonl
+from prs_jax.data.io import write_jsonl, write_text_atomic
 from prs_jax.models.tiny import CHAT_TEMPLATE, build_checkpoint, build_tokenizer
 from prs_jax.train.run import DataConfig, LossConfig, TrainRunConfig, run_train
 from prs_jax.train.trainer import OptimConfig, TrainerConfig
@@ -127,19 +127,33 @@ def preset(name: Literal["default", "smoke"], **overrides: Any) -> WorldConfig:
     raise ValueError(f"unknown world preset {name!r}; use 'default' or 'smoke'.")
 
 
-def _source_digest() -> str:
-    """Hash of the world's own source files: editing a generator or a text invalidates cached builds."""
+_BUILD_SOURCES = ("task.py", "behaviour.py", "corpus.py", "build.py")  # what the artifacts (policy, RM) depend on
+_GATE_SOURCES = ("gates.py",)  # how the artifacts are measured: re-measured on a cached build, never retrained
+
+
+def _source_digest(names: tuple[str, ...] = _BUILD_SOURCES) -> str:
+    """Hash of world source files: editing a generator or a text invalidates cached builds."""
     h = hashlib.sha256()
-    for name in ("task.py", "behaviour.py", "corpus.py", "build.py", "gates.py"):
+    for name in names:
         h.update((Path(__file__).parent / name).read_bytes())
     return h.hexdigest()
 
 
 def world_key(cfg: WorldConfig) -> str:
-    """A short hash of the config, the world version and the world's source code."""
+    """A short hash of what the artifacts depend on: the config (without the gates, which only measure), the
+    world version and the source of the generators, the corpus and the build."""
     config = to_dict(cfg)
-    config["gates"].pop("enforce", None)  # whether a failed gate stops the build does not change what is built
+    config.pop("gates", None)
     blob = json.dumps({"version": WORLD_VERSION, "source": _source_digest(), "config": config}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def gates_key(cfg: WorldConfig) -> str:
+    """A short hash of how the gates are measured (gates.py and the gate config, not whether they are enforced):
+    a cached world whose report carries another gates key is re-measured, not rebuilt."""
+    gates = to_dict(cfg)["gates"]
+    gates.pop("enforce", None)
+    blob = json.dumps({"source": _source_digest(_GATE_SOURCES), "gates": gates}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -223,6 +237,9 @@ def _curve(run_dir: Path) -> list[dict[str, float]]:
     return pts[::stride] + ([pts[-1]] if pts and (len(pts) - 1) % stride else [])
 
 
+_SAVE_EVERY = 200  # trainer checkpoints during the world's SFT / RM runs: a killed build loses at most this many steps
+
+
 def _sft(cfg: WorldConfig, model: Path, train: Path, evalf: Path, out_dir: Path, export: Path, steps: int,
          console: Console, progress: bool) -> dict[str, float]:
     data_cfg = DataConfig(train=str(train), eval=str(evalf), max_length=cfg.max_length, max_prompt_length=None,
@@ -232,16 +249,32 @@ def _sft(cfg: WorldConfig, model: Path, train: Path, evalf: Path, out_dir: Path,
         optim=OptimConfig(lr=cfg.sft_lr, warmup_steps=max(steps // 20, 1), schedule="cosine", min_lr_ratio=0.05,
                           weight_decay=0.0),
         trainer=TrainerConfig(out_dir=str(out_dir), steps=steps, batch_size=cfg.sft_batch_size, seed=cfg.seed,
-                              log_every=10, progress=progress, async_checkpoint=False,
+                              log_every=10, progress=progress, async_checkpoint=False, save_every=_SAVE_EVERY,
                               group_by_length=cfg.group_by_length),
         export_dir=str(export))
     return run_train("sft", run, console=console)
 
 
+def _phase_done(out: Path, phase: str) -> dict[str, Any] | None:
+    """What a finished phase of an interrupted build recorded (None when it has not finished)."""
+    f = out / ".phases" / f"{phase}.json"
+    return json.loads(f.read_text()) if f.is_file() else None
+
+
+def _phase_mark(out: Path, phase: str, **info: Any) -> None:
+    (out / ".phases").mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / ".phases" / f"{phase}.json", json.dumps(info, default=float))
+
+
 def build_world(cfg: WorldConfig = WorldConfig(), root: str | Path = "runs/world", force: bool = False,
                 console: Console | None = None, progress: bool = True, allow_weak: bool = False) -> BuiltWorld:
     """Build the world described by `cfg` under `root` (or reuse the cached build); returns its paths. Raises
-    GateError naming the failed skill gates unless `allow_weak` (or the config's gates are not enforced)."""
+    GateError naming the failed skill gates unless `allow_weak` (or the config's gates are not enforced).
+
+    An interrupted build resumes: every finished phase (data, tokenizer, curriculum, SFT, policy samples, RM) is
+    recorded under .phases/ and skipped, and the SFT / RM runs resume from their last checkpoint (the trainer's
+    exact resume), so the artifacts equal an uninterrupted build's. A cached build whose gates were measured by
+    another gates.py or gate config is re-measured (minutes), not retrained."""
     console = console or Console()
     key = world_key(cfg)
     out = Path(root) / f"world-{key}"
@@ -249,16 +282,23 @@ def build_world(cfg: WorldConfig = WorldConfig(), root: str | Path = "runs/world
     if report_file.is_file() and not force:
         console.print(f"world: reusing the cached build {out}", markup=False)
         built = BuiltWorld(out, cfg, json.loads(report_file.read_text()))
+        built = _remeasure_if_stale(built, console)
         _check_gates(built, allow_weak, console, print_table=False)
         return built
-    if out.exists():
-        shutil.rmtree(out)  # a partial directory from an interrupted build, or --force
+    if out.exists() and (force or not (out / ".phases").is_dir()):
+        shutil.rmtree(out)  # --force, or a directory no resumable build wrote
+    elif out.exists():
+        console.print(f"world {key}: resuming the interrupted build in {out} (finished: "
+                      f"{', '.join(sorted(f.stem for f in (out / '.phases').glob('*.json'))) or 'nothing'})",
+                      markup=False)
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     data = out / "data"
     data.mkdir(parents=True, exist_ok=True)
+    (out / ".phases").mkdir(exist_ok=True)  # marks the directory as a resumable build's
     world = World(cfg.behaviour, seed=cfg.seed)
 
+    # the corpus is a pure function of the config: drawn again on a resume (seconds), written once
     t0 = time.perf_counter()
     train_p, held_p = split_prompts(world, cfg.train_prompts, cfg.heldout_prompts, cfg.seed)
     if len(held_p) < cfg.heldout_prompts or len(train_p) < cfg.train_prompts:
@@ -271,60 +311,76 @@ def build_world(cfg: WorldConfig = WorldConfig(), root: str | Path = "runs/world
     sft_eval = list(sft_corpus(world, held_p, cfg.sft_eval_conversations, rng, cfg.mixture))
     rm_rows = list(preference_pairs(world, train_p, cfg.rm_pairs, rng))
     rm_eval = list(preference_pairs(world, held_p, cfg.rm_eval_pairs, rng))
-    write_jsonl(data / "sft.jsonl", sft_rows)
-    write_jsonl(data / "sft_curriculum.jsonl", cur_rows)
-    write_jsonl(data / "sft_eval.jsonl", sft_eval)
-    write_jsonl(data / "heldout_prompts.jsonl", [{"id": p.id, "prompt": p.x, "preference": p.z} for p in held_p])
+    if not _phase_done(out, "data"):
+        write_jsonl(data / "sft.jsonl", sft_rows)
+        write_jsonl(data / "sft_curriculum.jsonl", cur_rows)
+        write_jsonl(data / "sft_eval.jsonl", sft_eval)
+        write_jsonl(data / "heldout_prompts.jsonl", [{"id": p.id, "prompt": p.x, "preference": p.z} for p in held_p])
+        _phase_mark(out, "data")
     timings["corpus_s"] = time.perf_counter() - t0
     console.print(f"world {key}: {len(train_p)} train / {len(held_p)} held-out prompts, {len(cur_rows)} curriculum + "
                   f"{len(sft_rows)} SFT conversations, {len(rm_rows)} teacher RM pairs -> {data}", markup=False)
 
     t0 = time.perf_counter()
-    # every message, and rendered conversations (the template's newlines), so each pre-token is in the vocabulary
-    docs = [m["content"] for row in [*cur_rows, *sft_rows] for m in row["messages"]]
-    docs += [_template_text(row["messages"]) for row in sft_rows[:2000]] + vocabulary_text()
-    tok_dir = build_tokenizer(out / "tokenizer", vocab_size=cfg.policy.vocab_size, corpus=docs, model="word")
+    tok_dir, init = out / "tokenizer", out / "init"
+    if not _phase_done(out, "tokenizer"):
+        # every message, and rendered conversations (the template's newlines), so each pre-token is in the vocabulary
+        docs = [m["content"] for row in [*cur_rows, *sft_rows] for m in row["messages"]]
+        docs += [_template_text(row["messages"]) for row in sft_rows[:2000]] + vocabulary_text()
+        build_tokenizer(tok_dir, vocab_size=cfg.policy.vocab_size, corpus=docs, model="word")
+        build_checkpoint(init, "llama", seed=cfg.seed, tokenizer_dir=tok_dir, **dataclasses.asdict(cfg.policy))
+        _phase_mark(out, "tokenizer", seconds=time.perf_counter() - t0)
     from prs_jax.models import load_tokenizer
 
-    tok = load_tokenizer(tok_dir)
-    shares = loss_share(sft_rows, tok)
-    sizes = dataclasses.asdict(cfg.policy)
-    init = build_checkpoint(out / "init", "llama", seed=cfg.seed, tokenizer_dir=tok_dir, **sizes)
-    timings["tokenizer_init_s"] = time.perf_counter() - t0
+    shares = loss_share(sft_rows, load_tokenizer(tok_dir))
+    timings["tokenizer_init_s"] = _phase_done(out, "tokenizer")["seconds"]
 
-    t0 = time.perf_counter()
     start = init
     if cur_rows and cfg.curriculum_steps:
-        _sft(cfg, init, data / "sft_curriculum.jsonl", data / "sft_eval.jsonl", out / "runs" / "sft_curriculum",
-             out / "curriculum", cfg.curriculum_steps, console, progress)
+        if not _phase_done(out, "curriculum"):
+            t0 = time.perf_counter()
+            _sft(cfg, init, data / "sft_curriculum.jsonl", data / "sft_eval.jsonl", out / "runs" / "sft_curriculum",
+                 out / "curriculum", cfg.curriculum_steps, console, progress)
+            _phase_mark(out, "curriculum", seconds=time.perf_counter() - t0)
         start = out / "curriculum"
-    sft_metrics = _sft(cfg, start, data / "sft.jsonl", data / "sft_eval.jsonl", out / "runs" / "sft", out / "policy",
+    if not _phase_done(out, "sft"):
+        t0 = time.perf_counter()
+        metrics = _sft(cfg, start, data / "sft.jsonl", data / "sft_eval.jsonl", out / "runs" / "sft", out / "policy",
                        cfg.sft_steps, console, progress)
-    timings["sft_s"] = time.perf_counter() - t0
+        _phase_mark(out, "sft", seconds=time.perf_counter() - t0, metrics=metrics)
+    sft_metrics = _phase_done(out, "sft")["metrics"]
+    timings["sft_s"] = sum((_phase_done(out, ph) or {}).get("seconds", 0.0) for ph in ("curriculum", "sft"))
 
-    t0 = time.perf_counter()
-    own_train = policy_pairs(out / "policy", world, train_p[: cfg.rm_policy_prompts], cfg.rm_policy_samples,
-                             cfg.rm_policy_pairs_per_prompt, seed=cfg.seed)
-    own_eval = policy_pairs(out / "policy", world, held_p[cfg.gates.prompts: cfg.gates.prompts + 64],
-                            cfg.rm_policy_samples, 2, seed=cfg.seed + 1)
-    write_jsonl(data / "rm_train.jsonl", rm_rows + own_train)
-    write_jsonl(data / "rm_eval.jsonl", rm_eval + own_eval)
-    timings["policy_samples_s"] = time.perf_counter() - t0
+    if not _phase_done(out, "policy_samples"):
+        t0 = time.perf_counter()
+        own_train = policy_pairs(out / "policy", world, train_p[: cfg.rm_policy_prompts], cfg.rm_policy_samples,
+                                 cfg.rm_policy_pairs_per_prompt, seed=cfg.seed)
+        # the second half of the held-out prompts: the gates measure on the first ones
+        own_eval = policy_pairs(out / "policy", world, held_p[len(held_p) // 2:][:64], cfg.rm_policy_samples, 2,
+                                seed=cfg.seed + 1)
+        write_jsonl(data / "rm_train.jsonl", rm_rows + own_train)
+        write_jsonl(data / "rm_eval.jsonl", rm_eval + own_eval)
+        _phase_mark(out, "policy_samples", seconds=time.perf_counter() - t0, policy_pairs=len(own_train))
+    samples = _phase_done(out, "policy_samples")
+    timings["policy_samples_s"] = samples["seconds"]
 
-    t0 = time.perf_counter()
-    rm_cfg = TrainRunConfig(
-        model=str(out / "policy"),
-        data=DataConfig(train=str(data / "rm_train.jsonl"), eval=str(data / "rm_eval.jsonl"),
-                        max_length=cfg.max_length, max_prompt_length=None, use_chat_template=True,
-                        pad_multiple=cfg.pad_multiple, on_too_long="drop"),
-        loss=LossConfig(), optim=OptimConfig(lr=cfg.rm_lr, warmup_steps=max(cfg.rm_steps // 20, 1),
-                                             schedule="cosine", min_lr_ratio=0.05),
-        trainer=TrainerConfig(out_dir=str(out / "runs" / "rm"), steps=cfg.rm_steps, batch_size=cfg.rm_batch_size,
-                              seed=cfg.seed, log_every=10, progress=progress, async_checkpoint=False,
-                              group_by_length=cfg.group_by_length),
-        export_dir=str(out / "rm"))
-    rm_metrics = run_train("rm", rm_cfg, console=console)
-    timings["rm_s"] = time.perf_counter() - t0
+    if not _phase_done(out, "rm"):
+        t0 = time.perf_counter()
+        rm_cfg = TrainRunConfig(
+            model=str(out / "policy"),
+            data=DataConfig(train=str(data / "rm_train.jsonl"), eval=str(data / "rm_eval.jsonl"),
+                            max_length=cfg.max_length, max_prompt_length=None, use_chat_template=True,
+                            pad_multiple=cfg.pad_multiple, on_too_long="drop"),
+            loss=LossConfig(), optim=OptimConfig(lr=cfg.rm_lr, warmup_steps=max(cfg.rm_steps // 20, 1),
+                                                 schedule="cosine", min_lr_ratio=0.05),
+            trainer=TrainerConfig(out_dir=str(out / "runs" / "rm"), steps=cfg.rm_steps, batch_size=cfg.rm_batch_size,
+                                  seed=cfg.seed, log_every=10, progress=progress, async_checkpoint=False,
+                                  save_every=_SAVE_EVERY, group_by_length=cfg.group_by_length),
+            export_dir=str(out / "rm"))
+        metrics = run_train("rm", rm_cfg, console=console)
+        _phase_mark(out, "rm", seconds=time.perf_counter() - t0, metrics=metrics)
+    rm_metrics = _phase_done(out, "rm")["metrics"]
+    timings["rm_s"] = _phase_done(out, "rm")["seconds"]
     shutil.rmtree(init, ignore_errors=True)
     shutil.rmtree(out / "curriculum", ignore_errors=True)
 
@@ -333,19 +389,38 @@ def build_world(cfg: WorldConfig = WorldConfig(), root: str | Path = "runs/world
     gates = measure_gates(provisional, cfg.gates, console=console)
     timings["gates_s"] = time.perf_counter() - t0
 
-    timings["total_s"] = time.perf_counter() - t_start
-    report = {"key": key, "version": WORLD_VERSION, "config": to_dict(cfg), "timings": timings,
-              "loss_share": shares, "sft_curve": _curve(out / "runs" / "sft"), "sft_eval": sft_metrics,
-              "rm_eval": rm_metrics, "rm_heldout_accuracy": rm_metrics.get("accuracy"),
-              "rm_pairs": {"teacher_and_minimal": len(rm_rows), "policy": len(own_train)},
+    # a resumed build's total counts each phase once (its recorded time), not the interruption
+    timings["total_s"] = sum(v for k, v in timings.items())
+    report = {"key": key, "gates_key": gates_key(cfg), "version": WORLD_VERSION, "config": to_dict(cfg),
+              "timings": timings, "loss_share": shares, "sft_curve": _curve(out / "runs" / "sft"),
+              "sft_eval": sft_metrics, "rm_eval": rm_metrics, "rm_heldout_accuracy": rm_metrics.get("accuracy"),
+              "rm_pairs": {"teacher_and_minimal": len(rm_rows), "policy": samples["policy_pairs"]},
               "gates": gates, "versions": _versions()}
-    report_file.write_text(json.dumps(report, indent=2))
+    write_text_atomic(report_file, json.dumps(report, indent=2))
     console.print(f"world {key} built in {timings['total_s']:.0f} s: SFT eval loss "
                   f"{sft_metrics.get('loss', float('nan')):.3f}, proxy RM held-out pairwise accuracy "
                   f"{report['rm_heldout_accuracy']:.3f}; loss share per skill "
                   + ", ".join(f"{k} {v:.2f}" for k, v in shares.items()), markup=False)
     built = BuiltWorld(out, cfg, report)
     _check_gates(built, allow_weak, console, print_table=True)
+    return built
+
+
+def _remeasure_if_stale(built: BuiltWorld, console: Console) -> BuiltWorld:
+    """Re-measure the gates of a cached build whose report was written under another gates key (an edit of
+    gates.py or of the gate config); the artifacts are kept."""
+    want = gates_key(built.config)
+    if built.report.get("gates_key") == want:
+        return built
+    console.print(f"world {built.report.get('key')}: the gates were measured by another gates.py or gate config; "
+                  "measuring them again (the policy and RM are kept)", markup=False)
+    t0 = time.perf_counter()
+    gates = measure_gates(built, built.config.gates, console=console)
+    report = {**built.report, "gates": gates, "gates_key": want, "config": to_dict(built.config)}
+    report["timings"] = {**report.get("timings", {}), "gates_s": time.perf_counter() - t0}
+    write_text_atomic(built.root / "report.json", json.dumps(report, indent=2))
+    built = BuiltWorld(built.root, built.config, report)
+    _check_gates(built, True, console, print_table=True)
     return built
 
 

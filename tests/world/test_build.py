@@ -83,6 +83,42 @@ def test_build_cache_determinism_and_gates(micro):
     assert build_world(strict, root=tmp_path / "a", progress=False, allow_weak=True).report["gates"]
 
 
+def test_interrupted_build_resumes_and_stale_gates_are_remeasured(micro, monkeypatch):
+    """A build killed after its SFT resumes at the RM (the SFT is not run again) and gives the same RM weights; a
+    cached build measured by another gate config is re-measured without retraining."""
+    import shutil
+
+    import prs_jax.world.build as wb
+    from prs_jax.world.build import gates_key
+
+    cfg, a, tmp_path = micro
+    root = tmp_path / "resume"
+    shutil.copytree(a.root, root / a.root.name)
+    killed = root / a.root.name
+    (killed / "report.json").unlink()
+    for phase in ("policy_samples", "rm"):
+        (killed / ".phases" / f"{phase}.json").unlink()
+    shutil.rmtree(killed / "rm")
+    shutil.rmtree(killed / "runs" / "rm")
+
+    def no_sft(*args, **kwargs):
+        raise AssertionError("a finished SFT phase ran again")
+
+    monkeypatch.setattr(wb, "_sft", no_sft)
+    resumed = build_world(cfg, root=root, progress=False)
+    assert resumed.root == killed
+    assert _digest(killed / "rm" / "model.safetensors") == _digest(a.root / "rm" / "model.safetensors")
+    assert resumed.report["gates_key"] == gates_key(cfg)
+
+    other = dataclasses.replace(cfg, gates=dataclasses.replace(cfg.gates, samples=3))
+    assert world_key(other) == world_key(cfg) and gates_key(other) != gates_key(cfg)
+    policy = _digest(killed / "policy" / "model.safetensors")
+    again = build_world(other, root=root, progress=False)
+    assert again.root == killed and again.report["gates_key"] == gates_key(other)
+    assert json.loads((killed / "report.json").read_text())["gates_key"] == gates_key(other)
+    assert _digest(killed / "policy" / "model.safetensors") == policy
+
+
 def test_world_config_rejects_nonsense():
     with pytest.raises(ValueError, match="sft_steps must be positive"):
         preset("smoke", sft_steps=-1)
