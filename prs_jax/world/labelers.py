@@ -25,8 +25,9 @@ from prs_jax.world.ceiling import prompt_rng
 from prs_jax.world.corpus import JUDGE_PROMPT, Mixture, _judge_pair, query, sample_pairs, sft_corpus, split_prompts
 from prs_jax.world.gates import GateError, _prompt_of, _row, gate_table
 
+# judging needs the critique skill (the rationale is the two critiques): critique rows, drills included
 LABELER_MIXTURE = Mixture(**{f.name: 0.0 for f in dataclasses.fields(Mixture)} | {
-    "judge": 0.45, "judge_cot": 0.25, "critique_given": 0.2, "critique": 0.1})
+    "judge": 0.45, "judge_cot": 0.25, "critique_given": 0.12, "critique_drill": 0.08, "critique": 0.1})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +47,7 @@ class LabelerBuildConfig:
 
     sizes: tuple[LabelerSize, ...] = (LabelerSize("small", 64, 192, 2), LabelerSize("medium", 96, 288, 3),
                                       LabelerSize("large", 128, 384, 4))
+    mixture: Mixture = LABELER_MIXTURE  # part of the fingerprint: another mixture rebuilds the labelers
     conversations: int = 24000
     steps: int = 600
     batch_size: int = 48
@@ -86,9 +88,9 @@ def build_labelers(built: Any, cfg: LabelerBuildConfig = LabelerBuildConfig(), c
     world = built.world()
     train_p, _ = split_prompts(world, wcfg.train_prompts, wcfg.heldout_prompts, wcfg.seed)
     rng = np.random.default_rng([wcfg.seed, 9])
-    rows = list(sft_corpus(world, train_p, cfg.conversations, rng, LABELER_MIXTURE))
+    rows = list(sft_corpus(world, train_p, cfg.conversations, rng, cfg.mixture))
     write_jsonl(root / "train.jsonl", rows)
-    write_jsonl(root / "eval.jsonl", list(sft_corpus(world, train_p[:200], 200, rng, LABELER_MIXTURE)))
+    write_jsonl(root / "eval.jsonl", list(sft_corpus(world, train_p[:200], 200, rng, cfg.mixture)))
     paths, timings = {}, {}
     for size in cfg.sizes:
         t0 = time.perf_counter()
