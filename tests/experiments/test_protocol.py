@@ -1,0 +1,72 @@
+"""The studies' statistical protocol: declared endpoints, pooled CIs over seeds, Holm, controls and verdicts."""
+
+import numpy as np
+import pytest
+
+from prs_jax.experiments.protocol import Endpoint, Protocol, evaluate, stratified_bootstrap_ci, verdict_table
+
+
+def _diffs(mean, n=256, seeds=(0, 1, 2), sd=0.2, offset=0):
+    return {s: np.random.default_rng([offset, s]).normal(mean, sd, n) for s in seeds}
+
+
+def _protocol(*endpoints, **kw):
+    return Protocol(endpoints=tuple(endpoints), n_boot=500, n_perm=2000, **kw)
+
+
+def test_verdicts_follow_the_evidence():
+    proto = _protocol(Endpoint("control", "true critique helps", margin=0.05, control=True),
+                      Endpoint("big", "PRS beats PRand"), Endpoint("none", "no effect claimed to exist"),
+                      Endpoint("less", "fewer violations", direction="less"))
+    res = {r.endpoint.name: r for r in evaluate(proto, {"control": _diffs(0.3), "big": _diffs(0.1, offset=1),
+                                                         "none": _diffs(0.0, offset=2),
+                                                         "less": _diffs(-0.1, offset=3)},
+                                                ceilings={"big": 0.2})}
+    assert res["control"].verdict == "control passed"
+    assert res["big"].verdict == "reproduced" and res["less"].verdict == "reproduced"
+    assert res["none"].verdict == "not reproduced"
+    assert res["big"].fraction_of_ceiling == pytest.approx(res["big"].pooled[0] / 0.2)
+    m, lo, hi = res["big"].pooled
+    assert lo < m < hi and lo > 0 and set(res["big"].per_seed) == {0, 1, 2}
+    assert res["big"].units == 768
+    # Holm: the adjusted p of every primary endpoint is at least its raw p
+    assert all(r.p_holm >= r.p - 1e-12 for r in res.values() if not r.endpoint.control)
+    table = verdict_table(list(res.values()))
+    assert "reproduced" in table and "(control)" in table and table.count("\n") == 5
+
+
+def test_a_failed_positive_control_makes_every_claim_untestable():
+    proto = _protocol(Endpoint("mechanism", margin=0.05, control=True), Endpoint("claim"))
+    res = evaluate(proto, {"mechanism": _diffs(0.0), "claim": _diffs(0.3, offset=1)})
+    by = {r.endpoint.name: r for r in res}
+    assert by["mechanism"].verdict == "control failed"
+    assert by["claim"].verdict == "untestable here" and "mechanism" in by["claim"].evidence
+
+
+def test_the_margin_is_tested_not_zero():
+    proto = _protocol(Endpoint("small", margin=0.1))
+    (r,) = evaluate(proto, {"small": _diffs(0.05, sd=0.05)})
+    assert r.pooled[1] > 0 and r.verdict == "not reproduced"  # clearly above 0, clearly below the margin
+
+
+def test_the_protocol_refuses_missing_or_short_measurements():
+    proto = _protocol(Endpoint("a"), units=100)
+    with pytest.raises(KeyError, match="declared but not measured"):
+        evaluate(proto, {})
+    with pytest.raises(KeyError, match=r"seed\(s\) \[2\]"):
+        evaluate(proto, {"a": _diffs(0.1, n=100, seeds=(0, 1))})
+    with pytest.raises(ValueError, match="50 units measured"):
+        evaluate(proto, {"a": _diffs(0.1, n=50)})
+    with pytest.raises(ValueError, match="unique"):
+        Protocol(endpoints=(Endpoint("a"), Endpoint("a")))
+    with pytest.raises(ValueError, match="direction"):
+        Endpoint("a", direction="up")  # type: ignore[arg-type]
+
+
+def test_stratified_bootstrap_keeps_each_seed_weight_and_is_deterministic():
+    groups = [np.zeros(10), np.ones(30)]
+    m, lo, hi = stratified_bootstrap_ci(groups, 300, 0.05, seed=0)
+    assert m == pytest.approx(0.75) and lo == pytest.approx(0.75) and hi == pytest.approx(0.75)
+    rng = np.random.default_rng(0)
+    g = [rng.normal(0, 1, 50), rng.normal(1, 1, 50)]
+    assert stratified_bootstrap_ci(g, 300, 0.05, 7) == stratified_bootstrap_ci(g, 300, 0.05, 7)
