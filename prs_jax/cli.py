@@ -87,8 +87,11 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
             msg = msg.replace(f"{key} must", f"{key} (--{flag}) must")
         raise ConfigError(msg) from None
     from prs_jax.world.gates import GateError
-    from prs_jax.world.quickstart import run_quickstart
+    from prs_jax.world.quickstart import pooled_report, run_quickstart
 
+    if args.pool:
+        pooled_report([d for d in args.pool.split(",") if d], cfg.out_dir)
+        return 0
     try:
         run_quickstart(cfg)
     except GateError as e:
@@ -370,6 +373,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true", help="stop (exit 1) if the world misses a skill gate; by "
                                                           "default the gate table is printed with a warning")
     p.add_argument("--smoke", action="store_true", help="tiny world and sizes for CI (checks the pipeline only)")
+    p.add_argument("--pool", default=None, metavar="DIR,DIR,...",
+                   help="measure nothing: pool the per-prompt records of earlier runs (one results directory per "
+                        "world seed) into per-seed and pooled effects with 95%% CIs, Holm p and a verdict per claim "
+                        "(pooled.json / pooled.md in --out)")
     p.set_defaults(func=_cmd_quickstart)
 
     from prs_jax.experiments import STUDIES

@@ -76,6 +76,25 @@ def test_quickstart_smoke(tmp_path):
     assert "reusing the cached build" in proc.stdout
     again = json.loads((tmp_path / "q" / "results-smoke.json").read_text())
     assert again["rows"] == result["rows"]
+    # the per-prompt records pool over world seeds without measuring (here one world's records relabelled as
+    # three seeds): per-seed and pooled CIs, the declared control and a verdict per claim
+    records = json.loads((tmp_path / "q" / "records-smoke.json").read_text())
+    assert len(records["prompt_ids"]) == len(records["policy"]["prs"]["4"]["proxy"])
+    dirs = []
+    for s in (0, 1, 2):
+        d = tmp_path / f"seed{s}"
+        d.mkdir()
+        (d / "records.json").write_text(json.dumps({**records, "world": {**records["world"], "seed": s}}))
+        dirs.append(str(d))
+    assert main(["quickstart", "--pool", ",".join(dirs), "--out", str(tmp_path / "pooled")]) == 0
+    pooled = json.loads((tmp_path / "pooled" / "pooled.json").read_text())
+    assert pooled["seeds"] == [0, 1, 2] and len(pooled["results"]) == 4
+    verdicts = {r["endpoint"]["name"]: r["verdict"] for r in pooled["results"]}
+    assert verdicts["teacher prs-prand@4"] in ("control passed", "control failed")
+    assert set(verdicts.values()) <= {"control passed", "control failed", "reproduced", "not reproduced",
+                                      "untestable here"}
+    assert "| prs-prand@4 |" in (tmp_path / "pooled" / "pooled.md").read_text()
+    assert main(["quickstart", "--pool", ",".join(dirs[:1] * 2), "--out", str(tmp_path / "p2")]) == 1  # one seed twice
 
 
 def test_sample_command_writes_jsonl(llama_dir, tmp_path):

@@ -195,6 +195,84 @@ def plot(rows: dict[str, Any], path: Path, title: str) -> Path:
     return path
 
 
+def write_records(path: Path, cfg: QuickstartConfig, built: BuiltWorld, items: list[PromptItem],
+                  policy: dict[str, dict[int, dict[str, np.ndarray]]], teacher: dict[str, dict[int, np.ndarray]]
+                  ) -> Path:
+    """The raw per-prompt measurements (gold of the proxy-selected and of the gold-selected answer, the proxy
+    reward; the teacher's gold-selected value), so tables and pooled reports are recomputed without sampling."""
+    rec = {"config": dataclasses.asdict(cfg), "world": {"key": built.report["key"], "seed": built.config.seed},
+           "prompt_ids": [it.id for it in items],
+           "policy": {m: {str(n): {k: [float(v) for v in a] for k, a in policy[m][n].items()} for n in policy[m]}
+                      for m in policy},
+           "teacher": {m: {str(n): [float(v) for v in teacher[m][n]] for n in teacher[m]} for m in teacher}}
+    path.write_text(json.dumps(rec))
+    return path
+
+
+# The quickstart's declared endpoints (pooled over world seeds by `pooled_report`): the design's positive control
+# (the teacher as the policy shows the PRS mechanism), then the learned policy's claims.
+QUICKSTART_N = 4
+
+
+def quickstart_protocol(seeds: tuple[int, ...], units: int) -> Any:
+    from prs_jax.experiments.protocol import Endpoint, Protocol
+
+    n = QUICKSTART_N
+    return Protocol(seeds=seeds, units=units, endpoints=(
+        Endpoint(f"teacher prs-prand@{n}", f"the world rewards refinement over resampling (teacher, N={n})",
+                 margin=0.1, control=True),
+        Endpoint(f"prs-prand@{n}", f"PRS beats PRand at N={n} (proxy RM selects, gold reported)"),
+        Endpoint(f"prs-rand@{n}", f"PRS beats Rand at N={n}"),
+        Endpoint(f"prand-rand@{n}", f"the preference helps sampling: PRand beats Rand at N={n}")))
+
+
+def pooled_report(dirs: list[str | Path], out_dir: str | Path, console: Console | None = None) -> dict[str, Any]:
+    """Pool the quickstart records of several world seeds (one results directory per seed) under the declared
+    protocol: per-seed and pooled effects with bootstrap 95% CIs, Holm p, the fraction of the teacher ceiling and
+    a verdict per claim. Writes pooled.json and pooled.md into `out_dir`; measures nothing."""
+    from prs_jax.experiments.protocol import evaluate, verdict_table
+
+    console = console or Console()
+    recs = []
+    for d in dirs:
+        f = Path(d) / "records.json"
+        if not f.is_file() and (Path(d) / "records-smoke.json").is_file():
+            f = Path(d) / "records-smoke.json"
+        if not f.is_file():
+            raise FileNotFoundError(f"{f}: no quickstart records; run `prs-jax quickstart --seed S --out {d}` first "
+                                    "(results written before per-prompt records existed cannot be pooled).")
+        recs.append(json.loads(f.read_text()))
+    seeds = tuple(int(r["world"]["seed"]) for r in recs)
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"quickstart pool: the records come from world seeds {list(seeds)}; pool distinct seeds.")
+    n = str(QUICKSTART_N)
+    diffs: dict[str, dict[int, np.ndarray]] = {}
+    ceilings: dict[str, float] = {}
+    for r, s in zip(recs, seeds):
+        pol = {m: np.asarray(r["policy"][m][n]["proxy"]) for m in METHODS}
+        tea = {m: np.asarray(r["teacher"][m][n]) for m in METHODS}
+        diffs.setdefault(f"teacher prs-prand@{n}", {})[s] = tea["prs"] - tea["prand"]
+        for a, b in (("prs", "prand"), ("prs", "rand"), ("prand", "rand")):
+            diffs.setdefault(f"{a}-{b}@{n}", {})[s] = pol[a] - pol[b]
+    for a, b in (("prs", "prand"), ("prs", "rand"), ("prand", "rand")):
+        ceilings[f"{a}-{b}@{n}"] = float(np.mean(np.concatenate(
+            [np.asarray(r["teacher"][a][n]) - np.asarray(r["teacher"][b][n]) for r in recs])))
+    units = min(len(r["prompt_ids"]) for r in recs)
+    results = evaluate(quickstart_protocol(seeds, units), diffs, ceilings)
+    table = verdict_table(results)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    pooled = {"seeds": list(seeds), "worlds": [r["world"]["key"] for r in recs], "units_per_seed": units,
+              "sources": [str(d) for d in dirs], "results": [x.to_dict() for x in results]}
+    (out / "pooled.json").write_text(json.dumps(pooled, indent=2))
+    (out / "pooled.md").write_text(f"Quickstart pooled over world seeds {list(seeds)} "
+                                   f"(worlds {', '.join(pooled['worlds'])}), {units} held-out prompts each\n\n"
+                                   + table + "\n")
+    console.print(table, markup=False)
+    console.print(f"pooled report: {out / 'pooled.json'}, {out / 'pooled.md'}", markup=False)
+    return pooled
+
+
 def _ci(x: dict[str, Any]) -> str:
     return f"{x['effect']:+.3f} [{x['ci'][0]:+.3f}, {x['ci'][1]:+.3f}]"
 
@@ -259,6 +337,7 @@ def run_quickstart(cfg: QuickstartConfig = QuickstartConfig(), console: Console 
               "versions": built.report.get("versions"), "world_seconds": t_world, "policy_seconds": t_policy,
               "teacher_seconds": t_teacher, "wall_seconds": wall}
     (out / f"results{tag}.json").write_text(json.dumps(result, indent=2))
+    write_records(out / f"records{tag}.json", cfg, built, items, policy, teacher)
     console.print(f"results: {out / f'results{tag}.json'}; plot: {png}; world: {built.root} "
                   f"(policy, rm, tokenizer; try `prs-jax info {built.policy}`); {wall:.0f} s in all", markup=False)
     return result
