@@ -10,7 +10,7 @@ selected response (which is also the selection criterion, so it is optimistic) a
 written in AlpacaEval's output format for an external judge.
 
 This module also holds the sampling helpers the preference-adaptation and scaling studies reuse
-(`Generation`, `Method`, `Models`, `run_method`, `measure`).
+(`Generation`, `Method`, `study_env`, `run_method`, `measure`).
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ from typing import Any, Literal
 import numpy as np
 
 from prs_jax.eval.stats import mean_se
-from prs_jax.experiments.common import Record, Source, build_world_from, param_count
+from prs_jax.experiments.common import Record, Source
+from prs_jax.experiments.env import StudyEnv
 from prs_jax.models.sharding import MeshConfig
 from prs_jax.strategies.base import PromptItem, StrategyResult
 
@@ -92,6 +93,15 @@ class Generation:
         return SamplingParams(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
                               presence_penalty=self.presence_penalty)
 
+    def env_options(self) -> dict[str, Any]:
+        """StudyEnv options: engine settings beyond the shared bucket floors, mesh, reward-model formatting."""
+        from prs_jax.tree.scoring import RewardFormatter
+
+        return {"engine_options": {"attention_impl": self.attention_impl, "min_groups_bucket": self.batch_size,
+                                   "min_rows_bucket": self.min_rows_bucket},
+                "mesh": self.mesh, "rm_formatter": RewardFormatter(self.rm_format, self.rm_template),
+                "rm_include_preference": self.rm_include_preference}
+
 
 @dataclasses.dataclass(frozen=True)
 class Config:
@@ -109,119 +119,43 @@ class Config:
 
 
 # ------------------------------------------------------------------------------------------------ models
-class Models:
-    """Policy + tokenizer + proxy reward scorer (+ the gold reward in the world) for a Source."""
-
-    def __init__(self, policy_dir: str | Path, rm_dir: str | Path, gen: Generation, *, rm_head_name: str | None = None,
-                 dtype: str = "float32", gold: Callable[[str, str, str | None], float] | None = None,
-                 templates: Any = None, world: Any = None):
-        from prs_jax.models import load_causal_lm, load_reward_model, load_tokenizer
-        from prs_jax.strategies.base import RewardModelScorer
-        from prs_jax.tree.scoring import RewardFormatter, RewardScorer
-
-        # the engine and the scorer run inside this mesh with the configured rules (generation.mesh.rules)
-        self.mesh_context = gen.mesh.context() if gen.mesh is not None else None
-        mesh = self.mesh_context.mesh if self.mesh_context is not None else None
-        rules = self.mesh_context.rules if self.mesh_context is not None else None
-        self.gen, self.gold, self.world = gen, gold, world
-        self.policy_dir, self.rm_dir = Path(policy_dir), Path(rm_dir)
-        self.tokenizer = load_tokenizer(policy_dir)
-        self.policy = load_causal_lm(policy_dir, dtype=dtype, mesh=mesh, sharding_rules=rules)
-        rm = load_reward_model(rm_dir, dtype=dtype, mesh=mesh, head_name=rm_head_name, sharding_rules=rules)
-        self.proxy = RewardModelScorer(RewardScorer(rm, load_tokenizer(rm_dir),
-                                                    RewardFormatter(gen.rm_format, gen.rm_template),
-                                                    mesh_context=self.mesh_context),
-                                       include_preference=gen.rm_include_preference)
-        if templates is None:
-            from prs_jax.strategies.templates import PRSTemplates
-
-            templates = PRSTemplates()
-        self.templates = templates
-        self.compilations = 0
-
-    @classmethod
-    def from_source(cls, source: Source, gen: Generation, console: Any = None) -> Models:
-        """Build/reuse the world (gold reward available) or load the real checkpoints (no gold)."""
-        if source.kind == "world":
-            from prs_jax.world.corpus import world_templates
-            from prs_jax.world.task import gold_reward
-
-            built = build_world_from(source.world, console)
-            return cls(built.policy, built.reward_model, gen, gold=gold_reward, templates=world_templates(),
-                       world=built)
-        real = source.real
-        for key, path in (("source.real.policy", real.policy), ("source.real.reward_model", real.reward_model)):
-            if not path or not Path(path).is_dir():
-                raise FileNotFoundError(f"{key}: {path!r} is not a checkpoint directory; point it at a local HF "
-                                        "checkpoint (config.json + *.safetensors + tokenizer files).")
-        return cls(real.policy, real.reward_model, gen, rm_head_name=real.rm_head_name, dtype=real.dtype)
-
-    def param_count(self) -> int:
-        """Number of policy parameters."""
-        return param_count(self.policy)
-
-    def engine(self, seed: int):
-        from prs_jax.tree.engine import EngineConfig, TreeEngine
-
-        g = self.gen
-        return TreeEngine(self.policy, self.tokenizer, seed=seed, config=EngineConfig(
-            attention_impl=g.attention_impl, min_prefix_bucket=64, min_new_tokens_bucket=32, min_extend_bucket=32,
-            min_groups_bucket=g.batch_size, min_rows_bucket=g.min_rows_bucket), mesh_context=self.mesh_context)
+def study_env(source: Source, gen: Generation, console: Any = None, study: str = "reward_vs_n", **options: Any
+              ) -> StudyEnv:
+    """The StudyEnv of a sampling study: policy, proxy RM formatted as `gen` says, gold reward in the world."""
+    return StudyEnv.from_source(source, console, study=study, **gen.env_options(), **options)
 
 
-def world_items(built: Any, limit: int) -> list[PromptItem]:
-    """The first `limit` held-out prompts of a built world."""
-    rows = built.heldout()
-    if limit > len(rows):
-        raise ValueError(f"prompts={limit} but the world has {len(rows)} held-out prompts; lower `prompts` or build "
-                         "the world with more (source.world.overrides.heldout_prompts).")
-    return [PromptItem(r["id"], r["prompt"], r["preference"]) for r in rows[:limit]]
-
-
-def real_items(source: Source, limit: int | None, **options: Any) -> list[PromptItem]:
-    """Prompts of the real prompt set (source.real.prompt_set from source.real.prompts_path)."""
-    from prs_jax.data.prompt_sets import load_prompt_set
-
-    real = source.real
-    if not real.prompts_path:
-        raise FileNotFoundError("source.real.prompts_path is empty; point it at the prompt set file "
-                                f"({real.prompt_set} format).")
-    caps = [x for x in (limit, real.max_prompts) if x is not None]
-    return load_prompt_set(real.prompt_set, real.prompts_path, limit=min(caps) if caps else None, **options)
-
-
-def load_items(source: Source, models: Models, limit: int) -> list[PromptItem]:
-    """World held-out prompts or the real prompt set."""
-    if source.kind == "world":
-        return world_items(models.world, limit)
-    opts = {"preference_column": "preference"} if source.real.prompt_set in ("generic", "jsonl") else {}
-    return real_items(source, limit, **opts)
+def load_items(env: StudyEnv, limit: int) -> list[PromptItem]:
+    """The world's first `limit` held-out prompts, or the real prompt set (with its preference column)."""
+    if env.kind == "world":
+        return env.heldout(limit)
+    opts = {"preference_column": "preference"} if env.source.real.prompt_set in ("generic", "jsonl") else {}
+    return env.real_prompts(limit, **opts)
 
 
 # ------------------------------------------------------------------------------------------------ running
-def run_method(models: Models, items: Sequence[PromptItem], method: Method, n: int, seed: int,
+def run_method(env: StudyEnv, g: Generation, items: Sequence[PromptItem], method: Method, n: int, seed: int,
                progress: Any = None) -> list[StrategyResult]:
-    """Run one method at budget n on every item (batched, `generation.batch_size` prompts per engine call)."""
+    """Run one method at budget n on every item (batched, `g.batch_size` prompts per engine call)."""
     from prs_jax.strategies.prs import PRS, BestOfN
 
-    g = models.gen
     if method.kind == "prs":
         strategy: Any = PRS.with_budget(n, method.split, method.depth, feedback=method.feedback, mode=g.prs_mode,
                                         sampling=g.sampling(), max_new_tokens=g.max_new_tokens,
-                                        feedback_max_new_tokens=g.feedback_max_new_tokens, templates=models.templates)
+                                        feedback_max_new_tokens=g.feedback_max_new_tokens, templates=env.templates)
     elif method.kind in ("rand", "prand"):
         strategy = BestOfN(n=n, variant=method.kind, sampling=g.sampling(), max_new_tokens=g.max_new_tokens)
     else:
         raise ValueError(f"method {method.name!r}: kind {method.kind!r} is not one of {METHOD_KINDS}")
-    engine = models.engine(seed)
+    engine = env.engine(seed)
     out: list[StrategyResult] = []
     for start in range(0, len(items), g.batch_size):
         batch = list(items[start:start + g.batch_size])
-        out += strategy.run(batch, engine, models.proxy)
+        out += strategy.run(batch, engine, env.proxy)
         engine.release(list(engine.tree))  # results keep text and rewards; the KV is not needed any more
         if progress is not None:
             progress.update(len(batch))
-    models.compilations += engine.compilations
+    env.compilations += engine.compilations
     return out
 
 
@@ -235,15 +169,15 @@ def _seed_for(seed: int, *parts: Any) -> int:
                % (2**31))
 
 
-def measure(models: Models, items: Sequence[PromptItem], methods: Sequence[Method], budgets: Sequence[int],
-            seed: int, reuse_samples: bool = True, console: Any = None) -> dict[str, Any]:
+def measure(env: StudyEnv, gen: Generation, items: Sequence[PromptItem], methods: Sequence[Method],
+            budgets: Sequence[int], seed: int, reuse_samples: bool = True, console: Any = None) -> dict[str, Any]:
     """Per method and budget: per-prompt proxy and gold of the selected response, oracle gold (best gold among
     the candidates), mean gold of the candidates; at the largest budget also every candidate's gold/proxy."""
     from tqdm import tqdm
 
     budgets = sorted({int(b) for b in budgets})
     nmax = budgets[-1]
-    gold = models.gold
+    gold = env.gold
     runs = [(m, n) for m in methods for n in ([nmax] if (reuse_samples and m.kind != "prs") else budgets)
             if m.kind != "prs" or m.widths(n) is not None]
     out: dict[str, Any] = {"methods": {}, "skipped": [], "seconds": {}}
@@ -256,7 +190,7 @@ def measure(models: Models, items: Sequence[PromptItem], methods: Sequence[Metho
         for m_, n_run in [r for r in runs if r[0] is m]:
             bar.set_postfix_str(f"{m.name} N={n_run}")
             t0 = time.perf_counter()
-            results = run_method(models, items, m, n_run, _seed_for(seed, m.name, m.kind, n_run), bar)
+            results = run_method(env, gen, items, m, n_run, _seed_for(seed, m.name, m.kind, n_run), bar)
             out["seconds"][f"{m.name} N={n_run}"] = time.perf_counter() - t0
             targets = [n for n in budgets if n <= n_run] if (reuse_samples and m.kind != "prs") else [n_run]
             for n in targets:
@@ -458,26 +392,26 @@ def run(cfg: Config, console: Any = None) -> dict[str, Any]:
     if not cfg.methods:
         raise ValueError("methods: empty; list at least one method (see DEFAULT_METHODS).")
     rec = Record("reward_vs_n", cfg, cfg.out_dir, cfg.seed)
-    models = Models.from_source(cfg.source, cfg.generation, console)
-    items = load_items(cfg.source, models, cfg.prompts)
-    with_gold = models.gold is not None
+    env = study_env(cfg.source, cfg.generation, console)
+    items = load_items(env, cfg.prompts)
+    with_gold = env.gold is not None
     if console is not None:
         console.print(f"reward_vs_n: {len(items)} prompts, N in {sorted(cfg.budgets)}, methods "
                       f"{[m.name for m in cfg.methods]}", markup=False)
-    measured = measure(models, items, cfg.methods, cfg.budgets, cfg.seed, cfg.reuse_samples, console)
+    measured = measure(env, cfg.generation, items, cfg.methods, cfg.budgets, cfg.seed, cfg.reuse_samples, console)
     nmax = max(cfg.budgets)
     report(rec, measured, cfg.budgets, with_gold)
     rec.results.update({
         "source": cfg.source.kind, "prompts": len(items), "budgets": sorted(cfg.budgets),
-        "policy_parameters": models.param_count(), "methods": public_rows(measured),
+        "policy_parameters": env.param_count(), "methods": public_rows(measured),
         "distribution_at_max_n": distribution_json(measured, nmax, with_gold), "skipped": measured["skipped"],
-        "run_seconds": measured["seconds"], "compilations": models.compilations})
-    if models.world is not None:
-        rec.results["world"] = {"key": models.world.report.get("key"), "root": str(models.world.root),
-                                "rm_heldout_accuracy": models.world.report.get("rm_heldout_accuracy"),
-                                "sft_eval_loss": (models.world.report.get("sft_eval") or {}).get("loss")}
+        "run_seconds": measured["seconds"], "compilations": env.compilations})
+    if env.world is not None:
+        rec.results["world"] = {"key": env.world.report.get("key"), "root": str(env.world.root),
+                                "rm_heldout_accuracy": env.world.report.get("rm_heldout_accuracy"),
+                                "sft_eval_loss": (env.world.report.get("sft_eval") or {}).get("loss")}
         rec.notes.append("Selection is by the proxy reward model (trained on gold-ranked pairs, held-out pairwise "
-                         f"accuracy {models.world.report.get('rm_heldout_accuracy', float('nan')):.3f}); 'gold' is "
+                         f"accuracy {env.world.report.get('rm_heldout_accuracy', float('nan')):.3f}); 'gold' is "
                          "the world's programmatic reward r*(x, z, y) of the selected response.")
     else:
         rec.results["outputs"] = write_outputs(Path(cfg.out_dir), measured)
