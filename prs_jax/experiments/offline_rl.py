@@ -126,15 +126,17 @@ class Config:
 
 
 # ------------------------------------------------------------------------------------------------ sampling
-def _strategy(sampler: Sampler, n: int, cfg_like: Any, env: StudyEnv, split: float = 0.5, depth: int = 2):
-    from prs_jax.strategies.prs import PRS, BestOfN
+def _strategy(sampler: Sampler | Literal["greedy"], n: int, cfg_like: Any, env: StudyEnv, split: float = 0.5,
+              depth: int = 2):
+    from prs_jax.strategies.generate import StrategyConfig
 
-    sampling = cfg_like.sampling
     if sampler == "prs":
-        return PRS.with_budget(n, split=split, depth=min(depth, n), sampling=sampling, templates=env.templates,
-                               max_new_tokens=cfg_like.max_new_tokens,
-                               feedback_max_new_tokens=cfg_like.feedback_max_new_tokens)
-    return BestOfN(n=n, variant=sampler, sampling=sampling, max_new_tokens=cfg_like.max_new_tokens)
+        spec = StrategyConfig.of("prs", n, cfg_like.sampling, split=split, depth=min(depth, n),
+                                 max_new_tokens=cfg_like.max_new_tokens,
+                                 feedback_max_new_tokens=cfg_like.feedback_max_new_tokens)
+    else:
+        spec = StrategyConfig.of(sampler, n, cfg_like.sampling, max_new_tokens=cfg_like.max_new_tokens)
+    return spec.build(templates=env.templates)
 
 
 def build_rows(results, data: DataKind, env: StudyEnv, min_reward: float | None, improving_per_prompt: int,

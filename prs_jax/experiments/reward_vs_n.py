@@ -137,16 +137,17 @@ def load_items(env: StudyEnv, limit: int) -> list[PromptItem]:
 def run_method(env: StudyEnv, g: Generation, items: Sequence[PromptItem], method: Method, n: int, seed: int,
                progress: Any = None) -> list[StrategyResult]:
     """Run one method at budget n on every item (batched, `g.batch_size` prompts per engine call)."""
-    from prs_jax.strategies.prs import PRS, BestOfN
+    from prs_jax.strategies.generate import StrategyConfig
 
     if method.kind == "prs":
-        strategy: Any = PRS.with_budget(n, method.split, method.depth, feedback=method.feedback, mode=g.prs_mode,
-                                        sampling=g.sampling(), max_new_tokens=g.max_new_tokens,
-                                        feedback_max_new_tokens=g.feedback_max_new_tokens, templates=env.templates)
+        spec = StrategyConfig.of("prs", n, g.sampling(), split=method.split, depth=method.depth,
+                                 feedback=method.feedback, mode=g.prs_mode, max_new_tokens=g.max_new_tokens,
+                                 feedback_max_new_tokens=g.feedback_max_new_tokens)
     elif method.kind in ("rand", "prand"):
-        strategy = BestOfN(n=n, variant=method.kind, sampling=g.sampling(), max_new_tokens=g.max_new_tokens)
+        spec = StrategyConfig.of(method.kind, n, g.sampling(), max_new_tokens=g.max_new_tokens)
     else:
         raise ValueError(f"method {method.name!r}: kind {method.kind!r} is not one of {METHOD_KINDS}")
+    strategy = spec.build(templates=env.templates)
     engine = env.engine(seed)
     out: list[StrategyResult] = []
     for start in range(0, len(items), g.batch_size):

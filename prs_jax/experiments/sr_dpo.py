@@ -130,11 +130,10 @@ class Config:
 def _sample_pairs(env: StudyEnv, cfg: Config, items, model, rm_scorer, seed: int, desc: str
                   ) -> list[dict[str, Any]]:
     """Best-vs-worst pairs from `samples` policy responses per prompt (conversational rows + gold/proxy)."""
-    from prs_jax.strategies.prs import BestOfN
+    from prs_jax.strategies.generate import StrategyConfig
 
     pc = cfg.pairs
-    strategy = BestOfN(n=pc.samples, variant="prand", sampling=pc.sampling,
-                       max_new_tokens=pc.max_new_tokens)
+    strategy = StrategyConfig.of("prand", pc.samples, pc.sampling, max_new_tokens=pc.max_new_tokens).build()
     scorer = rm_scorer if pc.ranker == "proxy" else env.gold_scorer()
     results = run_chunked(env, strategy, items, model, scorer, seed, pc.chunk, desc)
     other = rescore(results, rm_scorer if pc.ranker == "gold" else (env.gold_scorer() or rm_scorer))
@@ -276,11 +275,10 @@ def time_losses(policy: Path, tok, rows, cfg: Config, prefix: str, work: Path) -
 def _win_samples(env: StudyEnv, cfg: Config, items, model, judge) -> list[list[float]]:
     """`win_samples` responses per held-out prompt, judged; the engine seed is shared by every policy, so the
     comparison uses common random numbers."""
-    from prs_jax.strategies.prs import BestOfN
+    from prs_jax.strategies.generate import StrategyConfig
 
     ec = cfg.eval
-    strategy = BestOfN(n=ec.win_samples, variant="prand", sampling=ec.sampling,
-                       max_new_tokens=ec.max_new_tokens)
+    strategy = StrategyConfig.of("prand", ec.win_samples, ec.sampling, max_new_tokens=ec.max_new_tokens).build()
     results = run_chunked(env, strategy, items, model, judge, cfg.seed + 7, ec.chunk, "win-rate samples")
     return [[float(c.reward) for c in r.candidates] for r in results]
 

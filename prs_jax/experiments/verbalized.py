@@ -240,17 +240,16 @@ def _setting(cfg: Config, env: StudyEnv) -> Setting:
 def run_method(cfg: Config, setting: Setting, env: StudyEnv, model: Any, method: str, k: int, n: int,
                seed: int) -> list[dict[str, Any]]:
     """Run one method on every prompt; per prompt the responses (at most n), their weights and parse flags."""
-    from prs_jax.strategies.verbalized import VerbalizedSampling
+    from prs_jax.strategies.generate import StrategyConfig
     from prs_jax.tree.sampling import SamplingParams
 
     single = method in ("direct", "multi_turn", "cot")
     budget = cfg.tokens_per_response * (1 if single else k) + (8 * k if method.startswith("vs") else 0)
     if method in ("vs_cot", "cot"):
         budget += cfg.cot_tokens
-    vs = VerbalizedSampling(method=method, k=k, n=n, sampling=SamplingParams(temperature=cfg.temperature,
-                                                                              top_p=cfg.top_p),
-                            max_new_tokens=budget, min_survivors=cfg.min_survivors, select="probability",
-                            seed=seed, templates=setting.templates)
+    spec = StrategyConfig.of("vs", n, SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p),
+                             vs_method=method, k=k, max_new_tokens=budget)
+    vs = spec.build(templates=setting.templates, min_survivors=cfg.min_survivors, select="probability", seed=seed)
     out = []
     for s in range(0, len(setting.items), cfg.batch):
         results = vs.run(setting.items[s:s + cfg.batch], env.engine(seed, model=model), scorer=None)  # keyed by item id
