@@ -170,39 +170,91 @@ def _seed_for(seed: int, *parts: Any) -> int:
                % (2**31))
 
 
-def measure(env: StudyEnv, gen: Generation, items: Sequence[PromptItem], methods: Sequence[Method],
-            budgets: Sequence[int], seed: int, reuse_samples: bool = True, console: Any = None) -> dict[str, Any]:
-    """Per method and budget: per-prompt proxy and gold of the selected response, oracle gold (best gold among
-    the candidates), mean gold of the candidates; at the largest budget also every candidate's gold/proxy."""
+def _runs(methods: Sequence[Method], budgets: Sequence[int], reuse_samples: bool) -> list[tuple[Method, int]]:
+    """(method, budget) of every strategy run: Rand / PRand once at the largest N when samples are reused."""
+    nmax = max(budgets)
+    return [(m, n) for m in methods for n in ([nmax] if (reuse_samples and m.kind != "prs") else budgets)
+            if m.kind != "prs" or m.widths(n) is not None]
+
+
+def result_records(results: Sequence[StrategyResult], method: Method, n_run: int, gold: Callable | None
+                   ) -> list[dict[str, Any]]:
+    """One JSON row per prompt of a run: every candidate's text, proxy reward, refinement layer and (world) gold
+    reward, in candidate order. The report is computed from these rows alone."""
+    rows = []
+    for r in results:
+        it = r.item
+        row = {"method": method.name, "kind": method.kind, "n_run": n_run, "id": it.id, "prompt": it.prompt,
+               "preference": it.preference, "texts": [c.text for c in r.candidates],
+               "proxy": [float(c.reward) for c in r.candidates],
+               "layer": [int(c.metadata.get("layer", 0)) for c in r.candidates]}
+        if gold is not None:
+            row["gold"] = [float(gold(it.prompt, c.text, it.preference)) for c in r.candidates]
+        rows.append(row)
+    return rows
+
+
+def measure_records(env: StudyEnv, gen: Generation, items: Sequence[PromptItem], methods: Sequence[Method],
+                    budgets: Sequence[int], seed: int, reuse_samples: bool = True
+                    ) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    """Run every (method, budget) on every prompt: the per-prompt records (result_records) and the seconds per
+    run."""
     from tqdm import tqdm
 
     budgets = sorted({int(b) for b in budgets})
-    nmax = budgets[-1]
-    gold = env.gold
-    runs = [(m, n) for m in methods for n in ([nmax] if (reuse_samples and m.kind != "prs") else budgets)
-            if m.kind != "prs" or m.widths(n) is not None]
-    out: dict[str, Any] = {"methods": {}, "skipped": [], "seconds": {}}
+    runs = _runs(methods, budgets, reuse_samples)
+    records: list[dict[str, Any]] = []
+    seconds: dict[str, float] = {}
     bar = tqdm(total=len(runs) * len(items), desc="reward_vs_n", unit="prompt", mininterval=5)
+    for m, n_run in runs:
+        bar.set_postfix_str(f"{m.name} N={n_run}")
+        t0 = time.perf_counter()
+        results = run_method(env, gen, items, m, n_run, _seed_for(seed, m.name, m.kind, n_run), bar)
+        seconds[f"{m.name} N={n_run}"] = time.perf_counter() - t0
+        records += result_records(results, m, n_run, env.gold)
+    bar.close()
+    return records, seconds
+
+
+def summarise_records(records: Sequence[dict[str, Any]], methods: Sequence[Method], budgets: Sequence[int],
+                      reuse_samples: bool = True, console: Any = None) -> dict[str, Any]:
+    """Per method and budget (pure, from the records): per-prompt proxy and gold of the selected response, oracle
+    gold (best gold among the candidates), mean gold of the candidates; at the largest budget also every
+    candidate's gold/proxy. Rand / PRand at N < max take the first N of the largest run's candidates."""
+    budgets = sorted({int(b) for b in budgets})
+    nmax = budgets[-1]
+    with_gold = any("gold" in r for r in records)
+    by_run: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for r in records:
+        by_run.setdefault((r["method"], int(r["n_run"])), []).append(r)
+    out: dict[str, Any] = {"methods": {}, "skipped": []}
     for m in methods:
         rows: dict[str, Any] = {}
         for n in budgets:
             if m.kind == "prs" and m.widths(n) is None:
                 out["skipped"].append(f"{m.name} at N={n} (needs N >= depth = {m.depth})")
-        for m_, n_run in [r for r in runs if r[0] is m]:
-            bar.set_postfix_str(f"{m.name} N={n_run}")
-            t0 = time.perf_counter()
-            results = run_method(env, gen, items, m, n_run, _seed_for(seed, m.name, m.kind, n_run), bar)
-            out["seconds"][f"{m.name} N={n_run}"] = time.perf_counter() - t0
+        for m_, n_run in [r for r in _runs(methods, budgets, reuse_samples) if r[0] is m]:
+            run = by_run.get((m.name, n_run))
+            if run is None:
+                raise ValueError(f"the records have no run of {m.name!r} at N={n_run}; measure again.")
             targets = [n for n in budgets if n <= n_run] if (reuse_samples and m.kind != "prs") else [n_run]
             for n in targets:
-                rows[str(n)] = _summarise(results, n, gold, full=(n == nmax), prefix=m.kind != "prs")
+                rows[str(n)] = _summarise_rows(run, n, with_gold, full=(n == nmax), prefix=m.kind != "prs")
                 if m.kind == "prs":
                     rows[str(n)]["widths"] = list(m.widths(n) or ())
         out["methods"][m.name] = rows
         if console is not None:
-            line = "  ".join(f"N={n}: {_fmt(rows[n], gold is not None)}" for n in sorted(rows, key=int))
+            line = "  ".join(f"N={n}: {_fmt(rows[n], with_gold)}" for n in sorted(rows, key=int))
             console.print(f"  {m.name:<18} {line}", markup=False)
-    bar.close()
+    return out
+
+
+def measure(env: StudyEnv, gen: Generation, items: Sequence[PromptItem], methods: Sequence[Method],
+            budgets: Sequence[int], seed: int, reuse_samples: bool = True, console: Any = None) -> dict[str, Any]:
+    """measure_records + summarise_records (the summary, with "seconds" per run and the raw "records")."""
+    records, seconds = measure_records(env, gen, items, methods, budgets, seed, reuse_samples)
+    out = summarise_records(records, methods, budgets, reuse_samples, console)
+    out.update(seconds=seconds, records=records)
     return out
 
 
@@ -212,36 +264,44 @@ def _fmt(row: dict[str, Any], with_gold: bool) -> str:
 
 def _summarise(results: Sequence[StrategyResult], n: int, gold: Callable | None, full: bool, prefix: bool
                ) -> dict[str, Any]:
+    """_summarise_rows of strategy results (the row's `_items` are the results' own items)."""
+    row = _summarise_rows(result_records(results, Method("", "prs"), n, gold), n, gold is not None, full, prefix)
+    row["_items"] = [r.item for r in results]
+    return row
+
+
+def _summarise_rows(runs: Sequence[dict[str, Any]], n: int, with_gold: bool, full: bool, prefix: bool
+                    ) -> dict[str, Any]:
     """Selection among the first n candidates (prefix=True, i.i.d. best-of-N) or among all candidates (PRS)."""
     sel_proxy, sel_gold, oracle, cand_mean, sel_text, sel_layer = [], [], [], [], [], []
     all_gold: list[list[float]] = []
     all_proxy: list[list[float]] = []
-    for r in results:
-        cands = r.candidates[:n] if prefix else r.candidates
-        proxies = [float(c.reward) for c in cands]
+    for r in runs:
+        k = n if prefix else len(r["texts"])
+        proxies = r["proxy"][:k]
         i = _argmax_first(proxies)
         sel_proxy.append(proxies[i])
-        sel_text.append(cands[i].text)
-        sel_layer.append(int(cands[i].metadata.get("layer", 0)))
+        sel_text.append(r["texts"][i])
+        sel_layer.append(r["layer"][i])
         all_proxy.append(proxies)
-        if gold is not None:
-            gs = [float(gold(r.item.prompt, c.text, r.item.preference)) for c in cands]
+        if with_gold:
+            gs = r["gold"][:k]
             sel_gold.append(gs[i])
             oracle.append(max(gs))
             cand_mean.append(float(np.mean(gs)))
             all_gold.append(gs)
-    row: dict[str, Any] = {"n": n, "prompts": len(results)}
+    row: dict[str, Any] = {"n": n, "prompts": len(runs)}
     row["proxy"], row["proxy_se"] = mean_se(sel_proxy)
     row["per_prompt_proxy"] = sel_proxy
     row["selected_from_refinement"] = float(np.mean([layer > 0 for layer in sel_layer]))
-    if gold is not None:
+    if with_gold:
         row["gold"], row["gold_se"] = mean_se(sel_gold)
         row["oracle_gold"], row["oracle_gold_se"] = mean_se(oracle)
         row["candidate_gold"], row["candidate_gold_se"] = mean_se(cand_mean)
         row["per_prompt_gold"] = sel_gold
         row["per_prompt_oracle_gold"] = oracle
     row["_texts"] = sel_text  # dropped before JSON (kept for output files)
-    row["_items"] = [r.item for r in results]
+    row["_items"] = [PromptItem(r["id"], r["prompt"], r["preference"]) for r in runs]
     if full:
         row["_all_gold"] = all_gold
         row["_all_proxy"] = all_proxy
@@ -386,36 +446,86 @@ def write_outputs(out_dir: Path, measured: dict[str, Any]) -> list[str]:
     return files
 
 
-def run(cfg: Config, console: Any = None) -> dict[str, Any]:
-    """Run the study, write results.json / results.md / PNGs, return the record."""
+RECORDS, MEASURE_FACTS = "records.jsonl", "measure.json"
+
+
+def _check(cfg: Config) -> None:
     if not cfg.budgets or min(cfg.budgets) < 1:
         raise ValueError(f"budgets: need positive sample budgets, got {list(cfg.budgets)}.")
     if not cfg.methods:
         raise ValueError("methods: empty; list at least one method (see DEFAULT_METHODS).")
-    rec = Record("reward_vs_n", cfg, cfg.out_dir, cfg.seed)
+
+
+def _measured_config(cfg: Config) -> dict[str, Any]:
+    """The config keys that decide the records (everything but out_dir), as plain JSON."""
+    from prs_jax.config import to_dict
+
+    return json.loads(json.dumps({k: v for k, v in to_dict(cfg).items() if k != "out_dir"}, default=str))
+
+
+def measure_study(cfg: Config, console: Any = None) -> Path:
+    """Measure: run every method at every budget and write OUT/records.jsonl (one row per run and prompt: every
+    candidate's text, proxy and gold reward) and OUT/measure.json (config, timings, world facts). No tables."""
+    from prs_jax.data.io import write_jsonl, write_text_atomic
+
+    _check(cfg)
     env = study_env(cfg.source, cfg.generation, console)
     items = load_items(env, cfg.prompts)
-    with_gold = env.gold is not None
     if console is not None:
         console.print(f"reward_vs_n: {len(items)} prompts, N in {sorted(cfg.budgets)}, methods "
                       f"{[m.name for m in cfg.methods]}", markup=False)
-    measured = measure(env, cfg.generation, items, cfg.methods, cfg.budgets, cfg.seed, cfg.reuse_samples, console)
+    records, seconds = measure_records(env, cfg.generation, items, cfg.methods, cfg.budgets, cfg.seed,
+                                       cfg.reuse_samples)
+    out = Path(cfg.out_dir)
+    write_jsonl(out / RECORDS, records)
+    facts = {"config": _measured_config(cfg), "source": cfg.source.kind, "prompts": len(items),
+             "policy_parameters": env.param_count(), "run_seconds": seconds, "compilations": env.compilations,
+             "world": None if env.world is None else {
+                 "key": env.world.report.get("key"), "root": str(env.world.root),
+                 "rm_heldout_accuracy": env.world.report.get("rm_heldout_accuracy"),
+                 "sft_eval_loss": (env.world.report.get("sft_eval") or {}).get("loss")}}
+    write_text_atomic(out / MEASURE_FACTS, json.dumps(facts, indent=2))
+    return out
+
+
+def report_study(cfg: Config, console: Any = None, started: float | None = None) -> dict[str, Any]:
+    """Report: tables, figures, results.json / results.md (and, on real data, the AlpacaEval outputs files) from
+    OUT/records.jsonl and OUT/measure.json alone; re-runnable without models."""
+    out = Path(cfg.out_dir)
+    facts_file, records_file = out / MEASURE_FACTS, out / RECORDS
+    if not facts_file.is_file() or not records_file.is_file():
+        raise FileNotFoundError(f"{out}: no {MEASURE_FACTS} / {RECORDS}; measure first (prs-jax experiment "
+                                "reward_vs_n CONFIG, without --report).")
+    _check(cfg)
+    facts = json.loads(facts_file.read_text())
+    now = _measured_config(cfg)
+    diff = sorted(k for k in set(now) | set(facts["config"]) if now.get(k) != facts["config"].get(k))
+    if diff:
+        raise ValueError(f"{facts_file}: measured with another config (keys {', '.join(diff)} differ); report with "
+                         "the config it was measured with, or measure again.")
+    with records_file.open(encoding="utf-8") as fh:
+        records = [json.loads(line) for line in fh if line.strip()]
+    rec = Record("reward_vs_n", cfg, cfg.out_dir, cfg.seed)
+    if started is not None:
+        rec._t0 = started  # run(): the wall time covers measuring too
+    measured = summarise_records(records, cfg.methods, cfg.budgets, cfg.reuse_samples, console)
+    with_gold = facts["world"] is not None
     nmax = max(cfg.budgets)
     report(rec, measured, cfg.budgets, with_gold)
     rec.results.update({
-        "source": cfg.source.kind, "prompts": len(items), "budgets": sorted(cfg.budgets),
-        "policy_parameters": env.param_count(), "methods": public_rows(measured),
+        "source": facts["source"], "prompts": facts["prompts"], "budgets": sorted(cfg.budgets),
+        "policy_parameters": facts["policy_parameters"], "methods": public_rows(measured),
         "distribution_at_max_n": distribution_json(measured, nmax, with_gold), "skipped": measured["skipped"],
-        "run_seconds": measured["seconds"], "compilations": env.compilations})
-    if env.world is not None:
-        rec.results["world"] = {"key": env.world.report.get("key"), "root": str(env.world.root),
-                                "rm_heldout_accuracy": env.world.report.get("rm_heldout_accuracy"),
-                                "sft_eval_loss": (env.world.report.get("sft_eval") or {}).get("loss")}
+        "run_seconds": facts["run_seconds"], "compilations": facts["compilations"]})
+    if with_gold:
+        world = facts["world"]
+        rec.results["world"] = world
+        acc = world.get("rm_heldout_accuracy")
         rec.notes.append("Selection is by the proxy reward model (trained on gold-ranked pairs, held-out pairwise "
-                         f"accuracy {env.world.report.get('rm_heldout_accuracy', float('nan')):.3f}); 'gold' is "
+                         f"accuracy {acc if acc is not None else float('nan'):.3f}); 'gold' is "
                          "the world's programmatic reward r*(x, z, y) of the selected response.")
     else:
-        rec.results["outputs"] = write_outputs(Path(cfg.out_dir), measured)
+        rec.results["outputs"] = write_outputs(out, measured)
         rec.notes.append("Real source: no gold reward; the RM score is also the selection criterion, so it is "
                          "optimistic. Judge outputs/*.json with AlpacaEval for the paper's LC win rates.")
     if cfg.reuse_samples:
@@ -424,3 +534,10 @@ def run(cfg: Config, console: Any = None) -> dict[str, Any]:
                          "between N); PRS is run afresh at each N.")
     rec.notes += [f"skipped: {s}" for s in measured["skipped"]]
     return rec.finish(console)
+
+
+def run(cfg: Config, console: Any = None) -> dict[str, Any]:
+    """measure_study, then report_study: results.json / results.md / PNGs; returns the record."""
+    started = time.perf_counter()
+    measure_study(cfg, console)
+    return report_study(cfg, console, started=started)
