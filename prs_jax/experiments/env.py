@@ -77,6 +77,7 @@ class StudyEnv:
         # how `proxy` formats (prompt, response) for the RM and whether it sees z (None: in the world only)
         self.rm_formatter, self.rm_include_preference = rm_formatter, rm_include_preference
         self.compilations = 0  # XLA programs compiled by the engines a study ran (it adds them up)
+        self._labelers: dict[str, dict[str, Any]] = {}  # labeler build config -> report
 
     # ------------------------------------------------------------------------------------------ construction
     @classmethod
@@ -188,11 +189,10 @@ class StudyEnv:
         from prs_jax.world.labelers import LabelerBuildConfig, build_labelers
 
         key = repr(cfg)
-        cache = self.__dict__.setdefault("_labelers", {})
-        if key not in cache:
-            cache[key] = build_labelers(self.world, cfg or LabelerBuildConfig(), console=console,
-                                        allow_weak=allow_weak)
-        return cache[key]
+        if key not in self._labelers:
+            self._labelers[key] = build_labelers(self.world, cfg or LabelerBuildConfig(), console=console,
+                                                 allow_weak=allow_weak)
+        return self._labelers[key]
 
     def labeler_path(self, size: str = "large", cfg: Any = None, console: Any = None) -> Path:
         """The checkpoint directory of the world's labeler of `size` (built on first use)."""

@@ -43,7 +43,7 @@ from rich.console import Console
 from tqdm import tqdm
 
 from prs_jax.eval.stats import PairedWinRate, mean_se, win_rate
-from prs_jax.experiments.common import Record, Source, build_world_from
+from prs_jax.experiments.common import Record, Source, build_world_from, param_count
 from prs_jax.experiments.env import StudyEnv
 from prs_jax.feedback.labeler import AILabeler, LabelerConfig
 from prs_jax.feedback.metrics import (
@@ -600,7 +600,7 @@ def run(cfg: Config, console: Any = None) -> dict[str, Any]:
     sizes: dict[str, dict[str, Any]] = {}
     if cfg.sizes:
         sv = by_variant[cfg.size_variant]
-        sizes["base"] = {**variants[sv.name], "params": _param_count(model)}
+        sizes["base"] = {**variants[sv.name], "params": param_count(model)}
         for size in cfg.sizes:
             if size.model:
                 path = size.model
@@ -615,7 +615,7 @@ def run(cfg: Config, console: Any = None) -> dict[str, Any]:
             lab = AILabeler(m, load_tokenizer(path), labeler_config(cfg, prompt_config(
                 setting.base_prompt, sv, str(ex_file) if ex_file else None), sv))
             labels = label_pairs(lab, align, cfg.label_batch, cfg.seed, f"size {size.name}", cfg.progress)
-            sizes[size.name] = {**alignment_row(labels, human), "params": _param_count(m), "model": path,
+            sizes[size.name] = {**alignment_row(labels, human), "params": param_count(m), "model": path,
                                 "overrides": size.overrides}
             console.print(f"  size {size.name} ({sizes[size.name]['params']:,} params): alignment "
                           f"{sizes[size.name]['alignment']:.3f}, position bias {sizes[size.name]['position_bias']:.3f}",
@@ -729,13 +729,6 @@ def run(cfg: Config, console: Any = None) -> dict[str, Any]:
     rec.notes.extend(notes)
     rec.notes.extend(_auto_notes(cfg, variants, sizes, rec.results))
     return rec.finish(console)
-
-
-def _param_count(model: Any) -> int:
-    import jax
-    from flax import nnx
-
-    return int(sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
 
 
 def _auto_notes(cfg: Config, variants: dict[str, dict[str, Any]], sizes: dict[str, dict[str, Any]],
