@@ -105,7 +105,7 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
 
     from prs_jax.experiments import run_experiment
 
-    run_experiment(args.name, args.config, args.overrides, console=Console())
+    run_experiment(args.name, args.config, args.overrides, console=Console(), report_only=args.report)
     return 0
 
 
@@ -385,6 +385,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", choices=STUDIES)
     p.add_argument("config", type=Path, help="YAML config, e.g. experiments/configs/reward_vs_n/cpu.yaml")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    p.add_argument("--report", action="store_true", help="remake tables, plots and results.json from the saved "
+                                                         "records in out_dir without measuring (reward_vs_n)")
     p.set_defaults(func=_cmd_experiment)
 
     p = _sub(sub, "world", help="the synthetic preference world: `world build` trains (or reuses) its "

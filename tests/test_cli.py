@@ -26,7 +26,9 @@ def test_overrides_after_options_are_overrides():
     args = parse_args(parser, ["world", "build", "rm_steps=2", "--force", "sft_steps=3"])
     assert args.force and args.overrides == ["rm_steps=2", "sft_steps=3"]
     args = parse_args(parser, ["experiment", "scaling", "cfg.yaml", "seed=1"])
-    assert args.overrides == ["seed=1"]
+    assert args.overrides == ["seed=1"] and not args.report
+    args = parse_args(parser, ["experiment", "reward_vs_n", "cfg.yaml", "--report", "seed=1", "prompts=4"])
+    assert args.report and args.overrides == ["seed=1", "prompts=4"]
     with pytest.raises(SystemExit):
         parse_args(parser, ["world", "build", "--preset", "smoke", "--no-such-flag"])
     with pytest.raises(SystemExit):

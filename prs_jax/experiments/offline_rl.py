@@ -29,14 +29,11 @@ import numpy as np
 from prs_jax.config import to_dict
 from prs_jax.eval.stats import mean_se
 from prs_jax.experiments.common import Record, Source
+from prs_jax.experiments.env import StudyEnv
 from prs_jax.experiments.policy_tools import (
-    StudyEnv,
     assistant,
     config_digest,
-    gold_scorer,
-    proxy_scorer,
     rescore,
-    resolve_env,
     run_chunked,
     user_turn,
 )
@@ -129,15 +126,17 @@ class Config:
 
 
 # ------------------------------------------------------------------------------------------------ sampling
-def _strategy(sampler: Sampler, n: int, cfg_like: Any, env: StudyEnv, split: float = 0.5, depth: int = 2):
-    from prs_jax.strategies.prs import PRS, BestOfN
+def _strategy(sampler: Sampler | Literal["greedy"], n: int, cfg_like: Any, env: StudyEnv, split: float = 0.5,
+              depth: int = 2):
+    from prs_jax.strategies.generate import StrategyConfig
 
-    sampling = cfg_like.sampling
     if sampler == "prs":
-        return PRS.with_budget(n, split=split, depth=min(depth, n), sampling=sampling, templates=env.templates,
-                               max_new_tokens=cfg_like.max_new_tokens,
-                               feedback_max_new_tokens=cfg_like.feedback_max_new_tokens)
-    return BestOfN(n=n, variant=sampler, sampling=sampling, max_new_tokens=cfg_like.max_new_tokens)
+        spec = StrategyConfig.of("prs", n, cfg_like.sampling, split=split, depth=min(depth, n),
+                                 max_new_tokens=cfg_like.max_new_tokens,
+                                 feedback_max_new_tokens=cfg_like.feedback_max_new_tokens)
+    else:
+        spec = StrategyConfig.of(sampler, n, cfg_like.sampling, max_new_tokens=cfg_like.max_new_tokens)
+    return spec.build(templates=env.templates)
 
 
 def build_rows(results, data: DataKind, env: StudyEnv, min_reward: float | None, improving_per_prompt: int,
@@ -193,20 +192,21 @@ def build_rows(results, data: DataKind, env: StudyEnv, min_reward: float | None,
 
 
 # ------------------------------------------------------------------------------------------------ evaluation
-def evaluate_policy(env: StudyEnv, cfg: Config, model, tok, rm, judge, items) -> dict[str, Any]:
+def evaluate_policy(env: StudyEnv, cfg: Config, model, rm, judge, items) -> dict[str, Any]:
     """Judge scores of the policy on held-out prompts: greedy, sampled mean, PRS best-of-N (proxy selection)."""
     ec = cfg.eval
     out: dict[str, Any] = {}
     seed = cfg.seed + 17  # the same engine seed for every policy: common random numbers across arms
     if ec.greedy:
-        res = run_chunked(_strategy("greedy", 1, ec, env), items, model, tok, judge, seed, ec.chunk, "eval greedy")
+        res = run_chunked(env, _strategy("greedy", 1, ec, env), items, model, judge, seed, ec.chunk,
+                          "eval greedy")
         out["greedy"] = mean_se([r.candidates[0].reward for r in res])
     if ec.samples > 0:
-        res = run_chunked(_strategy("prand", ec.samples, ec, env), items, model, tok, judge, seed, ec.chunk,
+        res = run_chunked(env, _strategy("prand", ec.samples, ec, env), items, model, judge, seed, ec.chunk,
                           "eval samples")
         out["sampled"] = mean_se([float(np.mean([c.reward for c in r.candidates])) for r in res])
     if ec.prs_n > 0:
-        res = run_chunked(_strategy("prs", ec.prs_n, ec, env), items, model, tok, rm, seed, ec.chunk, "eval PRS")
+        res = run_chunked(env, _strategy("prs", ec.prs_n, ec, env), items, model, rm, seed, ec.chunk, "eval PRS")
         sel = [(r.item, r.selected.text) for r in res]
         scores = judge([it.prompt for it, _ in sel], [t for _, t in sel], [it.preference for it, _ in sel])
         out[f"prs_bo{ec.prs_n}"] = mean_se(scores)
@@ -224,7 +224,6 @@ def run(cfg: Config, console: Any = None) -> dict[str, Any]:
     from rich.console import Console
 
     from prs_jax.data.io import write_jsonl
-    from prs_jax.models import load_causal_lm, load_tokenizer
     from prs_jax.train.run import DataConfig, LossConfig, TrainRunConfig, run_train
 
     console = console or Console()
@@ -239,19 +238,18 @@ def run(cfg: Config, console: Any = None) -> dict[str, Any]:
     rec = Record("offline_rl", cfg, cfg.out_dir, cfg.seed)
     work = Path(cfg.work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    env = resolve_env(cfg.source, cfg.sample.prompts, cfg.eval.prompts, console, cfg.eval_prompt_set,
-                      cfg.eval_prompts_path)
-    tok = load_tokenizer(env.policy)
-    rm = proxy_scorer(env, tok)
-    gold = gold_scorer(env)
+    env = StudyEnv.from_source(cfg.source, console, study="offline_rl",
+                               require=("policy", "prompts_path", "reward_model"))
+    train_items, heldout = env.split(cfg.sample.prompts, cfg.eval.prompts, cfg.eval_prompt_set,
+                                     cfg.eval_prompts_path)
+    rm = env.proxy
+    gold = env.gold_scorer()
     judge = gold or rm
     judge_name = "gold reward" if gold is not None else "reward model (no gold reward on real checkpoints)"
-    heldout = env.heldout_items[:cfg.eval.prompts]
-    train_items = env.train_items[:cfg.sample.prompts]
     sc = cfg.sample
 
     t0 = time.perf_counter()
-    start_eval = evaluate_policy(env, cfg, load_causal_lm(env.policy, dtype=env.dtype), tok, rm, judge, heldout)
+    start_eval = evaluate_policy(env, cfg, env.load_policy(), rm, judge, heldout)
     console.print(f"offline_rl: starting policy: {_fmt(start_eval)} ({time.perf_counter() - t0:.0f} s)",
                   markup=False)
     arms_out: dict[str, dict[str, Any]] = {}
@@ -261,11 +259,11 @@ def run(cfg: Config, console: Any = None) -> dict[str, Any]:
         iters: list[dict[str, Any]] = [{"iteration": 0, "eval": start_eval}]
         for it in range(1, cfg.iterations + 1):
             t_it = time.perf_counter()
-            model = load_causal_lm(policy_dir, dtype=env.dtype)
+            model = env.load_policy(policy_dir)
             key = (arm.sampler, str(policy_dir), it)
             if key not in sample_cache:  # arms with the same sampler share iteration 1 (same starting policy)
                 strategy = _strategy(arm.sampler, sc.n, sc, env, sc.prs_split, sc.prs_depth)
-                results = run_chunked(strategy, train_items, model, tok, rm, cfg.seed * 1000 + it, sc.chunk,
+                results = run_chunked(env, strategy, train_items, model, rm, cfg.seed * 1000 + it, sc.chunk,
                                       f"{arm.tag} iter {it} sampling")
                 sample_cache[key] = (results, rescore(results, gold) if gold is not None else None)
             results, gold_scores = sample_cache[key]
@@ -295,7 +293,7 @@ def run(cfg: Config, console: Any = None) -> dict[str, Any]:
             t_train = time.perf_counter() - t1
             policy_dir = run_dir / "policy"
             t1 = time.perf_counter()
-            ev = evaluate_policy(env, cfg, load_causal_lm(policy_dir, dtype=env.dtype), tok, rm, judge, heldout)
+            ev = evaluate_policy(env, cfg, env.load_policy(policy_dir), rm, judge, heldout)
             iters.append({"iteration": it, "eval": ev, "data": summary, "policy": str(policy_dir),
                           "seconds": {"sample": t_sample, "train": t_train, "eval": time.perf_counter() - t1}})
             console.print(f"{arm.label} iteration {it}: {_fmt(ev)}; data {summary}", markup=False)

@@ -25,11 +25,10 @@ from prs_jax.experiments.common import Record, Source
 from prs_jax.experiments.reward_vs_n import (
     Generation,
     Method,
-    Models,
     _seed_for,
     _summarise,
-    real_items,
     run_method,
+    study_env,
 )
 from prs_jax.strategies.base import PromptItem
 
@@ -139,18 +138,18 @@ def run(cfg: Config, console: Any = None) -> dict[str, Any]:
         if a not in names or b not in names:
             raise ValueError(f"comparisons: ({a!r}, {b!r}) names a method not in methods {names}.")
     rec = Record("preference_adaptation", cfg, cfg.out_dir, cfg.seed)
-    models = Models.from_source(cfg.source, cfg.generation, console)
-    with_gold = models.gold is not None
+    env = study_env(cfg.source, cfg.generation, console, study="preference_adaptation")
+    with_gold = env.gold is not None
     prefs: dict[str, Any] = {}
     if with_gold:
         from prs_jax.world.task import satisfied
 
-        groups = fresh_prompts(models.world, cfg.kinds, cfg.prompts_per_kind, cfg.seed)
+        groups = fresh_prompts(env.world, cfg.kinds, cfg.prompts_per_kind, cfg.seed)
         items = [PromptItem(p.id, p.x, p.z, metadata={"group": kind}) for kind, ps in groups.items() for p in ps]
         prefs = {p.id: p.prefs[0] for ps in groups.values() for p in ps}
         prompt_of = {p.id: p for ps in groups.values() for p in ps}
     else:
-        items = real_items(cfg.source, cfg.max_prompts, preference_column="preference")
+        items = env.real_prompts(cfg.max_prompts, preference_column="preference")
         missing = [it.id for it in items if cfg.group_column not in it.metadata]
         if missing:
             raise ValueError(f"{cfg.source.real.prompts_path}: rows {missing[:5]} have no {cfg.group_column!r} "
@@ -170,9 +169,10 @@ def run(cfg: Config, console: Any = None) -> dict[str, Any]:
         for m in cfg.methods:
             bar.set_postfix_str(m.name)
             t0 = time.perf_counter()
-            results = run_method(models, items, m, cfg.n, _seed_for(cfg.seed, "pa", m.name, m.kind, cfg.n), bar)
+            results = run_method(env, cfg.generation, items, m, cfg.n,
+                                 _seed_for(cfg.seed, "pa", m.name, m.kind, cfg.n), bar)
             seconds[m.name] = time.perf_counter() - t0
-            row = _summarise(results, cfg.n, models.gold, full=False, prefix=m.kind != "prs")
+            row = _summarise(results, cfg.n, env.gold, full=False, prefix=m.kind != "prs")
             row["satisfied"] = [bool(satisfied(prefs[it.id], t)) for it, t in zip(row["_items"], row["_texts"])] \
                 if with_gold else None
             if with_gold:  # what the policy offered and how the proxy RM ranked it
@@ -194,7 +194,7 @@ def run(cfg: Config, console: Any = None) -> dict[str, Any]:
 
     results: dict[str, Any] = {"groups": {}, "n": cfg.n, "source": cfg.source.kind, "prompts": len(items),
                                "judge": "gold reward" if with_gold else "reward model (also the selector)",
-                               "run_seconds": seconds, "compilations": models.compilations}
+                               "run_seconds": seconds, "compilations": env.compilations}
     for group in [*order, None]:
         gname = group if group is not None else "all"
         entry: dict[str, Any] = {"prompts": len(pick(group_of, group)), "win_rates": {}, "methods": {}}
@@ -217,9 +217,9 @@ def run(cfg: Config, console: Any = None) -> dict[str, Any]:
             entry["methods"][name] = e
         results["groups"][gname] = entry
     rec.results.update(results)
-    if models.world is not None:
-        rec.results["world"] = {"key": models.world.report.get("key"), "root": str(models.world.root),
-                                "rm_heldout_accuracy": models.world.report.get("rm_heldout_accuracy")}
+    if env.world is not None:
+        rec.results["world"] = {"key": env.world.report.get("key"), "root": str(env.world.root),
+                                "rm_heldout_accuracy": env.world.report.get("rm_heldout_accuracy")}
 
     def pm(m: float, s: float) -> str:
         return f"{m:.3f} ± {s:.3f}"

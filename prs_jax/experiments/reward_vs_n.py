@@ -10,7 +10,7 @@ selected response (which is also the selection criterion, so it is optimistic) a
 written in AlpacaEval's output format for an external judge.
 
 This module also holds the sampling helpers the preference-adaptation and scaling studies reuse
-(`Generation`, `Method`, `Models`, `run_method`, `measure`).
+(`Generation`, `Method`, `study_env`, `run_method`, `measure`).
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ from typing import Any, Literal
 import numpy as np
 
 from prs_jax.eval.stats import mean_se
-from prs_jax.experiments.common import Record, Source, build_world_from, param_count
+from prs_jax.experiments.common import Record, Source
+from prs_jax.experiments.env import StudyEnv
 from prs_jax.models.sharding import MeshConfig
 from prs_jax.strategies.base import PromptItem, StrategyResult
 
@@ -92,6 +93,15 @@ class Generation:
         return SamplingParams(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
                               presence_penalty=self.presence_penalty)
 
+    def env_options(self) -> dict[str, Any]:
+        """StudyEnv options: engine settings beyond the shared bucket floors, mesh, reward-model formatting."""
+        from prs_jax.tree.scoring import RewardFormatter
+
+        return {"engine_options": {"attention_impl": self.attention_impl, "min_groups_bucket": self.batch_size,
+                                   "min_rows_bucket": self.min_rows_bucket},
+                "mesh": self.mesh, "rm_formatter": RewardFormatter(self.rm_format, self.rm_template),
+                "rm_include_preference": self.rm_include_preference}
+
 
 @dataclasses.dataclass(frozen=True)
 class Config:
@@ -109,119 +119,44 @@ class Config:
 
 
 # ------------------------------------------------------------------------------------------------ models
-class Models:
-    """Policy + tokenizer + proxy reward scorer (+ the gold reward in the world) for a Source."""
-
-    def __init__(self, policy_dir: str | Path, rm_dir: str | Path, gen: Generation, *, rm_head_name: str | None = None,
-                 dtype: str = "float32", gold: Callable[[str, str, str | None], float] | None = None,
-                 templates: Any = None, world: Any = None):
-        from prs_jax.models import load_causal_lm, load_reward_model, load_tokenizer
-        from prs_jax.strategies.base import RewardModelScorer
-        from prs_jax.tree.scoring import RewardFormatter, RewardScorer
-
-        # the engine and the scorer run inside this mesh with the configured rules (generation.mesh.rules)
-        self.mesh_context = gen.mesh.context() if gen.mesh is not None else None
-        mesh = self.mesh_context.mesh if self.mesh_context is not None else None
-        rules = self.mesh_context.rules if self.mesh_context is not None else None
-        self.gen, self.gold, self.world = gen, gold, world
-        self.policy_dir, self.rm_dir = Path(policy_dir), Path(rm_dir)
-        self.tokenizer = load_tokenizer(policy_dir)
-        self.policy = load_causal_lm(policy_dir, dtype=dtype, mesh=mesh, sharding_rules=rules)
-        rm = load_reward_model(rm_dir, dtype=dtype, mesh=mesh, head_name=rm_head_name, sharding_rules=rules)
-        self.proxy = RewardModelScorer(RewardScorer(rm, load_tokenizer(rm_dir),
-                                                    RewardFormatter(gen.rm_format, gen.rm_template),
-                                                    mesh_context=self.mesh_context),
-                                       include_preference=gen.rm_include_preference)
-        if templates is None:
-            from prs_jax.strategies.templates import PRSTemplates
-
-            templates = PRSTemplates()
-        self.templates = templates
-        self.compilations = 0
-
-    @classmethod
-    def from_source(cls, source: Source, gen: Generation, console: Any = None) -> Models:
-        """Build/reuse the world (gold reward available) or load the real checkpoints (no gold)."""
-        if source.kind == "world":
-            from prs_jax.world.corpus import world_templates
-            from prs_jax.world.task import gold_reward
-
-            built = build_world_from(source.world, console)
-            return cls(built.policy, built.reward_model, gen, gold=gold_reward, templates=world_templates(),
-                       world=built)
-        real = source.real
-        for key, path in (("source.real.policy", real.policy), ("source.real.reward_model", real.reward_model)):
-            if not path or not Path(path).is_dir():
-                raise FileNotFoundError(f"{key}: {path!r} is not a checkpoint directory; point it at a local HF "
-                                        "checkpoint (config.json + *.safetensors + tokenizer files).")
-        return cls(real.policy, real.reward_model, gen, rm_head_name=real.rm_head_name, dtype=real.dtype)
-
-    def param_count(self) -> int:
-        """Number of policy parameters."""
-        return param_count(self.policy)
-
-    def engine(self, seed: int):
-        from prs_jax.tree.engine import EngineConfig, TreeEngine
-
-        g = self.gen
-        return TreeEngine(self.policy, self.tokenizer, seed=seed, config=EngineConfig(
-            attention_impl=g.attention_impl, min_prefix_bucket=64, min_new_tokens_bucket=32, min_extend_bucket=32,
-            min_groups_bucket=g.batch_size, min_rows_bucket=g.min_rows_bucket), mesh_context=self.mesh_context)
+def study_env(source: Source, gen: Generation, console: Any = None, study: str = "reward_vs_n", **options: Any
+              ) -> StudyEnv:
+    """The StudyEnv of a sampling study: policy, proxy RM formatted as `gen` says, gold reward in the world."""
+    return StudyEnv.from_source(source, console, study=study, **gen.env_options(), **options)
 
 
-def world_items(built: Any, limit: int) -> list[PromptItem]:
-    """The first `limit` held-out prompts of a built world."""
-    rows = built.heldout()
-    if limit > len(rows):
-        raise ValueError(f"prompts={limit} but the world has {len(rows)} held-out prompts; lower `prompts` or build "
-                         "the world with more (source.world.overrides.heldout_prompts).")
-    return [PromptItem(r["id"], r["prompt"], r["preference"]) for r in rows[:limit]]
-
-
-def real_items(source: Source, limit: int | None, **options: Any) -> list[PromptItem]:
-    """Prompts of the real prompt set (source.real.prompt_set from source.real.prompts_path)."""
-    from prs_jax.data.prompt_sets import load_prompt_set
-
-    real = source.real
-    if not real.prompts_path:
-        raise FileNotFoundError("source.real.prompts_path is empty; point it at the prompt set file "
-                                f"({real.prompt_set} format).")
-    caps = [x for x in (limit, real.max_prompts) if x is not None]
-    return load_prompt_set(real.prompt_set, real.prompts_path, limit=min(caps) if caps else None, **options)
-
-
-def load_items(source: Source, models: Models, limit: int) -> list[PromptItem]:
-    """World held-out prompts or the real prompt set."""
-    if source.kind == "world":
-        return world_items(models.world, limit)
-    opts = {"preference_column": "preference"} if source.real.prompt_set in ("generic", "jsonl") else {}
-    return real_items(source, limit, **opts)
+def load_items(env: StudyEnv, limit: int) -> list[PromptItem]:
+    """The world's first `limit` held-out prompts, or the real prompt set (with its preference column)."""
+    if env.kind == "world":
+        return env.heldout(limit)
+    opts = {"preference_column": "preference"} if env.source.real.prompt_set in ("generic", "jsonl") else {}
+    return env.real_prompts(limit, **opts)
 
 
 # ------------------------------------------------------------------------------------------------ running
-def run_method(models: Models, items: Sequence[PromptItem], method: Method, n: int, seed: int,
+def run_method(env: StudyEnv, g: Generation, items: Sequence[PromptItem], method: Method, n: int, seed: int,
                progress: Any = None) -> list[StrategyResult]:
-    """Run one method at budget n on every item (batched, `generation.batch_size` prompts per engine call)."""
-    from prs_jax.strategies.prs import PRS, BestOfN
+    """Run one method at budget n on every item (batched, `g.batch_size` prompts per engine call)."""
+    from prs_jax.strategies.generate import StrategyConfig
 
-    g = models.gen
     if method.kind == "prs":
-        strategy: Any = PRS.with_budget(n, method.split, method.depth, feedback=method.feedback, mode=g.prs_mode,
-                                        sampling=g.sampling(), max_new_tokens=g.max_new_tokens,
-                                        feedback_max_new_tokens=g.feedback_max_new_tokens, templates=models.templates)
+        spec = StrategyConfig.of("prs", n, g.sampling(), split=method.split, depth=method.depth,
+                                 feedback=method.feedback, mode=g.prs_mode, max_new_tokens=g.max_new_tokens,
+                                 feedback_max_new_tokens=g.feedback_max_new_tokens)
     elif method.kind in ("rand", "prand"):
-        strategy = BestOfN(n=n, variant=method.kind, sampling=g.sampling(), max_new_tokens=g.max_new_tokens)
+        spec = StrategyConfig.of(method.kind, n, g.sampling(), max_new_tokens=g.max_new_tokens)
     else:
         raise ValueError(f"method {method.name!r}: kind {method.kind!r} is not one of {METHOD_KINDS}")
-    engine = models.engine(seed)
+    strategy = spec.build(templates=env.templates)
+    engine = env.engine(seed)
     out: list[StrategyResult] = []
     for start in range(0, len(items), g.batch_size):
         batch = list(items[start:start + g.batch_size])
-        out += strategy.run(batch, engine, models.proxy)
+        out += strategy.run(batch, engine, env.proxy)
         engine.release(list(engine.tree))  # results keep text and rewards; the KV is not needed any more
         if progress is not None:
             progress.update(len(batch))
-    models.compilations += engine.compilations
+    env.compilations += engine.compilations
     return out
 
 
@@ -235,39 +170,91 @@ def _seed_for(seed: int, *parts: Any) -> int:
                % (2**31))
 
 
-def measure(models: Models, items: Sequence[PromptItem], methods: Sequence[Method], budgets: Sequence[int],
-            seed: int, reuse_samples: bool = True, console: Any = None) -> dict[str, Any]:
-    """Per method and budget: per-prompt proxy and gold of the selected response, oracle gold (best gold among
-    the candidates), mean gold of the candidates; at the largest budget also every candidate's gold/proxy."""
+def _runs(methods: Sequence[Method], budgets: Sequence[int], reuse_samples: bool) -> list[tuple[Method, int]]:
+    """(method, budget) of every strategy run: Rand / PRand once at the largest N when samples are reused."""
+    nmax = max(budgets)
+    return [(m, n) for m in methods for n in ([nmax] if (reuse_samples and m.kind != "prs") else budgets)
+            if m.kind != "prs" or m.widths(n) is not None]
+
+
+def result_records(results: Sequence[StrategyResult], method: Method, n_run: int, gold: Callable | None
+                   ) -> list[dict[str, Any]]:
+    """One JSON row per prompt of a run: every candidate's text, proxy reward, refinement layer and (world) gold
+    reward, in candidate order. The report is computed from these rows alone."""
+    rows = []
+    for r in results:
+        it = r.item
+        row = {"method": method.name, "kind": method.kind, "n_run": n_run, "id": it.id, "prompt": it.prompt,
+               "preference": it.preference, "texts": [c.text for c in r.candidates],
+               "proxy": [float(c.reward) for c in r.candidates],
+               "layer": [int(c.metadata.get("layer", 0)) for c in r.candidates]}
+        if gold is not None:
+            row["gold"] = [float(gold(it.prompt, c.text, it.preference)) for c in r.candidates]
+        rows.append(row)
+    return rows
+
+
+def measure_records(env: StudyEnv, gen: Generation, items: Sequence[PromptItem], methods: Sequence[Method],
+                    budgets: Sequence[int], seed: int, reuse_samples: bool = True
+                    ) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    """Run every (method, budget) on every prompt: the per-prompt records (result_records) and the seconds per
+    run."""
     from tqdm import tqdm
 
     budgets = sorted({int(b) for b in budgets})
-    nmax = budgets[-1]
-    gold = models.gold
-    runs = [(m, n) for m in methods for n in ([nmax] if (reuse_samples and m.kind != "prs") else budgets)
-            if m.kind != "prs" or m.widths(n) is not None]
-    out: dict[str, Any] = {"methods": {}, "skipped": [], "seconds": {}}
+    runs = _runs(methods, budgets, reuse_samples)
+    records: list[dict[str, Any]] = []
+    seconds: dict[str, float] = {}
     bar = tqdm(total=len(runs) * len(items), desc="reward_vs_n", unit="prompt", mininterval=5)
+    for m, n_run in runs:
+        bar.set_postfix_str(f"{m.name} N={n_run}")
+        t0 = time.perf_counter()
+        results = run_method(env, gen, items, m, n_run, _seed_for(seed, m.name, m.kind, n_run), bar)
+        seconds[f"{m.name} N={n_run}"] = time.perf_counter() - t0
+        records += result_records(results, m, n_run, env.gold)
+    bar.close()
+    return records, seconds
+
+
+def summarise_records(records: Sequence[dict[str, Any]], methods: Sequence[Method], budgets: Sequence[int],
+                      reuse_samples: bool = True, console: Any = None) -> dict[str, Any]:
+    """Per method and budget (pure, from the records): per-prompt proxy and gold of the selected response, oracle
+    gold (best gold among the candidates), mean gold of the candidates; at the largest budget also every
+    candidate's gold/proxy. Rand / PRand at N < max take the first N of the largest run's candidates."""
+    budgets = sorted({int(b) for b in budgets})
+    nmax = budgets[-1]
+    with_gold = any("gold" in r for r in records)
+    by_run: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for r in records:
+        by_run.setdefault((r["method"], int(r["n_run"])), []).append(r)
+    out: dict[str, Any] = {"methods": {}, "skipped": []}
     for m in methods:
         rows: dict[str, Any] = {}
         for n in budgets:
             if m.kind == "prs" and m.widths(n) is None:
                 out["skipped"].append(f"{m.name} at N={n} (needs N >= depth = {m.depth})")
-        for m_, n_run in [r for r in runs if r[0] is m]:
-            bar.set_postfix_str(f"{m.name} N={n_run}")
-            t0 = time.perf_counter()
-            results = run_method(models, items, m, n_run, _seed_for(seed, m.name, m.kind, n_run), bar)
-            out["seconds"][f"{m.name} N={n_run}"] = time.perf_counter() - t0
+        for m_, n_run in [r for r in _runs(methods, budgets, reuse_samples) if r[0] is m]:
+            run = by_run.get((m.name, n_run))
+            if run is None:
+                raise ValueError(f"the records have no run of {m.name!r} at N={n_run}; measure again.")
             targets = [n for n in budgets if n <= n_run] if (reuse_samples and m.kind != "prs") else [n_run]
             for n in targets:
-                rows[str(n)] = _summarise(results, n, gold, full=(n == nmax), prefix=m.kind != "prs")
+                rows[str(n)] = _summarise_rows(run, n, with_gold, full=(n == nmax), prefix=m.kind != "prs")
                 if m.kind == "prs":
                     rows[str(n)]["widths"] = list(m.widths(n) or ())
         out["methods"][m.name] = rows
         if console is not None:
-            line = "  ".join(f"N={n}: {_fmt(rows[n], gold is not None)}" for n in sorted(rows, key=int))
+            line = "  ".join(f"N={n}: {_fmt(rows[n], with_gold)}" for n in sorted(rows, key=int))
             console.print(f"  {m.name:<18} {line}", markup=False)
-    bar.close()
+    return out
+
+
+def measure(env: StudyEnv, gen: Generation, items: Sequence[PromptItem], methods: Sequence[Method],
+            budgets: Sequence[int], seed: int, reuse_samples: bool = True, console: Any = None) -> dict[str, Any]:
+    """measure_records + summarise_records (the summary, with "seconds" per run and the raw "records")."""
+    records, seconds = measure_records(env, gen, items, methods, budgets, seed, reuse_samples)
+    out = summarise_records(records, methods, budgets, reuse_samples, console)
+    out.update(seconds=seconds, records=records)
     return out
 
 
@@ -277,36 +264,44 @@ def _fmt(row: dict[str, Any], with_gold: bool) -> str:
 
 def _summarise(results: Sequence[StrategyResult], n: int, gold: Callable | None, full: bool, prefix: bool
                ) -> dict[str, Any]:
+    """_summarise_rows of strategy results (the row's `_items` are the results' own items)."""
+    row = _summarise_rows(result_records(results, Method("", "prs"), n, gold), n, gold is not None, full, prefix)
+    row["_items"] = [r.item for r in results]
+    return row
+
+
+def _summarise_rows(runs: Sequence[dict[str, Any]], n: int, with_gold: bool, full: bool, prefix: bool
+                    ) -> dict[str, Any]:
     """Selection among the first n candidates (prefix=True, i.i.d. best-of-N) or among all candidates (PRS)."""
     sel_proxy, sel_gold, oracle, cand_mean, sel_text, sel_layer = [], [], [], [], [], []
     all_gold: list[list[float]] = []
     all_proxy: list[list[float]] = []
-    for r in results:
-        cands = r.candidates[:n] if prefix else r.candidates
-        proxies = [float(c.reward) for c in cands]
+    for r in runs:
+        k = n if prefix else len(r["texts"])
+        proxies = r["proxy"][:k]
         i = _argmax_first(proxies)
         sel_proxy.append(proxies[i])
-        sel_text.append(cands[i].text)
-        sel_layer.append(int(cands[i].metadata.get("layer", 0)))
+        sel_text.append(r["texts"][i])
+        sel_layer.append(r["layer"][i])
         all_proxy.append(proxies)
-        if gold is not None:
-            gs = [float(gold(r.item.prompt, c.text, r.item.preference)) for c in cands]
+        if with_gold:
+            gs = r["gold"][:k]
             sel_gold.append(gs[i])
             oracle.append(max(gs))
             cand_mean.append(float(np.mean(gs)))
             all_gold.append(gs)
-    row: dict[str, Any] = {"n": n, "prompts": len(results)}
+    row: dict[str, Any] = {"n": n, "prompts": len(runs)}
     row["proxy"], row["proxy_se"] = mean_se(sel_proxy)
     row["per_prompt_proxy"] = sel_proxy
     row["selected_from_refinement"] = float(np.mean([layer > 0 for layer in sel_layer]))
-    if gold is not None:
+    if with_gold:
         row["gold"], row["gold_se"] = mean_se(sel_gold)
         row["oracle_gold"], row["oracle_gold_se"] = mean_se(oracle)
         row["candidate_gold"], row["candidate_gold_se"] = mean_se(cand_mean)
         row["per_prompt_gold"] = sel_gold
         row["per_prompt_oracle_gold"] = oracle
     row["_texts"] = sel_text  # dropped before JSON (kept for output files)
-    row["_items"] = [r.item for r in results]
+    row["_items"] = [PromptItem(r["id"], r["prompt"], r["preference"]) for r in runs]
     if full:
         row["_all_gold"] = all_gold
         row["_all_proxy"] = all_proxy
@@ -451,36 +446,86 @@ def write_outputs(out_dir: Path, measured: dict[str, Any]) -> list[str]:
     return files
 
 
-def run(cfg: Config, console: Any = None) -> dict[str, Any]:
-    """Run the study, write results.json / results.md / PNGs, return the record."""
+RECORDS, MEASURE_FACTS = "records.jsonl", "measure.json"
+
+
+def _check(cfg: Config) -> None:
     if not cfg.budgets or min(cfg.budgets) < 1:
         raise ValueError(f"budgets: need positive sample budgets, got {list(cfg.budgets)}.")
     if not cfg.methods:
         raise ValueError("methods: empty; list at least one method (see DEFAULT_METHODS).")
-    rec = Record("reward_vs_n", cfg, cfg.out_dir, cfg.seed)
-    models = Models.from_source(cfg.source, cfg.generation, console)
-    items = load_items(cfg.source, models, cfg.prompts)
-    with_gold = models.gold is not None
+
+
+def _measured_config(cfg: Config) -> dict[str, Any]:
+    """The config keys that decide the records (everything but out_dir), as plain JSON."""
+    from prs_jax.config import to_dict
+
+    return json.loads(json.dumps({k: v for k, v in to_dict(cfg).items() if k != "out_dir"}, default=str))
+
+
+def measure_study(cfg: Config, console: Any = None) -> Path:
+    """Measure: run every method at every budget and write OUT/records.jsonl (one row per run and prompt: every
+    candidate's text, proxy and gold reward) and OUT/measure.json (config, timings, world facts). No tables."""
+    from prs_jax.data.io import write_jsonl, write_text_atomic
+
+    _check(cfg)
+    env = study_env(cfg.source, cfg.generation, console)
+    items = load_items(env, cfg.prompts)
     if console is not None:
         console.print(f"reward_vs_n: {len(items)} prompts, N in {sorted(cfg.budgets)}, methods "
                       f"{[m.name for m in cfg.methods]}", markup=False)
-    measured = measure(models, items, cfg.methods, cfg.budgets, cfg.seed, cfg.reuse_samples, console)
+    records, seconds = measure_records(env, cfg.generation, items, cfg.methods, cfg.budgets, cfg.seed,
+                                       cfg.reuse_samples)
+    out = Path(cfg.out_dir)
+    write_jsonl(out / RECORDS, records)
+    facts = {"config": _measured_config(cfg), "source": cfg.source.kind, "prompts": len(items),
+             "policy_parameters": env.param_count(), "run_seconds": seconds, "compilations": env.compilations,
+             "world": None if env.world is None else {
+                 "key": env.world.report.get("key"), "root": str(env.world.root),
+                 "rm_heldout_accuracy": env.world.report.get("rm_heldout_accuracy"),
+                 "sft_eval_loss": (env.world.report.get("sft_eval") or {}).get("loss")}}
+    write_text_atomic(out / MEASURE_FACTS, json.dumps(facts, indent=2))
+    return out
+
+
+def report_study(cfg: Config, console: Any = None, started: float | None = None) -> dict[str, Any]:
+    """Report: tables, figures, results.json / results.md (and, on real data, the AlpacaEval outputs files) from
+    OUT/records.jsonl and OUT/measure.json alone; re-runnable without models."""
+    out = Path(cfg.out_dir)
+    facts_file, records_file = out / MEASURE_FACTS, out / RECORDS
+    if not facts_file.is_file() or not records_file.is_file():
+        raise FileNotFoundError(f"{out}: no {MEASURE_FACTS} / {RECORDS}; measure first (prs-jax experiment "
+                                "reward_vs_n CONFIG, without --report).")
+    _check(cfg)
+    facts = json.loads(facts_file.read_text())
+    now = _measured_config(cfg)
+    diff = sorted(k for k in set(now) | set(facts["config"]) if now.get(k) != facts["config"].get(k))
+    if diff:
+        raise ValueError(f"{facts_file}: measured with another config (keys {', '.join(diff)} differ); report with "
+                         "the config it was measured with, or measure again.")
+    with records_file.open(encoding="utf-8") as fh:
+        records = [json.loads(line) for line in fh if line.strip()]
+    rec = Record("reward_vs_n", cfg, cfg.out_dir, cfg.seed)
+    if started is not None:
+        rec._t0 = started  # run(): the wall time covers measuring too
+    measured = summarise_records(records, cfg.methods, cfg.budgets, cfg.reuse_samples, console)
+    with_gold = facts["world"] is not None
     nmax = max(cfg.budgets)
     report(rec, measured, cfg.budgets, with_gold)
     rec.results.update({
-        "source": cfg.source.kind, "prompts": len(items), "budgets": sorted(cfg.budgets),
-        "policy_parameters": models.param_count(), "methods": public_rows(measured),
+        "source": facts["source"], "prompts": facts["prompts"], "budgets": sorted(cfg.budgets),
+        "policy_parameters": facts["policy_parameters"], "methods": public_rows(measured),
         "distribution_at_max_n": distribution_json(measured, nmax, with_gold), "skipped": measured["skipped"],
-        "run_seconds": measured["seconds"], "compilations": models.compilations})
-    if models.world is not None:
-        rec.results["world"] = {"key": models.world.report.get("key"), "root": str(models.world.root),
-                                "rm_heldout_accuracy": models.world.report.get("rm_heldout_accuracy"),
-                                "sft_eval_loss": (models.world.report.get("sft_eval") or {}).get("loss")}
+        "run_seconds": facts["run_seconds"], "compilations": facts["compilations"]})
+    if with_gold:
+        world = facts["world"]
+        rec.results["world"] = world
+        acc = world.get("rm_heldout_accuracy")
         rec.notes.append("Selection is by the proxy reward model (trained on gold-ranked pairs, held-out pairwise "
-                         f"accuracy {models.world.report.get('rm_heldout_accuracy', float('nan')):.3f}); 'gold' is "
+                         f"accuracy {acc if acc is not None else float('nan'):.3f}); 'gold' is "
                          "the world's programmatic reward r*(x, z, y) of the selected response.")
     else:
-        rec.results["outputs"] = write_outputs(Path(cfg.out_dir), measured)
+        rec.results["outputs"] = write_outputs(out, measured)
         rec.notes.append("Real source: no gold reward; the RM score is also the selection criterion, so it is "
                          "optimistic. Judge outputs/*.json with AlpacaEval for the paper's LC win rates.")
     if cfg.reuse_samples:
@@ -489,3 +534,10 @@ def run(cfg: Config, console: Any = None) -> dict[str, Any]:
                          "between N); PRS is run afresh at each N.")
     rec.notes += [f"skipped: {s}" for s in measured["skipped"]]
     return rec.finish(console)
+
+
+def run(cfg: Config, console: Any = None) -> dict[str, Any]:
+    """measure_study, then report_study: results.json / results.md / PNGs; returns the record."""
+    started = time.perf_counter()
+    measure_study(cfg, console)
+    return report_study(cfg, console, started=started)

@@ -43,12 +43,8 @@ from rich.console import Console
 from tqdm import tqdm
 
 from prs_jax.eval.stats import PairedWinRate, mean_se, win_rate
-from prs_jax.experiments.common import (
-    Record,
-    Source,
-    WorldSpec,
-    build_world_from,
-)
+from prs_jax.experiments.common import Record, Source, build_world_from, param_count
+from prs_jax.experiments.env import StudyEnv
 from prs_jax.feedback.labeler import AILabeler, LabelerConfig
 from prs_jax.feedback.metrics import (
     judge_win_rate,
@@ -214,22 +210,16 @@ class Setting:
     proxy_rm: str | None = None
 
 
-def _engine(model: Any, tok: Any, seed: int):
-    from prs_jax.tree.engine import EngineConfig, TreeEngine
-
-    return TreeEngine(model, tok, seed=seed, config=EngineConfig(min_prefix_bucket=64, min_new_tokens_bucket=32,
-                                                                 min_extend_bucket=32))
-
-
-def sample_responses(model: Any, tok: Any, queries: Sequence[str], m: int, temperature: float,
+def sample_responses(env: StudyEnv, model: Any, tok: Any, queries: Sequence[str], m: int, temperature: float,
                      max_new_tokens: int, seed: int, batch: int = 32, desc: str = "sample",
                      progress: bool = True) -> list[list[str]]:
-    """m responses per query (a user chat turn), sampled on the tree engine in batches of prompts."""
+    """m responses per query (a user chat turn) of `model`, sampled on the env's engine in batches of prompts."""
     from prs_jax.tree.sampling import SamplingParams
 
     out: list[list[str]] = []
     for s in tqdm(range(0, len(queries), batch), desc=desc, unit="batch", disable=not progress):
-        engine = _engine(model, tok, seed)  # keys from (seed, query index, path): `batch` changes nothing
+        # keys from (seed, query index, path): `batch` changes nothing
+        engine = env.engine(seed, model=model, tokenizer=tok)
         roots = engine.add_prompts([[{"role": "user", "content": q}] for q in queries[s:s + batch]],
                                    ids=[str(s + i) for i in range(len(queries[s:s + batch]))])
         kids = engine.expand(roots, m, SamplingParams(temperature=temperature), max_new_tokens=max_new_tokens)
@@ -254,33 +244,31 @@ def make_pairs(items: Sequence[PromptItem], responses: Sequence[Sequence[str]],
     return pairs
 
 
-def _world_setting(cfg: Config, spec: WorldSpec, console: Console, notes: list[str]) -> Setting:
-    from prs_jax.models import load_causal_lm, load_tokenizer
+def _setting(cfg: Config, env: StudyEnv, console: Console, notes: list[str]) -> Setting:
+    """World: gold-labelled pairs of the policy's own samples on held-out prompts. Real: the human pairs."""
+    if env.kind != "world":
+        return _human_pairs_setting(cfg, env, notes)
     from prs_jax.world.corpus import JUDGE_PROMPT
-    from prs_jax.world.task import gold_reward
 
-    built = build_world_from(spec, console)
-    held = built.heldout()[:cfg.prompts]
-    items = [PromptItem(r["id"], r["prompt"], r["preference"]) for r in held]
+    items = env.heldout(cfg.prompts, strict=False)
     n_eval = max(1, round(cfg.rm_eval_fraction * len(items)))
     eval_ids = {it.id for it in items[len(items) - n_eval:]}
-    policy = load_causal_lm(built.policy, dtype=cfg.dtype)
-    tok = load_tokenizer(built.policy)
     console.print(f"rlaif: sampling {cfg.samples_per_prompt} responses for each of {len(items)} held-out prompts",
                   markup=False)
-    responses = sample_responses(policy, tok, [join_preference(it.prompt, it.preference) for it in items],
+    responses = sample_responses(env, env.model, env.tokenizer,
+                                 [join_preference(it.prompt, it.preference) for it in items],
                                  cfg.samples_per_prompt, cfg.temperature, cfg.max_new_tokens, cfg.seed,
                                  desc="pairs", progress=cfg.progress)
-    pairs = make_pairs(items, responses, gold_reward, eval_ids)
+    pairs = make_pairs(items, responses, env.gold, eval_ids)
     n_cand = len(items) * (cfg.samples_per_prompt // 2)
     notes.append(f"pairs: {len(pairs)} of {n_cand} candidate pairs had different gold rewards (ties skipped); "
                  f"{sum(p.split == 'train' for p in pairs)} on the {len(items) - n_eval} RM-train prompts, "
                  f"{sum(p.split == 'eval' for p in pairs)} on the {n_eval} RM-eval prompts.")
-    return Setting(labeler=str(built.policy), policy=str(built.policy), pairs=pairs,
+    return Setting(labeler=str(env.policy), policy=str(env.policy), pairs=pairs,
                    train_items=[it for it in items if it.id not in eval_ids],
                    eval_items=[it for it in items if it.id in eval_ids], base_prompt=JUDGE_PROMPT,
-                   exemplar_rows=_world_exemplars(built.data / "rm_train.jsonl"), gold=gold_reward,
-                   proxy_rm=str(built.reward_model))
+                   exemplar_rows=_world_exemplars(env.world.data / "rm_train.jsonl"), gold=env.gold,
+                   proxy_rm=str(env.reward_model))
 
 
 def _world_exemplars(path: Path, n: int = 4) -> list[dict[str, Any]]:
@@ -297,12 +285,11 @@ def _world_exemplars(path: Path, n: int = 4) -> list[dict[str, Any]]:
     return out
 
 
-def _real_setting(cfg: Config, console: Console, notes: list[str]) -> Setting:
-    from prs_jax.data.prompt_sets import load_prompt_set
+def _human_pairs_setting(cfg: Config, env: StudyEnv, notes: list[str]) -> Setting:
     from prs_jax.errors import ConfigError
     from prs_jax.feedback.run import LabelRunConfig, read_pairs
 
-    spec = cfg.source.real
+    spec = env.source.real
     labeler = cfg.real.labeler or spec.policy
     if not cfg.real.pairs or not labeler or not spec.policy:
         raise ConfigError("rlaif with source.kind=real needs real.pairs (human preference pairs), "
@@ -322,7 +309,7 @@ def _real_setting(cfg: Config, console: Console, notes: list[str]) -> Setting:
         if zlib.crc32(f"{cfg.seed}:{r.id}".encode()) % 2:  # show the human's choice in a random position
             a, b, human = b, a, 1 - human
         pairs.append(Pair(r.id, r.prompt, a, b, human, "eval" if i in eval_idx else "train"))
-    items = load_prompt_set(spec.prompt_set, spec.prompts_path, limit=spec.max_prompts) if spec.prompts_path else []
+    items = env.real_prompts() if spec.prompts_path else []
     n_items_eval = max(1, round(cfg.rm_eval_fraction * len(items))) if items else 0
     ex_rows = []
     if cfg.real.exemplars:
@@ -554,10 +541,9 @@ def run(cfg: Config, console: Any = None) -> dict[str, Any]:
     notes: list[str] = []
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    if cfg.source.kind == "world":
-        setting = _world_setting(cfg, cfg.source.world, console, notes)
-    else:
-        setting = _real_setting(cfg, console, notes)
+    # the policy: the pairs' sampler (world), the labeler when real.labeler is unset, A2C's starting point
+    env = StudyEnv.from_source(cfg.source, console, study="rlaif", require=(), dtype=cfg.dtype)
+    setting = _setting(cfg, env, console, notes)
     pairs = setting.pairs
     timings["setup_and_pairs_s"] = time.perf_counter() - t0
     if not pairs:
@@ -577,8 +563,9 @@ def run(cfg: Config, console: Any = None) -> dict[str, Any]:
         gaps = [abs(p.gold_a - p.gold_b) for p in pairs]  # type: ignore[operator]
         rec.results["data"]["mean_gold_gap"] = float(np.mean(gaps))
 
-    model = load_causal_lm(setting.labeler, dtype=cfg.dtype)
-    tok = load_tokenizer(setting.labeler)
+    same = setting.labeler == str(env.policy)
+    model = env.model if same else env.load_policy(setting.labeler)
+    tok = env.tokenizer if same else load_tokenizer(setting.labeler)
     by_variant = {v.name: v for v in cfg.variants}
 
     # ---------------------------------------------------------------- 1. labeler variants
@@ -613,7 +600,7 @@ def run(cfg: Config, console: Any = None) -> dict[str, Any]:
     sizes: dict[str, dict[str, Any]] = {}
     if cfg.sizes:
         sv = by_variant[cfg.size_variant]
-        sizes["base"] = {**variants[sv.name], "params": _param_count(model)}
+        sizes["base"] = {**variants[sv.name], "params": param_count(model)}
         for size in cfg.sizes:
             if size.model:
                 path = size.model
@@ -628,7 +615,7 @@ def run(cfg: Config, console: Any = None) -> dict[str, Any]:
             lab = AILabeler(m, load_tokenizer(path), labeler_config(cfg, prompt_config(
                 setting.base_prompt, sv, str(ex_file) if ex_file else None), sv))
             labels = label_pairs(lab, align, cfg.label_batch, cfg.seed, f"size {size.name}", cfg.progress)
-            sizes[size.name] = {**alignment_row(labels, human), "params": _param_count(m), "model": path,
+            sizes[size.name] = {**alignment_row(labels, human), "params": param_count(m), "model": path,
                                 "overrides": size.overrides}
             console.print(f"  size {size.name} ({sizes[size.name]['params']:,} params): alignment "
                           f"{sizes[size.name]['alignment']:.3f}, position bias {sizes[size.name]['position_bias']:.3f}",
@@ -700,7 +687,7 @@ def run(cfg: Config, console: Any = None) -> dict[str, Any]:
         for name, path in policies.items():
             pm = model if path == setting.labeler else load_causal_lm(path, dtype=cfg.dtype)
             ptok = tok if path == setting.labeler else load_tokenizer(path)
-            samples[name] = sample_responses(pm, ptok, queries, a.eval_samples, a.eval_temperature,
+            samples[name] = sample_responses(env, pm, ptok, queries, a.eval_samples, a.eval_temperature,
                                              a.max_new_tokens, cfg.seed + 1, desc=f"eval {name}",
                                              progress=cfg.progress)
         judge = AILabeler(model, tok, labeler_config(cfg, prompt_config(setting.base_prompt, by_variant[
@@ -742,13 +729,6 @@ def run(cfg: Config, console: Any = None) -> dict[str, Any]:
     rec.notes.extend(notes)
     rec.notes.extend(_auto_notes(cfg, variants, sizes, rec.results))
     return rec.finish(console)
-
-
-def _param_count(model: Any) -> int:
-    import jax
-    from flax import nnx
-
-    return int(sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
 
 
 def _auto_notes(cfg: Config, variants: dict[str, dict[str, Any]], sizes: dict[str, dict[str, Any]],

@@ -28,16 +28,16 @@ from typing import Any, Literal
 from prs_jax.eval.stats import loglog_fit
 from prs_jax.experiments import sr_dpo
 from prs_jax.experiments.common import Record, Source, build_world_from
+from prs_jax.experiments.env import StudyEnv
 from prs_jax.experiments.reward_vs_n import (
     DEFAULT_METHODS,
     Generation,
     Method,
-    Models,
     load_items,
     measure,
     paired_gain,
     public_rows,
-    world_items,
+    study_env,
 )
 
 
@@ -100,20 +100,16 @@ def _size_source(cfg: Config, size: Size) -> Source:
     return dataclasses.replace(cfg.source, real=dataclasses.replace(real, policy=size.policy, reward_model=rm_dir))
 
 
-def _size_models(cfg: Config, size: Size, ref: Any, console: Any) -> tuple[Models, dict[str, Any]]:
-    """Models for one size (building its world if needed) and facts about the build."""
+def _size_env(cfg: Config, size: Size, ref: Any, console: Any) -> tuple[StudyEnv, dict[str, Any]]:
+    """The study environment of one size (building its world if needed) and facts about the build."""
     src = _size_source(cfg, size)
     if src.kind == "world":
-        from prs_jax.world.corpus import world_templates
-        from prs_jax.world.task import gold_reward
-
         built, facts = _build_size_world(src, console)
         rm_dir = ref.reward_model if cfg.rm == "fixed" else built.reward_model
-        models = Models(built.policy, rm_dir, cfg.generation, gold=gold_reward, templates=world_templates(),
-                        world=built)
-        return models, {**facts, "rm_dir": str(rm_dir)}
-    return Models.from_source(src, cfg.generation, console), {"policy": src.real.policy,
-                                                               "rm_dir": src.real.reward_model}
+        env = StudyEnv.from_world(built, source=src, reward_model=rm_dir, **cfg.generation.env_options())
+        return env, {**facts, "rm_dir": str(rm_dir)}
+    return study_env(src, cfg.generation, console, study="scaling"), {"policy": src.real.policy,
+                                                                      "rm_dir": src.real.reward_model}
 
 
 def _build_size_world(src: Source, console: Any) -> tuple[Any, dict[str, Any]]:
@@ -166,7 +162,7 @@ def run(cfg: Config, console: Any = None) -> dict[str, Any]:
     if "sr_dpo" in cfg.parts:  # fail now, not after the reward-vs-N part has run
         sr_dpo.validate(_sr_dpo_config(cfg, cfg.sizes[0], _size_source(cfg, cfg.sizes[0])))
     rec = Record("scaling", cfg, cfg.out_dir, cfg.seed)
-    ref = build_world_from(cfg.source.world, console) if cfg.source.kind == "world" else None
+    ref = StudyEnv.from_source(cfg.source, console, study="scaling").world if cfg.source.kind == "world" else None
     with_gold = cfg.source.kind == "world"
     rec.results.update({"source": cfg.source.kind, "rm": cfg.rm, "parts": list(cfg.parts)})
     if "reward_vs_n" in cfg.parts:
@@ -208,19 +204,19 @@ def _fit_rows(fits: dict[str, dict[str, Any]]) -> list[list[str]]:
 
 def _reward_vs_n_part(rec: Record, cfg: Config, ref: Any, with_gold: bool, console: Any) -> None:
     """Reward vs N per size: measure, tables, log-log fits and scaling.png."""
-    items = world_items(ref, cfg.prompts) if ref is not None else None
+    items = StudyEnv.from_world(ref).heldout(cfg.prompts) if ref is not None else None
     per_size: dict[str, Any] = {}
     for size in cfg.sizes:
         if console is not None:
             console.print(f"scaling: size {size.name}", markup=False)
-        models, facts = _size_models(cfg, size, ref, console)
-        its = items if items is not None else load_items(cfg.source, models, cfg.prompts)
+        env, facts = _size_env(cfg, size, ref, console)
+        its = items if items is not None else load_items(env, cfg.prompts)
         t0 = time.perf_counter()
-        measured = measure(models, its, cfg.methods, cfg.budgets, cfg.seed, cfg.reuse_samples, console)
-        per_size[size.name] = {"parameters": models.param_count(), **facts,
+        measured = measure(env, cfg.generation, its, cfg.methods, cfg.budgets, cfg.seed, cfg.reuse_samples, console)
+        per_size[size.name] = {"parameters": env.param_count(), **facts,
                                "measure_seconds": time.perf_counter() - t0, "methods": public_rows(measured),
-                               "compilations": models.compilations}
-        del models
+                               "compilations": env.compilations}
+        del env
         gc.collect()
     budgets = sorted(set(cfg.budgets))
     key = "gold" if with_gold else "proxy"

@@ -34,15 +34,12 @@ import numpy as np
 from prs_jax.config import to_dict
 from prs_jax.eval.stats import mean_se, win_rate
 from prs_jax.experiments.common import Record, Source, param_count
+from prs_jax.experiments.env import StudyEnv
 from prs_jax.experiments.policy_tools import (
-    StudyEnv,
     assistant,
     config_digest,
-    gold_scorer,
     pearson,
-    proxy_scorer,
     rescore,
-    resolve_env,
     run_chunked,
     spearman,
     user_turn,
@@ -130,17 +127,16 @@ class Config:
 
 
 # ------------------------------------------------------------------------------------------------ pairs
-def _sample_pairs(env: StudyEnv, cfg: Config, items, model, tok, rm_scorer, seed: int, desc: str
+def _sample_pairs(env: StudyEnv, cfg: Config, items, model, rm_scorer, seed: int, desc: str
                   ) -> list[dict[str, Any]]:
     """Best-vs-worst pairs from `samples` policy responses per prompt (conversational rows + gold/proxy)."""
-    from prs_jax.strategies.prs import BestOfN
+    from prs_jax.strategies.generate import StrategyConfig
 
     pc = cfg.pairs
-    strategy = BestOfN(n=pc.samples, variant="prand", sampling=pc.sampling,
-                       max_new_tokens=pc.max_new_tokens)
-    scorer = rm_scorer if pc.ranker == "proxy" else gold_scorer(env)
-    results = run_chunked(strategy, items, model, tok, scorer, seed, pc.chunk, desc)
-    other = rescore(results, rm_scorer if pc.ranker == "gold" else (gold_scorer(env) or rm_scorer))
+    strategy = StrategyConfig.of("prand", pc.samples, pc.sampling, max_new_tokens=pc.max_new_tokens).build()
+    scorer = rm_scorer if pc.ranker == "proxy" else env.gold_scorer()
+    results = run_chunked(env, strategy, items, model, scorer, seed, pc.chunk, desc)
+    other = rescore(results, rm_scorer if pc.ranker == "gold" else (env.gold_scorer() or rm_scorer))
     rows = []
     for r, alt in zip(results, other):
         rank = [c.reward for c in r.candidates]
@@ -276,15 +272,14 @@ def time_losses(policy: Path, tok, rows, cfg: Config, prefix: str, work: Path) -
 
 
 # ------------------------------------------------------------------------------------------------ study
-def _win_samples(env: StudyEnv, cfg: Config, items, model, tok, judge) -> list[list[float]]:
+def _win_samples(env: StudyEnv, cfg: Config, items, model, judge) -> list[list[float]]:
     """`win_samples` responses per held-out prompt, judged; the engine seed is shared by every policy, so the
     comparison uses common random numbers."""
-    from prs_jax.strategies.prs import BestOfN
+    from prs_jax.strategies.generate import StrategyConfig
 
     ec = cfg.eval
-    strategy = BestOfN(n=ec.win_samples, variant="prand", sampling=ec.sampling,
-                       max_new_tokens=ec.max_new_tokens)
-    results = run_chunked(strategy, items, model, tok, judge, cfg.seed + 7, ec.chunk, "win-rate samples")
+    strategy = StrategyConfig.of("prand", ec.win_samples, ec.sampling, max_new_tokens=ec.max_new_tokens).build()
+    results = run_chunked(env, strategy, items, model, judge, cfg.seed + 7, ec.chunk, "win-rate samples")
     return [[float(c.reward) for c in r.candidates] for r in results]
 
 
@@ -305,7 +300,7 @@ def run(cfg: Config, console: Any = None, reward_model: str | Path | None = None
     from rich.console import Console
 
     from prs_jax.data.io import iter_rows, write_jsonl
-    from prs_jax.models import load_causal_lm, load_tokenizer
+    from prs_jax.models import load_causal_lm
     from prs_jax.train.run import DataConfig, LossConfig, TrainRunConfig, run_train
 
     console = console or Console()
@@ -313,15 +308,15 @@ def run(cfg: Config, console: Any = None, reward_model: str | Path | None = None
     rec = Record("sr_dpo", cfg, cfg.out_dir, cfg.seed)
     work = Path(cfg.work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    env = resolve_env(cfg.source, cfg.pairs.train_prompts, max(cfg.pairs.eval_prompts, cfg.eval.prompts), console,
-                      cfg.eval_prompt_set, cfg.eval_prompts_path)
-    if reward_model is not None:
-        env = dataclasses.replace(env, reward_model=Path(reward_model))
+    env = StudyEnv.from_source(cfg.source, console, study="sr_dpo", reward_model=reward_model,
+                               require=("policy", "prompts_path") + (("reward_model",) if reward_model is None else ()))
+    train_items, heldout_items = env.split(cfg.pairs.train_prompts, max(cfg.pairs.eval_prompts, cfg.eval.prompts),
+                                           cfg.eval_prompt_set, cfg.eval_prompts_path)
     prefix = cfg.prompt_prefix or env.quality_instruction
-    tok = load_tokenizer(env.policy)
-    sft = load_causal_lm(env.policy, dtype=env.dtype)
-    rm = proxy_scorer(env, tok)
-    judge = gold_scorer(env) or rm
+    tok = env.tokenizer
+    sft = env.model
+    rm = env.proxy
+    judge = env.gold_scorer() or rm
     judge_name = "gold reward" if env.gold is not None else "reward model (no gold reward on real checkpoints)"
     timings: dict[str, float] = {}
 
@@ -331,12 +326,12 @@ def run(cfg: Config, console: Any = None, reward_model: str | Path | None = None
         train_rows = [trl_pair(r) for r in iter_rows(cfg.pairs.train_file)]
         train_file = write_jsonl(work / "pairs_train.jsonl", train_rows)
     else:
-        train_rows = _sample_pairs(env, cfg, env.train_items, sft, tok, rm, cfg.seed, "train pairs")
+        train_rows = _sample_pairs(env, cfg, train_items, sft, rm, cfg.seed, "train pairs")
         train_file = write_jsonl(work / "pairs_train.jsonl", train_rows)
     if cfg.pairs.eval_file:
         eval_rows = [trl_pair(r) for r in iter_rows(cfg.pairs.eval_file)]
     else:
-        eval_rows = _sample_pairs(env, cfg, env.heldout_items[:cfg.pairs.eval_prompts], sft, tok, rm,
+        eval_rows = _sample_pairs(env, cfg, heldout_items[:cfg.pairs.eval_prompts], sft, rm,
                                   cfg.seed + 1, "eval pairs")
     eval_file = write_jsonl(work / "pairs_eval.jsonl", eval_rows)
     timings["pairs_s"] = time.perf_counter() - t0
@@ -357,8 +352,8 @@ def run(cfg: Config, console: Any = None, reward_model: str | Path | None = None
     t0 = time.perf_counter()
     eval_arrays = _pair_arrays(eval_rows, tok, cfg, prefix)
     ref_logps = _logps(sft, eval_arrays, cfg)
-    win_items = env.heldout_items[:cfg.eval.prompts]
-    sft_scores = _win_samples(env, cfg, win_items, sft, tok, judge)
+    win_items = heldout_items[:cfg.eval.prompts]
+    sft_scores = _win_samples(env, cfg, win_items, sft, judge)
     timings["reference_eval_s"] = time.perf_counter() - t0
     sft_flat = [s for ss in sft_scores for s in ss]
     start_metrics = pair_metrics(*log_ratio_margins(ref_logps, ref_logps), cfg.beta, None)
@@ -386,7 +381,7 @@ def run(cfg: Config, console: Any = None, reward_model: str | Path | None = None
         policy = load_causal_lm(run_dir / "policy", dtype=cfg.dtype)
         h, h_aug = log_ratio_margins(_logps(policy, eval_arrays, cfg), ref_logps)
         metrics = pair_metrics(h, h_aug, cfg.beta, judge_diff)
-        scores = _win_samples(env, cfg, win_items, policy, tok, judge)
+        scores = _win_samples(env, cfg, win_items, policy, judge)
         flat = [s for ss in scores for s in ss]
         w = win_rate(flat, sft_flat)
         wr, wr_se = w.win_rate, w.se

@@ -49,7 +49,8 @@ import numpy as np
 from rich.console import Console
 
 from prs_jax.eval.stats import mean_se
-from prs_jax.experiments.common import Record, Source, build_world_from
+from prs_jax.experiments.common import Record, Source
+from prs_jax.experiments.env import StudyEnv
 from prs_jax.models.sharding import MeshConfig
 from prs_jax.strategies.base import PromptItem, join_preference
 
@@ -201,78 +202,57 @@ class Setting:
     templates: dict[str, str]
 
 
-def _world_setting(cfg: Config, console: Console) -> Setting:
-    from prs_jax.world.corpus import world_vs_templates
-    from prs_jax.world.task import gold_reward, split_query
+def _setting(cfg: Config, env: StudyEnv) -> Setting:
+    """Prompts and scoring from the study env: world held-out prompts scored by the gold reward, DPO prompts from
+    its RM-training prompts; real: the prompt set (the first `prompts`, then the DPO ones) scored by the RM."""
+    if env.kind == "world":
+        from prs_jax.world.task import split_query
 
-    built = build_world_from(cfg.source.world, console)
-    items = [PromptItem(r["id"], r["prompt"], r["preference"]) for r in built.heldout()[:cfg.prompts]]
-    dpo_items, seen = [], set()
-    for line in (built.data / "rm_train.jsonl").read_text().splitlines():
-        if len(dpo_items) >= cfg.dpo.prompts:
-            break
-        if not line.strip():
-            continue
-        row = json.loads(line)
-        q = row["prompt"][0]["content"]
-        if q in seen:
-            continue
-        seen.add(q)
-        x, z = split_query(q)
-        dpo_items.append(PromptItem(str(row.get("id", len(dpo_items))), x, z))
+        items = env.heldout(cfg.prompts, strict=False)
+        dpo_items, seen = [], set()
+        for line in (env.world.data / "rm_train.jsonl").read_text().splitlines():
+            if len(dpo_items) >= cfg.dpo.prompts:
+                break
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            q = row["prompt"][0]["content"]
+            if q in seen:
+                continue
+            seen.add(q)
+            x, z = split_query(q)
+            dpo_items.append(PromptItem(str(row.get("id", len(dpo_items))), x, z))
+        gold = env.gold
 
-    def score(its: Sequence[PromptItem], texts: Sequence[str]) -> list[float]:
-        return [gold_reward(it.prompt, t, it.preference) for it, t in zip(its, texts)]
+        def score(its: Sequence[PromptItem], texts: Sequence[str]) -> list[float]:
+            return [gold(it.prompt, t, it.preference) for it, t in zip(its, texts)]
 
-    return Setting(str(built.policy), items, dpo_items, score, True, world_vs_templates())
+        return Setting(str(env.policy), items, dpo_items, score, True, env.vs_templates)
 
-
-def _real_setting(cfg: Config, console: Console) -> Setting:
-    from prs_jax.data.prompt_sets import load_prompt_set
-    from prs_jax.errors import ConfigError
-    from prs_jax.models import load_reward_model, load_tokenizer
-    from prs_jax.strategies.base import RewardModelScorer
-    from prs_jax.tree.scoring import RewardScorer
-
-    spec = cfg.source.real
-    if not spec.policy or not spec.reward_model or not spec.prompts_path:
-        raise ConfigError("verbalized with source.kind=real needs source.real.policy, source.real.reward_model "
-                          "(quality has no gold reward there) and source.real.prompts_path.")
-    items = load_prompt_set(spec.prompt_set, spec.prompts_path, limit=cfg.prompts + cfg.dpo.prompts)
-    rm = RewardModelScorer(RewardScorer(load_reward_model(spec.reward_model, dtype=spec.dtype,
-                                                          head_name=spec.rm_head_name),
-                                        load_tokenizer(spec.reward_model)), include_preference=True)
+    items = env.real_prompts(cfg.prompts + cfg.dpo.prompts)
 
     def score(its: Sequence[PromptItem], texts: Sequence[str]) -> list[float]:
-        return [float(r) for r in rm([it.prompt for it in its], list(texts), [it.preference for it in its])]
+        return [float(r) for r in env.proxy([it.prompt for it in its], list(texts), [it.preference for it in its])]
 
-    return Setting(spec.policy, items[:cfg.prompts], items[cfg.prompts:], score, False, {})
-
-
-def _engine(model: Any, tok: Any, seed: int):
-    from prs_jax.tree.engine import EngineConfig, TreeEngine
-
-    return TreeEngine(model, tok, seed=seed, config=EngineConfig(min_prefix_bucket=64, min_new_tokens_bucket=32,
-                                                                 min_extend_bucket=32))
+    return Setting(str(env.policy), items[:cfg.prompts], items[cfg.prompts:], score, False, {})
 
 
-def run_method(cfg: Config, setting: Setting, model: Any, tok: Any, method: str, k: int, n: int,
+def run_method(cfg: Config, setting: Setting, env: StudyEnv, model: Any, method: str, k: int, n: int,
                seed: int) -> list[dict[str, Any]]:
     """Run one method on every prompt; per prompt the responses (at most n), their weights and parse flags."""
-    from prs_jax.strategies.verbalized import VerbalizedSampling
+    from prs_jax.strategies.generate import StrategyConfig
     from prs_jax.tree.sampling import SamplingParams
 
     single = method in ("direct", "multi_turn", "cot")
     budget = cfg.tokens_per_response * (1 if single else k) + (8 * k if method.startswith("vs") else 0)
     if method in ("vs_cot", "cot"):
         budget += cfg.cot_tokens
-    vs = VerbalizedSampling(method=method, k=k, n=n, sampling=SamplingParams(temperature=cfg.temperature,
-                                                                              top_p=cfg.top_p),
-                            max_new_tokens=budget, min_survivors=cfg.min_survivors, select="probability",
-                            seed=seed, templates=setting.templates)
+    spec = StrategyConfig.of("vs", n, SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p),
+                             vs_method=method, k=k, max_new_tokens=budget)
+    vs = spec.build(templates=setting.templates, min_survivors=cfg.min_survivors, select="probability", seed=seed)
     out = []
     for s in range(0, len(setting.items), cfg.batch):
-        results = vs.run(setting.items[s:s + cfg.batch], _engine(model, tok, seed), scorer=None)  # keyed by item id
+        results = vs.run(setting.items[s:s + cfg.batch], env.engine(seed, model=model), scorer=None)  # keyed by item id
         for r in results:
             cands = r.candidates[:n]
             out.append({"texts": [c.text for c in cands],
@@ -333,7 +313,7 @@ def tau_sweep(setting: Setting, gens: Sequence[dict[str, Any]], taus: Sequence[f
     return out
 
 
-def dpo_sharpen(cfg: Config, setting: Setting, model: Any, tok: Any, work: Path, console: Console
+def dpo_sharpen(cfg: Config, setting: Setting, env: StudyEnv, model: Any, work: Path, console: Console
                 ) -> tuple[str, dict[str, Any]]:
     """DPO on best-vs-worst pairs of the policy's direct samples (training prompts); returns the exported policy
     directory and a summary (pairs, trainer metrics)."""
@@ -348,7 +328,7 @@ def dpo_sharpen(cfg: Config, setting: Setting, model: Any, tok: Any, work: Path,
                          "`prompts` in the prompt set).")
     texts: list[list[str]] = []
     for s in range(0, len(items), cfg.batch):
-        engine = _engine(model, tok, cfg.seed + 7919)  # keyed by item id and path: cfg.batch changes nothing
+        engine = env.engine(cfg.seed + 7919, model=model)  # keyed by item id and path: cfg.batch changes nothing
         roots = engine.add_prompts([[{"role": "user", "content": join_preference(it.prompt, it.preference)}]
                                     for it in items[s:s + cfg.batch]], ids=[it.id for it in items[s:s + cfg.batch]])
         kids = engine.expand(roots, d.samples, SamplingParams(temperature=d.temperature),
@@ -411,9 +391,12 @@ def run(cfg: Config, console: Any = None) -> dict[str, Any]:
     work.mkdir(parents=True)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    setting = _world_setting(cfg, console) if cfg.source.kind == "world" else _real_setting(cfg, console)
-    model = load_causal_lm(setting.policy, dtype=cfg.dtype)
-    tok = load_tokenizer(setting.policy)
+    # real: quality is the RM's score of (x, z, y); the policy loads in the study's dtype, the RM in the source's
+    env = StudyEnv.from_source(cfg.source, console, study="verbalized",
+                               require=("policy", "reward_model", "prompts_path"), rm_include_preference=True)
+    setting = _setting(cfg, env)
+    model = env.load_policy(dtype=cfg.dtype)
+    tok = env.tokenizer
     emb_path = cfg.embedder_model or setting.policy
     embedder = ModelEmbedder(model if emb_path == setting.policy else load_causal_lm(emb_path, dtype=cfg.dtype),
                              tok if emb_path == setting.policy else load_tokenizer(emb_path))
@@ -424,7 +407,7 @@ def run(cfg: Config, console: Any = None) -> dict[str, Any]:
     def run_all(m: Any, methods: Sequence[str], tag: str) -> tuple[dict[str, Any], dict[str, list]]:
         res, gens_by = {}, {}
         for method in methods:
-            gens = run_method(cfg, setting, m, tok, method, cfg.k, cfg.n, cfg.seed)
+            gens = run_method(cfg, setting, env, m, method, cfg.k, cfg.n, cfg.seed)
             res[method] = measure(setting, gens, embedder, cfg.n, method in ("direct", "multi_turn", "cot"))
             res[method]["example"] = gens[0]["texts"][:3] if gens else []
             gens_by[method] = gens
@@ -460,7 +443,7 @@ def run(cfg: Config, console: Any = None) -> dict[str, Any]:
     ks: dict[str, dict[str, Any]] = {}
     for method in cfg.k_sweep_methods:
         for k in cfg.k_sweep:
-            gens = run_method(cfg, setting, model, tok, method, k, cfg.k_sweep_n, cfg.seed + 1)
+            gens = run_method(cfg, setting, env, model, method, k, cfg.k_sweep_n, cfg.seed + 1)
             r = measure(setting, gens, embedder, cfg.k_sweep_n, False)
             ks[f"{method}/k={k}"] = {"method": method, "k": k, **{key: r.get(key, math.nan) for key in (
                 "quality", "semantic", "rouge_l", "distinct_sets", "item_entropy", "coverage", "parse_rate")}}
@@ -488,7 +471,7 @@ def run(cfg: Config, console: Any = None) -> dict[str, Any]:
     t0 = time.perf_counter()
     after: dict[str, Any] = {}
     if cfg.dpo.enabled:
-        dpo_dir, summary = dpo_sharpen(cfg, setting, model, tok, work, console)
+        dpo_dir, summary = dpo_sharpen(cfg, setting, env, model, work, console)
         dpo_model = load_causal_lm(dpo_dir, dtype=cfg.dtype)
         after, _ = run_all(dpo_model, cfg.dpo.methods, "dpo")
         rec.results["dpo"] = {"summary": summary, "methods": after}

@@ -75,17 +75,35 @@ class StrategyConfig:
                               presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
                               repetition_penalty=self.repetition_penalty)
 
-    def build(self) -> PRS | BestOfN | VerbalizedSampling:
-        """The strategy object."""
+    @classmethod
+    def of(cls, name: str, n: int, sampling: SamplingParams, **fields: Any) -> StrategyConfig:
+        """A config from code that holds its sampling as SamplingParams (the studies): the sampling fields are
+        copied from `sampling`, the rest are `fields`."""
+        if sampling.greedy or sampling.tempered_logprobs:
+            raise ConfigError("StrategyConfig.of: greedy decoding is strategy name 'greedy', and tempered log-probs "
+                              "are not a strategy setting.")
+        return cls(name=name, n=n, temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
+                   min_p=sampling.min_p, presence_penalty=sampling.presence_penalty,
+                   frequency_penalty=sampling.frequency_penalty, repetition_penalty=sampling.repetition_penalty,
+                   **fields)
+
+    def build(self, templates: Any = None, **runtime: Any) -> PRS | BestOfN | VerbalizedSampling:
+        """The strategy object. `templates` (PRS: PRSTemplates; VS: method -> template) and `runtime` (VS:
+        min_survivors, select, seed, weight_mode, ...) are settings of the code that runs it, not of this config."""
         if self.name == "vs":
+            extra = {**runtime, **({"templates": templates} if templates is not None else {})}
             return VerbalizedSampling(method=self.vs_method, k=self.k, n=self.n, sampling=self.sampling(),
                                       max_new_tokens=self.max_new_tokens,
-                                      probability_upper_bound=self.probability_upper_bound, tau=self.tau)
+                                      probability_upper_bound=self.probability_upper_bound, tau=self.tau, **extra)
+        if runtime:
+            raise ConfigError(f"strategy {self.name!r}: unexpected settings {sorted(runtime)}.")
         if self.name == "prs":
             base = PRS(widths=self.widths) if self.widths else PRS.with_budget(self.n, self.split, self.depth)
+            extra = {"templates": templates} if templates is not None else {}
             return dataclasses.replace(base, feedback=self.feedback, mode=self.mode, sampling=self.sampling(),
                                        max_new_tokens=self.max_new_tokens,
-                                       feedback_max_new_tokens=self.feedback_max_new_tokens, stop=self.stop)
+                                       feedback_max_new_tokens=self.feedback_max_new_tokens, stop=self.stop, **extra)
+        # best-of-N has no templates: it asks the plain question
         return BestOfN(n=self.n, variant=self.name, sampling=self.sampling(), max_new_tokens=self.max_new_tokens,
                        stop=self.stop)
 

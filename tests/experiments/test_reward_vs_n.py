@@ -67,6 +67,23 @@ def test_smoke_end_to_end(smoke_world_root, tmp_path):
     md = (out / "results.md").read_text()
     assert "Gold reward of the response selected" in md and "Oracle" in md
     assert rec["results"]["policy_parameters"] > 0
+    # measure wrote the raw records; the report alone remakes the same results from them (no models)
+    records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    assert {(r["method"], r["n_run"]) for r in records} >= {("Rand", 4), ("PRS (N/2,N/2)", 2)}
+    assert all(len(r["texts"]) == len(r["proxy"]) == len(r["gold"]) for r in records)
+    (out / "results.md").unlink()
+    again = run_experiment("reward_vs_n", CONFIGS / "smoke.yaml",
+                           [f"source.world.root={smoke_world_root}", f"out_dir={out}"], report_only=True)
+    assert json.loads((out / "results.json").read_text())["results"] == res and again["results"]["methods"]
+    assert "Oracle" in (out / "results.md").read_text()
+    with pytest.raises(ValueError, match="keys seed differ"):
+        run_experiment("reward_vs_n", CONFIGS / "smoke.yaml",
+                       [f"source.world.root={smoke_world_root}", f"out_dir={out}", "seed=1"], report_only=True)
+    with pytest.raises(FileNotFoundError, match="measure first"):
+        run_experiment("reward_vs_n", CONFIGS / "smoke.yaml", [f"out_dir={out / 'nothing'}"], report_only=True)
+    with pytest.raises(ValueError, match="no separate report step"):
+        run_experiment("sr_dpo", Path(__file__).parents[2] / "experiments" / "configs" / "sr_dpo" / "smoke.yaml",
+                       [f"out_dir={out}"], report_only=True)
 
 
 def test_real_source_reports_the_rm_only(smoke_world, tmp_path):

@@ -10,7 +10,8 @@ from prs_jax.config import load_config
 from prs_jax.eval.stats import win_rate
 from prs_jax.experiments import run_experiment, sr_dpo
 from prs_jax.experiments.common import RealSpec, Source
-from prs_jax.experiments.policy_tools import pearson, resolve_env, spearman
+from prs_jax.experiments.env import StudyEnv
+from prs_jax.experiments.policy_tools import pearson, spearman
 
 CONFIGS = Path(__file__).parents[2] / "experiments" / "configs" / "sr_dpo"
 
@@ -50,10 +51,11 @@ def test_real_source_checks(tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"question {i}?"}) + "\n" for i in range(6)))
     real = RealSpec(policy="/ckpt/p", reward_model="/ckpt/rm", prompt_set="generic", prompts_path=str(prompts))
-    env = resolve_env(Source(kind="real", real=real), 4, 2)
-    assert env.gold is None and [i.prompt for i in env.heldout_items] == ["question 4?", "question 5?"]
+    env = StudyEnv.from_source(Source(kind="real", real=real), require=("policy", "prompts_path", "reward_model"))
+    _, held = env.split(4, 2)
+    assert env.gold is None and [i.prompt for i in held] == ["question 4?", "question 5?"]
     with pytest.raises(ValueError, match="reward_model"):
-        resolve_env(Source(kind="real", real=RealSpec(policy="/p", prompts_path=str(prompts))), 1, 1)
+        StudyEnv.from_source(Source(kind="real", real=RealSpec(policy="/p", prompts_path=str(prompts))))
     cfg = load_config(sr_dpo.Config, None, ["source.kind=real", "pairs.ranker=gold"])
     with pytest.raises(ValueError, match="gold"):
         sr_dpo.run(cfg)
