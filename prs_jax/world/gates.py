@@ -90,13 +90,22 @@ def _engine(policy_dir: Path | str, seed: int):
                                                                  min_extend_bucket=32, min_rows_bucket=8)), tok
 
 
+def _release_tree(engine: Any, roots: Sequence[Any]) -> None:
+    """Give the KV pages of `roots` and everything below them back to the pool (measured, not built on)."""
+    engine.release_descendants(roots)
+    engine.release(roots)
+
+
 def _user(text: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": text}]
 
 
 def policy_pairs(policy_dir: Path | str, world: World, prompts: Sequence[Prompt], samples: int, per_prompt: int,
                  seed: int) -> list[dict[str, Any]]:
-    """Gold-ranked RM pairs among the policy's own x+z samples (`per_prompt` per prompt)."""
+    """Gold-ranked RM pairs among the policy's own x+z samples (`per_prompt` per prompt).
+
+    These pairs train the proxy RM, yet gates.py is outside the world key's source digest (build._BUILD_SOURCES):
+    an edit that changes what this function returns must bump build.WORLD_VERSION."""
     if not prompts or samples < 2 or per_prompt <= 0:
         return []
     from prs_jax.tree.sampling import SamplingParams
@@ -109,7 +118,7 @@ def policy_pairs(policy_dir: Path | str, world: World, prompts: Sequence[Prompt]
         kids = engine.expand(roots, samples, SamplingParams(temperature=1.0), max_new_tokens=40)
         for p, ks in zip(chunk, kids):
             rows += sample_pairs(p, [k.text for k in ks], prompt_rng(seed, p.id, 7), per_prompt)
-        engine.release(roots)
+        _release_tree(engine, roots)
     return rows
 
 
@@ -202,7 +211,7 @@ def measure_gates(built: Any, cfg: GateConfig, console: Console | None = None) -
                           "policy_met_xz": float(np.mean(s["pxz"])), "teacher_met_xz": float(np.mean(s["txz"]))}
     pol["gold_x"] = float(np.mean([gold_reward(p.x, c.text, p.z) for p, ks in zip(prompts, kx) for c in ks]))
     pol["gold_xz"] = float(np.mean([gold_reward(p.x, c.text, p.z) for p, ks in zip(prompts, kxz) for c in ks]))
-    engine.release(roots_x)
+    _release_tree(engine, roots_x)
 
     # ---- critiques: of teacher drafts placed in the conversation, and of the policy's own first draft
     t_drafts = [world.draft(p, "xz", prompt_rng(seed, p.id, 22)) for p in prompts]
@@ -213,8 +222,9 @@ def measure_gates(built: Any, cfg: GateConfig, console: Console | None = None) -
     match_t = [parse_feedback(c) == (violations(p.x, p.z, d.text()), 0) for p, d, c in zip(prompts, t_drafts, crit_t)]
     by_kind_t = critique_breakdown([violations(p.x, p.z, d.text()) for p, d in zip(prompts, t_drafts)],
                                    [parse_feedback(c)[0] for c in crit_t])
-    engine.release(roots_t)
+    _release_tree(engine, roots_t)
     drafts = [ks[0] for ks in kxz]
+    engine.release([k for ks in kxz for k in ks[1:]])  # only the first draft is built on
     ask = engine.append(drafts, [require_turn_text(tok, FEEDBACK_TURN, d) for d in drafts])
     own = [k[0] for k in engine.expand(ask, 1, greedy, max_new_tokens=cfg.critique_max_new_tokens)]
     match_own = [parse_feedback(c.text) == (violations(p.x, p.z, d.text), 0) for p, d, c in zip(prompts, drafts, own)]
@@ -234,7 +244,8 @@ def measure_gates(built: Any, cfg: GateConfig, console: Console | None = None) -
         kids = engine.expand(parents, S, samp, max_new_tokens=cfg.max_new_tokens)
         g = np.array([[gold_reward(p.x, c.text, p.z) for c in ks] for p, ks in zip(prompts, kids)])
         gains[name] = float((g.mean(axis=1) - g_draft).mean())
-    engine.release(roots_xz)
+        engine.release([c for ks in kids for c in ks])  # scored: their KV pages go back to the pool
+    _release_tree(engine, roots_xz)
     t_gain_true, t_gain_none = [], []
     for p, a in zip(prompts, t_drafts):  # the teacher refines its own drafts (its ceiling)
         named = violations(p.x, p.z, a.text())
@@ -317,8 +328,8 @@ def measure_gates(built: Any, cfg: GateConfig, console: Console | None = None) -
             verb += [v for _, v in lst]
             true += [base[i] / z for i, _ in lst]
     vs_pearson = float(np.corrcoef(verb, true)[0, 1]) if len(verb) > 2 and np.std(verb) > 0 else float("nan")
-    engine.release(r_single)
-    engine.release(vs_roots)
+    _release_tree(engine, r_single)
+    _release_tree(engine, vs_roots)
 
     rows = []
     for kind, v in lift.items():

@@ -119,6 +119,29 @@ def test_interrupted_build_resumes_and_stale_gates_are_remeasured(micro, monkeyp
     assert _digest(killed / "policy" / "model.safetensors") == policy
 
 
+def test_gates_give_every_kv_page_back(micro, monkeypatch):
+    """The gates release every tree they measure: 256 prompts x 8 samples x three refinement arms once exhausted
+    the default KV pool when the measured nodes kept their pages."""
+    import prs_jax.world.gates as g
+
+    engines = []
+    original = g._engine
+
+    def spy(*args, **kwargs):
+        engine, tok = original(*args, **kwargs)
+        engines.append(engine)
+        return engine, tok
+
+    monkeypatch.setattr(g, "_engine", spy)
+    cfg, a, _ = micro
+    g.measure_gates(a, cfg.gates)
+    g.policy_pairs(a.policy, a.world(), [g._prompt_of(r) for r in a.heldout()], 3, 1, seed=0)
+    assert len(engines) == 2
+    for engine in engines:
+        stats = engine.kv_stats()
+        assert stats["pages_used"] == 0 and stats["pages_peak"] > 0, stats
+
+
 def test_world_config_rejects_nonsense():
     with pytest.raises(ValueError, match="sft_steps must be positive"):
         preset("smoke", sft_steps=-1)
