@@ -96,6 +96,16 @@ def _release_tree(engine: Any, roots: Sequence[Any]) -> None:
     engine.release(roots)
 
 
+def answered_prompt(tok: Any, user_text: str, answer: str) -> list[int]:
+    """Token ids of a user turn and an assistant answer left open, as if the policy had written the answer: the
+    feedback turn appended on top (strategies.templates.require_turn_text) then renders exactly the trained
+    conversation. (Rendering [user, assistant] as a prompt instead adds a generation prompt after the closed
+    answer, i.e. an empty assistant turn before the critique request: the gate measured that until v5.)"""
+    from prs_jax.models.tokenizer import encode_chat
+
+    return encode_chat(tok, _user(user_text)) + list(tok(answer, add_special_tokens=False)["input_ids"])
+
+
 def _user(text: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": text}]
 
@@ -215,8 +225,7 @@ def measure_gates(built: Any, cfg: GateConfig, console: Console | None = None) -
 
     # ---- critiques: of teacher drafts placed in the conversation, and of the policy's own first draft
     t_drafts = [world.draft(p, "xz", prompt_rng(seed, p.id, 22)) for p in prompts]
-    roots_t = engine.add_prompts([[*_user(query(p)), {"role": "assistant", "content": d.text()}] for p, d in
-                                  zip(prompts, t_drafts)])
+    roots_t = engine.add_prompts([answered_prompt(tok, query(p), d.text()) for p, d in zip(prompts, t_drafts)])
     ask_t = engine.append(roots_t, [require_turn_text(tok, FEEDBACK_TURN, r) for r in roots_t])
     crit_t = [k[0].text for k in engine.expand(ask_t, 1, greedy, max_new_tokens=cfg.critique_max_new_tokens)]
     match_t = [parse_feedback(c) == (violations(p.x, p.z, d.text()), 0) for p, d, c in zip(prompts, t_drafts, crit_t)]

@@ -142,6 +142,23 @@ def test_gates_give_every_kv_page_back(micro, monkeypatch):
         assert stats["pages_used"] == 0 and stats["pages_peak"] > 0, stats
 
 
+def test_teacher_drafts_are_critiqued_in_the_trained_conversation(micro):
+    """The critique gate on teacher drafts feeds exactly the rendered [user, draft, feedback request] chat."""
+    from prs_jax.models.tokenizer import encode_chat
+    from prs_jax.strategies.templates import require_turn_text
+    from prs_jax.world.gates import answered_prompt
+
+    _, a, _ = micro
+    tok = load_tokenizer(a.policy)
+    for draft in ("Here you go: apple, pear.", "1. Apple 2. Pear. Thanks for asking!"):
+        user = "Name two fruits.\n\nPut pear first."
+        got = answered_prompt(tok, user, draft) + list(
+            tok(require_turn_text(tok, FEEDBACK_TURN), add_special_tokens=False)["input_ids"])
+        want = encode_chat(tok, [{"role": "user", "content": user}, {"role": "assistant", "content": draft},
+                                 {"role": "user", "content": FEEDBACK_TURN}])
+        assert got == want
+
+
 def test_world_config_rejects_nonsense():
     with pytest.raises(ValueError, match="sft_steps must be positive"):
         preset("smoke", sft_steps=-1)
