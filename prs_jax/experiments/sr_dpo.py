@@ -449,7 +449,8 @@ def _orient(lp: dict[str, np.ndarray], rows: Sequence[dict[str, Any]], index: di
 
 
 RECORDS, MEASURE_FACTS = "records.jsonl", "measure.json"
-_NOT_MEASURED = ("out_dir", "pool_dirs")
+# the protocol is applied by the report (it is recorded at measure time: the report says when it changed since)
+_NOT_MEASURED = ("out_dir", "pool_dirs", "protocol")
 
 
 def _measured_config(cfg: Config) -> dict[str, Any]:
@@ -590,7 +591,8 @@ def measure_study(cfg: Config, console: Any = None, reward_model: str | Path | N
     world = None if env.world is None else {
         "key": env.world.report.get("key"), "root": str(env.world.root), "seed": env.world.config.seed,
         "rm_heldout_accuracy": env.world.report.get("rm_heldout_accuracy")}
-    facts = {"config": _measured_config(cfg), "world": world, "world_seed": None if world is None else world["seed"],
+    facts = {"config": _measured_config(cfg), "protocol_declared": json.loads(json.dumps(to_dict(cfg.protocol))),
+             "world": world, "world_seed": None if world is None else world["seed"],
              "judge": "gold reward" if env.gold is not None else "reward model (no gold reward on real checkpoints)",
              "prompt_prefix": prefix, "policy_parameters": param_count(sft), "reward_model": str(env.reward_model), "pairs": pair_info, "runs": runs,
              "overhead": overhead, "timings": timings,
@@ -700,7 +702,7 @@ def _load_measured(d: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
 
 
 # keys that may differ between the world seeds pooled in one report (each OUT was measured on its own world)
-_POOL_FREE = ("source", "work_dir", "protocol")
+_POOL_FREE = ("source", "work_dir")
 
 
 def report_study(cfg: Config, console: Any = None, started: float | None = None) -> dict[str, Any]:
@@ -795,6 +797,9 @@ def report_study(cfg: Config, console: Any = None, started: float | None = None)
         if missing:
             title += f"; declared seeds {missing} not measured: the pooled column covers {list(used)} only"
         rec.tables.append((title, verdict_table(results)))
+        if json.loads(json.dumps(to_dict(proto))) != facts.get("protocol_declared"):
+            rec.notes.append("The protocol of this report differs from the one declared when the records were "
+                             f"measured ({MEASURE_FACTS}: protocol_declared).")
 
     overhead = facts.get("overhead") or {}
     if overhead:
