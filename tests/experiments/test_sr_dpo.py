@@ -71,7 +71,15 @@ def test_smoke_end_to_end(smoke_world_root, tmp_path):
 def test_configs_load():
     for name in ("smoke", "cpu", "full"):
         cfg = load_config(sr_dpo.Config, CONFIGS / f"{name}.yaml")
-        assert cfg.runs
+        sr_dpo.validate(cfg)
+        assert cfg.runs and cfg.protocol.endpoints and any(e.control for e in cfg.protocol.endpoints)
+        # every declared endpoint names runs the config trains
+        keys = {sr_dpo.run_key(r.tag, f) for r, f in cfg.plan()} | {"sft"}
+        for e in cfg.protocol.endpoints:
+            assert set(e.name.split(":", 1)[1].split(":")) <= keys, e.name
+    cpu = load_config(sr_dpo.Config, CONFIGS / "cpu.yaml")
+    assert cpu.pairs.flip_rates == (0.0, 0.2, 0.35) and cpu.protocol.seeds == (0, 1, 2)
+    assert cpu.pairs.train_prompts >= 1000 and cpu.mid == cpu.trainer.steps // 2
     full = load_config(sr_dpo.Config, CONFIGS / "full.yaml")
     assert full.source.kind == "real" and full.trainer.mesh is not None and full.optim.lr == 5e-7
 
