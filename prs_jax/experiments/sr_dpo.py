@@ -255,7 +255,7 @@ def _file_base(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         t = trl_pair(row)
         sc = (float(t["score_chosen"]), float(t["score_rejected"])) if "score_chosen" in t else None
         out.append({"id": row.get("id", row.get("prompt_id", i)), "prompt": t.get("prompt", []), "a": t["chosen"],
-                    "b": t["rejected"], "rank": [1.0, 0.0], "gold": None, "proxy": list(sc or (float("nan"),) * 2)})
+                    "b": t["rejected"], "rank": [1.0, 0.0], "gold": None, "proxy": list(sc) if sc else [None, None]})
     return out
 
 
