@@ -386,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", type=Path, help="YAML config, e.g. experiments/configs/reward_vs_n/cpu.yaml")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     p.add_argument("--report", action="store_true", help="remake tables, plots and results.json from the saved "
-                                                         "records in out_dir without measuring (reward_vs_n)")
+                                                         "records in out_dir without measuring (reward_vs_n, sr_dpo)")
     p.set_defaults(func=_cmd_experiment)
 
     p = _sub(sub, "world", help="the synthetic preference world: `world build` trains (or reuses) its "

@@ -30,6 +30,9 @@ class WorldSpec:
     root: str = "runs/world"
     seed: int = 0
     overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # an already built world directory (runs/world/world-KEY) to load as it is, whatever its version: never
+    # builds; preset / seed / overrides are then not used (the world's own report.json says what it is)
+    path: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,8 +107,10 @@ def preflight(cfg: Any, config_path: str | Path | None = None) -> None:
 def build_world_from(spec: WorldSpec, console: Any = None):
     """Build or reuse the world of `spec` (prs_jax.world.build)."""
     from prs_jax.config import apply_overrides, from_dict
-    from prs_jax.world.build import WorldConfig, build_world, preset
+    from prs_jax.world.build import WorldConfig, build_world, load_world, preset
 
+    if spec.path:
+        return load_world(spec.path, allow_weak=True, console=console)
     cfg = preset(spec.preset, seed=spec.seed)
     if spec.overrides:
         cfg = from_dict(WorldConfig, apply_overrides(to_dict(cfg), [f"{k}={json.dumps(v)}" for k, v in

@@ -64,7 +64,7 @@ Part = Literal["reward_vs_n", "sr_dpo"]
 
 def _default_sr_dpo() -> sr_dpo.Config:
     return sr_dpo.Config(runs=(sr_dpo.RunSpec("sigmoid"), sr_dpo.RunSpec("sr_dpo", 0.5)), timing_steps=0,
-                         work_dir="")
+                         work_dir="", pairs=sr_dpo.PairsConfig(flip_rates=(0.0,)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,7 +146,9 @@ def _sr_dpo_size(cfg: Config, size: Size, ref: Any, console: Any) -> dict[str, A
             "train_wall_s")
     return {"parameters": r["policy_parameters"], **facts, "rm_dir": r["reward_model"], "judge": r["judge"],
             "pairs": r["pairs"], "starting_policy": r["starting_policy"],
-            "runs": {tag: {k: v[k] for k in keep if k in v} for tag, v in r["runs"].items()},
+            # the runs at the first flip rate (the scaling configs use one), keyed by their tag
+            "runs": {v["tag"]: {k: v[k] for k in keep if k in v} for v in r["runs"].values()
+                     if v["flip"] == sub.pairs.flip_rates[0]},
             "wall_seconds": record["wall_seconds"], "out_dir": sub.out_dir}
 
 

@@ -57,6 +57,7 @@ Metrics = dict[str, jax.Array]
 LossOutput = tuple[jax.Array, Metrics]
 Normalize = Literal["sum", "mean"]
 KLMode = Literal["reward", "loss"]
+DeltaUnits = Literal["reward", "log_ratio"]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -343,10 +344,19 @@ def sr_ipo(
     normalize: Normalize = "sum",
     chosen_tokens: ArrayLike | None = None,
     rejected_tokens: ArrayLike | None = None,
+    delta_units: DeltaUnits = "reward",
 ) -> LossOutput:
-    """Sr-IPO loss mean (h - lam * sg(Delta) - 1/(2 beta))^2; lam = 0 is exactly IPO with the same normalize."""
+    """Sr-IPO loss mean (h - lam * sg(Delta) - 1/(2 beta))^2; lam = 0 is exactly IPO with the same normalize.
+
+    ``delta_units="reward"`` (default) is the paper's form: Delta = beta * h_aug, in implicit-reward units, enters
+    next to the log-ratio margin h. The optimum is h* = 1/(2 beta) + lam * beta * h_aug, so the refinement
+    shifts the IPO target by a fraction lam * beta * h_aug / (1/(2 beta)) of it: lam * beta (5% at lam 0.5,
+    beta 0.1) when h_aug sits at the target. ``"log_ratio"`` (an ablation, not the paper) uses Delta / beta =
+    h_aug, the units of h, so lam weighs the refinement as it does in Sr-DPO (shift fraction lam there).
+    """
     _check_beta(beta)
     _check_lam(lam)
+    _check_choice("delta_units", delta_units, ("reward", "log_ratio"))
     # The response tokens are the same with and without the instruction p, so one pair of token counts
     # normalises both h and Delta.
     chosen_b, rejected_b = _log_ratios(policy_chosen, policy_rejected, ref_chosen, ref_rejected,
@@ -358,7 +368,8 @@ def sr_ipo(
     if delta_b.shape != chosen_b.shape:
         raise ValueError(f"prompt-augmented log-probs have shape {list(delta_b.shape)} but the plain ones "
                          f"have shape {list(chosen_b.shape)}; both must be [B] for the same pairs")
-    loss = _ipo_loss(chosen_b - rejected_b - lam * delta_b, beta)
+    shift_b = lam * (h_aug_b if delta_units == "log_ratio" else delta_b)
+    loss = _ipo_loss(chosen_b - rejected_b - shift_b, beta)
     return loss, _sr_metrics(_pair_metrics(chosen_b, rejected_b, beta), delta_b, h_aug_b)
 
 

@@ -72,9 +72,15 @@ class PreferenceLoss:
     eps: float = 0.1
     ipo_normalize: Literal["sum", "mean"] = "sum"
     logprob: LogProbConfig = LogProbConfig()
+    # Sr-*: the reference of Delta's log-ratios: "augmented" = pi_ref(.|p (+) x), the paper's Delta; "plain" =
+    # pi_ref(.|x), an ablation (Delta then also carries the reference's own response to p)
+    delta_reference: Literal["augmented", "plain"] = "augmented"
+    ipo_delta_units: L.DeltaUnits = "reward"  # Sr-IPO only: losses.sr_ipo's delta_units
 
     def __post_init__(self) -> None:
         L.get_loss(self.name)
+        if self.delta_reference not in ("augmented", "plain"):
+            raise ValueError(f"delta_reference must be 'augmented' or 'plain', got {self.delta_reference!r}")
 
     @property
     def augmented(self) -> bool:
@@ -87,13 +93,15 @@ class PreferenceLoss:
         kw: dict[str, Any] = {}
         if self.name in ("ipo", "sr_ipo"):
             kw = dict(normalize=self.ipo_normalize, chosen_tokens=nc, rejected_tokens=nr)
+        if self.name == "sr_ipo":
+            kw["delta_units"] = self.ipo_delta_units
         if self.name == "robust":
             kw = dict(eps=self.eps)
         if not self.augmented:
             return L.get_loss(self.name)(pc, pr, rc, rr, self.beta, **kw)
         # Delta uses the current policy on p (+) x; the loss stops its gradient, so no backward flows there
         pca, pra, _, _ = pair_logps(model, batch, self.logprob, aug=True)
-        rca, rra = self._reference(batch, frozen, aug=True)
+        rca, rra = (rc, rr) if self.delta_reference == "plain" else self._reference(batch, frozen, aug=True)
         return L.get_loss(self.name)(pc, pr, rc, rr, pca, pra, rca, rra, self.beta, lam=self.lam, **kw)
 
     def _reference(self, batch: PairBatch, frozen: dict[str, Any] | None, aug: bool) -> tuple[jax.Array, jax.Array]:

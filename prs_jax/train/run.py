@@ -66,6 +66,8 @@ class LossConfig:
     prompt_prefix: str = DEFAULT_PROMPT_PREFIX
     placement: Literal["user_turn_start", "system", "raw_prefix"] = "user_turn_start"
     soft_labels: bool = False
+    delta_reference: Literal["augmented", "plain"] = "augmented"  # Sr-*: objectives.PreferenceLoss
+    ipo_delta_units: Literal["reward", "log_ratio"] = "reward"  # Sr-IPO: losses.sr_ipo's delta_units
 
     def __post_init__(self) -> None:
         check_ranges(self, "loss", {"beta": "> 0", "lam": ">= 0", "eps": ">= 0"})
@@ -151,7 +153,8 @@ def run_train(task: Task, cfg: TrainRunConfig, console: Console | None = None) -
 
         loss_fn = SFTLoss(lp)
     else:
-        loss = PreferenceLoss(cfg.loss.name, cfg.loss.beta, cfg.loss.lam, cfg.loss.eps, cfg.loss.ipo_normalize, lp)
+        loss = PreferenceLoss(cfg.loss.name, cfg.loss.beta, cfg.loss.lam, cfg.loss.eps, cfg.loss.ipo_normalize, lp,
+                              delta_reference=cfg.loss.delta_reference, ipo_delta_units=cfg.loss.ipo_delta_units)
         augmented = task == "dpo" and loss.augmented
         pair_kw = dict(common, soft_label_column=d.soft_label_column,
                        prompt_prefix=cfg.loss.prompt_prefix if augmented else None, placement=cfg.loss.placement)

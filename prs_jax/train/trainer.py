@@ -512,6 +512,9 @@ def resume_config(run_config: Mapping[str, Any]) -> dict[str, Any]:
     """The part of a run config a resume must keep: model, data, loss, optimizer, method and seed; not the loop's
     length, batching, logging, checkpointing or export settings."""
     out = {k: v for k, v in run_config.items() if k not in _RESUME_FREE and not k.endswith("export_dir")}
+    for section, defaults in _ADDED_DEFAULTS.items():
+        if isinstance(out.get(section), Mapping):
+            out[section] = {**defaults, **out[section]}
     trainer = run_config.get("trainer")
     if isinstance(trainer, Mapping):
         out["trainer"] = {"seed": trainer.get("seed")}
@@ -521,6 +524,10 @@ def resume_config(run_config: Mapping[str, Any]) -> dict[str, Any]:
 
 
 _RESUME_FREE = ("trainer", "ref_cache_dir", "precompute_ref", "logprob_method", "remat")
+# config keys added after checkpoints were written: a checkpoint whose config lacks one was trained with its
+# default, so a resume must not refuse it for that
+_ADDED_DEFAULTS: dict[str, dict[str, Any]] = {"loss": {"delta_reference": "augmented",
+                                                      "ipo_delta_units": "reward"}}
 
 
 def trim_metrics(path: Path, step: int) -> None:

@@ -622,3 +622,43 @@ def test_sr_dpo_weight_is_the_sigmoid_of_the_shifted_logit(h, h_aug, lam, beta):
     g = float(_sr_dpo_grad_h(h, h_aug, beta, lam))
     z = np.float64(beta) * h - np.float64(lam) * beta * h_aug
     np.testing.assert_allclose(g, -beta * np_sigmoid(-z), rtol=1e-4, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sr-IPO scaling: where the refinement moves the IPO target
+# ----------------------------------------------------------------------------------------------------------
+
+def _sr_ipo_optimum(beta, lam, h_aug, delta_units):
+    """The margin h that minimises Sr-IPO for one pair with prompt-augmented margin h_aug (grad root, bisection)."""
+    aug = dict(policy_chosen_aug=np.array([h_aug]), policy_rejected_aug=np.array([0.0]),
+               ref_chosen_aug=np.array([0.0]), ref_rejected_aug=np.array([0.0]))
+
+    def grad(h):
+        return float(jax.grad(lambda pc: L.sr_ipo(pc, jnp.zeros(1), jnp.zeros(1), jnp.zeros(1), **aug, beta=beta,
+                                                  lam=lam, delta_units=delta_units)[0])(jnp.array([h]))[0])
+    lo, hi = -100.0, 100.0
+    for _ in range(80):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if grad(mid) < 0 else (lo, mid)
+    return (lo + hi) / 2
+
+
+def test_sr_ipo_scaling_paper_form_shifts_the_target_by_lam_beta():
+    """The paper's Sr-IPO (Delta = beta * h_aug next to the unscaled h): optimum h* = 1/(2 beta) + lam beta h_aug.
+    With h_aug at the IPO target the shift is lam * beta of the target: 5% at lam 0.5, beta 0.1 (the size the
+    study measured); the log-ratio form shifts it by lam (50%), as lam weighs Delta in Sr-DPO."""
+    beta, lam = 0.1, 0.5
+    target = 1 / (2 * beta)
+    assert _sr_ipo_optimum(beta, 0.0, target, "reward") == pytest.approx(target, abs=1e-6)
+    paper = _sr_ipo_optimum(beta, lam, target, "reward")
+    assert paper == pytest.approx(target + lam * beta * target, abs=1e-6)
+    assert (paper - target) / target == pytest.approx(0.05, abs=1e-6)
+    log_ratio = _sr_ipo_optimum(beta, lam, target, "log_ratio")
+    assert (log_ratio - target) / target == pytest.approx(lam, abs=1e-6)
+    # at lam = 0 both forms are IPO; Sr-DPO's shift of beta*h, in the same units, is lam * Delta = lam beta h_aug
+    inp = pair_inputs(np.random.default_rng(11), augmented=True)
+    a, _ = L.sr_ipo(**inp, beta=beta, lam=0.0, delta_units="log_ratio")
+    b, _ = L.ipo(**{k: v for k, v in inp.items() if not k.endswith("_aug")}, beta=beta)
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(ValueError, match="delta_units"):
+        L.sr_ipo(**inp, beta=beta, lam=lam, delta_units="nats")

@@ -150,3 +150,17 @@ def test_trim_metrics(tmp_path):
     trim_metrics(path, 0)
     assert path.read_text() == ""
     trim_metrics(tmp_path / "none.jsonl", 3)  # no file: nothing to do
+
+
+def test_resume_config_fills_loss_keys_added_later():
+    """A checkpoint written before loss.delta_reference / loss.ipo_delta_units existed was trained with their
+    defaults: the resume guard must not refuse it."""
+    from prs_jax.data.stamp import diff_keys
+    from prs_jax.train.trainer import resume_config
+
+    old = {"task": "dpo", "loss": {"name": "sr_dpo", "beta": 0.1}, "trainer": {"seed": 0}}
+    new = {"task": "dpo", "loss": {"name": "sr_dpo", "beta": 0.1, "delta_reference": "augmented",
+                                   "ipo_delta_units": "reward"}, "trainer": {"seed": 0}}
+    assert diff_keys(resume_config(old), resume_config(new)) == []
+    changed = {**new, "loss": {**new["loss"], "delta_reference": "plain"}}
+    assert diff_keys(resume_config(old), resume_config(changed)) == ["loss.delta_reference"]
