@@ -82,8 +82,8 @@ def test_smoke_end_to_end(smoke_world_root, tmp_path):
     with pytest.raises(FileNotFoundError, match="measure first"):
         run_experiment("reward_vs_n", CONFIGS / "smoke.yaml", [f"out_dir={out / 'nothing'}"], report_only=True)
     with pytest.raises(ValueError, match="no separate report step"):
-        run_experiment("sr_dpo", Path(__file__).parents[2] / "experiments" / "configs" / "sr_dpo" / "smoke.yaml",
-                       [f"out_dir={out}"], report_only=True)
+        run_experiment("verbalized", Path(__file__).parents[2] / "experiments" / "configs" / "verbalized" /
+                       "smoke.yaml", [f"out_dir={out}"], report_only=True)
 
 
 def test_real_source_reports_the_rm_only(smoke_world, tmp_path):
