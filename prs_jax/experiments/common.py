@@ -169,6 +169,45 @@ def versions() -> dict[str, str]:
 
 
 
+def load_measured(d: str | Path, study: str, facts_name: str = "measure.json", records_name: str = "records.jsonl"
+                  ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """A study's measure-time facts and its per-unit records from OUT directory `d` (what `report` reads)."""
+    d = Path(d)
+    facts_file, records_file = d / facts_name, d / records_name
+    if not facts_file.is_file() or not records_file.is_file():
+        raise FileNotFoundError(f"{d}: no {facts_name} / {records_name}; measure first (prs-jax experiment {study} "
+                                "CONFIG, without --report).")
+    with records_file.open(encoding="utf-8") as fh:
+        return json.loads(facts_file.read_text()), [json.loads(line) for line in fh if line.strip()]
+
+
+def pool_measured(out_dir: str | Path, pool_dirs: Sequence[str], config: dict[str, Any], study: str,
+                  pool_free: Sequence[str] = ("source",), facts_name: str = "measure.json",
+                  records_name: str = "records.jsonl"
+                  ) -> tuple[dict[str, Any], dict[int, list[dict[str, Any]]]]:
+    """The facts of `out_dir` and the records of every world seed: `out_dir` plus `pool_dirs` (one OUT per world
+    seed, measured with the same study config apart from the `pool_free` keys). `config` is the measured config
+    of the report's study config; `out_dir` must have been measured with exactly it."""
+    facts, records = load_measured(out_dir, study, facts_name, records_name)
+    diff = sorted(k for k in set(config) | set(facts["config"]) if config.get(k) != facts["config"].get(k))
+    if diff:
+        raise ValueError(f"{Path(out_dir) / facts_name}: measured with another config (keys {', '.join(diff)} "
+                         "differ); report with the config it was measured with, or measure again.")
+    by_seed = {int(facts.get("world_seed") or 0): records}
+    for d in pool_dirs:
+        f2, r2 = load_measured(d, study, facts_name, records_name)
+        diff = sorted(k for k in set(config) | set(f2["config"])
+                      if k not in pool_free and config.get(k) != f2["config"].get(k))
+        if diff:
+            raise ValueError(f"{d}: measured with another study config (keys {', '.join(diff)}); pool only OUT "
+                             "directories of the same config on different world seeds.")
+        s = int(f2.get("world_seed") or 0)
+        if s in by_seed:
+            raise ValueError(f"{d}: world seed {s} is already pooled (from another directory); one OUT per seed.")
+        by_seed[s] = r2
+    return facts, by_seed
+
+
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], floatfmt: str = ".3f") -> str:
     """A GitHub markdown table; floats formatted with `floatfmt`."""
     def cell(v: Any) -> str:

@@ -40,6 +40,9 @@ class Endpoint:
     direction: Literal["greater", "less"] = "greater"
     margin: float = 0.0
     control: bool = False  # a positive control: must hold for the primary claims to be testable
+    # units per seed this endpoint promises, when it differs from the protocol's (e.g. a control measured on
+    # the subset of prompts where a mechanism can act); None: Protocol.units
+    units: int | None = None
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -47,6 +50,8 @@ class Endpoint:
         if self.direction not in ("greater", "less"):
             raise ValueError(f"protocol endpoint {self.name!r}: direction must be 'greater' or 'less', "
                              f"got {self.direction!r}")
+        if self.units is not None and self.units < 1:
+            raise ValueError(f"protocol endpoint {self.name!r}: units must be >= 1 or null, got {self.units}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,10 +155,12 @@ def evaluate(protocol: Protocol, diffs: Mapping[str, Mapping[int, Sequence[float
             raise KeyError(f"protocol: endpoint {e.name!r} has no measurement for seed(s) {missing}; the protocol "
                            f"declares seeds {list(protocol.seeds)}")
         arrays = {s: np.asarray(per[s], dtype=float).ravel() for s in protocol.seeds}
+        need = protocol.units if e.units is None else e.units
         for s, a in arrays.items():
-            if a.size < protocol.units:
+            if a.size < need:
                 raise ValueError(f"protocol: endpoint {e.name!r}, seed {s}: {a.size} units measured, the protocol "
-                                 f"promises {protocol.units}; measure more units or lower protocol.units.")
+                                 f"promises {need}; measure more units or lower "
+                                 f"{'protocol.units' if e.units is None else 'the endpoint units'}.")
             if not np.all(np.isfinite(a)):
                 raise ValueError(f"protocol: endpoint {e.name!r}, seed {s}: non-finite differences")
         measured[e.name] = arrays
@@ -222,3 +229,20 @@ def verdict_table(results: Sequence[EffectResult]) -> str:
                   "" if frac is None else f"{frac:.0%}", f"{r.p_holm:.3g}", r.verdict]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def apply_protocol(protocol: Protocol, by_seed: Mapping[int, Any], units: Any,
+                   ceilings: Mapping[str, float] | None = None) -> tuple[list[EffectResult], str]:
+    """Evaluate `protocol` on the measured seeds: `by_seed[seed]` is whatever one seed measured (e.g. its
+    records) and `units(endpoint_name, by_seed[seed])` its per-unit paired differences. Declared seeds that were
+    not measured are left out of the pooled column (the title says so); when none of them was measured, the
+    measured seeds are used. Returns the results and a title for the verdict table."""
+    used = tuple(s for s in protocol.seeds if s in by_seed) or tuple(sorted(by_seed))
+    missing = [s for s in protocol.seeds if s not in by_seed]
+    diffs = {e.name: {s: units(e.name, by_seed[s]) for s in used} for e in protocol.endpoints}
+    results = evaluate(dataclasses.replace(protocol, seeds=used), diffs, ceilings)
+    title = (f"Protocol: declared endpoints, world seeds {list(used)} (per seed and pooled, bootstrap 95% CIs, "
+             "Holm over the primary endpoints)")
+    if missing:
+        title += f"; declared seeds {missing} not measured: the pooled column covers {list(used)} only"
+    return results, title

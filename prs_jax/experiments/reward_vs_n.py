@@ -134,9 +134,8 @@ def load_items(env: StudyEnv, limit: int) -> list[PromptItem]:
 
 
 # ------------------------------------------------------------------------------------------------ running
-def run_method(env: StudyEnv, g: Generation, items: Sequence[PromptItem], method: Method, n: int, seed: int,
-               progress: Any = None) -> list[StrategyResult]:
-    """Run one method at budget n on every item (batched, `g.batch_size` prompts per engine call)."""
+def method_strategy(env: StudyEnv, g: Generation, method: Method, n: int) -> Any:
+    """The strategy object (StrategyConfig.build) of one method at budget n."""
     from prs_jax.strategies.generate import StrategyConfig
 
     if method.kind == "prs":
@@ -147,7 +146,13 @@ def run_method(env: StudyEnv, g: Generation, items: Sequence[PromptItem], method
         spec = StrategyConfig.of(method.kind, n, g.sampling(), max_new_tokens=g.max_new_tokens)
     else:
         raise ValueError(f"method {method.name!r}: kind {method.kind!r} is not one of {METHOD_KINDS}")
-    strategy = spec.build(templates=env.templates)
+    return spec.build(templates=env.templates)
+
+
+def run_method(env: StudyEnv, g: Generation, items: Sequence[PromptItem], method: Method, n: int, seed: int,
+               progress: Any = None) -> list[StrategyResult]:
+    """Run one method at budget n on every item (batched, `g.batch_size` prompts per engine call)."""
+    strategy = method_strategy(env, g, method, n)
     engine = env.engine(seed)
     out: list[StrategyResult] = []
     for start in range(0, len(items), g.batch_size):
@@ -156,6 +161,36 @@ def run_method(env: StudyEnv, g: Generation, items: Sequence[PromptItem], method
         engine.release(list(engine.tree))  # results keep text and rewards; the KV is not needed any more
         if progress is not None:
             progress.update(len(batch))
+    env.compilations += engine.compilations
+    return out
+
+
+def run_paired(env: StudyEnv, g: Generation, items: Sequence[PromptItem], methods: Sequence[Method], n: int,
+               seed: int, progress: Any = None) -> dict[str, list[StrategyResult]]:
+    """Every method at budget n on every item with common random numbers: one engine (one seed) serves every
+    method, so two methods that sample the same prompt draw the same numbers (the engine keys its randomness by
+    prompt and tree position), and a PRS method's first layer IS the first drafts of the first PRand method
+    (reused, not resampled) when that method has at least as many. `progress` advances by prompts x methods."""
+    engine = env.engine(seed)
+    strategies = {m.name: method_strategy(env, g, m, n) for m in methods}
+    prand = next((m for m in methods if m.kind == "prand"), None)
+    order = [m for m in methods if m.kind != "prs"] + [m for m in methods if m.kind == "prs"]
+    out: dict[str, list[StrategyResult]] = {m.name: [] for m in methods}
+    for start in range(0, len(items), g.batch_size):
+        batch = list(items[start:start + g.batch_size])
+        done: dict[str, list[StrategyResult]] = {}
+        for m in order:
+            strategy = strategies[m.name]
+            if m.kind == "prs" and prand is not None and strategy.widths[0] <= n:
+                first = [r.layers[0][:strategy.widths[0]] for r in done[prand.name]]
+                done[m.name] = strategy.run(batch, engine, env.proxy, first_layer=first)
+            else:
+                done[m.name] = strategy.run(batch, engine, env.proxy)
+            if progress is not None:
+                progress.update(len(batch))
+        engine.release(list(engine.tree))  # results keep text and rewards; the KV is not needed any more
+        for name, rs in done.items():
+            out[name] += rs
     env.compilations += engine.compilations
     return out
 

@@ -41,7 +41,7 @@ import numpy as np
 
 from prs_jax.config import to_dict
 from prs_jax.eval.stats import mean_se, win_rate
-from prs_jax.experiments.common import Record, Source, param_count
+from prs_jax.experiments.common import Record, Source, param_count, pool_measured
 from prs_jax.experiments.env import StudyEnv
 from prs_jax.experiments.policy_tools import (
     assistant,
@@ -52,7 +52,7 @@ from prs_jax.experiments.policy_tools import (
     spearman,
     user_turn,
 )
-from prs_jax.experiments.protocol import Protocol, evaluate, verdict_table
+from prs_jax.experiments.protocol import Protocol, apply_protocol, verdict_table
 from prs_jax.train.trainer import OptimConfig, TrainerConfig
 from prs_jax.tree.sampling import SamplingParams
 
@@ -692,15 +692,6 @@ def run_summary(records: Sequence[dict[str, Any]], beta: float) -> tuple[dict[st
     return out, start
 
 
-def _load_measured(d: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    facts_file, records_file = d / MEASURE_FACTS, d / RECORDS
-    if not facts_file.is_file() or not records_file.is_file():
-        raise FileNotFoundError(f"{d}: no {MEASURE_FACTS} / {RECORDS}; measure first (prs-jax experiment sr_dpo "
-                                "CONFIG, without --report).")
-    with records_file.open(encoding="utf-8") as fh:
-        return json.loads(facts_file.read_text()), [json.loads(line) for line in fh if line.strip()]
-
-
 # keys that may differ between the world seeds pooled in one report (each OUT was measured on its own world)
 _POOL_FREE = ("source", "work_dir")
 
@@ -708,26 +699,9 @@ _POOL_FREE = ("source", "work_dir")
 def report_study(cfg: Config, console: Any = None, started: float | None = None) -> dict[str, Any]:
     """Report: tables, controls, the protocol's verdicts (per world seed and pooled over out_dir + pool_dirs),
     figures and results.json / results.md from the saved records alone; re-runnable without models."""
-    out = Path(cfg.out_dir)
-    facts, records = _load_measured(out)
-    now = _measured_config(cfg)
-    diff = sorted(k for k in set(now) | set(facts["config"]) if now.get(k) != facts["config"].get(k))
-    if diff:
-        raise ValueError(f"{out / MEASURE_FACTS}: measured with another config (keys {', '.join(diff)} differ); "
-                         "report with the config it was measured with, or measure again.")
-    seeds: dict[int, list[dict[str, Any]]] = {int(facts.get("world_seed") or 0): records}
-    for d in cfg.pool_dirs:
-        f2, r2 = _load_measured(Path(d))
-        diff = sorted(k for k in set(now) | set(f2["config"])
-                      if k not in _POOL_FREE and now.get(k) != f2["config"].get(k))
-        if diff:
-            raise ValueError(f"{d}: measured with another study config (keys {', '.join(diff)}); pool only OUT "
-                             "directories of the same config on different world seeds.")
-        s = int(f2.get("world_seed") or 0)
-        if s in seeds:
-            raise ValueError(f"{d}: world seed {s} is already pooled (from another directory); one OUT per seed.")
-        seeds[s] = r2
-
+    facts, seeds = pool_measured(cfg.out_dir, cfg.pool_dirs, _measured_config(cfg), "sr_dpo", _POOL_FREE,
+                                 MEASURE_FACTS, RECORDS)
+    records = next(iter(seeds.values()))
     rec = Record("sr_dpo", cfg, cfg.out_dir, cfg.seed)
     if started is not None:
         rec._t0 = started  # run(): the wall time covers measuring too
@@ -787,15 +761,8 @@ def report_study(cfg: Config, console: Any = None, started: float | None = None)
     verdicts: list[dict[str, Any]] = []
     proto = cfg.protocol
     if proto.endpoints:
-        used = tuple(s for s in proto.seeds if s in seeds) or tuple(sorted(seeds))
-        missing = [s for s in proto.seeds if s not in seeds]
-        diffs = {e.name: {s: endpoint_units(e.name, seeds[s]) for s in used} for e in proto.endpoints}
-        results = evaluate(dataclasses.replace(proto, seeds=used), diffs)
+        results, title = apply_protocol(proto, seeds, endpoint_units)
         verdicts = [r.to_dict() for r in results]
-        title = (f"Protocol: declared endpoints, world seeds {list(used)} (per seed and pooled, bootstrap 95% CIs, "
-                 f"Holm over the primary endpoints)")
-        if missing:
-            title += f"; declared seeds {missing} not measured: the pooled column covers {list(used)} only"
         rec.tables.append((title, verdict_table(results)))
         if json.loads(json.dumps(to_dict(proto))) != facts.get("protocol_declared"):
             rec.notes.append("The protocol of this report differs from the one declared when the records were "

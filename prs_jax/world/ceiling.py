@@ -33,26 +33,39 @@ def _gold(p: Prompt, a: Answer) -> float:
     return gold_reward(p.x, a.text(), p.z)
 
 
+def teacher_selected(world: World, p: Prompt, budgets: Sequence[int], seed: int = 0, feedback: bool = True
+                     ) -> dict[str, dict[int, Answer]]:
+    """The gold-selected answer per method and budget for one prompt, teacher as policy. Rand / PRand take the
+    best of the first n of one stream of max(budgets) drafts; PRS refines the gold-best of PRand's first n // 2
+    drafts (after the teacher's critique; `feedback=False`: without one) and keeps the best of drafts and
+    refinements (earlier answers win ties)."""
+    top = max(budgets)
+    streams = {"rand": [world.draft(p, "x", prompt_rng(seed, p.id, 0, j)) for j in range(top)],
+               "prand": [world.draft(p, "xz", prompt_rng(seed, p.id, 1, j)) for j in range(top)]}
+    golds = {m: [_gold(p, a) for a in v] for m, v in streams.items()}
+    out: dict[str, dict[int, Answer]] = {m: {} for m in METHODS}
+    for n in budgets:
+        for m in ("rand", "prand"):
+            out[m][n] = streams[m][int(np.argmax(golds[m][:n]))]
+        if n < 2:
+            out["prs"][n] = out["prand"][n]
+            continue
+        first, second = prs_widths(n)
+        best = streams["prand"][int(np.argmax(golds["prand"][:first]))]
+        named = world.feedback(p, best) if feedback else None
+        refs = [world.refine(p, best, named, prompt_rng(seed, p.id, 2, n, j)) for j in range(second)]
+        cands = [best, *refs]
+        out["prs"][n] = cands[int(np.argmax([_gold(p, a) for a in cands]))]
+    return out
+
+
 def teacher_best_of_n(world: World, prompts: Sequence[Prompt], budgets: Sequence[int], seed: int = 0,
                       feedback: bool = True) -> dict[str, dict[int, np.ndarray]]:
-    """Gold reward of the gold-selected answer per method and budget ([prompts] arrays), teacher as policy.
-    `feedback=False` runs PRS's refinements without a critique (the no-feedback ablation)."""
-    top = max(budgets)
+    """Gold reward of the gold-selected answer per method and budget ([prompts] arrays), teacher as policy
+    (teacher_selected). `feedback=False` runs PRS's refinements without a critique (the no-feedback ablation)."""
     out: dict[str, dict[int, np.ndarray]] = {m: {n: np.zeros(len(prompts)) for n in budgets} for m in METHODS}
     for i, p in enumerate(prompts):
-        rand = [world.draft(p, "x", prompt_rng(seed, p.id, 0, j)) for j in range(top)]
-        prand = [world.draft(p, "xz", prompt_rng(seed, p.id, 1, j)) for j in range(top)]
-        g_rand = [_gold(p, a) for a in rand]
-        g_prand = [_gold(p, a) for a in prand]
-        for n in budgets:
-            out["rand"][n][i] = max(g_rand[:n])
-            out["prand"][n][i] = max(g_prand[:n])
-            if n < 2:
-                out["prs"][n][i] = g_prand[0]
-                continue
-            first, second = prs_widths(n)
-            best = prand[int(np.argmax(g_prand[:first]))]
-            named = world.feedback(p, best) if feedback else None
-            refs = [world.refine(p, best, named, prompt_rng(seed, p.id, 2, n, j)) for j in range(second)]
-            out["prs"][n][i] = max(max(g_prand[:first]), *(_gold(p, r) for r in refs))
+        for m, by_n in teacher_selected(world, p, budgets, seed, feedback).items():
+            for n, a in by_n.items():
+                out[m][n][i] = _gold(p, a)
     return out

@@ -37,6 +37,35 @@ def test_fresh_prompts_are_held_out(smoke_world):
         pa.fresh_prompts(smoke_world, ["humorous"], 1, seed=0)
 
 
+def _rec(method, pid, group, gold, sat, proxy, selected=0, named=None):
+    r = {"kind": "method", "method": method, "id": pid, "group": group, "gold": gold, "satisfied": sat,
+         "proxy": proxy, "selected": selected}
+    if named is not None or method == "PRS":
+        r["feedback_named"] = named
+    return r
+
+
+def test_endpoint_units_and_ceilings():
+    recs = [_rec("PRand", "a", "include", [0.5, 0.9], [False, True], [0.1, 0.7], 1),
+            _rec("PRS", "a", "include", [0.9], [True], [0.2], named=None),
+            _rec("PRand", "b", "exclude", [0.4, 0.2], [False, False], [0.3, 0.1]),
+            _rec("PRS", "b", "exclude", [0.6], [True], [0.5], named=True),
+            {"kind": "teacher", "id": "a", "group": "include", "gold": {"prand": 0.5, "prs": 0.9},
+             "satisfied": {"prand": False, "prs": True}},
+            {"kind": "teacher", "id": "b", "group": "exclude", "gold": {"prand": 0.4, "prs": 0.4},
+             "satisfied": {"prand": False, "prs": False}}]
+    assert list(pa.endpoint_units("win:PRS:PRand", recs)) == [0.0, 0.5]  # a tie, then a win
+    assert list(pa.endpoint_units("sat:PRS:PRand@exclude", recs)) == [1.0]
+    assert list(pa.endpoint_units("critique:PRS", recs)) == [1.0]  # prompt a: the best draft already satisfied
+    assert list(pa.endpoint_units("proxy_gap:PRand", recs)) == pytest.approx([0.6])
+    methods = (pa.Method("PRand", "prand"), pa.Method("PRS", "prs"))
+    ceil = pa.teacher_ceilings(["win:PRS:PRand", "sat:PRS:PRand", "critique:PRS@include"], recs, methods)
+    assert ceil == {"win:PRS:PRand": pytest.approx(0.25), "sat:PRS:PRand": 0.5, "critique:PRS@include": 1.0}
+    for bad in ("win:PRS", "lift:PRS:PRand", "win:PRS:Greedy"):
+        with pytest.raises(ValueError, match="endpoint"):
+            pa.endpoint_units(bad, recs)
+
+
 def test_smoke_end_to_end(smoke_world_root, tmp_path):
     out = tmp_path / "pa"
     run_experiment("preference_adaptation", CONFIGS / "smoke.yaml",
@@ -58,7 +87,43 @@ def test_smoke_end_to_end(smoke_world_root, tmp_path):
         assert "feedback_names_unmet_preference" in group["methods"]["PRS"]
         assert "feedback_names_unmet_preference" not in group["methods"]["Rand"]
     assert (out / "preference_adaptation.png").stat().st_size > 0
-    assert "Win rate at N=4" in (out / "results.md").read_text()
+    md = (out / "results.md").read_text()
+    assert "Win rate at N=4" in md and "Self-critique accuracy" in md and "Protocol: declared endpoints" in md
+    # the declared protocol: the control and both primaries have a verdict, with the teacher ceiling beside them
+    verdicts = {v["endpoint"]["name"]: v for v in res["protocol"]}
+    assert set(verdicts) == {"sat:PRand:Rand", "win:PRS:PRand", "win:PRS:Rand@include"}
+    assert verdicts["sat:PRand:Rand"]["verdict"] in ("control passed", "control failed")
+    assert verdicts["win:PRS:PRand"]["ceiling"] is not None and verdicts["win:PRS:PRand"]["units"] == 16
+    assert verdicts["win:PRS:Rand@include"]["units"] == 2
+    # common random numbers: PRS's first layer is PRand's first N/2 drafts
+    rows = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    prand = {r["id"]: r for r in rows if r["kind"] == "method" and r["method"] == "PRand"}
+    prs = [r for r in rows if r["kind"] == "method" and r["method"] == "PRS"]
+    assert len(prs) == 16 and all(r["texts"][:2] == prand[r["id"]]["texts"][:2] and r["layer"][:2] == [0, 0]
+                                  for r in prs)
+    assert sum(r["kind"] == "teacher" for r in rows) == 16
+    # report only: the same tables from the records, no models
+    before = json.loads((out / "results.json").read_text())["results"]
+    again = run_experiment("preference_adaptation", CONFIGS / "smoke.yaml",
+                           [f"source.world.root={smoke_world_root}", f"out_dir={out}"], report_only=True)
+    for key in ("groups", "protocol"):  # compared as JSON text: NaN (e.g. no prompt to critique) != NaN
+        assert json.dumps(again["results"][key], sort_keys=True) == json.dumps(before[key], sort_keys=True)
+    # pooling a second world seed's OUT (here: the same records relabelled as seed 1)
+    other = tmp_path / "pa_seed1"
+    other.mkdir()
+    (other / "records.jsonl").write_text((out / "records.jsonl").read_text())
+    facts = json.loads((out / "measure.json").read_text())
+    (other / "measure.json").write_text(json.dumps({**facts, "world_seed": 1}))
+    pooled = run_experiment("preference_adaptation", CONFIGS / "smoke.yaml",
+                            [f"source.world.root={smoke_world_root}", f"out_dir={out}", f"pool_dirs=[{other}]",
+                             "protocol.seeds=[0,1]"], report_only=True)["results"]
+    assert pooled["world_seeds"] == [0, 1] and pooled["groups"]["all"]["prompts"] == 32
+    v = {x["endpoint"]["name"]: x for x in pooled["protocol"]}["win:PRS:PRand"]
+    assert set(v["per_seed"]) == {"0", "1"} and v["units"] == 32
+    with pytest.raises(ValueError, match="already pooled"):
+        run_experiment("preference_adaptation", CONFIGS / "smoke.yaml",
+                       [f"source.world.root={smoke_world_root}", f"out_dir={out}", f"pool_dirs=[{out}]"],
+                       report_only=True)
 
 
 def test_real_source_groups_by_column(smoke_world, tmp_path):

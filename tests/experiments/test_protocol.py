@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from prs_jax.experiments.protocol import Endpoint, Protocol, evaluate, stratified_bootstrap_ci, verdict_table
+from prs_jax.experiments.protocol import (Endpoint, Protocol, apply_protocol, evaluate, stratified_bootstrap_ci,
+                                         verdict_table)
 
 
 def _diffs(mean, n=256, seeds=(0, 1, 2), sd=0.2, offset=0):
@@ -61,6 +62,21 @@ def test_the_protocol_refuses_missing_or_short_measurements():
         Protocol(endpoints=(Endpoint("a"), Endpoint("a")))
     with pytest.raises(ValueError, match="direction"):
         Endpoint("a", direction="up")  # type: ignore[arg-type]
+    # an endpoint measured on a subset of the units declares its own count
+    sub = _protocol(Endpoint("a", units=40), units=100)
+    assert evaluate(sub, {"a": _diffs(0.1, n=50)})[0].units == 150
+    with pytest.raises(ValueError, match="30 units measured.*promises 40.*endpoint units"):
+        evaluate(sub, {"a": _diffs(0.1, n=30)})
+    with pytest.raises(ValueError, match="units must be >= 1"):
+        Endpoint("a", units=0)
+
+
+def test_apply_protocol_pools_the_measured_seeds_and_names_the_missing_ones():
+    proto = _protocol(Endpoint("a"), units=10)
+    by_seed = {0: 0.2, 2: 0.3}  # whatever a seed measured; `units` turns it into per-unit differences
+    results, title = apply_protocol(proto, by_seed, lambda name, m: np.full(20, m))
+    assert set(results[0].per_seed) == {0, 2} and results[0].units == 40
+    assert "declared seeds [1] not measured" in title
 
 
 def test_stratified_bootstrap_keeps_each_seed_weight_and_is_deterministic():
