@@ -8,9 +8,10 @@ name k items with their renormalised p_base. Two parts, both measured before and
 1. The base distribution (`distribution`): on every single-item request of the world (category x wording),
    `samples` direct answers and as many verbalised lists (k in `list_ks`), each list giving one VS draw (an item
    drawn by its verbalised probabilities, keyed by seed, request, k and list index). Per request: KL(answers ||
-   p_base) of Direct and of VS (the same plug-in estimator and sample count for both; an answer that is not one
-   item of the category is an "other" outcome with p_base floor 1e-3), the normalised entropy, and the
-   calibration of the verbalised probabilities (Pearson with the renormalised p_base of the listed items).
+   p_base) of Direct and of VS (the same plug-in estimator and sample count for both), the normalised entropy,
+   and the calibration of the verbalised probabilities (Pearson with the renormalised p_base of the listed items). The
+   KL is over the USABLE answers (one item of the category; a parsed list); the usable share is its own column
+   (an unusable answer is a failure to follow the format, not a draw from a distribution).
 2. Diversity and quality on held-out prompts (`methods`): Direct, Sequence, Multi-turn, VS-Standard, VS-Multi
    (world templates, prs_jax.world.corpus.world_vs_templates; VS-CoT has no trained template and runs with the
    package default), every method with the same budget of `n` responses per prompt (x with z):
@@ -65,7 +66,6 @@ METHOD_LABELS = {"direct": "Direct", "cot": "CoT", "sequence": "Sequence", "mult
                  "vs_standard": "VS-Standard", "vs_cot": "VS-CoT", "vs_multi": "VS-Multi"}
 SINGLE = ("direct", "multi_turn", "cot")  # one response per call
 PHASES = ("sft", "dpo")
-OTHER_FLOOR = 1e-3  # p_base floor of an answer outside the category (as the world's vs_kl gate)
 RECORDS, MEASURE_FACTS = "records.jsonl", "measure.json"
 
 
@@ -274,20 +274,15 @@ def vs_draw(lst: list[tuple[str, float]] | None, seed: int, rid: str, k: int, j:
 
 
 def kl_to_base(items: Sequence[str | None], base: dict[str, float]) -> float:
-    """Plug-in KL(empirical answers || p_base) in nats; None answers are one "other" outcome whose p_base is the
-    floor OTHER_FLOOR."""
-    counts = {i: 0 for i in base}
-    other = 0
-    for x in items:
-        if x is None or x not in counts:
-            other += 1
-        else:
-            counts[x] += 1
-    total = max(len(items), 1)
-    q = np.array([counts[i] for i in base] + [other], np.float64) / total
-    pb = np.array([base[i] for i in base] + [0.0])
+    """Plug-in KL(empirical distribution of the usable answers || p_base) in nats; unusable answers (None) are left
+    out (their share is reported separately as "usable answers"); NaN when none is usable."""
+    vals = [x for x in items if x is not None and x in base]
+    if not vals:
+        return math.nan
+    q = np.array([sum(x == i for x in vals) for i in base], np.float64) / len(vals)
+    pb = np.array([base[i] for i in base])
     nz = q > 0
-    return float(np.sum(q[nz] * np.log(q[nz] / np.maximum(pb[nz], OTHER_FLOOR))))
+    return float(np.sum(q[nz] * np.log(q[nz] / pb[nz])))
 
 
 def norm_entropy(items: Sequence[str | None], base: dict[str, float]) -> float:
@@ -732,7 +727,8 @@ def request_table(records: Sequence[dict[str, Any]], p_base: dict[str, dict[str,
 
 def endpoint_units(name: str, records: Sequence[dict[str, Any]], p_base: dict[str, dict[str, float]]) -> np.ndarray:
     """Per single-item request, from one seed's records (pure):
-      kl_gap:PHASE      KL(Direct || p_base) - KL(VS || p_base) in that phase (> 0: VS is closer to p_base);
+      kl_gap:PHASE      KL(Direct || p_base) - KL(VS || p_base) in that phase, over the usable answers (> 0: VS is
+                        closer to p_base);
       entropy_gap:PHASE normalised entropy of VS's answers - Direct's;
       kl_shift:METHOD   KL after DPO - KL before (> 0: DPO moved the method away from p_base);
       shift_gap         kl_shift:direct - kl_shift:vs (> 0: DPO collapsed Direct more than VS);

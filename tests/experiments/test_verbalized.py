@@ -53,9 +53,11 @@ def test_base_distribution_helpers():
                 "lemon and plum"):
         assert v.list_distribution(bad, base) is None, bad
     assert v.single_item("plum.", base) == "plum" and v.single_item("plum, lemon.", base) is None
-    # KL: exact p_base frequencies give 0; an unusable answer is an "other" outcome at the floor
-    assert v.kl_to_base(["lemon"] * 5 + ["melon"] * 3 + ["plum"] * 2, base) == pytest.approx(0.0, abs=1e-12)
-    assert v.kl_to_base([None], base) == pytest.approx(math.log(1 / v.OTHER_FLOOR))
+    # KL over the usable answers: exact p_base frequencies give 0 whatever the unusable ones; none usable: NaN
+    exact = ["lemon"] * 5 + ["melon"] * 3 + ["plum"] * 2
+    assert v.kl_to_base(exact, base) == pytest.approx(0.0, abs=1e-12)
+    assert v.kl_to_base(exact + [None] * 7, base) == pytest.approx(0.0, abs=1e-12)
+    assert math.isnan(v.kl_to_base([None], base))
     assert v.norm_entropy(["lemon", "melon", "plum"], base) == pytest.approx(1.0)
     # a VS draw is keyed by (seed, request, k, list index), never by order
     lst = [("lemon", 0.5), ("plum", 0.5)]
