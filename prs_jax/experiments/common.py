@@ -181,31 +181,48 @@ def load_measured(d: str | Path, study: str, facts_name: str = "measure.json", r
         return json.loads(facts_file.read_text()), [json.loads(line) for line in fh if line.strip()]
 
 
+def _without(config: dict[str, Any], dotted: Sequence[str]) -> dict[str, Any]:
+    """A deep copy of `config` without the dotted keys (e.g. "source.world.seed")."""
+    out = json.loads(json.dumps(config))
+    for key in dotted:
+        *path, last = key.split(".")
+        d = out
+        for part in path:
+            d = d.get(part) if isinstance(d, dict) else None
+        if isinstance(d, dict):
+            d.pop(last, None)
+    return out
+
+
 def pool_measured(out_dir: str | Path, pool_dirs: Sequence[str], config: dict[str, Any], study: str,
-                  pool_free: Sequence[str] = ("source",), facts_name: str = "measure.json",
+                  pool_free: Sequence[str] = ("source.world.seed",), facts_name: str = "measure.json",
                   records_name: str = "records.jsonl"
-                  ) -> tuple[dict[str, Any], dict[int, list[dict[str, Any]]]]:
-    """The facts of `out_dir` and the records of every world seed: `out_dir` plus `pool_dirs` (one OUT per world
-    seed, measured with the same study config apart from the `pool_free` keys). `config` is the measured config
-    of the report's study config; `out_dir` must have been measured with exactly it."""
+                  ) -> tuple[dict[int, dict[str, Any]], dict[int, list[dict[str, Any]]]]:
+    """The measure-time facts and the records of every world seed, keyed by seed (out_dir's seed first):
+    `out_dir` plus `pool_dirs` (one OUT per world seed, measured with the same study config apart from the
+    dotted `pool_free` keys, e.g. the world seed). `config` is the measured config of the report's study config;
+    `out_dir` must have been measured with exactly it."""
     facts, records = load_measured(out_dir, study, facts_name, records_name)
     diff = sorted(k for k in set(config) | set(facts["config"]) if config.get(k) != facts["config"].get(k))
     if diff:
         raise ValueError(f"{Path(out_dir) / facts_name}: measured with another config (keys {', '.join(diff)} "
                          "differ); report with the config it was measured with, or measure again.")
-    by_seed = {int(facts.get("world_seed") or 0): records}
+    seed0 = int(facts.get("world_seed") or 0)
+    facts_by, by_seed = {seed0: facts}, {seed0: records}
+    mine = _without(config, pool_free)
     for d in pool_dirs:
         f2, r2 = load_measured(d, study, facts_name, records_name)
-        diff = sorted(k for k in set(config) | set(f2["config"])
-                      if k not in pool_free and config.get(k) != f2["config"].get(k))
+        theirs = _without(f2["config"], pool_free)
+        diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
         if diff:
-            raise ValueError(f"{d}: measured with another study config (keys {', '.join(diff)}); pool only OUT "
-                             "directories of the same config on different world seeds.")
+            raise ValueError(f"{d}: measured with another study config (keys {', '.join(diff)} differ beyond "
+                             f"{', '.join(pool_free)}); pool only OUT directories of the same config on different "
+                             "world seeds.")
         s = int(f2.get("world_seed") or 0)
         if s in by_seed:
             raise ValueError(f"{d}: world seed {s} is already pooled (from another directory); one OUT per seed.")
-        by_seed[s] = r2
-    return facts, by_seed
+        facts_by[s], by_seed[s] = f2, r2
+    return facts_by, by_seed
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], floatfmt: str = ".3f") -> str:

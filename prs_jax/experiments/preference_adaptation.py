@@ -6,10 +6,11 @@ PRS vs Rand, PRS vs PRand and PRand vs Rand are judged per prompt by the GOLD re
 satisfaction rate of the prompt's preference (prs_jax.world.task.satisfied) and the accuracy of PRS's
 self-critique (does the feedback name the unmet preference?) are reported per kind.
 
-Design: common random numbers. All methods share one engine and seed per prompt batch, and PRS's first layer
-IS PRand's first drafts (reused), so PRS - PRand measures what refinement adds to the same drafts. The teacher
-programs run as the policy on the same prompts (prs_jax.world.ceiling.teacher_selected) give each effect's
-ceiling.
+Design: paired arms. PRS's first layer IS PRand's first drafts (reused, reward_vs_n.run_paired), so PRS - PRand
+measures what refinement adds to the same drafts; every arm runs on the same prompts. The teacher programs run as
+the policy on the same prompts with GOLD selection (prs_jax.world.ceiling.teacher_selected) give each effect's
+ceiling; at N = 16 the gold-selected teacher nearly always finds an answer that meets a single preference, so
+win-rate ceilings between arms are small and a proxy-selected policy can exceed them (a fraction above 100%).
 
 `measure_study` writes OUT/records.jsonl (per method and prompt: every candidate's text, proxy and gold reward,
 whether it satisfies the preference, the feedback; per prompt the teacher's choices) and OUT/measure.json;
@@ -143,12 +144,14 @@ def feedback_names_unmet(prompt: Any, result: Any) -> bool | None:
     return issue_text(prompt, pref.kind + (f":{pref.item}" if pref.item else "")) in fbs[0]
 
 
-def teacher_method(m: Method) -> str | None:
-    """The teacher-ceiling method (prs_jax.world.ceiling.METHODS) that `m` is the learned counterpart of, or None
-    (PRS only with the ceiling's split: half drafts, half refinements, two layers)."""
+def teacher_method(m: Method, n: int) -> str | None:
+    """The teacher-ceiling method (prs_jax.world.ceiling.METHODS) that `m` at budget n is the learned counterpart
+    of, or None (PRS only when its layer widths are the ceiling's: n // 2 drafts, then the rest)."""
+    from prs_jax.world.ceiling import prs_widths
+
     if m.kind in ("rand", "prand"):
         return m.kind
-    if m.kind == "prs" and m.depth == 2 and m.split == 0.5:
+    if m.kind == "prs" and m.widths(n) == prs_widths(n):
         return "prs" if m.feedback else "prs_nofb"
     return None
 
@@ -166,7 +169,10 @@ def _check(cfg: Config) -> None:
         if a not in names or b not in names:
             raise ValueError(f"comparisons: ({a!r}, {b!r}) names a method not in methods {names}.")
     for e in cfg.protocol.endpoints:
-        parse_endpoint(e.name, names)
+        _, _, group = parse_endpoint(e.name, names)
+        if group is not None and cfg.source.kind == "world" and group not in cfg.kinds:
+            raise ValueError(f"preference_adaptation protocol: endpoint {e.name!r}: @{group} is not one of the "
+                             f"study's kinds {list(cfg.kinds)}")
 
 
 def parse_endpoint(name: str, methods: Sequence[str]) -> tuple[str, tuple[str, ...], str | None]:
@@ -219,7 +225,7 @@ def teacher_records(world: Any, prompts: Sequence[Any], groups: Sequence[str], n
     from prs_jax.world.ceiling import teacher_selected
     from prs_jax.world.task import gold_reward, satisfied
 
-    wanted = {teacher_method(m) for m in methods} - {None}
+    wanted = {teacher_method(m, n) for m in methods} - {None}
     rows = []
     for p, group in zip(prompts, groups):
         picks: dict[str, Any] = {}
@@ -244,8 +250,8 @@ def _measured_config(cfg: Config) -> dict[str, Any]:
 
 
 def measure_study(cfg: Config, console: Any = None) -> Path:
-    """Measure: every method on every prompt with common random numbers (run_paired), the teacher ceiling on the
-    same prompts; writes OUT/records.jsonl and OUT/measure.json. No tables."""
+    """Measure: every method on every prompt, paired (run_paired: PRS reuses PRand's drafts), and the teacher
+    ceiling on the same prompts; writes OUT/records.jsonl and OUT/measure.json. No tables."""
     from tqdm import tqdm
 
     from prs_jax.config import to_dict
@@ -269,7 +275,7 @@ def measure_study(cfg: Config, console: Any = None) -> Path:
     if console is not None:
         console.print(f"preference_adaptation: {len(items)} prompts in "
                       f"{len(dict.fromkeys(it.metadata['group'] for it in items))} groups, N={cfg.n}, methods "
-                      f"{[m.name for m in cfg.methods]} (common random numbers)", markup=False)
+                      f"{[m.name for m in cfg.methods]} (PRS reuses PRand's drafts)", markup=False)
     t0 = time.perf_counter()
     with tqdm(total=len(items) * len(cfg.methods), desc="preference_adaptation", unit="run", mininterval=5) as bar:
         results = run_paired(env, cfg.generation, items, cfg.methods, cfg.n, _seed_for(cfg.seed, "pa", cfg.n), bar)
@@ -357,11 +363,11 @@ def need_world(name: str, rows: dict[str, dict[str, Any]]) -> None:
                          "(source.kind: world)")
 
 
-def teacher_ceilings(names: Sequence[str], records: Sequence[dict[str, Any]], methods: Sequence[Method]
+def teacher_ceilings(names: Sequence[str], records: Sequence[dict[str, Any]], methods: Sequence[Method], n: int
                      ) -> dict[str, float]:
     """The teacher-as-policy value of each win / sat / critique endpoint over the records' prompts (pooled)."""
     teacher = [r for r in records if r["kind"] == "teacher"]
-    tm = {m.name: teacher_method(m) for m in methods}
+    tm = {m.name: teacher_method(m, n) for m in methods}
     out: dict[str, float] = {}
     for name in names:
         kind, args, group = parse_endpoint(name, list(tm))
@@ -401,7 +407,7 @@ def summarise(by_seed: dict[int, list[dict[str, Any]]], cfg: Config, groups: Seq
     seeds = sorted(by_seed)
     bys = {s: _by_method(by_seed[s]) for s in seeds}
     with_gold = all("gold" in r for s in seeds for r in by_seed[s] if r["kind"] == "method")
-    tm = {m.name: teacher_method(m) for m in cfg.methods}
+    tm = {m.name: teacher_method(m, cfg.n) for m in cfg.methods}
     out: dict[str, Any] = {}
     for gi, group in enumerate([*groups, None]):
         gname = group if group is not None else "all"
@@ -463,8 +469,9 @@ def report_study(cfg: Config, console: Any = None, started: float | None = None)
     intervals, the teacher ceiling beside each), the figure, the protocol's verdicts and results.json /
     results.md from the saved records alone; re-runnable without models."""
     _check(cfg)
-    facts, by_seed = pool_measured(cfg.out_dir, cfg.pool_dirs, _measured_config(cfg), "preference_adaptation",
-                                   ("source",), MEASURE_FACTS, RECORDS)
+    facts_by, by_seed = pool_measured(cfg.out_dir, cfg.pool_dirs, _measured_config(cfg), "preference_adaptation",
+                                      ("source.world.seed",), MEASURE_FACTS, RECORDS)
+    facts = next(iter(facts_by.values()))
     rec = Record("preference_adaptation", cfg, cfg.out_dir, cfg.seed)
     if started is not None:
         rec._t0 = started  # run(): the wall time covers measuring too
@@ -531,8 +538,9 @@ def report_study(cfg: Config, console: Any = None, started: float | None = None)
     verdicts: list[dict[str, Any]] = []
     proto = cfg.protocol
     if proto.endpoints and with_gold:
+        used = [s for s in proto.seeds if s in by_seed] or seeds  # the seeds apply_protocol evaluates
         ceilings = teacher_ceilings([e.name for e in proto.endpoints],
-                                    [r for s in seeds for r in by_seed[s]], cfg.methods)
+                                    [r for s in used for r in by_seed[s]], cfg.methods, cfg.n)
         results, title = apply_protocol(proto, by_seed, endpoint_units, ceilings)
         verdicts = [r.to_dict() for r in results]
         rec.tables.append((title, verdict_table(results)))
@@ -588,9 +596,11 @@ def report_study(cfg: Config, console: Any = None, started: float | None = None)
         rec.notes.append(f"{cfg.prompts_per_kind} fresh single-preference prompts per kind and world seed from the "
                          "world's sampler (seeded), none of them in the world's training split, sft.jsonl or "
                          "rm_train.jsonl; selection by the proxy RM, judged by the gold reward.")
-        rec.notes.append("Common random numbers: all methods share one engine seed per prompt batch and PRS's first "
-                         "layer is PRand's first drafts. The teacher ceiling runs the world's teacher programs as "
-                         "the policy on the same prompts with GOLD selection (prs_jax.world.ceiling).")
+        rec.notes.append("Paired arms: PRS's first layer is PRand's first drafts (reused). The teacher ceiling runs "
+                         "the world's teacher programs as the policy on the same prompts with GOLD selection "
+                         "(prs_jax.world.ceiling); at this N the gold-selected teacher nearly always meets a single "
+                         "preference, so its win rates between arms are small and the proxy-selected policy can "
+                         "exceed them (fractions of the ceiling above 100%).")
     else:
         rec.notes.append("Real source: the reward model both selects and judges, so these win rates are optimistic; "
                          "the paper judges with GPT-4.")

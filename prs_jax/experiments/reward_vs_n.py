@@ -167,10 +167,12 @@ def run_method(env: StudyEnv, g: Generation, items: Sequence[PromptItem], method
 
 def run_paired(env: StudyEnv, g: Generation, items: Sequence[PromptItem], methods: Sequence[Method], n: int,
                seed: int, progress: Any = None) -> dict[str, list[StrategyResult]]:
-    """Every method at budget n on every item with common random numbers: one engine (one seed) serves every
-    method, so two methods that sample the same prompt draw the same numbers (the engine keys its randomness by
-    prompt and tree position), and a PRS method's first layer IS the first drafts of the first PRand method
-    (reused, not resampled) when that method has at least as many. `progress` advances by prompts x methods."""
+    """Every method at budget n on every item, paired: a PRS method's first layer IS the first drafts of the
+    first PRand method (reused, not resampled), so PRS - PRand measures what refinement adds to the same drafts.
+    One engine (one seed) serves every method; its draws are keyed by (seed, prompt id, prompt tokens, tree
+    position), so batching never changes them (two methods that add the same prompt get independent draws: the
+    engine counts repeated roots). Prompts without a preference are not reused (PRS would refine drafts written
+    without the preference it asks about). `progress` advances by prompts x methods."""
     engine = env.engine(seed)
     strategies = {m.name: method_strategy(env, g, m, n) for m in methods}
     prand = next((m for m in methods if m.kind == "prand"), None)
@@ -181,7 +183,9 @@ def run_paired(env: StudyEnv, g: Generation, items: Sequence[PromptItem], method
         done: dict[str, list[StrategyResult]] = {}
         for m in order:
             strategy = strategies[m.name]
-            if m.kind == "prs" and prand is not None and strategy.widths[0] <= n:
+            reuse = (m.kind == "prs" and prand is not None and strategy.widths[0] <= strategies[prand.name].n
+                     and all(it.preference for it in batch))
+            if reuse:
                 first = [r.layers[0][:strategy.widths[0]] for r in done[prand.name]]
                 done[m.name] = strategy.run(batch, engine, env.proxy, first_layer=first)
             else:

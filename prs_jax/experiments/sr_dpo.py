@@ -693,15 +693,15 @@ def run_summary(records: Sequence[dict[str, Any]], beta: float) -> tuple[dict[st
 
 
 # keys that may differ between the world seeds pooled in one report (each OUT was measured on its own world)
-_POOL_FREE = ("source", "work_dir")
+_POOL_FREE = ("source.world.seed", "work_dir")
 
 
 def report_study(cfg: Config, console: Any = None, started: float | None = None) -> dict[str, Any]:
     """Report: tables, controls, the protocol's verdicts (per world seed and pooled over out_dir + pool_dirs),
     figures and results.json / results.md from the saved records alone; re-runnable without models."""
-    facts, seeds = pool_measured(cfg.out_dir, cfg.pool_dirs, _measured_config(cfg), "sr_dpo", _POOL_FREE,
-                                 MEASURE_FACTS, RECORDS)
-    records = next(iter(seeds.values()))
+    facts_by, seeds = pool_measured(cfg.out_dir, cfg.pool_dirs, _measured_config(cfg), "sr_dpo", _POOL_FREE,
+                                    MEASURE_FACTS, RECORDS)
+    facts, records = next(iter(facts_by.values())), next(iter(seeds.values()))
     rec = Record("sr_dpo", cfg, cfg.out_dir, cfg.seed)
     if started is not None:
         rec._t0 = started  # run(): the wall time covers measuring too

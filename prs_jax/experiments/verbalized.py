@@ -8,8 +8,8 @@ name k items with their renormalised p_base. Two parts, both measured before and
 1. The base distribution (`distribution`): on every single-item request of the world (category x wording),
    `samples` direct answers and as many verbalised lists (k in `list_ks`), each list giving one VS draw (an item
    drawn by its verbalised probabilities, keyed by seed, request, k and list index). Per request: KL(answers ||
-   p_base) of Direct and of VS (the same plug-in estimator and sample count for both), the normalised entropy,
-   and the calibration of the verbalised probabilities (Pearson with the renormalised p_base of the listed items). The
+   p_base) of Direct and of VS (the same plug-in estimator on the same number of usable answers in every arm),
+   the normalised entropy, and the calibration of the verbalised probabilities (Pearson with the renormalised p_base of the listed items). The
    KL is over the USABLE answers (one item of the category; a parsed list); the usable share is its own column
    (an unusable answer is a failure to follow the format, not a draw from a distribution).
 2. Diversity and quality on held-out prompts (`methods`): Direct, Sequence, Multi-turn, VS-Standard, VS-Multi
@@ -235,10 +235,10 @@ def request_id(p: Any) -> str:
     return f"{p.category}/{p.form}"
 
 
-def list_distribution(text: str, base: dict[str, float]) -> list[tuple[str, float]] | None:
-    """(item, verbalised probability) of a single-item verbalised list, or None when it is not one: every line
-    must name one distinct item of the category with a written probability in (0, 1], summing to 1 within 0.1
-    (whole-percent rounding)."""
+def list_distribution(text: str, base: dict[str, float], k: int) -> list[tuple[str, float]] | None:
+    """(item, verbalised probability) of a single-item verbalised list of the k answers asked for, or None when
+    it is not one: k lines, each naming one distinct item of the category with a written probability in (0, 1],
+    summing to 1 within 0.1 (whole-percent rounding)."""
     from prs_jax.strategies.vs_parse import parse_verbalized, weight_value
     from prs_jax.world.task import answer_items
 
@@ -250,7 +250,7 @@ def list_distribution(text: str, base: dict[str, float]) -> list[tuple[str, floa
         if len(names) != 1 or names[0] not in base or not (0.0 < p <= 1.0):
             return None
         out.append((names[0], p))
-    if not out or len({i for i, _ in out}) != len(out) or abs(sum(p for _, p in out) - 1.0) > 0.1:
+    if len(out) != k or len({i for i, _ in out}) != k or abs(sum(p for _, p in out) - 1.0) > 0.1:
         return None
     return out
 
@@ -327,7 +327,7 @@ def measure_distribution(env: StudyEnv, model: Any, world: Any, d: DistributionS
         r = by_req.setdefault(rid, {"kind": "lists", "phase": phase, "request": rid, "category": s.category,
                                     "lists": [], "draws": []})
         for j, c in enumerate(ks):
-            lst = list_distribution(c.text, base)
+            lst = list_distribution(c.text, base, k)
             r["lists"].append({"k": k, "items": lst, "text": c.text if lst is None else None})
             r["draws"].append(vs_draw(lst, seed, rid, k, j))
     engine.release(list(engine.tree))
@@ -709,13 +709,25 @@ def parse_endpoint(name: str) -> tuple[str, str | None]:
 
 def request_table(records: Sequence[dict[str, Any]], p_base: dict[str, dict[str, float]]
                   ) -> dict[tuple[str, str], dict[str, dict[str, float]]]:
-    """(phase, method) -> request -> {kl, entropy, valid}; method "lists" -> request -> {pearson, parsed} (pure)."""
+    """(phase, method) -> request -> {kl, entropy, valid}; method "lists" -> request -> {pearson, parsed} (pure).
+    KL and entropy use the same number of usable answers in every (phase, method) of a request: the first m,
+    m the smallest usable count among them (answers are i.i.d., so the first m are a fair subsample), so the
+    plug-in estimates compared across arms have the same sample size; NaN for a request where some arm has none."""
+    usable = {}
+    for r in records:
+        if r["kind"] == "dist" and r.get("category") in p_base:
+            base = p_base[r["category"]]
+            usable[(r["phase"], r["method"], r["request"])] = [x for x in r["items"] if x is not None and x in base]
+    m_of: dict[str, int] = {}
+    for (_, _, rid), vals in usable.items():
+        m_of[rid] = min(m_of.get(rid, len(vals)), len(vals))
     out: dict[tuple[str, str], dict[str, dict[str, float]]] = {}
     for r in records:
         base = p_base[r["category"]] if r.get("category") in p_base else None
         if r["kind"] == "dist" and base is not None:
+            first = usable[(r["phase"], r["method"], r["request"])][:m_of[r["request"]]]
             out.setdefault((r["phase"], r["method"]), {})[r["request"]] = {
-                "kl": kl_to_base(r["items"], base), "entropy": norm_entropy(r["items"], base),
+                "kl": kl_to_base(first, base), "entropy": norm_entropy(first, base), "usable_compared": len(first),
                 "valid": float(np.mean([x is not None for x in r["items"]])) if r["items"] else math.nan}
         elif r["kind"] == "lists" and base is not None:
             verb, true = calibration_points(r, base)
@@ -732,8 +744,9 @@ def endpoint_units(name: str, records: Sequence[dict[str, Any]], p_base: dict[st
       entropy_gap:PHASE normalised entropy of VS's answers - Direct's;
       kl_shift:METHOD   KL after DPO - KL before (> 0: DPO moved the method away from p_base);
       shift_gap         kl_shift:direct - kl_shift:vs (> 0: DPO collapsed Direct more than VS);
-      calib:PHASE       Pearson(verbalised probability, renormalised p_base) over the request's parsed lists
-                        (requests with fewer than 3 points or no spread are left out)."""
+      calib:PHASE       Pearson(verbalised probability, renormalised p_base) over the request's parsed lists.
+    A request that gives no finite value (some arm without usable answers; for calib fewer than 3 points or no
+    spread) is left out of every endpoint alike."""
     kind, arg = parse_endpoint(name)
     t = request_table(records, p_base)
 
@@ -744,23 +757,24 @@ def endpoint_units(name: str, records: Sequence[dict[str, Any]], p_base: dict[st
         return {rid: v[key] for rid, v in t[(phase, method)].items()}
 
     if kind == "calib":
-        vals = get(arg, "lists", "pearson")
-        return np.array([v for v in vals.values() if math.isfinite(v)])
-    if kind in ("kl_gap", "entropy_gap"):
+        vals = list(get(arg, "lists", "pearson").values())
+    elif kind in ("kl_gap", "entropy_gap"):
         key = "kl" if kind == "kl_gap" else "entropy"
         d, v = get(arg, "direct", key), get(arg, "vs", key)
         sign = 1.0 if kind == "kl_gap" else -1.0
         vals = [sign * (d[r] - v[r]) for r in d if r in v]
-        return np.array([x for x in vals if math.isfinite(x)])
+    else:
+        def shift(method: str) -> dict[str, float]:
+            a, b = get("dpo", method, "kl"), get("sft", method, "kl")
+            return {r: a[r] - b[r] for r in a if r in b}
 
-    def shift(method: str) -> dict[str, float]:
-        a, b = get("dpo", method, "kl"), get("sft", method, "kl")
-        return {r: a[r] - b[r] for r in a if r in b}
-
-    if kind == "kl_shift":
-        return np.array(list(shift(arg).values()))
-    sd, sv = shift("direct"), shift("vs")
-    return np.array([sd[r] - sv[r] for r in sd if r in sv])
+        if kind == "kl_shift":
+            vals = list(shift(arg).values())
+        else:
+            sd, sv = shift("direct"), shift("vs")
+            vals = [sd[r] - sv[r] for r in sd if r in sv]
+    # a request without usable answers in some arm (or a list set with no spread, for calib) is no unit
+    return np.array([x for x in vals if math.isfinite(x)])
 
 
 def _finite_mean(xs: Sequence[float]) -> float:
@@ -780,8 +794,9 @@ def _ci(groups: Sequence[Sequence[float]], n_boot: int, seed: int) -> str:
 def report_study(cfg: Config, console: Any = None, started: float | None = None) -> dict[str, Any]:
     """Report: every table, figure and the protocol's verdicts from the saved records (per world seed and pooled
     over out_dir + pool_dirs); re-runnable without models."""
-    facts, by_seed = pool_measured(cfg.out_dir, cfg.pool_dirs, _measured_config(cfg), "verbalized", ("source",),
-                                   MEASURE_FACTS, RECORDS)
+    facts_by, by_seed = pool_measured(cfg.out_dir, cfg.pool_dirs, _measured_config(cfg), "verbalized",
+                                      ("source.world.seed",), MEASURE_FACTS, RECORDS)
+    facts = next(iter(facts_by.values()))
     records = next(iter(by_seed.values()))
     seeds = list(by_seed)
     rec = Record("verbalized", cfg, cfg.out_dir, cfg.seed)
@@ -820,7 +835,8 @@ def report_study(cfg: Config, console: Any = None, started: float | None = None)
     rec.table(f"methods on {facts['prompts']} held-out prompts, N = {cfg.n} responses each (k = {cfg.k} per call, "
               f"T = {cfg.temperature}); means over prompts ± s.e. (world seed {seeds[0]})", cols, rows_of(before))
     if ks:
-        rec.table(f"k sweep (N = {cfg.k_sweep_n} responses per prompt; k per call; the world trained k = 2..4)",
+        rec.table(f"k sweep (N = {cfg.k_sweep_n} responses per prompt; k per call; the world trained k = 2..4; "
+                  f"world seed {seeds[0]})",
                   ["method", "k", f"quality ({quality_name})", "semantic div. %", "ROUGE-L", "distinct item sets",
                    "item entropy", "coverage@N", "parse rate"],
                   [[METHOD_LABELS[r["method"]], r["k"], r["quality"], r["semantic"], r["rouge_l"],
@@ -831,7 +847,8 @@ def report_study(cfg: Config, console: Any = None, started: float | None = None)
                and r["method"] == "vs_standard"]
     if vs_rows and cfg.taus:
         taus = tau_sweep(vs_rows, cfg.taus, cfg.min_survivors, cfg.n, gold)
-        rec.table(f"post-hoc probability lower bound tau on VS-Standard (N = {cfg.n}, keep >= {cfg.min_survivors})",
+        rec.table(f"post-hoc probability lower bound tau on VS-Standard (N = {cfg.n}, keep >= {cfg.min_survivors}; "
+                  f"world seed {seeds[0]})",
                   ["tau", "survivors", f"mean {quality_name}", "E[reward] of one draw", "ROUGE-L",
                    "item entropy", "coverage@N"],
                   [[r["tau"], r["survivors"], r["quality"], r["expected_reward"], r["rouge_l"],
@@ -839,9 +856,9 @@ def report_study(cfg: Config, console: Any = None, started: float | None = None)
     dpo = facts.get("dpo")
     if after and dpo:
         rec.table(f"after DPO ({dpo['pairs']} {dpo['labels']} pairs, {cfg.dpo.steps} steps, lr {cfg.dpo.lr}, beta "
-                  f"{cfg.dpo.beta}); same prompts and metrics", cols, rows_of(after))
+                  f"{cfg.dpo.beta}); same prompts and metrics (world seed {seeds[0]})", cols, rows_of(after))
         keep = [m for m in after if m in before]
-        rec.table("before -> after DPO (semantic diversity %, item entropy, quality)",
+        rec.table(f"before -> after DPO (semantic diversity %, item entropy, quality; world seed {seeds[0]})",
                   ["method", "semantic before", "semantic after", "retained", "item entropy before",
                    "item entropy after", "quality before", "quality after"],
                   [[METHOD_LABELS[m], before[m]["semantic"], after[m]["semantic"],
@@ -851,7 +868,7 @@ def report_study(cfg: Config, console: Any = None, started: float | None = None)
 
     # the base distribution, pooled over the world seeds (each seed has its own p_base)
     dist: dict[str, Any] = {}
-    p_bases = {s: (facts if s == seeds[0] else _facts_of(cfg, s)).get("p_base") or {} for s in seeds}
+    p_bases = {s: facts_by[s].get("p_base") or {} for s in seeds}
     tables = {s: request_table(by_seed[s], p_bases[s]) for s in seeds}
     phases = [p for p in PHASES if any((p, "direct") in t for t in tables.values())]
     if phases:
@@ -906,20 +923,13 @@ def report_study(cfg: Config, console: Any = None, started: float | None = None)
         _plot_base(rec, by_seed, p_bases, phases)
     rec.results.update({"methods": before, "k_sweep": ks, "tau_sweep": taus, "distribution": dist,
                         "world": facts["world"], "world_seeds": seeds, "timings": facts["timings"],
+                        # methods / k_sweep / tau_sweep / dpo are of this seed; distribution and protocol pool seeds
+                        "methods_world_seed": seeds[0],
                         "compilations": facts["compilations"], "protocol": verdicts})
     if dpo:
         rec.results["dpo"] = {"summary": dpo, "methods": after}
     rec.notes.extend(_notes(cfg, before, after, gold, dist, dpo))
     return rec.finish(console)
-
-
-def _facts_of(cfg: Config, seed: int) -> dict[str, Any]:
-    """The measure.json of the pooled directory that holds world seed `seed`."""
-    for d in cfg.pool_dirs:
-        f = json.loads((Path(d) / MEASURE_FACTS).read_text())
-        if int(f.get("world_seed") or 0) == seed:
-            return f
-    raise KeyError(f"world seed {seed}: not among pool_dirs {list(cfg.pool_dirs)}")
 
 
 def _plot_base(rec: Record, by_seed: dict[int, list[dict[str, Any]]], p_bases: dict[int, dict[str, Any]],

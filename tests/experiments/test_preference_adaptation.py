@@ -7,6 +7,7 @@ import pytest
 
 from prs_jax.config import load_config
 from prs_jax.experiments import preference_adaptation as pa
+from prs_jax.experiments.protocol import Endpoint, Protocol
 from prs_jax.experiments import run_experiment
 
 CONFIGS = Path(__file__).parents[2] / "experiments" / "configs" / "preference_adaptation"
@@ -59,11 +60,16 @@ def test_endpoint_units_and_ceilings():
     assert list(pa.endpoint_units("critique:PRS", recs)) == [1.0]  # prompt a: the best draft already satisfied
     assert list(pa.endpoint_units("proxy_gap:PRand", recs)) == pytest.approx([0.6])
     methods = (pa.Method("PRand", "prand"), pa.Method("PRS", "prs"))
-    ceil = pa.teacher_ceilings(["win:PRS:PRand", "sat:PRS:PRand", "critique:PRS@include"], recs, methods)
+    ceil = pa.teacher_ceilings(["win:PRS:PRand", "sat:PRS:PRand", "critique:PRS@include"], recs, methods, 16)
     assert ceil == {"win:PRS:PRand": pytest.approx(0.25), "sat:PRS:PRand": 0.5, "critique:PRS@include": 1.0}
     for bad in ("win:PRS", "lift:PRS:PRand", "win:PRS:Greedy"):
         with pytest.raises(ValueError, match="endpoint"):
             pa.endpoint_units(bad, recs)
+    # the ceiling's PRS is n // 2 drafts then the rest: an odd budget's round(n / 2) split has no ceiling
+    prs = pa.Method("PRS", "prs")
+    assert pa.teacher_method(prs, 16) == "prs" and pa.teacher_method(prs, 7) is None
+    with pytest.raises(ValueError, match="not one of the study's kinds"):
+        pa._check(pa.Config(protocol=Protocol(endpoints=(Endpoint("win:PRS:PRand@humour"),))))
 
 
 def test_smoke_end_to_end(smoke_world_root, tmp_path):
@@ -95,7 +101,7 @@ def test_smoke_end_to_end(smoke_world_root, tmp_path):
     assert verdicts["sat:PRand:Rand"]["verdict"] in ("control passed", "control failed")
     assert verdicts["win:PRS:PRand"]["ceiling"] is not None and verdicts["win:PRS:PRand"]["units"] == 16
     assert verdicts["win:PRS:Rand@include"]["units"] == 2
-    # common random numbers: PRS's first layer is PRand's first N/2 drafts
+    # paired arms: PRS's first layer is PRand's first N/2 drafts
     rows = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
     prand = {r["id"]: r for r in rows if r["kind"] == "method" and r["method"] == "PRand"}
     prs = [r for r in rows if r["kind"] == "method" and r["method"] == "PRS"]

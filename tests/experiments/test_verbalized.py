@@ -45,13 +45,14 @@ def test_coverage_definition():
 
 def test_base_distribution_helpers():
     base = {"lemon": 0.5, "melon": 0.3, "plum": 0.2}
-    assert v.list_distribution("- lemon (60%)\n- plum (40%)", base) == [("lemon", 0.6), ("plum", 0.4)]
+    assert v.list_distribution("- lemon (60%)\n- plum (40%)", base, 2) == [("lemon", 0.6), ("plum", 0.4)]
     for bad in ("- lemon (60%)\n- lemon (40%)",  # repeated item
                 "- lemon (830%)\n- plum (20%)",  # not a probability
                 "- lemon (50%)\n- wolf (50%)",  # not in the category
                 "- lemon (30%)\n- plum (30%)",  # does not sum to 1
+                "- lemon (100%)",  # a collapsed list: one answer where two were asked for
                 "lemon and plum"):
-        assert v.list_distribution(bad, base) is None, bad
+        assert v.list_distribution(bad, base, 2) is None, bad
     assert v.single_item("plum.", base) == "plum" and v.single_item("plum, lemon.", base) is None
     # KL over the usable answers: exact p_base frequencies give 0 whatever the unusable ones; none usable: NaN
     exact = ["lemon"] * 5 + ["melon"] * 3 + ["plum"] * 2
@@ -101,6 +102,14 @@ def test_endpoint_units_on_synthetic_records():
     assert v.endpoint_units("shift_gap", recs, p_base) == pytest.approx([collapse])
     assert v.endpoint_units("entropy_gap:dpo", recs, p_base)[0] > 0.9
     assert v.endpoint_units("calib:sft", recs, p_base)[0] > 0.9
+    # every arm of a request is compared on the same number of usable answers (the smallest usable count)
+    short = recs[:3] + [dist("dpo", "vs", ["lemon", None, "plum"])]
+    t = v.request_table(short, p_base)
+    assert {t[(ph, m)]["fruit/0"]["usable_compared"] for ph in ("sft", "dpo") for m in ("direct", "vs")} == {2}
+    # a request with no usable answer in some arm is no unit of any endpoint (not a NaN unit)
+    empty = recs[:3] + [dist("dpo", "vs", [None] * 4)]
+    for name in ("kl_gap:dpo", "kl_shift:vs", "shift_gap", "entropy_gap:dpo"):
+        assert v.endpoint_units(name, empty, p_base).size == 0, name
     for bad in ("kl_gap:rlhf", "kl_shift:sequence", "calibration:sft"):
         with pytest.raises(ValueError, match="endpoint"):
             v.endpoint_units(bad, recs, p_base)
