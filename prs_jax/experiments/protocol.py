@@ -12,7 +12,9 @@ claims to be testable at all (e.g. "refinement after the true critique beats no 
   over the primary (non-control) endpoints;
 - the effect as a fraction of its teacher ceiling, when the study gives one;
 - a verdict: "reproduced" (adjusted p <= alpha and the pooled interval clears the margin), "not reproduced", or
-  "untestable here" when a positive control did not clear its margin (the evidence names it).
+  "untestable here" when a positive control did not clear its margin (the evidence names it) or the endpoint
+  itself has fewer units than promised (e.g. a mechanism measured on the prompts where it can act, and the
+  policy left too few of them). A control with too few units fails.
 
 Everything is a pure function of the inputs and the protocol's seed, so `report` re-runs give the same table.
 """
@@ -20,6 +22,7 @@ Everything is a pure function of the inputs and the protocol's seed, so `report`
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
@@ -59,7 +62,7 @@ class Protocol:
     """Seeds, units per seed, the error rate and the declared endpoints of one study."""
 
     seeds: tuple[int, ...] = (0, 1, 2)
-    units: int = 256  # units (prompts, pairs) per seed the study promises; fewer measured is an error
+    units: int = 256  # units (prompts, pairs) per seed the study promises; fewer measured cannot pass (see evaluate)
     alpha: float = 0.05
     n_boot: int = 2000
     n_perm: int = 10000
@@ -146,6 +149,7 @@ def evaluate(protocol: Protocol, diffs: Mapping[str, Mapping[int, Sequence[float
     """Per-endpoint effects and verdicts from `diffs[endpoint][seed]` = per-unit paired differences (A - B)."""
     ceilings = ceilings or {}
     measured: dict[str, dict[int, np.ndarray]] = {}
+    short: dict[str, list[str]] = {}  # endpoints with fewer units than promised: they cannot pass
     for e in protocol.endpoints:
         if e.name not in diffs:
             raise KeyError(f"protocol: endpoint {e.name!r} was declared but not measured; measured: {sorted(diffs)}")
@@ -158,15 +162,16 @@ def evaluate(protocol: Protocol, diffs: Mapping[str, Mapping[int, Sequence[float
         need = protocol.units if e.units is None else e.units
         for s, a in arrays.items():
             if a.size < need:
-                raise ValueError(f"protocol: endpoint {e.name!r}, seed {s}: {a.size} units measured, the protocol "
-                                 f"promises {need}; measure more units or lower "
-                                 f"{'protocol.units' if e.units is None else 'the endpoint units'}.")
+                short.setdefault(e.name, []).append(f"seed {s}: {a.size} units measured, {need} promised")
             if not np.all(np.isfinite(a)):
                 raise ValueError(f"protocol: endpoint {e.name!r}, seed {s}: non-finite differences")
         measured[e.name] = arrays
 
     def stats(e: Endpoint, k: int) -> tuple[dict[int, tuple[float, float, float]], tuple[float, float, float], float]:
         arrays = measured[e.name]
+        if any(a.size == 0 for a in arrays.values()):
+            nan3 = (math.nan, math.nan, math.nan)
+            return {s: nan3 for s in protocol.seeds}, nan3, 1.0
         per_seed = {}
         for j, s in enumerate(protocol.seeds):
             per_seed[s] = stratified_bootstrap_ci([arrays[s]], protocol.n_boot, protocol.alpha,
@@ -177,6 +182,8 @@ def evaluate(protocol: Protocol, diffs: Mapping[str, Mapping[int, Sequence[float
         return per_seed, pooled, _one_sided_p(shifted, e.direction, protocol.n_perm, protocol.seed + k)
 
     def clears(e: Endpoint, ci: tuple[float, float, float]) -> bool:
+        if e.name in short:
+            return False
         return ci[1] > e.margin if e.direction == "greater" else ci[2] < e.margin
 
     rows = {e.name: stats(e, k) for k, e in enumerate(protocol.endpoints)}
@@ -189,10 +196,11 @@ def evaluate(protocol: Protocol, diffs: Mapping[str, Mapping[int, Sequence[float
         per_seed, pooled, p = rows[e.name]
         units = sum(measured[e.name][s].size for s in protocol.seeds)
         ci = f"{pooled[0]:+.3f} [{pooled[1]:+.3f}, {pooled[2]:+.3f}]"
+        few = f"too few units ({'; '.join(short[e.name])}); " if e.name in short else ""
         if e.control:
             ok = clears(e, pooled)
             verdict = "control passed" if ok else "control failed"
-            evidence = f"pooled {ci} vs margin {sign[e.direction]} {e.margin:+.3f}, p {p:.3g}"
+            evidence = few + f"pooled {ci} vs margin {sign[e.direction]} {e.margin:+.3f}, p {p:.3g}"
             out.append(EffectResult(e, per_seed, pooled, units, p, p, ceilings.get(e.name), verdict, evidence))
             continue
         p_adj = float(adjusted[e.name])
@@ -201,6 +209,9 @@ def evaluate(protocol: Protocol, diffs: Mapping[str, Mapping[int, Sequence[float
             evidence = ("positive control(s) failed: " + ", ".join(
                 f"{c.name} {rows[c.name][1][0]:+.3f} [{rows[c.name][1][1]:+.3f}, {rows[c.name][1][2]:+.3f}]"
                 for c in failed_controls) + f"; measured {ci}")
+        elif e.name in short:
+            verdict = "untestable here"
+            evidence = few + f"measured {ci}"
         elif p_adj <= protocol.alpha and clears(e, pooled):
             verdict = "reproduced"
             evidence = f"pooled {ci} {sign[e.direction]} {e.margin:+.3f}, Holm p {p_adj:.3g} <= {protocol.alpha}"

@@ -150,7 +150,9 @@ def test_smoke_end_to_end(smoke_world_root, tmp_path):
     assert len(dist) == 2 * 2 * 16 and all(len(r["items"]) == 6 for r in dist)
     verdicts = {v["endpoint"]["name"]: v for v in res["protocol"]}
     assert set(verdicts) == {"kl_shift:direct", "kl_gap:dpo", "shift_gap"}
-    assert all(v["units"] == 16 for v in verdicts.values())
+    # the smoke policy names few single items, so requests may lack usable answers: then too few units, no crash
+    assert all(v["units"] <= 16 for v in verdicts.values())
+    assert all(v["units"] == 16 or "too few units" in v["evidence"] for v in verdicts.values())
     # report only: the same numbers from the records (no models)
     again = run_experiment("verbalized", CONFIGS / "smoke.yaml", [
         f"source.world.root={smoke_world_root}", f"out_dir={out}", "progress=false"], report_only=True)["results"]
