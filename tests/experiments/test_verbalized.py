@@ -144,7 +144,8 @@ def test_smoke_end_to_end(smoke_world_root, tmp_path):
     assert set(rec["results"]) == set(res)
     # the base distribution: both phases, both methods, on the 16 single-item requests
     for key in ("sft/direct", "sft/vs", "dpo/direct", "dpo/vs"):
-        assert res["distribution"][key]["kl"] >= 0 and 0 <= res["distribution"][key]["valid"] <= 1
+        kl = res["distribution"][key]["kl"]  # NaN when no request has usable answers in every arm (smoke policy)
+        assert (math.isnan(kl) or kl >= 0) and 0 <= res["distribution"][key]["valid"] <= 1
     rows = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
     dist = [r for r in rows if r["kind"] == "dist"]
     assert len(dist) == 2 * 2 * 16 and all(len(r["items"]) == 6 for r in dist)
@@ -152,7 +153,7 @@ def test_smoke_end_to_end(smoke_world_root, tmp_path):
     assert set(verdicts) == {"kl_shift:direct", "kl_gap:dpo", "shift_gap"}
     # the smoke policy names few single items, so requests may lack usable answers: then too few units, no crash
     assert all(v["units"] <= 16 for v in verdicts.values())
-    assert all(v["units"] == 16 or "too few units" in v["evidence"] for v in verdicts.values())
+    assert all(v["units"] == 16 or v["verdict"] in ("control failed", "untestable here") for v in verdicts.values())
     # report only: the same numbers from the records (no models)
     again = run_experiment("verbalized", CONFIGS / "smoke.yaml", [
         f"source.world.root={smoke_world_root}", f"out_dir={out}", "progress=false"], report_only=True)["results"]
