@@ -36,7 +36,8 @@ import numpy as np
 
 from prs_jax.eval.stats import mean_se, win_rate
 from prs_jax.experiments.common import Record, Source, pool_measured
-from prs_jax.experiments.protocol import Protocol, apply_protocol, stratified_bootstrap_ci, verdict_table
+from prs_jax.experiments.protocol import (Protocol, apply_protocol, declared_note, stratified_bootstrap_ci,
+                                         verdict_table)
 from prs_jax.experiments.reward_vs_n import Generation, Method, _seed_for, run_paired, study_env
 from prs_jax.strategies.base import PromptItem
 
@@ -544,11 +545,9 @@ def report_study(cfg: Config, console: Any = None, started: float | None = None)
         results, title = apply_protocol(proto, by_seed, endpoint_units, ceilings)
         verdicts = [r.to_dict() for r in results]
         rec.tables.append((title, verdict_table(results)))
-        from prs_jax.config import to_dict
-
-        if json.loads(json.dumps(to_dict(proto))) != facts.get("protocol_declared"):
-            rec.notes.append("The protocol of this report differs from the one declared when the records were "
-                             f"measured ({MEASURE_FACTS}: protocol_declared).")
+        note = declared_note(proto, facts_by, MEASURE_FACTS)
+        if note:
+            rec.notes.append(note)
     elif proto.endpoints:
         rec.notes.append("The protocol was not evaluated: its endpoints need the world's gold reward and "
                          "preference checks (source.kind: world).")

@@ -22,6 +22,7 @@ Everything is a pure function of the inputs and the protocol's seed, so `report`
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
@@ -257,3 +258,17 @@ def apply_protocol(protocol: Protocol, by_seed: Mapping[int, Any], units: Any,
     if missing:
         title += f"; declared seeds {missing} not measured: the pooled column covers {list(used)} only"
     return results, title
+
+
+def declared_note(protocol: Protocol, facts_by_seed: Mapping[int, Mapping[str, Any]], facts_name: str
+                  ) -> str | None:
+    """A report note when the protocol being applied differs from the one each seed's measurement recorded
+    (`protocol_declared` in its facts), naming the seeds; None when they agree."""
+    from prs_jax.config import to_dict
+
+    now = json.loads(json.dumps(to_dict(protocol)))
+    differ = [s for s, f in facts_by_seed.items() if f.get("protocol_declared") != now]
+    if not differ:
+        return None
+    return (f"The protocol of this report differs from the one declared when world seed(s) {differ} were measured "
+            f"({facts_name}: protocol_declared).")

@@ -52,7 +52,7 @@ from prs_jax.experiments.policy_tools import (
     spearman,
     user_turn,
 )
-from prs_jax.experiments.protocol import Protocol, apply_protocol, verdict_table
+from prs_jax.experiments.protocol import Protocol, apply_protocol, declared_note, verdict_table
 from prs_jax.train.trainer import OptimConfig, TrainerConfig
 from prs_jax.tree.sampling import SamplingParams
 
@@ -764,9 +764,9 @@ def report_study(cfg: Config, console: Any = None, started: float | None = None)
         results, title = apply_protocol(proto, seeds, endpoint_units)
         verdicts = [r.to_dict() for r in results]
         rec.tables.append((title, verdict_table(results)))
-        if json.loads(json.dumps(to_dict(proto))) != facts.get("protocol_declared"):
-            rec.notes.append("The protocol of this report differs from the one declared when the records were "
-                             f"measured ({MEASURE_FACTS}: protocol_declared).")
+        note = declared_note(proto, facts_by, MEASURE_FACTS)
+        if note:
+            rec.notes.append(note)
 
     overhead = facts.get("overhead") or {}
     if overhead:

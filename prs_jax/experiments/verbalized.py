@@ -58,7 +58,8 @@ from rich.console import Console
 from prs_jax.eval.stats import mean_se
 from prs_jax.experiments.common import Record, Source, pool_measured
 from prs_jax.experiments.env import StudyEnv
-from prs_jax.experiments.protocol import Protocol, apply_protocol, stratified_bootstrap_ci, verdict_table
+from prs_jax.experiments.protocol import (Protocol, apply_protocol, declared_note, stratified_bootstrap_ci,
+                                         verdict_table)
 from prs_jax.models.sharding import MeshConfig
 from prs_jax.strategies.base import PromptItem, join_preference
 
@@ -909,11 +910,9 @@ def report_study(cfg: Config, console: Any = None, started: float | None = None)
                                         lambda name, m: endpoint_units(name, *m))
         verdicts = [r.to_dict() for r in results]
         rec.tables.append((title, verdict_table(results)))
-        from prs_jax.config import to_dict
-
-        if json.loads(json.dumps(to_dict(proto))) != facts.get("protocol_declared"):
-            rec.notes.append("The protocol of this report differs from the one declared when the records were "
-                             f"measured ({MEASURE_FACTS}: protocol_declared).")
+        note = declared_note(proto, facts_by, MEASURE_FACTS)
+        if note:
+            rec.notes.append(note)
     elif proto.endpoints:
         rec.notes.append("The protocol was not evaluated: its endpoints need the base-distribution records (world "
                          "source, distribution.enabled).")

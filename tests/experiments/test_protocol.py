@@ -1,10 +1,12 @@
 """The studies' statistical protocol: declared endpoints, pooled CIs over seeds, Holm, controls and verdicts."""
 
+import json
+
 import numpy as np
 import pytest
 
-from prs_jax.experiments.protocol import (Endpoint, Protocol, apply_protocol, evaluate, stratified_bootstrap_ci,
-                                         verdict_table)
+from prs_jax.experiments.protocol import (Endpoint, Protocol, apply_protocol, declared_note, evaluate,
+                                         stratified_bootstrap_ci, verdict_table)
 
 
 def _diffs(mean, n=256, seeds=(0, 1, 2), sd=0.2, offset=0):
@@ -91,3 +93,14 @@ def test_stratified_bootstrap_keeps_each_seed_weight_and_is_deterministic():
     rng = np.random.default_rng(0)
     g = [rng.normal(0, 1, 50), rng.normal(1, 1, 50)]
     assert stratified_bootstrap_ci(g, 300, 0.05, 7) == stratified_bootstrap_ci(g, 300, 0.05, 7)
+
+
+def test_declared_note_names_the_seeds_measured_under_another_protocol():
+    from prs_jax.config import to_dict
+
+    proto = _protocol(Endpoint("a"), units=10)
+    same = {"protocol_declared": json.loads(json.dumps(to_dict(proto)))}
+    assert declared_note(proto, {0: same, 1: same}, "measure.json") is None
+    other = {"protocol_declared": json.loads(json.dumps(to_dict(_protocol(Endpoint("b"), units=10))))}
+    note = declared_note(proto, {0: same, 2: other}, "measure.json")
+    assert note is not None and "[2]" in note and "measure.json" in note
