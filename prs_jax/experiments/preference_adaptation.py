@@ -36,8 +36,7 @@ import numpy as np
 
 from prs_jax.eval.stats import mean_se, win_rate
 from prs_jax.experiments.common import Record, Source, pool_measured
-from prs_jax.experiments.protocol import (Protocol, apply_protocol, declared_note, stratified_bootstrap_ci,
-                                         verdict_table)
+from prs_jax.experiments.protocol import Protocol, evaluated_seeds, pooled_ci, report_protocol
 from prs_jax.experiments.reward_vs_n import Generation, Method, _seed_for, run_paired, study_env
 from prs_jax.strategies.base import PromptItem
 
@@ -386,13 +385,6 @@ def teacher_ceilings(names: Sequence[str], records: Sequence[dict[str, Any]], me
     return out
 
 
-def _ci(groups: Sequence[Sequence[float]], n_boot: int, seed: int) -> tuple[float, float, float]:
-    groups = [np.asarray(g, dtype=float) for g in groups if len(g)]
-    if not groups:
-        return float("nan"), float("nan"), float("nan")
-    return stratified_bootstrap_ci(groups, n_boot, 0.05, seed)
-
-
 def _fmt_ci(ci: tuple[float, float, float], signed: bool = False) -> str:
     f = "{:+.3f}" if signed else "{:.3f}"
     if np.isnan(ci[0]):
@@ -428,7 +420,7 @@ def summarise(by_seed: dict[int, list[dict[str, Any]]], cfg: Config, groups: Seq
             flat = [x for p in per for x in p]
             w = win_rate([x for x, _ in flat], [y for _, y in flat])
             wins, ties, losses = w.shares()
-            ci = _ci([[_win(x, y) for x, y in p] for p in per], cfg.n_boot, 100 * gi + k)
+            ci = pooled_ci([[_win(x, y) for x, y in p] for p in per], cfg.n_boot, 100 * gi + k)
             row = {"win_rate": w.win_rate, "se": w.se, "low": ci[1], "high": ci[2], "wins": wins, "ties": ties,
                    "losses": losses, "prompts": w.n}
             if teacher and with_gold and tm[a] and tm[b]:
@@ -439,8 +431,8 @@ def summarise(by_seed: dict[int, list[dict[str, Any]]], cfg: Config, groups: Seq
             per = [rows(s, m.name) for s in seeds]
             e["proxy"], e["proxy_se"] = mean_se([float(r["proxy"][r["selected"]]) for p in per for r in p])
             if with_gold:
-                g = _ci([[_judge(r) for r in p] for p in per], cfg.n_boot, 100 * gi + 10 + j)
-                sat = _ci([[float(r["satisfied"][r["selected"]]) for r in p] for p in per], cfg.n_boot,
+                g = pooled_ci([[_judge(r) for r in p] for p in per], cfg.n_boot, 100 * gi + 10 + j)
+                sat = pooled_ci([[float(r["satisfied"][r["selected"]]) for r in p] for p in per], cfg.n_boot,
                           100 * gi + 20 + j)
                 e.update(gold=g[0], gold_low=g[1], gold_high=g[2], satisfaction=sat[0], satisfaction_low=sat[1],
                          satisfaction_high=sat[2],
@@ -456,7 +448,7 @@ def summarise(by_seed: dict[int, list[dict[str, Any]]], cfg: Config, groups: Seq
                 if any("feedback_named" in r for p in per for r in p):
                     fb = [[float(r["feedback_named"]) for r in p if r.get("feedback_named") is not None]
                           for p in per]
-                    c = _ci(fb, cfg.n_boot, 100 * gi + 30 + j)
+                    c = pooled_ci(fb, cfg.n_boot, 100 * gi + 30 + j)
                     e["best_draft_misses_preference"] = sum(len(f) for f in fb)
                     e["feedback_names_unmet_preference"] = c[0]
                     e["feedback_names_low"], e["feedback_names_high"] = c[1], c[2]
@@ -505,7 +497,7 @@ def report_study(cfg: Config, console: Any = None, started: float | None = None)
 
         rec.table("Satisfaction of the prompt's preference by the selected response (95% CI; teacher in brackets)",
                   ["kind", *names], [[g, *[sat(g, m) for m in names]] for g in gall])
-        rec.table(f"What the policy offered and how the proxy RM ranked it (each method's candidates)",
+        rec.table("What the policy offered and how the proxy RM ranked it (each method's candidates)",
                   ["kind", *[f"{m}: candidates satisfying" for m in names], *[f"{m}: any satisfies" for m in names],
                    *[f"{m}: proxy gap sat - unsat" for m in names]],
                   [[g, *[f"{groups[g]['methods'][m]['candidate_satisfaction']:.2f}" for m in names],
@@ -539,15 +531,10 @@ def report_study(cfg: Config, console: Any = None, started: float | None = None)
     verdicts: list[dict[str, Any]] = []
     proto = cfg.protocol
     if proto.endpoints and with_gold:
-        used = [s for s in proto.seeds if s in by_seed] or seeds  # the seeds apply_protocol evaluates
         ceilings = teacher_ceilings([e.name for e in proto.endpoints],
-                                    [r for s in used for r in by_seed[s]], cfg.methods, cfg.n)
-        results, title = apply_protocol(proto, by_seed, endpoint_units, ceilings)
-        verdicts = [r.to_dict() for r in results]
-        rec.tables.append((title, verdict_table(results)))
-        note = declared_note(proto, facts_by, MEASURE_FACTS)
-        if note:
-            rec.notes.append(note)
+                                    [r for s in evaluated_seeds(proto, by_seed) for r in by_seed[s]], cfg.methods,
+                                    cfg.n)
+        verdicts = report_protocol(rec, proto, by_seed, endpoint_units, facts_by, MEASURE_FACTS, ceilings)
     elif proto.endpoints:
         rec.notes.append("The protocol was not evaluated: its endpoints need the world's gold reward and "
                          "preference checks (source.kind: world).")

@@ -243,13 +243,29 @@ def verdict_table(results: Sequence[EffectResult]) -> str:
     return "\n".join(lines)
 
 
+def evaluated_seeds(protocol: Protocol, measured: Mapping[int, Any]) -> tuple[int, ...]:
+    """The seeds `apply_protocol` evaluates: the declared seeds that were measured, else every measured seed."""
+    return tuple(s for s in protocol.seeds if s in measured) or tuple(sorted(measured))
+
+
+def pooled_ci(groups: Sequence[Sequence[float]], n_boot: int, seed: int, alpha: float = 0.05
+              ) -> tuple[float, float, float]:
+    """stratified_bootstrap_ci over the finite values of each group (groups left empty are dropped); NaNs when
+    nothing is left."""
+    arrays = [np.asarray([x for x in g if math.isfinite(x)], float) for g in groups]
+    arrays = [a for a in arrays if a.size]
+    if not arrays:
+        return math.nan, math.nan, math.nan
+    return stratified_bootstrap_ci(arrays, n_boot, alpha, seed)
+
+
 def apply_protocol(protocol: Protocol, by_seed: Mapping[int, Any], units: Any,
                    ceilings: Mapping[str, float] | None = None) -> tuple[list[EffectResult], str]:
     """Evaluate `protocol` on the measured seeds: `by_seed[seed]` is whatever one seed measured (e.g. its
     records) and `units(endpoint_name, by_seed[seed])` its per-unit paired differences. Declared seeds that were
     not measured are left out of the pooled column (the title says so); when none of them was measured, the
     measured seeds are used. Returns the results and a title for the verdict table."""
-    used = tuple(s for s in protocol.seeds if s in by_seed) or tuple(sorted(by_seed))
+    used = evaluated_seeds(protocol, by_seed)
     missing = [s for s in protocol.seeds if s not in by_seed]
     diffs = {e.name: {s: units(e.name, by_seed[s]) for s in used} for e in protocol.endpoints}
     results = evaluate(dataclasses.replace(protocol, seeds=used), diffs, ceilings)
@@ -272,3 +288,16 @@ def declared_note(protocol: Protocol, facts_by_seed: Mapping[int, Mapping[str, A
         return None
     return (f"The protocol of this report differs from the one declared when world seed(s) {differ} were measured "
             f"({facts_name}: protocol_declared).")
+
+
+def report_protocol(rec: Any, protocol: Protocol, by_seed: Mapping[int, Any], units: Any,
+                    facts_by_seed: Mapping[int, Mapping[str, Any]], facts_name: str,
+                    ceilings: Mapping[str, float] | None = None) -> list[dict[str, Any]]:
+    """apply_protocol, then add its verdict table (and declared_note, when the protocol changed since measuring)
+    to a study's Record `rec`; returns the verdicts as JSON rows."""
+    results, title = apply_protocol(protocol, by_seed, units, ceilings)
+    rec.tables.append((title, verdict_table(results)))
+    note = declared_note(protocol, facts_by_seed, facts_name)
+    if note:
+        rec.notes.append(note)
+    return [r.to_dict() for r in results]

@@ -52,7 +52,7 @@ from prs_jax.experiments.policy_tools import (
     spearman,
     user_turn,
 )
-from prs_jax.experiments.protocol import Protocol, apply_protocol, declared_note, verdict_table
+from prs_jax.experiments.protocol import Protocol, report_protocol
 from prs_jax.train.trainer import OptimConfig, TrainerConfig
 from prs_jax.tree.sampling import SamplingParams
 
@@ -761,12 +761,7 @@ def report_study(cfg: Config, console: Any = None, started: float | None = None)
     verdicts: list[dict[str, Any]] = []
     proto = cfg.protocol
     if proto.endpoints:
-        results, title = apply_protocol(proto, seeds, endpoint_units)
-        verdicts = [r.to_dict() for r in results]
-        rec.tables.append((title, verdict_table(results)))
-        note = declared_note(proto, facts_by, MEASURE_FACTS)
-        if note:
-            rec.notes.append(note)
+        verdicts = report_protocol(rec, proto, seeds, endpoint_units, facts_by, MEASURE_FACTS)
 
     overhead = facts.get("overhead") or {}
     if overhead:

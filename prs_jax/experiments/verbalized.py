@@ -58,8 +58,7 @@ from rich.console import Console
 from prs_jax.eval.stats import mean_se
 from prs_jax.experiments.common import Record, Source, pool_measured
 from prs_jax.experiments.env import StudyEnv
-from prs_jax.experiments.protocol import (Protocol, apply_protocol, declared_note, stratified_bootstrap_ci,
-                                         verdict_table)
+from prs_jax.experiments.protocol import Protocol, pooled_ci, report_protocol
 from prs_jax.models.sharding import MeshConfig
 from prs_jax.strategies.base import PromptItem, join_preference
 
@@ -784,12 +783,8 @@ def _finite_mean(xs: Sequence[float]) -> float:
 
 
 def _ci(groups: Sequence[Sequence[float]], n_boot: int, seed: int) -> str:
-    groups = [np.asarray([x for x in g if math.isfinite(x)], float) for g in groups]
-    groups = [g for g in groups if g.size]
-    if not groups:
-        return "-"
-    m, lo, hi = stratified_bootstrap_ci(groups, n_boot, 0.05, seed)
-    return f"{m:.3f} [{lo:.3f}, {hi:.3f}]"
+    m, lo, hi = pooled_ci(groups, n_boot, seed)
+    return "-" if math.isnan(m) else f"{m:.3f} [{lo:.3f}, {hi:.3f}]"
 
 
 def report_study(cfg: Config, console: Any = None, started: float | None = None) -> dict[str, Any]:
@@ -906,13 +901,8 @@ def report_study(cfg: Config, console: Any = None, started: float | None = None)
     verdicts: list[dict[str, Any]] = []
     proto = cfg.protocol
     if proto.endpoints and phases:
-        results, title = apply_protocol(proto, {s: (by_seed[s], p_bases[s]) for s in seeds},
-                                        lambda name, m: endpoint_units(name, *m))
-        verdicts = [r.to_dict() for r in results]
-        rec.tables.append((title, verdict_table(results)))
-        note = declared_note(proto, facts_by, MEASURE_FACTS)
-        if note:
-            rec.notes.append(note)
+        verdicts = report_protocol(rec, proto, {s: (by_seed[s], p_bases[s]) for s in seeds},
+                                   lambda name, m: endpoint_units(name, *m), facts_by, MEASURE_FACTS)
     elif proto.endpoints:
         rec.notes.append("The protocol was not evaluated: its endpoints need the base-distribution records (world "
                          "source, distribution.enabled).")
