@@ -90,7 +90,11 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
     from prs_jax.world.quickstart import pooled_report, run_quickstart
 
     if args.pool:
-        pooled_report([d for d in args.pool.split(",") if d], cfg.out_dir)
+        try:
+            pooled_report(cfg, [d for d in args.pool.split(",") if d])
+        except (FileNotFoundError, ValueError) as e:
+            print(f"prs-jax quickstart --pool: {e}", file=sys.stderr)
+            return 1
         return 0
     try:
         run_quickstart(cfg)
@@ -365,7 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="[CONFIG.yaml] [key=value ...]",
                    help="an optional YAML config and dotted overrides of QuickstartConfig "
                         "(prs_jax/world/quickstart.py), e.g. temperature=0.8; the flags are shortcuts for keys")
-    p.add_argument("--out", default=None, help="output directory for results JSON and plot (default runs/quickstart)")
+    p.add_argument("--out", default=None, help="output directory for results, records and plots (default "
+                                               "runs/quickstart; --smoke: runs/quickstart-smoke)")
     p.add_argument("--world-root", default=None, help="where built worlds are cached (default runs/world)")
     p.add_argument("--prompts", type=int, default=None, help="held-out prompts to evaluate")
     p.add_argument("--budgets", default=None, help="comma-separated N values, e.g. 1,2,4,8,16")
@@ -376,7 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pool", default=None, metavar="DIR,DIR,...",
                    help="measure nothing: pool the per-prompt records of earlier runs (one results directory per "
                         "world seed) into per-seed and pooled effects with 95%% CIs, Holm p and a verdict per claim "
-                        "(pooled.json / pooled.md in --out)")
+                        "(results.json / results.md in --out)")
     p.set_defaults(func=_cmd_quickstart)
 
     from prs_jax.experiments import STUDIES

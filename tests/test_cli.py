@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -51,51 +52,63 @@ def test_info_error_is_reported(tmp_path, capsys):
 
 
 def test_quickstart_smoke(tmp_path):
-    """The main job at smoke size: builds the smoke world (tokenizer, SFT policy, proxy RM), compares the methods,
-    writes results + plot; a second run reuses the cached world and reproduces the table exactly."""
+    """The main job at smoke size (reward_vs_n's quickstart preset): builds the smoke world (tokenizer, SFT policy,
+    proxy RM), compares the methods paired, writes results + records + plots; a second run reuses the cached world
+    and reproduces the results exactly; --pool pools per-seed runs under the declared protocol."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    cmd = [sys.executable, "-m", "prs_jax.cli", "quickstart", "--smoke", "--out", str(tmp_path / "q"),
+    out = tmp_path / "q"
+    cmd = [sys.executable, "-m", "prs_jax.cli", "quickstart", "--smoke", "--out", str(out),
            "--world-root", str(tmp_path / "world")]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads((tmp_path / "q" / "results-smoke.json").read_text())
-    assert (tmp_path / "q" / "reward_vs_n-smoke.png").stat().st_size > 1000
-    assert set(result["rows"]) == {"1", "2", "4"}
-    for row in result["rows"].values():
-        for m in ("rand", "prand", "prs"):
-            assert 0.0 <= row[m]["gold"] <= 1.0 and 0.0 <= row[m]["teacher"] <= 1.0
-            assert row[m]["ci"][0] <= row[m]["gold"] <= row[m]["ci"][1]
-        for eff in ("prs-prand", "prs-rand"):
-            assert row[eff]["ci"][0] <= row[eff]["effect"] <= row[eff]["ci"][1] and "teacher" in row[eff]
-    assert result["rows"]["1"]["prs-prand"]["effect"] == 0.0  # N = 1: PRS is PRand's first sample (paired)
-    assert result["git_commit"] is None or len(result["git_commit"]) == 40
-    assert result["world"]["gates"] and {"gate", "value", "target", "passed"} <= set(result["world"]["gates"][0])
+    saved = json.loads((out / "results.json").read_text())
+    for png in ("reward_vs_n.png", "effects.png"):
+        assert (out / png).stat().st_size > 1000
+    res = saved["results"]
+    assert set(res["methods"]) == {"Rand", "PRand", "PRS"} and res["prompts"] == 4
+    assert set(res["methods"]["Rand"]) == {"1", "2", "4"} and set(res["methods"]["PRS"]) == {"2", "4"}
+    for rows in res["methods"].values():
+        for row in rows.values():
+            assert 0.0 <= row["gold"] <= row["oracle_gold"] <= 1.0 and 0.0 <= row["teacher_gold"] <= 1.0
+    effects = {(e["a"], e["b"], e["n"]): e for e in res["effects"]}
+    assert set(effects) >= {("PRS", "PRand", 4), ("PRS", "Rand", 2), ("PRand", "Rand", 1)}
+    for e in effects.values():
+        assert e["low"] <= e["effect"] <= e["high"] and "teacher" in e
+    verdicts = {v["endpoint"]["name"]: v["verdict"] for v in res["protocol"]}
+    assert verdicts["teacher:PRS:PRand@4"] in ("control passed", "control failed")
+    assert saved["git_commit"] is None or len(saved["git_commit"]) == 40
+    assert res["world"]["gates"] and {"gate", "value", "target", "passed"} <= set(res["world"]["gates"][0])
     assert "PRS - PRand" in proc.stdout and "skill gates" in proc.stdout
-    world = Path(result["world"]["root"])
+    world = Path(res["world"]["root"])
     assert (world / "policy" / "config.json").is_file() and (world / "rm" / "config.json").is_file()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "reusing the cached build" in proc.stdout
-    again = json.loads((tmp_path / "q" / "results-smoke.json").read_text())
-    assert again["rows"] == result["rows"]
+    again = json.loads((out / "results.json").read_text())["results"]
+    for key in ("methods", "effects", "protocol", "distribution_at_max_n"):  # timings differ, the science not
+        assert again[key] == res[key], key
     # the per-prompt records pool over world seeds without measuring (here one world's records relabelled as
-    # three seeds): per-seed and pooled CIs, the declared control and a verdict per claim
-    records = json.loads((tmp_path / "q" / "records-smoke.json").read_text())
-    assert len(records["prompt_ids"]) == len(records["policy"]["prs"]["4"]["proxy"])
+    # three seeds): per-seed and pooled CIs, the declared controls and a verdict per claim
+    records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    assert sum(r["method"] == "teacher" for r in records) == 4
+    facts = json.loads((out / "measure.json").read_text())
     dirs = []
     for s in (0, 1, 2):
         d = tmp_path / f"seed{s}"
         d.mkdir()
-        (d / "records.json").write_text(json.dumps({**records, "world": {**records["world"], "seed": s}}))
+        shutil.copyfile(out / "records.jsonl", d / "records.jsonl")
+        cfg = {**facts["config"], "source": {**facts["config"]["source"],
+                                             "world": {**facts["config"]["source"]["world"], "seed": s}}}
+        (d / "measure.json").write_text(json.dumps({**facts, "config": cfg, "world_seed": s}))
         dirs.append(str(d))
     assert main(["quickstart", "--pool", ",".join(dirs), "--out", str(tmp_path / "pooled")]) == 0
-    pooled = json.loads((tmp_path / "pooled" / "pooled.json").read_text())
-    assert pooled["seeds"] == [0, 1, 2] and len(pooled["results"]) == 4
-    verdicts = {r["endpoint"]["name"]: r["verdict"] for r in pooled["results"]}
-    assert verdicts["teacher prs-prand@4"] in ("control passed", "control failed")
-    assert set(verdicts.values()) <= {"control passed", "control failed", "reproduced", "not reproduced",
-                                      "untestable here"}
-    assert "| prs-prand@4 |" in (tmp_path / "pooled" / "pooled.md").read_text()
+    pooled = json.loads((tmp_path / "pooled" / "results.json").read_text())["results"]
+    assert pooled["world_seeds"] == [0, 1, 2] and len(pooled["protocol"]) == 4
+    row = next(v for v in pooled["protocol"] if v["endpoint"]["name"] == "gold:PRS:PRand@4")
+    assert set(row["per_seed"]) == {"0", "1", "2"} and row["units"] == 12
+    assert set(v["verdict"] for v in pooled["protocol"]) <= {"control passed", "control failed", "reproduced",
+                                                             "not reproduced", "untestable here"}
+    assert "| gold:PRS:PRand@4 |" in (tmp_path / "pooled" / "results.md").read_text()
     assert main(["quickstart", "--pool", ",".join(dirs[:1] * 2), "--out", str(tmp_path / "p2")]) == 1  # one seed twice
 
 

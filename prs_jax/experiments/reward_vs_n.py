@@ -27,8 +27,9 @@ from typing import Any, Literal
 import numpy as np
 
 from prs_jax.eval.stats import mean_se
-from prs_jax.experiments.common import Record, Source
+from prs_jax.experiments.common import Record, Source, pool_measured
 from prs_jax.experiments.env import StudyEnv
+from prs_jax.experiments.protocol import Protocol, evaluated_seeds, pooled_ci, report_protocol
 from prs_jax.models.sharding import MeshConfig
 from prs_jax.strategies.base import PromptItem, StrategyResult
 
@@ -114,8 +115,23 @@ class Config:
     budgets: tuple[int, ...] = (4, 8, 16, 32, 64)
     methods: tuple[Method, ...] = DEFAULT_METHODS
     generation: Generation = dataclasses.field(default_factory=Generation)
-    # Rand/PRand: best-of-N for every N from the first N of one draw of max(budgets) i.i.d. samples
+    # Rand/PRand: best-of-N for every N from the first N of one draw of max(budgets) i.i.d. samples, and the arms
+    # paired (run_paired_budgets: PRS's first layer at each N is PRand's first drafts); False: every (method, N)
+    # drawn afresh, independently
     reuse_samples: bool = True
+    # world: the teacher programs as the policy on the same prompts (gold selection), each method's ceiling
+    teacher: bool = True
+    # (a, b) method names: paired effects a - b per N in the tables and the effects figure; empty: every PRS
+    # method vs PRand and vs Rand, and PRand vs Rand
+    comparisons: tuple[tuple[str, str], ...] = ()
+    # declared endpoints (world source), evaluated by the report per world seed and pooled over pool_dirs;
+    # names: gold:A:B@N (policy, proxy selects, gold reported) and teacher:A:B@N (the teacher ceiling)
+    protocol: Protocol = dataclasses.field(default_factory=lambda: Protocol(seeds=(0,), units=1))
+    pool_dirs: tuple[str, ...] = ()  # report only: OUT directories of other world seeds pooled with out_dir
+    n_boot: int = 2000  # bootstrap resamples of the effects' 95% intervals
+
+    def __post_init__(self) -> None:
+        _check(self)
 
 
 # ------------------------------------------------------------------------------------------------ models
@@ -165,38 +181,49 @@ def run_method(env: StudyEnv, g: Generation, items: Sequence[PromptItem], method
     return out
 
 
-def run_paired(env: StudyEnv, g: Generation, items: Sequence[PromptItem], methods: Sequence[Method], n: int,
-               seed: int, progress: Any = None) -> dict[str, list[StrategyResult]]:
-    """Every method at budget n on every item, paired: a PRS method's first layer IS the first drafts of the
-    first PRand method (reused, not resampled), so PRS - PRand measures what refinement adds to the same drafts.
-    One engine (one seed) serves every method; its draws are keyed by (seed, prompt id, prompt tokens, tree
-    position), so batching never changes them (two methods that add the same prompt get independent draws: the
-    engine counts repeated roots). Prompts without a preference are not reused (PRS would refine drafts written
-    without the preference it asks about). `progress` advances by prompts x methods."""
+def run_paired_budgets(env: StudyEnv, g: Generation, items: Sequence[PromptItem], methods: Sequence[Method],
+                       budgets: Sequence[int], seed: int, progress: Any = None
+                       ) -> dict[tuple[str, int], list[StrategyResult]]:
+    """Every method at every budget on every item, paired (common random numbers), keyed (method, N run):
+    Rand and PRand run once at the largest budget (best-of-N for smaller N takes the first N), and a PRS
+    method's first layer at budget N IS the first drafts of the first PRand method (reused, not resampled), so
+    PRS - PRand measures what refinement adds to the same drafts. One engine (one seed) serves every method; its
+    draws are keyed by (seed, prompt id, prompt tokens, tree position), so batching never changes them (two
+    methods that add the same prompt, or refine the same draft, get independent draws: the engine counts
+    repeated roots and children). Prompts without a preference are not reused (PRS would refine drafts written
+    without the preference it asks about). `progress` advances by prompts x runs."""
+    runs = _runs(methods, budgets, True)
+    nmax = max(budgets)
     engine = env.engine(seed)
-    strategies = {m.name: method_strategy(env, g, m, n) for m in methods}
+    strategies = {(m.name, n): method_strategy(env, g, m, n) for m, n in runs}
     prand = next((m for m in methods if m.kind == "prand"), None)
-    order = [m for m in methods if m.kind != "prs"] + [m for m in methods if m.kind == "prs"]
-    out: dict[str, list[StrategyResult]] = {m.name: [] for m in methods}
+    order = [r for r in runs if r[0].kind != "prs"] + [r for r in runs if r[0].kind == "prs"]
+    out: dict[tuple[str, int], list[StrategyResult]] = {(m.name, n): [] for m, n in runs}
     for start in range(0, len(items), g.batch_size):
         batch = list(items[start:start + g.batch_size])
-        done: dict[str, list[StrategyResult]] = {}
-        for m in order:
-            strategy = strategies[m.name]
-            reuse = (m.kind == "prs" and prand is not None and strategy.widths[0] <= strategies[prand.name].n
+        done: dict[tuple[str, int], list[StrategyResult]] = {}
+        for m, n in order:
+            strategy = strategies[(m.name, n)]
+            reuse = (m.kind == "prs" and prand is not None and strategy.widths[0] <= nmax
                      and all(it.preference for it in batch))
             if reuse:
-                first = [r.layers[0][:strategy.widths[0]] for r in done[prand.name]]
-                done[m.name] = strategy.run(batch, engine, env.proxy, first_layer=first)
+                first = [r.layers[0][:strategy.widths[0]] for r in done[(prand.name, nmax)]]
+                done[(m.name, n)] = strategy.run(batch, engine, env.proxy, first_layer=first)
             else:
-                done[m.name] = strategy.run(batch, engine, env.proxy)
+                done[(m.name, n)] = strategy.run(batch, engine, env.proxy)
             if progress is not None:
                 progress.update(len(batch))
         engine.release(list(engine.tree))  # results keep text and rewards; the KV is not needed any more
-        for name, rs in done.items():
-            out[name] += rs
+        for key, rs in done.items():
+            out[key] += rs
     env.compilations += engine.compilations
     return out
+
+
+def run_paired(env: StudyEnv, g: Generation, items: Sequence[PromptItem], methods: Sequence[Method], n: int,
+               seed: int, progress: Any = None) -> dict[str, list[StrategyResult]]:
+    """run_paired_budgets at one budget n, keyed by method name (a PRS method too small for n is left out)."""
+    return {name: rs for (name, _), rs in run_paired_budgets(env, g, items, methods, (n,), seed, progress).items()}
 
 
 def _argmax_first(xs: Sequence[float]) -> int:
@@ -237,22 +264,74 @@ def measure_records(env: StudyEnv, gen: Generation, items: Sequence[PromptItem],
                     budgets: Sequence[int], seed: int, reuse_samples: bool = True
                     ) -> tuple[list[dict[str, Any]], dict[str, float]]:
     """Run every (method, budget) on every prompt: the per-prompt records (result_records) and the seconds per
-    run."""
+    run (paired, run_paired_budgets, when `reuse_samples`: one total then)."""
     from tqdm import tqdm
 
     budgets = sorted({int(b) for b in budgets})
     runs = _runs(methods, budgets, reuse_samples)
     records: list[dict[str, Any]] = []
     seconds: dict[str, float] = {}
-    bar = tqdm(total=len(runs) * len(items), desc="reward_vs_n", unit="prompt", mininterval=5)
-    for m, n_run in runs:
-        bar.set_postfix_str(f"{m.name} N={n_run}")
-        t0 = time.perf_counter()
-        results = run_method(env, gen, items, m, n_run, _seed_for(seed, m.name, m.kind, n_run), bar)
-        seconds[f"{m.name} N={n_run}"] = time.perf_counter() - t0
-        records += result_records(results, m, n_run, env.gold)
-    bar.close()
+    with tqdm(total=len(runs) * len(items), desc="reward_vs_n", unit="prompt", mininterval=5) as bar:
+        if reuse_samples:
+            t0 = time.perf_counter()
+            paired = run_paired_budgets(env, gen, items, methods, budgets, _seed_for(seed, "paired", *budgets), bar)
+            seconds["paired (all methods)"] = time.perf_counter() - t0
+            for m, n_run in runs:
+                records += result_records(paired[(m.name, n_run)], m, n_run, env.gold)
+            return records, seconds
+        for m, n_run in runs:
+            bar.set_postfix_str(f"{m.name} N={n_run}")
+            t0 = time.perf_counter()
+            results = run_method(env, gen, items, m, n_run, _seed_for(seed, m.name, m.kind, n_run), bar)
+            seconds[f"{m.name} N={n_run}"] = time.perf_counter() - t0
+            records += result_records(results, m, n_run, env.gold)
     return records, seconds
+
+
+def world_prompt(item: PromptItem) -> Any:
+    """The world's Prompt (category, count, form, preference) of a held-out item, parsed from its text."""
+    from prs_jax.world.task import Prompt, parse_preference, parse_prompt
+
+    cat, n, form = parse_prompt(item.prompt)
+    return Prompt(cat, n, parse_preference(item.preference), form)
+
+
+def teacher_variant(m: Method) -> tuple[str, float | None, bool] | None:
+    """Which teacher-ceiling run (prs_jax.world.ceiling.teacher_selected) is `m`'s counterpart: (method, PRS
+    split, feedback); None for PRS deeper than two layers (the teacher refines once)."""
+    if m.kind in ("rand", "prand"):
+        return m.kind, None, True
+    if m.kind == "prs" and m.depth == 2:
+        return "prs", m.split, m.feedback
+    return None
+
+
+def teacher_records(world: Any, items: Sequence[PromptItem], methods: Sequence[Method], budgets: Sequence[int],
+                    seed: int) -> list[dict[str, Any]]:
+    """Per prompt, the teacher-as-policy ceiling of every method and budget: the GOLD reward of the gold-selected
+    answer ({"method": "teacher", "id", "gold": {method: {N: value}}}); Rand / PRand streams are shared by all
+    PRS variants, draws are keyed by (seed, prompt id, role)."""
+    from prs_jax.world.ceiling import teacher_selected
+    from prs_jax.world.task import gold_reward
+
+    budgets = sorted({int(b) for b in budgets})
+    rows = []
+    for it in items:
+        p = world_prompt(it)
+        cache: dict[tuple[float | None, bool], dict[str, dict[int, Any]]] = {}
+        gold: dict[str, dict[str, float]] = {}
+        for m in methods:
+            v = teacher_variant(m)
+            if v is None:
+                continue
+            kind, split, feedback = v
+            if (split, feedback) not in cache:
+                cache[(split, feedback)] = teacher_selected(world, p, budgets, seed, feedback=feedback, split=split)
+            picks = cache[(split, feedback)][kind]
+            gold[m.name] = {str(n): float(gold_reward(it.prompt, picks[n].text(), it.preference)) for n in budgets
+                            if m.kind != "prs" or m.widths(n) is not None}
+        rows.append({"method": "teacher", "kind": "teacher", "id": it.id, "gold": gold})
+    return rows
 
 
 def summarise_records(records: Sequence[dict[str, Any]], methods: Sequence[Method], budgets: Sequence[int],
@@ -262,6 +341,8 @@ def summarise_records(records: Sequence[dict[str, Any]], methods: Sequence[Metho
     candidate's gold/proxy. Rand / PRand at N < max take the first N of the largest run's candidates."""
     budgets = sorted({int(b) for b in budgets})
     nmax = budgets[-1]
+    teacher = [r for r in records if r.get("kind") == "teacher"]
+    records = [r for r in records if r.get("kind") != "teacher"]
     with_gold = any("gold" in r for r in records)
     by_run: dict[tuple[str, int], list[dict[str, Any]]] = {}
     for r in records:
@@ -281,6 +362,9 @@ def summarise_records(records: Sequence[dict[str, Any]], methods: Sequence[Metho
                 rows[str(n)] = _summarise_rows(run, n, with_gold, full=(n == nmax), prefix=m.kind != "prs")
                 if m.kind == "prs":
                     rows[str(n)]["widths"] = list(m.widths(n) or ())
+                tv = [t["gold"][m.name][str(n)] for t in teacher if str(n) in t["gold"].get(m.name, {})]
+                if tv:
+                    rows[str(n)]["teacher_gold"], rows[str(n)]["teacher_gold_se"] = mean_se(tv)
         out["methods"][m.name] = rows
         if console is not None:
             line = "  ".join(f"N={n}: {_fmt(rows[n], with_gold)}" for n in sorted(rows, key=int))
@@ -364,14 +448,110 @@ def public_rows(measured: dict[str, Any]) -> dict[str, Any]:
             for name, rows in measured["methods"].items()}
 
 
+def selected_gold(records: Sequence[dict[str, Any]], methods: Sequence[Method], budgets: Sequence[int],
+                  reuse_samples: bool = True) -> dict[tuple[str, int], dict[str, float]]:
+    """Per (method, N): prompt id -> GOLD reward of the response the proxy selects (pure, from the records;
+    Rand / PRand at N < max take the first N of the largest run, as summarise_records does)."""
+    budgets = sorted({int(b) for b in budgets})
+    by_run: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for r in records:
+        if r.get("kind") != "teacher":
+            by_run.setdefault((r["method"], int(r["n_run"])), []).append(r)
+    out: dict[tuple[str, int], dict[str, float]] = {}
+    for m, n_run in _runs(methods, budgets, reuse_samples):
+        prefix = reuse_samples and m.kind != "prs"
+        for n in ([b for b in budgets if b <= n_run] if prefix else [n_run]):
+            sel = out.setdefault((m.name, n), {})
+            for r in by_run.get((m.name, n_run), []):
+                k = n if prefix else len(r["texts"])
+                sel[r["id"]] = float(r["gold"][_argmax_first(r["proxy"][:k])])
+    return out
+
+
+ENDPOINT_KINDS = ("gold", "teacher")
+
+
+def parse_endpoint(name: str) -> tuple[str, str, str, int]:
+    """(kind, A, B, N) of an endpoint name `gold:A:B@N` (policy, proxy selects; A - B in gold reward per prompt)
+    or `teacher:A:B@N` (the teacher ceiling, gold selects)."""
+    head, at, n = name.rpartition("@")
+    parts = head.split(":")
+    if not at or len(parts) != 3 or parts[0] not in ENDPOINT_KINDS or not n.isdigit():
+        raise ValueError(f"protocol endpoint {name!r}: expected gold:A:B@N or teacher:A:B@N (A, B method names, "
+                         "N a budget), e.g. 'gold:PRS:PRand@16'.")
+    return parts[0], parts[1], parts[2], int(n)
+
+
+def endpoint_units(name: str, records: Sequence[dict[str, Any]], methods: Sequence[Method],
+                   budgets: Sequence[int], reuse_samples: bool = True) -> np.ndarray:
+    """The per-prompt paired differences of one endpoint on one seed's records (gold: selected-response gold of
+    A minus B on the prompts both measured; teacher: the teacher ceiling's A minus B)."""
+    kind, a, b, n = parse_endpoint(name)
+    if kind == "teacher":
+        rows = [r for r in records if r.get("kind") == "teacher"]
+        return np.array([r["gold"][a][str(n)] - r["gold"][b][str(n)] for r in rows
+                         if str(n) in r["gold"].get(a, {}) and str(n) in r["gold"].get(b, {})], float)
+    sel = selected_gold(records, methods, budgets, reuse_samples)
+    if (a, n) not in sel or (b, n) not in sel:
+        raise ValueError(f"protocol endpoint {name!r}: the records have no selection of {a!r} or {b!r} at N={n}.")
+    return np.array([sel[(a, n)][i] - sel[(b, n)][i] for i in sel[(a, n)] if i in sel[(b, n)]], float)
+
+
+def default_comparisons(methods: Sequence[Method]) -> tuple[tuple[str, str], ...]:
+    """Every PRS method vs PRand and vs Rand (the first of each kind), then PRand vs Rand."""
+    rand = next((m.name for m in methods if m.kind == "rand"), None)
+    prand = next((m.name for m in methods if m.kind == "prand"), None)
+    out = [(m.name, base) for m in methods if m.kind == "prs" for base in (prand, rand) if base]
+    if prand and rand:
+        out.append((prand, rand))
+    return tuple(out)
+
+
+def effects(by_seed: dict[int, list[dict[str, Any]]], cfg: "Config") -> list[dict[str, Any]]:
+    """Per comparison (a, b) and budget: the paired gold effect a - b with its seed-stratified bootstrap 95%
+    interval over the pooled prompts, and the teacher ceiling's effect (pure, from the records)."""
+    budgets = sorted({int(b) for b in cfg.budgets})
+    comps = cfg.comparisons or default_comparisons(cfg.methods)
+    by_m = {m.name: m for m in cfg.methods}
+    out = []
+    for ci, (a, b) in enumerate(comps):
+        for n in budgets:
+            if any(by_m[x].kind == "prs" and by_m[x].widths(n) is None for x in (a, b)):
+                continue
+            per = [endpoint_units(f"gold:{a}:{b}@{n}", by_seed[s], cfg.methods, budgets, cfg.reuse_samples)
+                   for s in sorted(by_seed)]
+            mean, lo, hi = pooled_ci([list(x) for x in per], cfg.n_boot, 1000 * ci + n)
+            row = {"a": a, "b": b, "n": n, "effect": mean, "low": lo, "high": hi, "prompts": int(sum(map(len, per)))}
+            tea = [endpoint_units(f"teacher:{a}:{b}@{n}", by_seed[s], cfg.methods, budgets) for s in sorted(by_seed)]
+            if sum(map(len, tea)):
+                row["teacher"] = float(np.mean(np.concatenate(tea)))
+                row["fraction_of_ceiling"] = mean / row["teacher"] if abs(row["teacher"]) > 1e-9 else None
+            out.append(row)
+    return out
+
+
+def teacher_ceilings(names: Sequence[str], records: Sequence[dict[str, Any]], budgets: Sequence[int]
+                     ) -> dict[str, float]:
+    """The teacher ceiling of each gold:A:B@N endpoint (the teacher's A - B, pooled over the records)."""
+    out = {}
+    for name in names:
+        kind, a, b, n = parse_endpoint(name)
+        if kind == "gold":
+            t = endpoint_units(f"teacher:{a}:{b}@{n}", records, (), budgets)
+            if t.size:
+                out[name] = float(t.mean())
+    return out
+
+
 # ------------------------------------------------------------------------------------------------ report
 def _pm(mean: float, se: float) -> str:
     return "n/a" if mean is None or (isinstance(mean, float) and math.isnan(mean)) else f"{mean:.3f} ± {se:.3f}"
 
 
-def report(rec: Record, measured: dict[str, Any], budgets: Sequence[int], with_gold: bool, title_suffix: str = ""
-           ) -> None:
-    """Tables (gold, proxy, oracle; largest-N summary with paired gains over Rand) and the two figures."""
+def report(rec: Record, measured: dict[str, Any], budgets: Sequence[int], with_gold: bool, title_suffix: str = "",
+           effect_rows: Sequence[dict[str, Any]] = ()) -> None:
+    """Tables (gold, proxy, oracle, teacher ceiling; paired effects with 95% CIs; largest-N summary with paired
+    gains over Rand) and the figures (curves with the teacher ceiling dashed, effects, distribution)."""
     methods = measured["methods"]
     budgets = sorted({int(b) for b in budgets})
     nmax = str(budgets[-1])
@@ -389,6 +569,21 @@ def report(rec: Record, measured: dict[str, Any], budgets: Sequence[int], with_g
               + title_suffix, heads, grid("proxy"))
     if with_gold:
         rec.table("Oracle: best gold reward among the same candidates" + title_suffix, heads, grid("oracle_gold"))
+    has_teacher = with_gold and any("teacher_gold" in r for rs in methods.values() for r in rs.values())
+    if has_teacher:
+        rec.table("Teacher ceiling: the world's teacher programs as the policy on the same prompts, GOLD selection "
+                  "(what a perfect imitator of the corpus reaches)" + title_suffix, heads,
+                  [[name, *[_pm(rows[str(n)]["teacher_gold"], rows[str(n)]["teacher_gold_se"])
+                            if "teacher_gold" in rows.get(str(n), {}) else "—" for n in budgets]]
+                   for name, rows in methods.items()])
+    if effect_rows:
+        rec.table("Paired effects A - B in " + ("gold reward" if with_gold else "RM score")
+                  + " (same prompts and drafts; seed-stratified bootstrap 95% CI; teacher ceiling and the share of it "
+                  "reached)" + title_suffix, ["A - B", "N", "effect [95% CI]", "teacher", "of ceiling", "prompts"],
+                  [[f"{e['a']} - {e['b']}", e["n"], f"{e['effect']:+.3f} [{e['low']:+.3f}, {e['high']:+.3f}]",
+                    f"{e['teacher']:+.3f}" if "teacher" in e else "—",
+                    f"{e['fraction_of_ceiling']:.0%}" if e.get("fraction_of_ceiling") is not None else "—",
+                    e["prompts"]] for e in effect_rows])
     base = methods.get("Rand", {}).get(nmax)
     key = "gold" if with_gold else "proxy"
     rows = []
@@ -416,8 +611,13 @@ def report(rec: Record, measured: dict[str, Any], budgets: Sequence[int], with_g
         for ax, (k, label) in zip(axes, panels):
             for name, rs in methods.items():
                 ns = sorted(int(n) for n in rs)
-                ax.errorbar(ns, [rs[str(n)][k] for n in ns], yerr=[rs[str(n)][f"{k}_se"] for n in ns], marker="o",
-                            ms=3, capsize=2, label=name, linestyle="--" if "no feedback" in name else "-")
+                line = ax.errorbar(ns, [rs[str(n)][k] for n in ns], yerr=[rs[str(n)][f"{k}_se"] for n in ns],
+                                   marker="o", ms=3, capsize=2, label=name,
+                                   linestyle="--" if "no feedback" in name else "-")
+                tn = [n for n in ns if "teacher_gold" in rs[str(n)]]
+                if k == "gold" and tn:
+                    ax.plot(tn, [rs[str(n)]["teacher_gold"] for n in tn], ls=":", alpha=0.6,
+                            color=line[0].get_color(), label=f"{name} teacher ceiling")
             ax.set_xscale("log", base=2)
             ax.set_xticks(budgets, [str(n) for n in budgets])
             ax.set_xlabel("N (samples per prompt)")
@@ -426,6 +626,29 @@ def report(rec: Record, measured: dict[str, Any], budgets: Sequence[int], with_g
         axes[0].legend(fontsize=7)
 
     rec.figure("reward_vs_n.png", draw_curves, figsize=(5.5 * (3 if with_gold else 1), 4.2))
+
+    def draw_effects(fig: Any) -> None:
+        ax = fig.subplots()
+        for a, b in dict.fromkeys((e["a"], e["b"]) for e in effect_rows):
+            es = [e for e in effect_rows if (e["a"], e["b"]) == (a, b)]
+            ns = [e["n"] for e in es]
+            d = np.array([e["effect"] for e in es])
+            line = ax.errorbar(ns, d, yerr=[d - [e["low"] for e in es], [e["high"] for e in es] - d], marker="o",
+                               ms=3, capsize=3, label=f"{a} - {b}")
+            tn = [e for e in es if "teacher" in e]
+            if tn:
+                ax.plot([e["n"] for e in tn], [e["teacher"] for e in tn], ls=":", alpha=0.6,
+                        color=line[0].get_color(), label=f"{a} - {b} teacher ceiling")
+        ax.axhline(0.0, color="black", lw=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(budgets, [str(n) for n in budgets])
+        ax.set_xlabel("N (samples per prompt)")
+        ax.set_ylabel("paired effect (" + ("gold" if with_gold else "RM score") + "), 95% CI")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+
+    if effect_rows:
+        rec.figure("effects.png", draw_effects, figsize=(7.5, 4.5))
 
     def draw_dist(fig: Any) -> None:
         ax = fig.subplots()
@@ -493,18 +716,43 @@ def _check(cfg: Config) -> None:
         raise ValueError(f"budgets: need positive sample budgets, got {list(cfg.budgets)}.")
     if not cfg.methods:
         raise ValueError("methods: empty; list at least one method (see DEFAULT_METHODS).")
+    names = [m.name for m in cfg.methods]
+    bad = [n for n in names if ":" in n or "@" in n or not n]
+    if bad or len(set(names)) != len(names):
+        raise ValueError(f"methods: names must be unique, non-empty and free of ':' and '@' (endpoint names use "
+                         f"them), got {names}.")
+    by_m = {m.name: m for m in cfg.methods}
+    for a, b in cfg.comparisons:
+        if a not in by_m or b not in by_m:
+            raise ValueError(f"comparisons: [{a}, {b}] names a method that is not in methods {names}.")
+    for e in cfg.protocol.endpoints:
+        kind, a, b, n = parse_endpoint(e.name)
+        if a not in by_m or b not in by_m or n not in cfg.budgets:
+            raise ValueError(f"protocol endpoint {e.name!r}: methods must be among {names} and N among the "
+                             f"budgets {list(cfg.budgets)}.")
+        if any(by_m[x].kind == "prs" and by_m[x].widths(n) is None for x in (a, b)):
+            raise ValueError(f"protocol endpoint {e.name!r}: a PRS method there needs N >= its depth.")
+        if kind == "teacher" and (not cfg.teacher or any(teacher_variant(by_m[x]) is None for x in (a, b))):
+            raise ValueError(f"protocol endpoint {e.name!r}: needs teacher: true and methods with a teacher "
+                             "counterpart (Rand, PRand, two-layer PRS).")
 
 
 def _measured_config(cfg: Config) -> dict[str, Any]:
-    """The config keys that decide the records (everything but out_dir), as plain JSON."""
+    """The config keys that decide the records, as plain JSON (the protocol, comparisons, pooling and report
+    settings are applied by the report)."""
     from prs_jax.config import to_dict
 
-    return json.loads(json.dumps({k: v for k, v in to_dict(cfg).items() if k != "out_dir"}, default=str))
+    return json.loads(json.dumps({k: v for k, v in to_dict(cfg).items()
+                                  if k not in ("out_dir", "pool_dirs", "protocol", "comparisons", "n_boot")},
+                                 default=str))
 
 
 def measure_study(cfg: Config, console: Any = None) -> Path:
-    """Measure: run every method at every budget and write OUT/records.jsonl (one row per run and prompt: every
-    candidate's text, proxy and gold reward) and OUT/measure.json (config, timings, world facts). No tables."""
+    """Measure: run every method at every budget (paired when reuse_samples) and, in the world, the teacher
+    ceiling on the same prompts; writes OUT/records.jsonl (one row per run and prompt: every candidate's text,
+    proxy and gold reward; one teacher row per prompt) and OUT/measure.json (config, timings, world facts, the
+    declared protocol). No tables."""
+    from prs_jax.config import to_dict
     from prs_jax.data.io import write_jsonl, write_text_atomic
 
     _check(cfg)
@@ -512,65 +760,94 @@ def measure_study(cfg: Config, console: Any = None) -> Path:
     items = load_items(env, cfg.prompts)
     if console is not None:
         console.print(f"reward_vs_n: {len(items)} prompts, N in {sorted(cfg.budgets)}, methods "
-                      f"{[m.name for m in cfg.methods]}", markup=False)
+                      f"{[m.name for m in cfg.methods]}" + (" (paired: shared drafts)" if cfg.reuse_samples else ""),
+                      markup=False)
     records, seconds = measure_records(env, cfg.generation, items, cfg.methods, cfg.budgets, cfg.seed,
                                        cfg.reuse_samples)
+    teacher_s = 0.0
+    if env.world is not None and cfg.teacher:
+        t0 = time.perf_counter()
+        records += teacher_records(env.world.world(), items, cfg.methods, cfg.budgets, cfg.seed)
+        teacher_s = time.perf_counter() - t0
     out = Path(cfg.out_dir)
     write_jsonl(out / RECORDS, records)
     facts = {"config": _measured_config(cfg), "source": cfg.source.kind, "prompts": len(items),
-             "policy_parameters": env.param_count(), "run_seconds": seconds, "compilations": env.compilations,
+             "policy_parameters": env.param_count(), "run_seconds": seconds, "teacher_seconds": teacher_s,
+             "compilations": env.compilations,
+             "world_seed": None if env.world is None else env.world.config.seed,
              "world": None if env.world is None else {
-                 "key": env.world.report.get("key"), "root": str(env.world.root),
+                 "key": env.world.report.get("key"), "root": str(env.world.root), "seed": env.world.config.seed,
                  "rm_heldout_accuracy": env.world.report.get("rm_heldout_accuracy"),
-                 "sft_eval_loss": (env.world.report.get("sft_eval") or {}).get("loss")}}
+                 "sft_eval_loss": (env.world.report.get("sft_eval") or {}).get("loss"),
+                 "gates": (env.world.report.get("gates") or {}).get("rows")},
+             "protocol_declared": json.loads(json.dumps(to_dict(cfg.protocol)))}
     write_text_atomic(out / MEASURE_FACTS, json.dumps(facts, indent=2))
     return out
 
 
+# the world seed varies between pooled OUT directories (and the world path, when a built world is named)
+POOL_FREE = ("source.world.seed", "source.world.path")
+
+
 def report_study(cfg: Config, console: Any = None, started: float | None = None) -> dict[str, Any]:
-    """Report: tables, figures, results.json / results.md (and, on real data, the AlpacaEval outputs files) from
-    OUT/records.jsonl and OUT/measure.json alone; re-runnable without models."""
-    out = Path(cfg.out_dir)
-    facts_file, records_file = out / MEASURE_FACTS, out / RECORDS
-    if not facts_file.is_file() or not records_file.is_file():
-        raise FileNotFoundError(f"{out}: no {MEASURE_FACTS} / {RECORDS}; measure first (prs-jax experiment "
-                                "reward_vs_n CONFIG, without --report).")
+    """Report: tables, figures, the protocol's verdicts, results.json / results.md (and, on real data, the
+    AlpacaEval outputs files) from the saved records alone, pooled over the world seeds of out_dir + pool_dirs;
+    re-runnable without models."""
     _check(cfg)
-    facts = json.loads(facts_file.read_text())
-    now = _measured_config(cfg)
-    diff = sorted(k for k in set(now) | set(facts["config"]) if now.get(k) != facts["config"].get(k))
-    if diff:
-        raise ValueError(f"{facts_file}: measured with another config (keys {', '.join(diff)} differ); report with "
-                         "the config it was measured with, or measure again.")
-    with records_file.open(encoding="utf-8") as fh:
-        records = [json.loads(line) for line in fh if line.strip()]
+    facts_by, by_seed = pool_measured(cfg.out_dir, cfg.pool_dirs, _measured_config(cfg), "reward_vs_n", POOL_FREE,
+                                      MEASURE_FACTS, RECORDS)
+    seeds = sorted(by_seed)
+    facts = next(iter(facts_by.values()))
+    records = [r for s in seeds for r in by_seed[s]]
     rec = Record("reward_vs_n", cfg, cfg.out_dir, cfg.seed)
     if started is not None:
         rec._t0 = started  # run(): the wall time covers measuring too
     measured = summarise_records(records, cfg.methods, cfg.budgets, cfg.reuse_samples, console)
     with_gold = facts["world"] is not None
     nmax = max(cfg.budgets)
-    report(rec, measured, cfg.budgets, with_gold)
+    effect_rows = effects(by_seed, cfg) if with_gold else []
+    suffix = f" — world seeds {seeds}, {sum(f['prompts'] for f in facts_by.values())} prompts" if len(seeds) > 1 else ""
+    report(rec, measured, cfg.budgets, with_gold, suffix, effect_rows)
+    verdicts: list[dict[str, Any]] = []
+    proto = cfg.protocol
+    if proto.endpoints and with_gold:
+        used = [r for s in evaluated_seeds(proto, by_seed) for r in by_seed[s]]
+        verdicts = report_protocol(
+            rec, proto, by_seed,
+            lambda name, rs: endpoint_units(name, rs, cfg.methods, cfg.budgets, cfg.reuse_samples),
+            facts_by, MEASURE_FACTS, teacher_ceilings([e.name for e in proto.endpoints], used, cfg.budgets))
+    elif proto.endpoints:
+        rec.notes.append("The protocol was not evaluated: its endpoints need the world's gold reward "
+                         "(source.kind: world).")
     rec.results.update({
         "source": facts["source"], "prompts": facts["prompts"], "budgets": sorted(cfg.budgets),
+        "world_seeds": seeds, "prompts_per_seed": {str(s): f["prompts"] for s, f in facts_by.items()},
         "policy_parameters": facts["policy_parameters"], "methods": public_rows(measured),
+        "effects": effect_rows, "protocol": verdicts,
         "distribution_at_max_n": distribution_json(measured, nmax, with_gold), "skipped": measured["skipped"],
-        "run_seconds": facts["run_seconds"], "compilations": facts["compilations"]})
+        "run_seconds": {str(s): f["run_seconds"] for s, f in facts_by.items()},
+        "teacher_seconds": {str(s): f.get("teacher_seconds", 0.0) for s, f in facts_by.items()},
+        "compilations": {str(s): f["compilations"] for s, f in facts_by.items()}})
     if with_gold:
-        world = facts["world"]
-        rec.results["world"] = world
-        acc = world.get("rm_heldout_accuracy")
+        rec.results["world"] = facts["world"]
+        rec.results["worlds"] = {str(s): f["world"] for s, f in facts_by.items()}
+        acc = facts["world"].get("rm_heldout_accuracy")
         rec.notes.append("Selection is by the proxy reward model (trained on gold-ranked pairs, held-out pairwise "
-                         f"accuracy {acc if acc is not None else float('nan'):.3f}); 'gold' is "
+                         f"accuracy {acc if acc is not None else float('nan'):.3f}"
+                         + (" on world seed " + str(seeds[0]) if len(seeds) > 1 else "") + "); 'gold' is "
                          "the world's programmatic reward r*(x, z, y) of the selected response.")
+        if any(r.get("kind") == "teacher" for r in records):
+            rec.notes.append("Teacher ceiling: the world's teacher programs run as the policy on the same prompts "
+                             "with GOLD selection (prs_jax.world.ceiling); PRS deeper than two layers has none "
+                             "(the teacher refines once).")
     else:
-        rec.results["outputs"] = write_outputs(out, measured)
+        rec.results["outputs"] = write_outputs(Path(cfg.out_dir), measured)
         rec.notes.append("Real source: no gold reward; the RM score is also the selection criterion, so it is "
                          "optimistic. Judge outputs/*.json with AlpacaEval for the paper's LC win rates.")
     if cfg.reuse_samples:
-        rec.notes.append("Rand and PRand: best-of-N for each N is taken over the first N of one draw of "
-                         f"{nmax} i.i.d. samples per prompt (the same estimator as separate draws, less noise "
-                         "between N); PRS is run afresh at each N.")
+        rec.notes.append("Paired arms: Rand and PRand take best-of-N for each N over the first N of one draw of "
+                         f"{nmax} i.i.d. samples per prompt, and each PRS method's first layer at N is PRand's "
+                         "first drafts (reused), so A - B differences share their random numbers.")
     rec.notes += [f"skipped: {s}" for s in measured["skipped"]]
     return rec.finish(console)
 

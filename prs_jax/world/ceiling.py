@@ -33,12 +33,18 @@ def _gold(p: Prompt, a: Answer) -> float:
     return gold_reward(p.x, a.text(), p.z)
 
 
-def teacher_selected(world: World, p: Prompt, budgets: Sequence[int], seed: int = 0, feedback: bool = True
-                     ) -> dict[str, dict[int, Answer]]:
+def first_width(n: int, split: float | None = None) -> int:
+    """PRS's first-layer width at budget n >= 2: n // 2 (split None, the quickstart's), else the two-layer
+    PRS.with_budget rule min(max(1, round(n * split)), n - 1)."""
+    return n // 2 if split is None else min(max(1, round(n * split)), n - 1)
+
+
+def teacher_selected(world: World, p: Prompt, budgets: Sequence[int], seed: int = 0, feedback: bool = True,
+                     split: float | None = None) -> dict[str, dict[int, Answer]]:
     """The gold-selected answer per method and budget for one prompt, teacher as policy. Rand / PRand take the
-    best of the first n of one stream of max(budgets) drafts; PRS refines the gold-best of PRand's first n // 2
-    drafts (after the teacher's critique; `feedback=False`: without one) and keeps the best of drafts and
-    refinements (earlier answers win ties)."""
+    best of the first n of one stream of max(budgets) drafts; PRS refines the gold-best of PRand's first
+    first_width(n, split) drafts (after the teacher's critique; `feedback=False`: without one) and keeps the best
+    of drafts and refinements (earlier answers win ties)."""
     top = max(budgets)
     streams = {"rand": [world.draft(p, "x", prompt_rng(seed, p.id, 0, j)) for j in range(top)],
                "prand": [world.draft(p, "xz", prompt_rng(seed, p.id, 1, j)) for j in range(top)]}
@@ -50,7 +56,8 @@ def teacher_selected(world: World, p: Prompt, budgets: Sequence[int], seed: int 
         if n < 2:
             out["prs"][n] = out["prand"][n]
             continue
-        first, second = prs_widths(n)
+        first = first_width(n, split)
+        second = n - first
         best = streams["prand"][int(np.argmax(golds["prand"][:first]))]
         named = world.feedback(p, best) if feedback else None
         refs = [world.refine(p, best, named, prompt_rng(seed, p.id, 2, n, j)) for j in range(second)]
