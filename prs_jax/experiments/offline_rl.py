@@ -14,6 +14,15 @@ the previous iteration's policy (`run_train` sft|dpo with an export directory pe
 held-out prompts: the greedy response's gold reward, optionally the mean gold reward of `eval.samples` samples,
 and PRS best-of-`eval.prs_n` (selection by the proxy RM, the selected response judged by the gold reward).
 With `source.kind: real` there is no gold reward: evaluation reports the reward model's scores, and says so.
+
+`measure_study` writes OUT/records.jsonl (per arm and iteration: every held-out prompt's score per metric, and
+every training prompt's selected response's proxy and gold reward) and OUT/measure.json (config, data summaries,
+timings, the declared protocol); `report_study` makes the tables (95% CIs, pooled over the world seeds of
+`pool_dirs`), the curves and the protocol's verdicts from those alone. Checkpoints go to
+work_dir/<world key> (real: work_dir/real), so runs on different world seeds never share a directory.
+Endpoint names: METRIC:ARM@I:ARM@J, the per-prompt difference of METRIC (greedy, sampled, prs_boN on the held-out
+prompts; data: the gold reward of the response selected for training, on the training prompts) between arm ARM at
+iteration I and at iteration J (iteration 0 is the starting policy, shared by every arm).
 Outputs: results.json, results.md (tables per metric and iteration), offline_rl.png (curves).
 """
 
@@ -22,14 +31,15 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import numpy as np
 
 from prs_jax.config import to_dict
-from prs_jax.eval.stats import mean_se
-from prs_jax.experiments.common import Record, Source
+from prs_jax.experiments.common import Record, Source, pool_measured
 from prs_jax.experiments.env import StudyEnv
+from prs_jax.experiments.protocol import Protocol, pooled_ci, report_protocol
 from prs_jax.experiments.policy_tools import (
     assistant,
     config_digest,
@@ -123,6 +133,10 @@ class Config:
     dtype: Literal["float32", "bfloat16"] = "float32"
     eval_prompt_set: str = ""  # real only: a separate held-out prompt set ...
     eval_prompts_path: str = ""  # ... and its file
+    # declared endpoints (world source), evaluated by the report per world seed and pooled over pool_dirs
+    protocol: Protocol = dataclasses.field(default_factory=lambda: Protocol(seeds=(0,), units=1))
+    pool_dirs: tuple[str, ...] = ()  # report only: OUT directories of other world seeds pooled with out_dir
+    n_boot: int = 2000  # bootstrap resamples of the tables' 95% intervals
 
 
 # ------------------------------------------------------------------------------------------------ sampling
@@ -192,24 +206,25 @@ def build_rows(results, data: DataKind, env: StudyEnv, min_reward: float | None,
 
 
 # ------------------------------------------------------------------------------------------------ evaluation
-def evaluate_policy(env: StudyEnv, cfg: Config, model, rm, judge, items) -> dict[str, Any]:
-    """Judge scores of the policy on held-out prompts: greedy, sampled mean, PRS best-of-N (proxy selection)."""
+def evaluate_policy(env: StudyEnv, cfg: Config, model, rm, judge, items) -> dict[str, list[float]]:
+    """Per held-out prompt (items order), the judge's score of the policy: greedy, mean of sampled responses,
+    PRS best-of-N (proxy selection, the selected response judged)."""
     ec = cfg.eval
-    out: dict[str, Any] = {}
+    out: dict[str, list[float]] = {}
     seed = cfg.seed + 17  # the same engine seed for every policy: common random numbers across arms
     if ec.greedy:
         res = run_chunked(env, _strategy("greedy", 1, ec, env), items, model, judge, seed, ec.chunk,
                           "eval greedy")
-        out["greedy"] = mean_se([r.candidates[0].reward for r in res])
+        out["greedy"] = [float(r.candidates[0].reward) for r in res]
     if ec.samples > 0:
         res = run_chunked(env, _strategy("prand", ec.samples, ec, env), items, model, judge, seed, ec.chunk,
                           "eval samples")
-        out["sampled"] = mean_se([float(np.mean([c.reward for c in r.candidates])) for r in res])
+        out["sampled"] = [float(np.mean([c.reward for c in r.candidates])) for r in res]
     if ec.prs_n > 0:
         res = run_chunked(env, _strategy("prs", ec.prs_n, ec, env), items, model, rm, seed, ec.chunk, "eval PRS")
         sel = [(r.item, r.selected.text) for r in res]
         scores = judge([it.prompt for it, _ in sel], [t for _, t in sel], [it.preference for it, _ in sel])
-        out[f"prs_bo{ec.prs_n}"] = mean_se(scores)
+        out[f"prs_bo{ec.prs_n}"] = [float(x) for x in scores]
     return out
 
 
@@ -218,15 +233,28 @@ def _metric_names(cfg: Config) -> list[str]:
             + ([f"prs_bo{cfg.eval.prs_n}"] if cfg.eval.prs_n > 0 else []))
 
 
+def selected_data(results, gold: list[list[float]] | None) -> dict[str, list]:
+    """Per training prompt with a non-empty candidate: its id and the proxy (and gold) reward of the candidate
+    the proxy selects for training (the first maximum among non-empty responses, as build_rows picks)."""
+    ids, proxy, gold_sel = [], [], []
+    for i, r in enumerate(results):
+        ok = [j for j, c in enumerate(r.candidates) if c.text.strip()]
+        if not ok:
+            continue
+        b = ok[int(np.argmax([r.candidates[j].reward for j in ok]))]
+        ids.append(r.item.id)
+        proxy.append(float(r.candidates[b].reward))
+        if gold is not None:
+            gold_sel.append(float(gold[i][b]))
+    return {"ids": ids, "proxy": proxy, **({"gold": gold_sel} if gold is not None else {})}
+
+
 # ------------------------------------------------------------------------------------------------ study
-def run(cfg: Config, console: Any = None) -> dict[str, Any]:
-    """Run the study; returns the result record (also written to out_dir)."""
-    from rich.console import Console
+RECORDS, MEASURE_FACTS = "records.jsonl", "measure.json"
+START = "start"  # the arm name of iteration 0's records (the starting policy, shared by every arm)
 
-    from prs_jax.data.io import write_jsonl
-    from prs_jax.train.run import DataConfig, LossConfig, TrainRunConfig, run_train
 
-    console = console or Console()
+def _check(cfg: Config) -> None:
     if not cfg.arms:
         raise ValueError("offline_rl: `arms` is empty; list at least one {sampler, data}.")
     bad = [a.tag for a in cfg.arms if a.data == "sft_best_refine" and a.sampler != "prs"]
@@ -235,28 +263,80 @@ def run(cfg: Config, console: Any = None) -> dict[str, Any]:
                          "prs for it.")
     if cfg.iterations < 1:
         raise ValueError(f"offline_rl: iterations must be >= 1 (got {cfg.iterations}).")
-    rec = Record("offline_rl", cfg, cfg.out_dir, cfg.seed)
-    work = Path(cfg.work_dir)
-    work.mkdir(parents=True, exist_ok=True)
+    tags = [a.tag for a in cfg.arms]
+    if len(set(tags)) != len(tags):
+        raise ValueError(f"offline_rl: arms {tags} repeat a (sampler, data); list each arm once.")
+    for e in cfg.protocol.endpoints:
+        metric, (a1, i1), (a2, i2) = parse_endpoint(e.name)
+        if metric != "data" and metric not in _metric_names(cfg):
+            raise ValueError(f"protocol endpoint {e.name!r}: metric {metric!r} is not measured (the eval config "
+                             f"measures {_metric_names(cfg)}; 'data' is the selected training data).")
+        for arm, it in ((a1, i1), (a2, i2)):
+            if arm not in tags or not 0 <= it <= cfg.iterations or (metric == "data" and it == 0):
+                raise ValueError(f"protocol endpoint {e.name!r}: {arm}@{it} is not a measured arm and iteration "
+                                 f"(arms {tags}, iterations 0..{cfg.iterations}; data from iteration 1).")
+
+
+def parse_endpoint(name: str) -> tuple[str, tuple[str, int], tuple[str, int]]:
+    """(metric, (arm A, iteration I), (arm B, iteration J)) of an endpoint name METRIC:A@I:B@J."""
+    parts = name.split(":")
+    if len(parts) == 3:
+        sides = [p.rpartition("@") for p in parts[1:]]
+        if all(at and arm and it.isdigit() for arm, at, it in sides):
+            return parts[0], (sides[0][0], int(sides[0][2])), (sides[1][0], int(sides[1][2]))
+    raise ValueError(f"protocol endpoint {name!r}: expected METRIC:ARM@I:ARM@J (e.g. "
+                     "'greedy:prs-sft_best@3:rand-sft_best@3'; iteration 0 is the starting policy).")
+
+
+def _measured_config(cfg: Config) -> dict[str, Any]:
+    """The config keys that decide the records, as plain JSON (not the output places, the protocol, pooling
+    and report settings)."""
+    import json
+
+    return json.loads(json.dumps({k: v for k, v in to_dict(cfg).items()
+                                  if k not in ("out_dir", "work_dir", "pool_dirs", "protocol", "n_boot")},
+                                 default=str))
+
+
+def measure_study(cfg: Config, console: Any = None) -> Path:
+    """Measure: every arm's iterations (sample, select, train, evaluate); writes OUT/records.jsonl and
+    OUT/measure.json. No tables."""
+    import json
+
+    from rich.console import Console
+
+    from prs_jax.data.io import write_jsonl, write_text_atomic
+    from prs_jax.train.run import DataConfig, LossConfig, TrainRunConfig, run_train
+
+    console = console or Console()
+    _check(cfg)
     env = StudyEnv.from_source(cfg.source, console, study="offline_rl",
                                require=("policy", "prompts_path", "reward_model"))
+    work = Path(cfg.work_dir) / (str(env.world.report.get("key")) if env.world is not None else "real")
+    work.mkdir(parents=True, exist_ok=True)
     train_items, heldout = env.split(cfg.sample.prompts, cfg.eval.prompts, cfg.eval_prompt_set,
                                      cfg.eval_prompts_path)
     rm = env.proxy
     gold = env.gold_scorer()
     judge = gold or rm
-    judge_name = "gold reward" if gold is not None else "reward model (no gold reward on real checkpoints)"
     sc = cfg.sample
+    ids = [it.id for it in heldout]
+    records: list[dict[str, Any]] = []
+
+    def eval_rows(arm: str, it: int, ev: dict[str, list[float]]) -> None:
+        records.extend({"kind": "eval", "arm": arm, "iteration": it, "metric": m, "ids": ids, "values": v}
+                       for m, v in ev.items())
 
     t0 = time.perf_counter()
     start_eval = evaluate_policy(env, cfg, env.load_policy(), rm, judge, heldout)
-    console.print(f"offline_rl: starting policy: {_fmt(start_eval)} ({time.perf_counter() - t0:.0f} s)",
-                  markup=False)
+    eval_rows(START, 0, start_eval)
+    start_seconds = time.perf_counter() - t0
+    console.print(f"offline_rl: starting policy: {_fmt(start_eval)} ({start_seconds:.0f} s)", markup=False)
     arms_out: dict[str, dict[str, Any]] = {}
     sample_cache: dict[tuple[str, str, int], tuple[list, list[list[float]] | None]] = {}
     for arm in cfg.arms:
         policy_dir = Path(env.policy)
-        iters: list[dict[str, Any]] = [{"iteration": 0, "eval": start_eval}]
+        iters: list[dict[str, Any]] = []
         for it in range(1, cfg.iterations + 1):
             t_it = time.perf_counter()
             model = env.load_policy(policy_dir)
@@ -268,6 +348,7 @@ def run(cfg: Config, console: Any = None) -> dict[str, Any]:
                 sample_cache[key] = (results, rescore(results, gold) if gold is not None else None)
             results, gold_scores = sample_cache[key]
             t_sample = time.perf_counter() - t_it
+            records.append({"kind": "data", "arm": arm.tag, "iteration": it, **selected_data(results, gold_scores)})
             rows, summary = build_rows(results, arm.data, env, sc.min_reward, sc.improving_per_prompt, gold_scores)
             if not rows:
                 raise ValueError(f"offline_rl: arm {arm.tag} iteration {it} selected no data (min_reward "
@@ -294,57 +375,154 @@ def run(cfg: Config, console: Any = None) -> dict[str, Any]:
             policy_dir = run_dir / "policy"
             t1 = time.perf_counter()
             ev = evaluate_policy(env, cfg, env.load_policy(policy_dir), rm, judge, heldout)
-            iters.append({"iteration": it, "eval": ev, "data": summary, "policy": str(policy_dir),
+            eval_rows(arm.tag, it, ev)
+            iters.append({"iteration": it, "data": summary, "policy": str(policy_dir),
                           "seconds": {"sample": t_sample, "train": t_train, "eval": time.perf_counter() - t1}})
             console.print(f"{arm.label} iteration {it}: {_fmt(ev)}; data {summary}", markup=False)
         arms_out[arm.tag] = {"label": arm.label, "sampler": arm.sampler, "data": arm.data, "iterations": iters}
+    out = Path(cfg.out_dir)
+    write_jsonl(out / RECORDS, records)
+    world = None if env.world is None else {
+        "key": env.world.report.get("key"), "root": str(env.world.root), "seed": env.world.config.seed,
+        "rm_heldout_accuracy": env.world.report.get("rm_heldout_accuracy")}
+    facts = {"config": _measured_config(cfg), "source": cfg.source.kind, "world": world,
+             "world_seed": None if world is None else world["seed"],
+             "judge": "gold reward" if gold is not None else "reward model (no gold reward on real checkpoints)",
+             "env": env.info, "arms": arms_out, "start_seconds": start_seconds,
+             "setup": {"train_prompts": len(train_items), "heldout_prompts": len(heldout), "n": sc.n,
+                       "eval_prs_n": cfg.eval.prs_n},
+             "protocol_declared": json.loads(json.dumps(to_dict(cfg.protocol)))}
+    write_text_atomic(out / MEASURE_FACTS, json.dumps(facts, indent=2))
+    return out
 
-    rec.results.update(judge=judge_name, env=env.info, starting_policy=start_eval, arms=arms_out,
-                       metrics=_metric_names(cfg),
-                       setup={"train_prompts": len(train_items), "heldout_prompts": len(heldout),
-                              "n": sc.n, "eval_prs_n": cfg.eval.prs_n})
-    _report(rec, cfg, arms_out, judge_name)
+
+def endpoint_units(name: str, records: Sequence[dict[str, Any]]) -> np.ndarray:
+    """Per-prompt differences of one endpoint on one seed's records (prompts paired by id; iteration 0 of any
+    arm is the starting policy)."""
+    metric, (a1, i1), (a2, i2) = parse_endpoint(name)
+
+    def values(arm: str, it: int) -> dict[str, float]:
+        arm = START if it == 0 else arm
+        for r in records:
+            if metric == "data" and r["kind"] == "data" and r["arm"] == arm and r["iteration"] == it:
+                if "gold" not in r:
+                    raise ValueError(f"protocol endpoint {name!r}: the data records have no gold reward (real "
+                                     "source).")
+                return dict(zip(r["ids"], r["gold"]))
+            if r["kind"] == "eval" and r["metric"] == metric and r["arm"] == arm and r["iteration"] == it:
+                return dict(zip(r["ids"], r["values"]))
+        raise ValueError(f"protocol endpoint {name!r}: no {metric} records of {arm}@{it}; measure again.")
+
+    va, vb = values(a1, i1), values(a2, i2)
+    return np.array([va[k] - vb[k] for k in va if k in vb], float)
+
+
+def _curves(by_seed: dict[int, list[dict[str, Any]]], cfg: Config) -> dict[str, dict[str, list]]:
+    """metric -> arm tag -> per iteration (mean, low, high), pooled over seeds (seed-stratified bootstrap)."""
+    out: dict[str, dict[str, list]] = {}
+    for mi, m in enumerate(_metric_names(cfg)):
+        for ai, arm in enumerate(cfg.arms):
+            row = []
+            for it in range(cfg.iterations + 1):
+                name = START if it == 0 else arm.tag
+                per = [next(r["values"] for r in by_seed[s] if r["kind"] == "eval" and r["metric"] == m
+                            and r["arm"] == name and r["iteration"] == it) for s in sorted(by_seed)]
+                row.append(pooled_ci(per, cfg.n_boot, 10000 * mi + 100 * ai + it))
+            out.setdefault(m, {})[arm.tag] = row
+    return out
+
+
+def report_study(cfg: Config, console: Any = None, started: float | None = None) -> dict[str, Any]:
+    """Report: per-metric tables by iteration (95% CIs pooled over the world seeds of out_dir + pool_dirs),
+    the data table, the curves and the protocol's verdicts, from the saved records alone."""
+    _check(cfg)
+    facts_by, by_seed = pool_measured(cfg.out_dir, cfg.pool_dirs, _measured_config(cfg), "offline_rl",
+                                      ("source.world.seed",), MEASURE_FACTS, RECORDS)
+    seeds = sorted(by_seed)
+    facts = next(iter(facts_by.values()))
+    rec = Record("offline_rl", cfg, cfg.out_dir, cfg.seed)
+    if started is not None:
+        rec._t0 = started  # run(): the wall time covers measuring too
+    judge = facts["judge"]
+    curves = _curves(by_seed, cfg)
+    verdicts: list[dict[str, Any]] = []
+    proto = cfg.protocol
+    if proto.endpoints and facts["world"] is not None:
+        verdicts = report_protocol(rec, proto, by_seed, endpoint_units, facts_by, MEASURE_FACTS)
+    elif proto.endpoints:
+        rec.notes.append("The protocol was not evaluated: its endpoints need the world's gold reward "
+                         "(source.kind: world).")
+    data_ci: dict[str, list] = {}
+    for ai, arm in enumerate(cfg.arms):
+        row = []
+        for it in range(1, cfg.iterations + 1):
+            per = [next(r.get("gold", r["proxy"]) for r in by_seed[s] if r["kind"] == "data" and r["arm"] == arm.tag
+                        and r["iteration"] == it) for s in seeds]
+            row.append(pooled_ci(per, cfg.n_boot, 500 + 100 * ai + it))
+        data_ci[arm.tag] = row
+    rec.results.update(judge=judge, env=facts["env"], world_seeds=seeds, metrics=_metric_names(cfg),
+                       curves=curves, data_selected=data_ci, protocol=verdicts,
+                       arms={str(s): f["arms"] for s, f in facts_by.items()},
+                       setup=facts["setup"], start_seconds={str(s): f["start_seconds"] for s, f in facts_by.items()})
+    _report(rec, cfg, curves, data_ci, facts_by, judge)
     return rec.finish(console)
 
 
-def _fmt(ev: dict[str, Any]) -> str:
-    return ", ".join(f"{k} {m:.3f} ± {s:.3f}" for k, (m, s) in ev.items())
+def run(cfg: Config, console: Any = None) -> dict[str, Any]:
+    """measure_study, then report_study; returns the result record (also written to out_dir)."""
+    started = time.perf_counter()
+    measure_study(cfg, console)
+    return report_study(cfg, console, started=started)
 
 
-def _report(rec: Record, cfg: Config, arms: dict[str, dict[str, Any]], judge: str) -> None:
+def _fmt(ev: dict[str, list[float]]) -> str:
+    return ", ".join(f"{k} {np.mean(v):.3f}" for k, v in ev.items())
+
+
+def _ci(c: Sequence[float]) -> str:
+    return f"{c[0]:.3f} [{c[1]:.3f}, {c[2]:.3f}]"
+
+
+def _report(rec: Record, cfg: Config, curves: dict[str, dict[str, list]], data_ci: dict[str, list],
+            facts_by: dict[int, dict[str, Any]], judge: str) -> None:
     """One table per metric (arms x iterations), a data table, the curves and the notes."""
     names = _metric_names(cfg)
     short = judge.split(" (")[0]
+    seeds = sorted(facts_by)
+    where = f"world seeds {seeds}, " if len(seeds) > 1 else ""
     titles = {"greedy": f"greedy response, mean {short}", "sampled": f"mean {short} of {cfg.eval.samples} samples",
               f"prs_bo{cfg.eval.prs_n}": f"PRS best-of-{cfg.eval.prs_n} (proxy selection), {short} of the selected"}
     its = list(range(cfg.iterations + 1))
+    labels = {a.tag: a.label for a in cfg.arms}
+    prompts = sum(f["setup"]["heldout_prompts"] for f in facts_by.values())
     for m in names:
-        rows = [[a["label"]] + [f"{it['eval'][m][0]:.3f} ± {it['eval'][m][1]:.3f}" for it in a["iterations"]]
-                for a in arms.values()]
-        rec.table(f"Held-out {titles[m]} ({cfg.eval.prompts} prompts) by iteration",
-                  ["arm"] + [f"iter {i}" for i in its], rows)
+        rec.table(f"Held-out {titles[m]} ({where}{prompts} prompts; 95% CI) by iteration",
+                  ["arm"] + [f"iter {i}" for i in its],
+                  [[labels[tag]] + [_ci(c) for c in row] for tag, row in curves[m].items()])
     data_rows = []
-    for a in arms.values():
-        for it in a["iterations"][1:]:
-            d = it["data"]
-            data_rows.append([a["label"], it["iteration"], d["rows"], d["improving_pairs"], d["selected_proxy_mean"],
-                              d.get("selected_gold_mean", float("nan")), f"{sum(it['seconds'].values()):.0f}"])
-    rec.table("Training data per iteration (selected by the proxy RM)",
-              ["arm", "iter", "rows", "improving pairs", "selected proxy reward", f"selected {short}", "seconds"],
-              data_rows)
+    for a in cfg.arms:
+        for k, it in enumerate(range(1, cfg.iterations + 1)):
+            per = [next(x for x in f["arms"][a.tag]["iterations"] if x["iteration"] == it) for f in facts_by.values()]
+            data_rows.append([a.label, it, sum(d["data"]["rows"] for d in per),
+                              sum(d["data"]["improving_pairs"] for d in per),
+                              float(np.mean([d["data"]["selected_proxy_mean"] for d in per])), _ci(data_ci[a.tag][k]),
+                              f"{sum(sum(d['seconds'].values()) for d in per):.0f}"])
+    rec.table(f"Training data per iteration (selected by the proxy RM; {where}rows summed over seeds)",
+              ["arm", "iter", "rows", "improving pairs", "selected proxy reward", f"selected {short} (95% CI)",
+               "seconds"], data_rows)
 
     def draw(fig):
         axes = fig.subplots(1, len(names), squeeze=False)[0]
         for ax, m in zip(axes, names):
-            for a in arms.values():
-                mean = [it["eval"][m][0] for it in a["iterations"]]
-                se = [it["eval"][m][1] for it in a["iterations"]]
-                style = "-" if a["sampler"] == "prs" else "--"
-                ax.errorbar(its, mean, yerr=se, marker="o", capsize=3, linestyle=style, label=a["label"])
+            for tag, row in curves[m].items():
+                mean = np.array([c[0] for c in row])
+                err = [mean - [c[1] for c in row], [c[2] for c in row] - mean]
+                style = "-" if tag.startswith("prs") else "--"
+                ax.errorbar(its, mean, yerr=err, marker="o", capsize=3, linestyle=style, label=labels[tag])
             ax.set_title(titles[m], fontsize=9)
             ax.set_xlabel("iteration")
             ax.set_xticks(its)
-            ax.set_ylabel(f"held-out {short}")
+            ax.set_ylabel(f"held-out {short} (95% CI)")
             ax.grid(alpha=0.3)
         axes[0].legend(fontsize=7)
     rec.figure("offline_rl.png", draw, figsize=(5.5 * len(names), 4.2))
@@ -357,6 +535,7 @@ def _report(rec: Record, cfg: Config, arms: dict[str, dict[str, Any]], judge: st
          f"reference = the previous policy), batch {cfg.trainer.batch_size}."),
         ("Rand samples see x only; every arm's training rows use the evaluation input (x and z), so Rand's data "
          "are responses written without the preference, chosen by an RM that sees it."),
-        (f"Evaluation on {cfg.eval.prompts} held-out prompts judged by the {judge}; iteration 0 is the starting "
-         "policy; arms with the same sampler share iteration 1's samples (same starting policy and seed)."),
+        (f"Evaluation on {cfg.eval.prompts} held-out prompts per world seed judged by the {judge}; iteration 0 is "
+         "the starting policy; arms with the same sampler share iteration 1's samples (same starting policy and "
+         "seed); every policy is evaluated with the same engine seed (common random numbers)."),
     ]
