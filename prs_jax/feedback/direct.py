@@ -102,5 +102,28 @@ class DirectScorer:
 
     def __call__(self, prompts: Sequence[Any], responses: Sequence[Any],
                  preferences: Sequence[str | None] | None = None) -> list[float]:
-        """Rewards in [-1, 1] (the strategy Scorer protocol; preferences are not used)."""
+        """Rewards in [-1, 1] (the strategy Scorer protocol). A prompt's preference z, when given, is part of the
+        context the labeler rates against (with_preference): PRS with a d-RLAIF scorer selects for z."""
+        if preferences is not None:
+            if len(preferences) != len(prompts):
+                raise ValueError(f"DirectScorer: {len(prompts)} prompts but {len(preferences)} preferences.")
+            prompts = [with_preference(x, z) for x, z in zip(prompts, preferences)]
         return [s.reward for s in self.score(prompts, responses)]
+
+
+def with_preference(prompt: Any, preference: str | None) -> Any:
+    """The context with preference z joined to the user's request the way the policy sees it (x, a blank line,
+    z): a string prompt directly, a message list in its last user message; unchanged without a preference."""
+    from prs_jax.strategies.base import join_preference
+
+    if not preference:
+        return prompt
+    if isinstance(prompt, str):
+        return join_preference(prompt, preference)
+    msgs = [dict(m) for m in prompt]
+    last = max((i for i, m in enumerate(msgs) if m.get("role") == "user"), default=None)
+    if last is None:
+        raise ValueError("DirectScorer: a message-list prompt without a user message cannot carry the preference; "
+                         "give the prompt as text or add the user turn.")
+    msgs[last]["content"] = join_preference(str(msgs[last]["content"]), preference)
+    return msgs

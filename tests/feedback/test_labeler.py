@@ -80,6 +80,17 @@ def test_direct_scores_with_multi_token_labels_equal_a_full_forward(model_and_to
         assert s.score == pytest.approx(score, rel=1e-4)
         assert s.reward == pytest.approx((score - 5.5) / 4.5, rel=1e-4, abs=1e-6)
     assert scorer(ctxs, resps) == pytest.approx([s.reward for s in got])  # the reward-callable form
+    # as a strategy scorer the preference z is part of the rated context (x, a blank line, z)
+    prefs = ["Keep it short.", None, "Use a list."]
+    with_z = scorer.score([f"{x}\n\n{z}" if z else x for x, z in zip(ctxs, prefs)], resps)
+    assert scorer(ctxs, resps, prefs) == pytest.approx([s.reward for s in with_z])
+    assert scorer(ctxs, resps, prefs)[0] != pytest.approx(got[0].reward)
+    msgs = [[{"role": "system", "content": "s"}, {"role": "user", "content": x}] for x in ctxs]
+    assert scorer(msgs, resps, prefs) == pytest.approx(
+        [s.reward for s in scorer.score([[m[0], {"role": "user", "content": f"{m[1]['content']}\n\n{z}"
+                                                   if z else m[1]["content"]}] for m, z in zip(msgs, prefs)], resps)])
+    with pytest.raises(ValueError, match="preferences"):
+        scorer(ctxs, resps, prefs[:1])
 
 
 def test_chain_of_thought_self_consistency_averages_rationale_distributions(model_and_tok, run_padded):
