@@ -389,6 +389,7 @@ def measure_study(cfg: Config, console: Any = None) -> Path:
              "world_seed": None if world is None else world["seed"],
              "judge": "gold reward" if gold is not None else "reward model (no gold reward on real checkpoints)",
              "env": env.info, "arms": arms_out, "start_seconds": start_seconds,
+             "measure_seconds": time.perf_counter() - t0,
              "setup": {"train_prompts": len(train_items), "heldout_prompts": len(heldout), "n": sc.n,
                        "eval_prs_n": cfg.eval.prs_n},
              "protocol_declared": json.loads(json.dumps(to_dict(cfg.protocol)))}
@@ -445,13 +446,6 @@ def report_study(cfg: Config, console: Any = None, started: float | None = None)
         rec._t0 = started  # run(): the wall time covers measuring too
     judge = facts["judge"]
     curves = _curves(by_seed, cfg)
-    verdicts: list[dict[str, Any]] = []
-    proto = cfg.protocol
-    if proto.endpoints and facts["world"] is not None:
-        verdicts = report_protocol(rec, proto, by_seed, endpoint_units, facts_by, MEASURE_FACTS)
-    elif proto.endpoints:
-        rec.notes.append("The protocol was not evaluated: its endpoints need the world's gold reward "
-                         "(source.kind: world).")
     data_ci: dict[str, list] = {}
     for ai, arm in enumerate(cfg.arms):
         row = []
@@ -460,11 +454,18 @@ def report_study(cfg: Config, console: Any = None, started: float | None = None)
                         and r["iteration"] == it) for s in seeds]
             row.append(pooled_ci(per, cfg.n_boot, 500 + 100 * ai + it))
         data_ci[arm.tag] = row
+    _report(rec, cfg, curves, data_ci, facts_by, judge)
+    verdicts: list[dict[str, Any]] = []
+    proto = cfg.protocol
+    if proto.endpoints and facts["world"] is not None:
+        verdicts = report_protocol(rec, proto, by_seed, endpoint_units, facts_by, MEASURE_FACTS)
+    elif proto.endpoints:
+        rec.notes.append("The protocol was not evaluated: its endpoints need the world's gold reward "
+                         "(source.kind: world).")
     rec.results.update(judge=judge, env=facts["env"], world_seeds=seeds, metrics=_metric_names(cfg),
                        curves=curves, data_selected=data_ci, protocol=verdicts,
                        arms={str(s): f["arms"] for s, f in facts_by.items()},
                        setup=facts["setup"], start_seconds={str(s): f["start_seconds"] for s, f in facts_by.items()})
-    _report(rec, cfg, curves, data_ci, facts_by, judge)
     return rec.finish(console)
 
 
