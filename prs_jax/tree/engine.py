@@ -455,14 +455,21 @@ class TreeEngine:
             floor, budget = self.config.min_groups_bucket, self.config.token_budget
             if budget <= 0 or costs is None:
                 return [(todo, bucket(len(todo), floor))]
+
+            def groups(n: int, cost: int) -> int:
+                # the floor pads a program only as far as the budget allows (a floor above what the budget
+                # holds would otherwise pad every one-item program to the floor)
+                padded = bucket(n, floor)
+                return padded if padded * cost <= budget else bucket(n)
+
             programs: list[list[int]] = [[]]
             for i in sorted(todo, key=lambda j: -costs[j]):  # longest first: the first item sets the program's cost
                 cur = programs[-1]
-                if cur and bucket(len(cur) + 1, floor) * costs[cur[0]] > budget:
+                if cur and groups(len(cur) + 1, costs[cur[0]]) * costs[cur[0]] > budget:
                     programs.append([i])
                 else:
                     cur.append(i)
-            return [(sorted(p), bucket(len(p), floor)) for p in programs]
+            return [(sorted(p), groups(len(p), costs[p[0]])) for p in programs]
         parts: dict[Any, list[int]] = {}
         for i in todo:
             parts.setdefault(keys[i], []).append(i)

@@ -242,3 +242,15 @@ def test_token_budget_splits_programs_without_changing_trees(model_tok):
             np.testing.assert_allclose(x.logprobs, y.logprobs, atol=1e-5)
     with pytest.raises(ValueError, match="token_budget must be >= 0"):
         EngineConfig(token_budget=-1)
+
+
+def test_group_floor_never_pads_past_the_token_budget(model_tok):
+    """min_groups_bucket pads a program's group count only as far as token_budget allows: a floor of 128 groups
+    with a budget that holds 4 groups of this cost gives programs of 4 groups (not one item per program, each
+    padded to 128)."""
+    model, tok = model_tok
+    eng = TreeEngine(model, tok, seed=0, config=EngineConfig(min_groups_bucket=128, token_budget=4 * 100))
+    tiles = eng._tiles([None] * 10, range(10), [100] * 10)
+    assert [g for _, g in tiles] == [4, 4, 2] and sorted(i for ids, _ in tiles for i in ids) == list(range(10))
+    roomy = TreeEngine(model, tok, seed=0, config=EngineConfig(min_groups_bucket=8, token_budget=1 << 16))
+    assert roomy._tiles([None] * 3, range(3), [100] * 3) == [([0, 1, 2], 8)]  # the floor still applies when it fits
