@@ -785,8 +785,9 @@ def measure_study(cfg: Config, console: Any = None) -> Path:
     return out
 
 
-# the world seed varies between pooled OUT directories (and the world path, when a built world is named)
-POOL_FREE = ("source.world.seed", "source.world.path")
+# the world seed varies between pooled OUT directories (and the world path, when a built world is named; and the
+# sampling seed, which the quickstart ties to the world seed: each world seed is its own replicate)
+POOL_FREE = ("source.world.seed", "source.world.path", "seed")
 
 
 def report_study(cfg: Config, console: Any = None, started: float | None = None) -> dict[str, Any]:
