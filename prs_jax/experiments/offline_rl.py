@@ -153,6 +153,16 @@ def _strategy(sampler: Sampler | Literal["greedy"], n: int, cfg_like: Any, env: 
     return spec.build(templates=env.templates)
 
 
+def best_worst(result) -> tuple[int, int] | None:
+    """Indices of the proxy-best and proxy-worst non-empty candidates (first extreme); None when every response
+    is empty (EOS at once): empty responses are never training targets."""
+    ok = [j for j, c in enumerate(result.candidates) if c.text.strip()]
+    if not ok:
+        return None
+    rewards = [result.candidates[j].reward for j in ok]
+    return ok[int(np.argmax(rewards))], ok[int(np.argmin(rewards))]
+
+
 def build_rows(results, data: DataKind, env: StudyEnv, min_reward: float | None, improving_per_prompt: int,
                gold: list[list[float]] | None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Training rows of one data kind from scored strategy results (proxy rewards on the nodes), and a summary
@@ -163,12 +173,10 @@ def build_rows(results, data: DataKind, env: StudyEnv, min_reward: float | None,
     kept_proxy, kept_gold, n_improving = [], [], 0
     tpl = env.templates.resolved()
     for i, r in enumerate(results):
-        # empty responses (EOS at once) are never training targets
-        ok = [j for j, c in enumerate(r.candidates) if c.text.strip()]
-        if not ok:
+        picked = best_worst(r)
+        if picked is None:
             continue
-        rewards = [r.candidates[j].reward for j in ok]
-        b, w = ok[int(np.argmax(rewards))], ok[int(np.argmin(rewards))]
+        b, w = picked
         best_r = r.candidates[b].reward
         if min_reward is not None and best_r < min_reward:
             continue
@@ -238,10 +246,10 @@ def selected_data(results, gold: list[list[float]] | None) -> dict[str, list]:
     the proxy selects for training (the first maximum among non-empty responses, as build_rows picks)."""
     ids, proxy, gold_sel = [], [], []
     for i, r in enumerate(results):
-        ok = [j for j, c in enumerate(r.candidates) if c.text.strip()]
-        if not ok:
+        picked = best_worst(r)
+        if picked is None:
             continue
-        b = ok[int(np.argmax([r.candidates[j].reward for j in ok]))]
+        b = picked[0]
         ids.append(r.item.id)
         proxy.append(float(r.candidates[b].reward))
         if gold is not None:
@@ -397,22 +405,30 @@ def measure_study(cfg: Config, console: Any = None) -> Path:
     return out
 
 
+def find_record(records: Sequence[dict[str, Any]], metric: str, arm: str, it: int) -> dict[str, Any] | None:
+    """One seed's record of `metric` ("data": the selected training data) for arm at iteration it (iteration 0:
+    the starting policy's), or None."""
+    arm = START if it == 0 else arm
+    kind = "data" if metric == "data" else "eval"
+    return next((r for r in records if r["kind"] == kind and r["arm"] == arm and r["iteration"] == it
+                 and (kind == "data" or r["metric"] == metric)), None)
+
+
 def endpoint_units(name: str, records: Sequence[dict[str, Any]]) -> np.ndarray:
     """Per-prompt differences of one endpoint on one seed's records (prompts paired by id; iteration 0 of any
     arm is the starting policy)."""
     metric, (a1, i1), (a2, i2) = parse_endpoint(name)
 
     def values(arm: str, it: int) -> dict[str, float]:
-        arm = START if it == 0 else arm
-        for r in records:
-            if metric == "data" and r["kind"] == "data" and r["arm"] == arm and r["iteration"] == it:
-                if "gold" not in r:
-                    raise ValueError(f"protocol endpoint {name!r}: the data records have no gold reward (real "
-                                     "source).")
-                return dict(zip(r["ids"], r["gold"]))
-            if r["kind"] == "eval" and r["metric"] == metric and r["arm"] == arm and r["iteration"] == it:
-                return dict(zip(r["ids"], r["values"]))
-        raise ValueError(f"protocol endpoint {name!r}: no {metric} records of {arm}@{it}; measure again.")
+        r = find_record(records, metric, arm, it)
+        if r is None:
+            raise ValueError(f"protocol endpoint {name!r}: no {metric} records of {START if it == 0 else arm}@{it}; "
+                             "measure again.")
+        if metric != "data":
+            return dict(zip(r["ids"], r["values"]))
+        if "gold" not in r:
+            raise ValueError(f"protocol endpoint {name!r}: the data records have no gold reward (real source).")
+        return dict(zip(r["ids"], r["gold"]))
 
     va, vb = values(a1, i1), values(a2, i2)
     return np.array([va[k] - vb[k] for k in va if k in vb], float)
@@ -425,9 +441,7 @@ def _curves(by_seed: dict[int, list[dict[str, Any]]], cfg: Config) -> dict[str, 
         for ai, arm in enumerate(cfg.arms):
             row = []
             for it in range(cfg.iterations + 1):
-                name = START if it == 0 else arm.tag
-                per = [next(r["values"] for r in by_seed[s] if r["kind"] == "eval" and r["metric"] == m
-                            and r["arm"] == name and r["iteration"] == it) for s in sorted(by_seed)]
+                per = [find_record(by_seed[s], m, arm.tag, it)["values"] for s in sorted(by_seed)]
                 row.append(pooled_ci(per, cfg.n_boot, 10000 * mi + 100 * ai + it))
             out.setdefault(m, {})[arm.tag] = row
     return out
@@ -450,8 +464,8 @@ def report_study(cfg: Config, console: Any = None, started: float | None = None)
     for ai, arm in enumerate(cfg.arms):
         row = []
         for it in range(1, cfg.iterations + 1):
-            per = [next(r.get("gold", r["proxy"]) for r in by_seed[s] if r["kind"] == "data" and r["arm"] == arm.tag
-                        and r["iteration"] == it) for s in seeds]
+            recs = [find_record(by_seed[s], "data", arm.tag, it) for s in seeds]
+            per = [r.get("gold", r["proxy"]) for r in recs]
             row.append(pooled_ci(per, cfg.n_boot, 500 + 100 * ai + it))
         data_ci[arm.tag] = row
     _report(rec, cfg, curves, data_ci, facts_by, judge)

@@ -243,6 +243,11 @@ def _runs(methods: Sequence[Method], budgets: Sequence[int], reuse_samples: bool
             if m.kind != "prs" or m.widths(n) is not None]
 
 
+def _targets(m: Method, n_run: int, budgets: Sequence[int], reuse_samples: bool) -> list[int]:
+    """The budgets one run reports: every N <= n_run from a reused Rand / PRand stream (its first N), else n_run."""
+    return [n for n in budgets if n <= n_run] if (reuse_samples and m.kind != "prs") else [n_run]
+
+
 def result_records(results: Sequence[StrategyResult], method: Method, n_run: int, gold: Callable | None
                    ) -> list[dict[str, Any]]:
     """One JSON row per prompt of a run: every candidate's text, proxy reward, refinement layer and (world) gold
@@ -288,14 +293,6 @@ def measure_records(env: StudyEnv, gen: Generation, items: Sequence[PromptItem],
     return records, seconds
 
 
-def world_prompt(item: PromptItem) -> Any:
-    """The world's Prompt (category, count, form, preference) of a held-out item, parsed from its text."""
-    from prs_jax.world.task import Prompt, parse_preference, parse_prompt
-
-    cat, n, form = parse_prompt(item.prompt)
-    return Prompt(cat, n, parse_preference(item.preference), form)
-
-
 def teacher_variant(m: Method) -> tuple[str, float | None, bool] | None:
     """Which teacher-ceiling run (prs_jax.world.ceiling.teacher_selected) is `m`'s counterpart: (method, PRS
     split, feedback); None for PRS deeper than two layers (the teacher refines once)."""
@@ -312,12 +309,13 @@ def teacher_records(world: Any, items: Sequence[PromptItem], methods: Sequence[M
     answer ({"method": "teacher", "id", "gold": {method: {N: value}}}); Rand / PRand streams are shared by all
     PRS variants, draws are keyed by (seed, prompt id, role)."""
     from prs_jax.world.ceiling import teacher_selected
+    from prs_jax.world.gates import _prompt_of  # the world's Prompt parsed from a held-out row's text
     from prs_jax.world.task import gold_reward
 
     budgets = sorted({int(b) for b in budgets})
     rows = []
     for it in items:
-        p = world_prompt(it)
+        p = _prompt_of({"prompt": it.prompt, "preference": it.preference})
         cache: dict[tuple[float | None, bool], dict[str, dict[int, Any]]] = {}
         gold: dict[str, dict[str, float]] = {}
         for m in methods:
@@ -357,8 +355,7 @@ def summarise_records(records: Sequence[dict[str, Any]], methods: Sequence[Metho
             run = by_run.get((m.name, n_run))
             if run is None:
                 raise ValueError(f"the records have no run of {m.name!r} at N={n_run}; measure again.")
-            targets = [n for n in budgets if n <= n_run] if (reuse_samples and m.kind != "prs") else [n_run]
-            for n in targets:
+            for n in _targets(m, n_run, budgets, reuse_samples):
                 rows[str(n)] = _summarise_rows(run, n, with_gold, full=(n == nmax), prefix=m.kind != "prs")
                 if m.kind == "prs":
                     rows[str(n)]["widths"] = list(m.widths(n) or ())
@@ -460,7 +457,7 @@ def selected_gold(records: Sequence[dict[str, Any]], methods: Sequence[Method], 
     out: dict[tuple[str, int], dict[str, float]] = {}
     for m, n_run in _runs(methods, budgets, reuse_samples):
         prefix = reuse_samples and m.kind != "prs"
-        for n in ([b for b in budgets if b <= n_run] if prefix else [n_run]):
+        for n in _targets(m, n_run, budgets, reuse_samples):
             sel = out.setdefault((m.name, n), {})
             for r in by_run.get((m.name, n_run), []):
                 k = n if prefix else len(r["texts"])
@@ -491,7 +488,11 @@ def endpoint_units(name: str, records: Sequence[dict[str, Any]], methods: Sequen
         rows = [r for r in records if r.get("kind") == "teacher"]
         return np.array([r["gold"][a][str(n)] - r["gold"][b][str(n)] for r in rows
                          if str(n) in r["gold"].get(a, {}) and str(n) in r["gold"].get(b, {})], float)
-    sel = selected_gold(records, methods, budgets, reuse_samples)
+    return paired_gold(selected_gold(records, methods, budgets, reuse_samples), a, b, n, name)
+
+
+def paired_gold(sel: dict[tuple[str, int], dict[str, float]], a: str, b: str, n: int, name: str) -> np.ndarray:
+    """Per prompt both measured: the selected-response gold of a minus b at budget n (`sel`: selected_gold)."""
     if (a, n) not in sel or (b, n) not in sel:
         raise ValueError(f"protocol endpoint {name!r}: the records have no selection of {a!r} or {b!r} at N={n}.")
     return np.array([sel[(a, n)][i] - sel[(b, n)][i] for i in sel[(a, n)] if i in sel[(b, n)]], float)
@@ -513,13 +514,13 @@ def effects(by_seed: dict[int, list[dict[str, Any]]], cfg: "Config") -> list[dic
     budgets = sorted({int(b) for b in cfg.budgets})
     comps = cfg.comparisons or default_comparisons(cfg.methods)
     by_m = {m.name: m for m in cfg.methods}
+    sel = {s: selected_gold(by_seed[s], cfg.methods, budgets, cfg.reuse_samples) for s in sorted(by_seed)}
     out = []
     for ci, (a, b) in enumerate(comps):
         for n in budgets:
             if any(by_m[x].kind == "prs" and by_m[x].widths(n) is None for x in (a, b)):
                 continue
-            per = [endpoint_units(f"gold:{a}:{b}@{n}", by_seed[s], cfg.methods, budgets, cfg.reuse_samples)
-                   for s in sorted(by_seed)]
+            per = [paired_gold(sel[s], a, b, n, f"gold:{a}:{b}@{n}") for s in sorted(by_seed)]
             mean, lo, hi = pooled_ci([list(x) for x in per], cfg.n_boot, 1000 * ci + n)
             row = {"a": a, "b": b, "n": n, "effect": mean, "low": lo, "high": hi, "prompts": int(sum(map(len, per)))}
             tea = [endpoint_units(f"teacher:{a}:{b}@{n}", by_seed[s], cfg.methods, budgets) for s in sorted(by_seed)]

@@ -34,9 +34,10 @@ def _gold(p: Prompt, a: Answer) -> float:
 
 
 def first_width(n: int, split: float | None = None) -> int:
-    """PRS's first-layer width at budget n >= 2: n // 2 (split None, the quickstart's), else the two-layer
-    PRS.with_budget rule min(max(1, round(n * split)), n - 1)."""
-    return n // 2 if split is None else min(max(1, round(n * split)), n - 1)
+    """PRS's first-layer width at budget n >= 2: n // 2 (split None), else the two-layer PRS.with_budget rule."""
+    from prs_jax.strategies.prs import PRS
+
+    return n // 2 if split is None else PRS.with_budget(n, split, 2).widths[0]
 
 
 def teacher_selected(world: World, p: Prompt, budgets: Sequence[int], seed: int = 0, feedback: bool = True,

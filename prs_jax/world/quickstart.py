@@ -60,7 +60,7 @@ def smoke_config(**overrides: Any) -> QuickstartConfig:
 # The declared endpoints, at N = QUICKSTART_N: the design's positive controls (the teacher as the policy shows the
 # PRS mechanism; the learned policy follows the preference), then the learned policy's claims (Holm over them).
 QUICKSTART_N = 4
-METHOD_NAMES = ("Rand", "PRand", "PRS")
+COMPARISONS = (("PRS", "PRand"), ("PRS", "Rand"), ("PRand", "Rand"))
 
 
 def quickstart_protocol(budgets: tuple[int, ...], units: int) -> Any:
@@ -76,8 +76,7 @@ def quickstart_protocol(budgets: tuple[int, ...], units: int) -> Any:
         Endpoint(f"gold:PRS:Rand@{n}", f"PRS beats Rand at N={n}")))
 
 
-def study_config(cfg: QuickstartConfig, seed: int | None = None, out_dir: str | None = None,
-                 pool_dirs: tuple[str, ...] = ()) -> Any:
+def study_config(cfg: QuickstartConfig, seed: int | None = None) -> Any:
     """The reward_vs_n config the quickstart runs (`seed`: the sampling seed when it differs from cfg.seed, i.e.
     the seed of a named world_dir)."""
     from prs_jax.experiments.common import Source, WorldSpec
@@ -85,14 +84,13 @@ def study_config(cfg: QuickstartConfig, seed: int | None = None, out_dir: str | 
 
     world = WorldSpec(preset=cfg.preset, root=cfg.world_root, seed=cfg.seed, path=cfg.world_dir)  # type: ignore[arg-type]
     budgets = tuple(sorted(set(cfg.budgets)))
-    return Config(source=Source("world", world), out_dir=out_dir or cfg.out_dir,
+    return Config(source=Source("world", world), out_dir=cfg.out_dir,
                   seed=cfg.seed if seed is None else seed, prompts=cfg.prompts, budgets=budgets,
                   methods=(Method("Rand", "rand"), Method("PRand", "prand"), Method("PRS", "prs", split=0.5)),
                   generation=Generation(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
                                         feedback_max_new_tokens=cfg.feedback_max_new_tokens,
                                         batch_size=cfg.batch_size, min_rows_bucket=8),
-                  comparisons=(("PRS", "PRand"), ("PRS", "Rand"), ("PRand", "Rand")),
-                  protocol=quickstart_protocol(budgets, cfg.prompts), pool_dirs=pool_dirs, n_boot=cfg.bootstrap)
+                  comparisons=COMPARISONS, protocol=quickstart_protocol(budgets, cfg.prompts), n_boot=cfg.bootstrap)
 
 
 def pooled_report(cfg: QuickstartConfig, dirs: list[str | Path], console: Console | None = None) -> dict[str, Any]:
@@ -118,7 +116,7 @@ def pooled_report(cfg: QuickstartConfig, dirs: list[str | Path], console: Consol
     # report with the config the first directory was measured with, and the quickstart's declared protocol
     measured = facts["config"]
     study = from_dict(Config, {**measured, "out_dir": str(out), "pool_dirs": [str(d) for d in dirs[1:]],
-                               "comparisons": [list(c) for c in study_config(cfg).comparisons], "n_boot": cfg.bootstrap,
+                               "comparisons": [list(c) for c in COMPARISONS], "n_boot": cfg.bootstrap,
                                "protocol": to_dict(quickstart_protocol(tuple(measured["budgets"]),
                                                                        int(measured["prompts"])))})
     return report_study(study, console)
