@@ -11,7 +11,8 @@ from typing import Any, Sequence
 STUDIES: tuple[str, ...] = ("reward_vs_n", "offline_rl", "preference_adaptation", "sr_dpo", "rlaif", "verbalized",
                             "scaling")
 # the studies split into measure_study (raw per-prompt records) and report_study (tables, plots, verdicts)
-REPORT_STUDIES: tuple[str, ...] = ("reward_vs_n", "sr_dpo", "preference_adaptation", "verbalized", "offline_rl")
+REPORT_STUDIES: tuple[str, ...] = ("reward_vs_n", "sr_dpo", "preference_adaptation", "verbalized", "offline_rl",
+                                   "rlaif")
 
 
 def run_experiment(name: str, config: str | Path | None, overrides: Sequence[str] = (), console: Any = None,

@@ -1,29 +1,45 @@
 """RLAIF study (Lee et al. 2023, arXiv 2309.00267): AI preference labels vs gold labels, soft-label reward models,
-and A2C against an AI-label RM vs a gold-label RM.
+and A2C against an AI-label RM, a gold-label RM, the gold reward itself and a constant reward.
 
-World source (the default). Pairs are two responses of the world's SFT policy to one held-out prompt (x with its
-preference z); the response with the higher GOLD reward is the "human" label, ties are skipped. Prompts are split
-into an RM-train part and an RM-eval part (`rm_eval_fraction`, by prompt, so no eval prompt is seen in training).
+World source (the default). The labelers are the world's SEPARATE AI labelers (prs_jax.world.labelers: three sizes
+trained on judge and critique rows, built and cached in the world on first use), never the policy. Pairs are two
+samples of the world's SFT policy for one prompt (x with its preference z); the response with the higher GOLD
+reward is the "human" label, ties are skipped. RM-train pairs come from `rm_prompts` of the world's training
+prompts; alignment and RM-eval pairs from `eval_prompts` held-out prompts (no eval prompt is seen by any RM).
 
-1. Labeler alignment. The labeler is the world's policy with `prs_jax.world.corpus.JUDGE_PROMPT` (the judge
-   prompt it was trained on). Every variant labels the same `align_pairs` pairs in both candidate orders:
-   preamble (the world's own vs the helpful/base and helpful/detailed defaults of prs_jax.feedback.prompts: the
-   world trained only its own), few-shot exemplars (solved pairs written from the world's RM-training prompts),
-   chain of thought, self-consistency k, and a labeler-size sweep (`sizes`: other world builds that differ only in
-   the policy's dimensions). Reported per variant: alignment with the gold labels after position debiasing, the
-   alignment WITHOUT debiasing (the mean over the two single-order labelers, which are exactly what a
-   `both_orders=False` run computes), and the position-bias rate (the same position wins in both orders).
-2. Reward models. The labeler variant `rm.label_variant` soft-labels every RM-train pair; one RM is trained on
-   these soft labels (`loss.soft_labels=True`), one on the gold labels of the same pairs (hard, Bradley-Terry).
-   Both start from the SFT policy, train with the same settings, and are scored on the held-out gold pairs.
-3. RL. `run_a2c` trains the SFT policy against each RM on the RM-train prompts. Every policy then samples
-   `a2c.eval_samples` responses per held-out prompt; the win rate against the SFT policy is judged by the gold
-   reward (sample j against SFT sample j; ties count half), and also by the AI labeler (both orders).
+1. Labeler alignment. Every labeler variant (a labeler size, the prompt preamble, few-shot exemplars, chain of
+   thought, self-consistency k) labels the first `align_pairs` held-out pairs in both candidate orders. Per pair:
+   the debiased label (both orders averaged), each single-order label (what a `both_orders=False` run computes)
+   and whether the same POSITION won in both orders (position bias).
+2. Reward models. The variant `rm.label_variant` soft-labels every RM-train pair; one RM is trained on these
+   soft labels (`loss.soft_labels=True`), one on the gold labels of the same pairs (hard, Bradley-Terry). Both
+   start from the SFT policy with the same fresh head and settings; each held-out pair's two scores are recorded
+   for both, for that start ("untrained") and for the world's proxy RM.
+3. RL (`a2c.arms`): A2C (prs_jax.train.a2c.run_a2c) from the SFT policy on the RM-train prompts against
+   rlaif = the AI-label RM, rlhf = the gold-label RM, oracle = the gold reward itself (a positive control: the
+   procedure can improve the policy when its signal is true), constant = a constant reward (a negative control:
+   what the procedure does without a signal). Every policy then samples `a2c.eval_samples` responses per
+   held-out prompt with one engine seed (common random numbers); each sample's gold reward is recorded, and the
+   AI labeler's both-order judgement of every policy's sample j against SFT's sample j.
 
-Real source (`source.kind: real`, the `full` config): the pairs are human preference pairs (`real.pairs`,
-chosen = the human's choice, shown in a random order), the labeler is `real.labeler`, the prompts of the RL part
-come from `source.real.prompt_set`. There is no gold reward: alignment and RM accuracy are against the human
-labels, and the RL win rates are judged by the AI labeler only (said in the notes).
+`measure_study` writes OUT/records.jsonl (the per-pair and per-prompt raw values above) and OUT/measure.json
+(config, labeler gates, timings, the declared protocol); `report_study` makes the tables (95% CIs pooled over the
+world seeds of `pool_dirs`), the plots and the protocol's verdicts from those alone (`--report`).
+
+Endpoint names (units: pairs for align / debias / bias / rm, held-out prompts for gold / win):
+  align:V        debiased label of variant V agrees with gold (1, tie 1/2) minus 1/2
+  align:V:W      that agreement of V minus W's, per pair
+  debias:V       V's debiased agreement minus the mean of its two single-order agreements
+  bias:V | bias:V:W   V's same-position-in-both-orders indicator (minus W's)
+  rm:R | rm:R:S  RM R ranks the pair as gold does (1, tie 1/2) minus 1/2 (minus S's); R in ai, gold, untrained,
+                 proxy
+  gold:P:Q       mean gold reward of policy P's samples minus Q's, per prompt; P, Q in sft and the A2C arms
+  win:P:Q        share of samples j where P's beats Q's by the gold reward (ties 1/2) minus 1/2, per prompt
+
+Real source (`source.kind: real`, the `full` config): the pairs are human preference pairs (`real.pairs`, chosen =
+the human's choice, shown in a random order), labelers are checkpoint directories (`variants[].labeler`, default
+`real.labeler`), RL prompts come from `source.real.prompt_set`. There is no gold reward: alignment and RM accuracy
+are against the human labels, the oracle arm is not available, and RL is judged by the AI labeler only.
 """
 
 from __future__ import annotations
@@ -42,28 +58,34 @@ import numpy as np
 from rich.console import Console
 from tqdm import tqdm
 
-from prs_jax.eval.stats import PairedWinRate, mean_se, win_rate
-from prs_jax.experiments.common import Record, Source, build_world_from, param_count
+from prs_jax.config import to_dict
+from prs_jax.experiments.common import Record, Source, param_count, pool_measured
 from prs_jax.experiments.env import StudyEnv
+from prs_jax.experiments.policy_tools import config_digest
+from prs_jax.experiments.protocol import Protocol, pooled_ci, report_protocol
 from prs_jax.feedback.labeler import AILabeler, LabelerConfig
-from prs_jax.feedback.metrics import (
-    judge_win_rate,
-    labeler_alignment,
-    position_bias_rate,
-)
+from prs_jax.feedback.metrics import judge_win_rate
 from prs_jax.feedback.prompts import PromptConfig
 from prs_jax.models.sharding import MeshConfig
 from prs_jax.strategies.base import PromptItem, join_preference
+from prs_jax.world.labelers import LabelerBuildConfig
 
 Preamble = Literal["world", "base", "detailed"]
+Arm = Literal["rlaif", "rlhf", "oracle", "constant"]
+ARM_REWARD = {"rlaif": "the RM trained on AI soft labels", "rlhf": "the RM trained on gold (human) labels",
+              "oracle": "the gold reward itself (positive control)", "constant": "a constant reward (negative control)"}
+RECORDS, MEASURE_FACTS = "records.jsonl", "measure.json"
 
 
 # ------------------------------------------------------------------------------------------------ config
 @dataclasses.dataclass(frozen=True)
 class LabelerVariant:
-    """One AI-labeler set-up: preamble, number of few-shot exemplars, chain of thought, self-consistency k."""
+    """One AI-labeler set-up: which labeler (a world labeler size, or a checkpoint directory; "" = the default:
+    the world's largest labeler, or real.labeler), preamble, few-shot exemplars, chain of thought,
+    self-consistency k."""
 
     name: str
+    labeler: str = ""
     preamble: Preamble = "world"  # world: the labeler's trained prompt; base / detailed: prs_jax defaults
     shots: int = 0
     cot: bool = False
@@ -74,36 +96,27 @@ class LabelerVariant:
             raise ValueError(f"variant {self.name!r}: self_consistency > 1 samples rationales; set cot: true.")
         if self.shots < 0:
             raise ValueError(f"variant {self.name!r}: shots must be >= 0 (got {self.shots}).")
-
-
-@dataclasses.dataclass(frozen=True)
-class LabelerSize:
-    """A labeler of another size: WorldSpec.overrides applied on top of the study's world (a separate world build
-    that differs only there), or a checkpoint directory (`model`, which wins when set; required for a real source).
-    Labelled with the variant `size_variant`."""
-
-    name: str
-    overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
-    model: str = ""
+        if ":" in self.name or not self.name:
+            raise ValueError(f"variant {self.name!r}: names are non-empty and have no ':' (endpoint separator).")
 
 
 @dataclasses.dataclass(frozen=True)
 class RMSettings:
     """The two reward models (AI soft labels vs gold hard labels): same init, data size and optimisation."""
 
-    label_variant: str = "world"
-    steps: int = 80
-    batch_size: int = 16
-    lr: float = 1e-3
-    warmup_steps: int = 4
+    label_variant: str = "large"
+    steps: int = 120
+    batch_size: int = 32
+    lr: float = 3e-4
+    warmup_steps: int = 8
     max_length: int = 192
 
 
 @dataclasses.dataclass(frozen=True)
 class A2CSettings:
-    """A2C (prs_jax.train.a2c.run_a2c) against each RM; evaluation samples per held-out prompt."""
+    """A2C (prs_jax.train.a2c.run_a2c) per arm; evaluation samples per held-out prompt."""
 
-    enabled: bool = True
+    arms: tuple[Arm, ...] = ("rlaif", "rlhf", "oracle", "constant")
     iterations: int = 20
     prompts_per_iteration: int = 8
     n: int = 4
@@ -114,12 +127,15 @@ class A2CSettings:
     max_new_tokens: int = 48
     eval_samples: int = 4
     eval_temperature: float = 0.9
-    control: bool = True  # also run A2C against a constant reward: what the procedure does without a signal
+
+    def __post_init__(self) -> None:
+        if len(set(self.arms)) != len(self.arms):
+            raise ValueError(f"a2c.arms: {list(self.arms)} repeats an arm.")
 
 
 @dataclasses.dataclass(frozen=True)
 class RealPairs:
-    """Human preference pairs and the labeler checkpoint for `source.kind: real` (see feedback.run.read_pairs for
+    """Human preference pairs and the default labeler for `source.kind: real` (see feedback.run.read_pairs for
     the accepted layouts; chosen/rejected columns mean the human preferred `chosen`)."""
 
     pairs: str = ""
@@ -131,10 +147,9 @@ class RealPairs:
 
 
 def _default_variants() -> tuple[LabelerVariant, ...]:
-    return (LabelerVariant("world"), LabelerVariant("base", preamble="base"),
-            LabelerVariant("detailed", preamble="detailed"), LabelerVariant("world_2shot", shots=2),
-            LabelerVariant("world_cot", cot=True), LabelerVariant("world_cot_sc4", cot=True, self_consistency=4),
-            LabelerVariant("world_cot_sc16", cot=True, self_consistency=16))
+    return (LabelerVariant("small", "small"), LabelerVariant("medium", "medium"), LabelerVariant("large", "large"),
+            LabelerVariant("large_cot", "large", cot=True),
+            LabelerVariant("large_cot_sc4", "large", cot=True, self_consistency=4))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,40 +158,73 @@ class Config:
 
     source: Source = dataclasses.field(default_factory=Source)
     out_dir: str = "runs/experiments/rlaif"
+    work_dir: str = "runs/experiments/rlaif/work"  # RMs and A2C policies under work_dir/<world key>
     seed: int = 0
     dtype: Literal["float32", "bfloat16"] = "float32"
     mesh: MeshConfig | None = None  # trainer mesh for the RM and A2C runs (real checkpoints on accelerators)
     progress: bool = True
     # pairs (world source)
-    prompts: int = 200  # held-out prompts used
-    samples_per_prompt: int = 4  # responses per prompt -> samples_per_prompt // 2 disjoint pairs
+    rm_prompts: int = 768  # training prompts whose pairs train the RMs (and whose prompts A2C trains on)
+    eval_prompts: int = 256  # held-out prompts: alignment and RM-eval pairs, A2C evaluation
+    samples_per_prompt: int = 8  # responses per prompt -> samples_per_prompt // 2 disjoint pairs
     temperature: float = 1.0
     max_new_tokens: int = 48
-    rm_eval_fraction: float = 0.25
-    # labeler
-    align_pairs: int = 160  # pairs every variant labels
+    rm_eval_fraction: float = 0.25  # real source only: share of the human pairs held out for RM evaluation
+    # labelers
+    labelers: LabelerBuildConfig = LabelerBuildConfig()  # the world's labelers (trained on first use)
+    align_pairs: int = 600  # held-out pairs every variant labels
     variants: tuple[LabelerVariant, ...] = dataclasses.field(default_factory=_default_variants)
-    sizes: tuple[LabelerSize, ...] = ()
-    size_variant: str = "world"
-    label_batch: int = 32  # pairs per labeler call
+    label_batch: int = 64  # pairs per labeler call
     cot_max_new_tokens: int = 64
     sc_temperature: float = 0.7
     sc_top_k: int = 40
     rm: RMSettings = RMSettings()
     a2c: A2CSettings = A2CSettings()
+    a2c_enabled: bool = True
     real: RealPairs = RealPairs()
+    # declared endpoints (world source), evaluated by the report per world seed and pooled over pool_dirs
+    protocol: Protocol = dataclasses.field(default_factory=lambda: Protocol(seeds=(0,), units=1))
+    pool_dirs: tuple[str, ...] = ()  # report only: OUT directories of other world seeds pooled with out_dir
+    n_boot: int = 2000  # bootstrap resamples of the tables' 95% intervals
 
     def __post_init__(self) -> None:
         names = [v.name for v in self.variants]
         if len(set(names)) != len(names):
             raise ValueError(f"variants: names must be unique (got {names}).")
-        for key, name in (("rm.label_variant", self.rm.label_variant), ("size_variant", self.size_variant)):
-            if name not in names:
-                raise ValueError(f"{key}: {name!r} is not one of the variants {names}.")
+        if self.rm.label_variant not in names:
+            raise ValueError(f"rm.label_variant: {self.rm.label_variant!r} is not one of the variants {names}.")
         if self.samples_per_prompt < 2:
             raise ValueError(f"samples_per_prompt must be >= 2 (got {self.samples_per_prompt}).")
         if not 0 < self.rm_eval_fraction < 1:
             raise ValueError(f"rm_eval_fraction must be in (0, 1) (got {self.rm_eval_fraction}).")
+        for e in self.protocol.endpoints:
+            check_endpoint(self, e.name)
+
+
+RM_NAMES = ("ai", "gold", "human", "untrained", "proxy")
+
+
+def parse_endpoint(name: str) -> tuple[str, list[str]]:
+    """(kind, arguments) of an endpoint name (see the module docstring)."""
+    kind, *args = name.split(":")
+    arity = {"align": (1, 2), "debias": (1,), "bias": (1, 2), "rm": (1, 2), "gold": (2,), "win": (2,)}
+    if kind not in arity or len(args) not in arity[kind]:
+        raise ValueError(f"protocol endpoint {name!r}: expected one of align:V[:W], debias:V, bias:V[:W], "
+                         "rm:R[:S], gold:P:Q, win:P:Q.")
+    return kind, args
+
+
+def check_endpoint(cfg: Config, name: str) -> None:
+    """Raise a ValueError naming the endpoint when it refers to something the config does not measure."""
+    kind, args = parse_endpoint(name)
+    variants = [v.name for v in cfg.variants]
+    policies = ["sft", *cfg.a2c.arms] if cfg.a2c_enabled else []
+    known = {"align": variants, "debias": variants, "bias": variants, "rm": list(RM_NAMES),
+             "gold": policies, "win": policies}[kind]
+    bad = [a for a in args if a not in known]
+    if bad:
+        raise ValueError(f"protocol endpoint {name!r}: {bad} not measured by this config (known for {kind!r}: "
+                         f"{known}).")
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -195,40 +243,26 @@ class Pair:
     gold_b: float | None = None
 
 
-@dataclasses.dataclass
-class Setting:
-    """What the study runs on: labeler and policy checkpoints, pairs, RL prompts, the gold reward if any."""
-
-    labeler: str
-    policy: str
-    pairs: list[Pair]
-    train_items: list[PromptItem]
-    eval_items: list[PromptItem]
-    base_prompt: PromptConfig
-    exemplar_rows: list[dict[str, Any]]
-    gold: Callable[[str, str, str | None], float] | None
-    proxy_rm: str | None = None
-
-
 def sample_responses(env: StudyEnv, model: Any, tok: Any, queries: Sequence[str], m: int, temperature: float,
-                     max_new_tokens: int, seed: int, batch: int = 32, desc: str = "sample",
-                     progress: bool = True) -> list[list[str]]:
-    """m responses per query (a user chat turn) of `model`, sampled on the env's engine in batches of prompts."""
+                     max_new_tokens: int, seed: int, ids: Sequence[str] | None = None, batch: int = 64,
+                     desc: str = "sample", progress: bool = True) -> list[list[str]]:
+    """m responses per query (a user chat turn) of `model`, sampled on the env's engine in batches of prompts;
+    keys derive from (seed, the query's id, the tree path), so `batch` changes nothing."""
     from prs_jax.tree.sampling import SamplingParams
 
+    ids = [str(i) for i in range(len(queries))] if ids is None else list(ids)
     out: list[list[str]] = []
     for s in tqdm(range(0, len(queries), batch), desc=desc, unit="batch", disable=not progress):
-        # keys from (seed, query index, path): `batch` changes nothing
         engine = env.engine(seed, model=model, tokenizer=tok)
         roots = engine.add_prompts([[{"role": "user", "content": q}] for q in queries[s:s + batch]],
-                                   ids=[str(s + i) for i in range(len(queries[s:s + batch]))])
+                                   ids=ids[s:s + batch])
         kids = engine.expand(roots, m, SamplingParams(temperature=temperature), max_new_tokens=max_new_tokens)
         out += [[k.text for k in ks] for ks in kids]
     return out
 
 
 def make_pairs(items: Sequence[PromptItem], responses: Sequence[Sequence[str]],
-               gold: Callable[[str, str, str | None], float], eval_ids: set[str]) -> list[Pair]:
+               gold: Callable[[str, str, str | None], float], split: Literal["train", "eval"]) -> list[Pair]:
     """Disjoint pairs (r0, r1), (r2, r3), ... of each prompt's responses, labelled by the gold reward; ties,
     identical texts and empty responses (a sample that stopped at once; pair readers refuse them) are skipped."""
     pairs = []
@@ -240,35 +274,45 @@ def make_pairs(items: Sequence[PromptItem], responses: Sequence[Sequence[str]],
                 continue
             pairs.append(Pair(f"{it.id}/{j // 2}", [{"role": "user", "content": join_preference(it.prompt,
                                                                                             it.preference)}],
-                              a, b, 0 if ga > gb else 1, "eval" if it.id in eval_ids else "train", ga, gb))
+                              a, b, 0 if ga > gb else 1, split, ga, gb))
     return pairs
 
 
-def _setting(cfg: Config, env: StudyEnv, console: Console, notes: list[str]) -> Setting:
-    """World: gold-labelled pairs of the policy's own samples on held-out prompts. Real: the human pairs."""
-    if env.kind != "world":
-        return _human_pairs_setting(cfg, env, notes)
+@dataclasses.dataclass
+class Setting:
+    """What the study runs on: the policy, pairs, RL prompts, the gold reward if any, exemplars."""
+
+    policy: str
+    pairs: list[Pair]
+    train_items: list[PromptItem]
+    eval_items: list[PromptItem]
+    base_prompt: PromptConfig
+    exemplar_rows: list[dict[str, Any]]
+    gold: Callable[[str, str, str | None], float] | None
+    proxy_rm: str | None = None
+    facts: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def _world_setting(cfg: Config, env: StudyEnv, console: Console) -> Setting:
+    """Gold-labelled pairs of the policy's own samples: RM-train pairs on training prompts, alignment and RM-eval
+    pairs on held-out prompts."""
     from prs_jax.world.corpus import JUDGE_PROMPT
 
-    items = env.heldout(cfg.prompts, strict=False)
-    n_eval = max(1, round(cfg.rm_eval_fraction * len(items)))
-    eval_ids = {it.id for it in items[len(items) - n_eval:]}
-    console.print(f"rlaif: sampling {cfg.samples_per_prompt} responses for each of {len(items)} held-out prompts",
-                  markup=False)
-    responses = sample_responses(env, env.model, env.tokenizer,
-                                 [join_preference(it.prompt, it.preference) for it in items],
-                                 cfg.samples_per_prompt, cfg.temperature, cfg.max_new_tokens, cfg.seed,
-                                 desc="pairs", progress=cfg.progress)
-    pairs = make_pairs(items, responses, env.gold, eval_ids)
-    n_cand = len(items) * (cfg.samples_per_prompt // 2)
-    notes.append(f"pairs: {len(pairs)} of {n_cand} candidate pairs had different gold rewards (ties skipped); "
-                 f"{sum(p.split == 'train' for p in pairs)} on the {len(items) - n_eval} RM-train prompts, "
-                 f"{sum(p.split == 'eval' for p in pairs)} on the {n_eval} RM-eval prompts.")
-    return Setting(labeler=str(env.policy), policy=str(env.policy), pairs=pairs,
-                   train_items=[it for it in items if it.id not in eval_ids],
-                   eval_items=[it for it in items if it.id in eval_ids], base_prompt=JUDGE_PROMPT,
-                   exemplar_rows=_world_exemplars(env.world.data / "rm_train.jsonl"), gold=env.gold,
-                   proxy_rm=str(env.reward_model))
+    train_items, eval_items = env.split(cfg.rm_prompts, cfg.eval_prompts)
+    pairs = []
+    for split, items in (("train", train_items), ("eval", eval_items)):
+        console.print(f"rlaif: sampling {cfg.samples_per_prompt} responses for each of {len(items)} "
+                      f"{'training' if split == 'train' else 'held-out'} prompts", markup=False)
+        responses = sample_responses(env, env.model, env.tokenizer,
+                                     [join_preference(it.prompt, it.preference) for it in items],
+                                     cfg.samples_per_prompt, cfg.temperature, cfg.max_new_tokens, cfg.seed,
+                                     ids=[it.id for it in items], desc=f"{split} pairs", progress=cfg.progress)
+        pairs += make_pairs(items, responses, env.gold, split)
+    n_cand = (len(train_items) + len(eval_items)) * (cfg.samples_per_prompt // 2)
+    facts = {"candidate_pairs": n_cand, "train_prompts": len(train_items), "eval_prompts": len(eval_items)}
+    return Setting(policy=str(env.policy), pairs=pairs, train_items=train_items, eval_items=eval_items,
+                   base_prompt=JUDGE_PROMPT, exemplar_rows=_world_exemplars(env.world.data / "rm_train.jsonl"),
+                   gold=env.gold, proxy_rm=str(env.reward_model), facts=facts)
 
 
 def _world_exemplars(path: Path, n: int = 4) -> list[dict[str, Any]]:
@@ -285,15 +329,15 @@ def _world_exemplars(path: Path, n: int = 4) -> list[dict[str, Any]]:
     return out
 
 
-def _human_pairs_setting(cfg: Config, env: StudyEnv, notes: list[str]) -> Setting:
+def _human_pairs_setting(cfg: Config, env: StudyEnv) -> Setting:
     from prs_jax.errors import ConfigError
     from prs_jax.feedback.run import LabelRunConfig, read_pairs
 
     spec = env.source.real
     labeler = cfg.real.labeler or spec.policy
-    if not cfg.real.pairs or not labeler or not spec.policy:
-        raise ConfigError("rlaif with source.kind=real needs real.pairs (human preference pairs), "
-                          "source.real.policy (the SFT policy) and real.labeler (default: the policy).")
+    if not cfg.real.pairs or not spec.policy:
+        raise ConfigError("rlaif with source.kind=real needs real.pairs (human preference pairs) and "
+                          "source.real.policy (the SFT policy); real.labeler defaults to the policy.")
     rows = read_pairs(LabelRunConfig(model=labeler, pairs=cfg.real.pairs, split=cfg.real.split,
                                      max_pairs=cfg.real.max_pairs))
     rng = np.random.default_rng(cfg.seed)
@@ -309,16 +353,16 @@ def _human_pairs_setting(cfg: Config, env: StudyEnv, notes: list[str]) -> Settin
         if zlib.crc32(f"{cfg.seed}:{r.id}".encode()) % 2:  # show the human's choice in a random position
             a, b, human = b, a, 1 - human
         pairs.append(Pair(r.id, r.prompt, a, b, human, "eval" if i in eval_idx else "train"))
+    pairs.sort(key=lambda p: p.split != "eval")  # the alignment pairs are the first eval pairs
     items = env.real_prompts() if spec.prompts_path else []
     n_items_eval = max(1, round(cfg.rm_eval_fraction * len(items))) if items else 0
     ex_rows = []
     if cfg.real.exemplars:
         ex_rows = [json.loads(line) for line in Path(cfg.real.exemplars).read_text().splitlines() if line.strip()]
-    notes.append("source: real checkpoints; labels are the human preferences of the pair file (no gold reward): "
-                 "RL win rates are judged by the AI labeler only.")
-    return Setting(labeler=labeler, policy=spec.policy, pairs=pairs, train_items=items[:len(items) - n_items_eval],
+    return Setting(policy=spec.policy, pairs=pairs, train_items=items[:len(items) - n_items_eval],
                    eval_items=items[len(items) - n_items_eval:], base_prompt=PromptConfig(task=cfg.real.task),
-                   exemplar_rows=ex_rows, gold=None, proxy_rm=spec.reward_model or None)
+                   exemplar_rows=ex_rows, gold=None, proxy_rm=spec.reward_model or None,
+                   facts={"share_a_preferred": float(np.mean([p.human == 0 for p in pairs])) if pairs else math.nan})
 
 
 # ------------------------------------------------------------------------------------------------ labeling
@@ -355,44 +399,69 @@ def labeler_context(prompt: Any) -> Any:
 
 def label_pairs(labeler: AILabeler, pairs: Sequence[Pair], batch: int, seed: int, desc: str,
                 progress: bool = True) -> Labels:
-    """Both-order soft labels of `pairs` in batches (the labeler's engine is rebuilt per batch)."""
+    """Both-order soft labels of `pairs` in batches (rationales are keyed by each pair's tokens, so `batch`
+    changes nothing)."""
     t0 = time.perf_counter()
     p_a, q_ab, q_ba = [], [], []
     rationale = None
     for s in tqdm(range(0, len(pairs), batch), desc=desc, unit="batch", disable=not progress):
         chunk = pairs[s:s + batch]
         labs = labeler.label([labeler_context(p.prompt) for p in chunk], [p.a for p in chunk], [p.b for p in chunk],
-                             seed=seed)  # rationales are keyed by each pair's tokens
+                             seed=seed)
         for lab in labs:
             p_a.append(lab.p_a)
             q_ab.append(float(lab.ab.dist[0]))
             q_ba.append(float(lab.ba.dist[0]) if lab.ba is not None else math.nan)
             if rationale is None and lab.ab.rationales:
                 rationale = lab.ab.rationales[0]
-    return Labels(np.asarray(p_a), np.asarray(q_ab), np.asarray(q_ba), time.perf_counter() - t0, rationale)
-
-
-def _binomial_se(p: float, n: int) -> float:
-    return math.sqrt(max(p * (1 - p), 0.0) / n) if n else math.nan
-
-
-def alignment_row(labels: Labels, human: np.ndarray) -> dict[str, float]:
-    """Alignment with debiasing, without (the mean of the two single-order labelers), and the position bias."""
-    n = len(human)
-    debiased = labeler_alignment(labels.p_a, human)
-    a_first = labeler_alignment(labels.q_ab, human)
-    b_first = labeler_alignment(1.0 - labels.q_ba, human)  # with B first, P(A) = P(position 2)
-    return {"n": n, "alignment": debiased, "alignment_se": _binomial_se(debiased, n),
-            "alignment_no_debias": (a_first + b_first) / 2, "alignment_a_first": a_first,
-            "alignment_b_first": b_first, "position_bias": position_bias_rate(labels.q_ab, labels.q_ba),
-            "mean_p_a": float(np.mean(labels.p_a)), "seconds": labels.seconds}
+    return Labels(np.asarray(p_a, float), np.asarray(q_ab, float), np.asarray(q_ba, float),
+                  time.perf_counter() - t0, rationale)
 
 
 def labeler_config(cfg: Config, prompt: PromptConfig, variant: LabelerVariant) -> LabelerConfig:
-    """The AILabeler config of a variant (both orders always: debiasing off is read from one order)."""
+    """The AILabeler config of a variant (both orders always: no debiasing is read from one order)."""
     return LabelerConfig(prompt=prompt, both_orders=True, cot=variant.cot, cot_max_new_tokens=cfg.cot_max_new_tokens,
                          self_consistency=variant.self_consistency, temperature=cfg.sc_temperature,
                          top_k=cfg.sc_top_k)
+
+
+def labeler_path(cfg: Config, env: StudyEnv, variant: LabelerVariant, console: Console) -> str:
+    """The checkpoint directory of a variant's labeler: a world labeler size (trained on first use), a directory,
+    or the default (the world's largest labeler; real: real.labeler or the policy)."""
+    name = variant.labeler
+    if env.kind == "world":
+        sizes = [s.name for s in cfg.labelers.sizes]
+        name = name or max(cfg.labelers.sizes, key=lambda s: s.hidden_size * s.num_hidden_layers).name
+        if name in sizes:
+            return str(env.labeler_path(name, cfg.labelers, console))
+    else:
+        name = name or cfg.real.labeler or env.source.real.policy
+    if not Path(name).is_dir():
+        raise FileNotFoundError(f"variants[{variant.name}].labeler: {name!r} is neither a labeler size of the world "
+                                f"({[s.name for s in cfg.labelers.sizes]}) nor a checkpoint directory.")
+    return name
+
+
+# ------------------------------------------------------------------------------------------------ per-unit values
+def credit(p_a: Sequence[float] | np.ndarray, human: Sequence[int] | np.ndarray) -> np.ndarray:
+    """Per pair: 1 when P(A) picks the human/gold-preferred answer, 0 when the other, 1/2 for P(A) = 1/2."""
+    p, h = np.asarray(p_a, float), np.asarray(human, int)
+    return np.where(p > 0.5, (h == 0).astype(float), np.where(p < 0.5, (h == 1).astype(float), 0.5))
+
+
+def align_units(r: dict[str, Any]) -> dict[str, np.ndarray]:
+    """One align record's per-pair values: debiased agreement, single-order agreements, position bias."""
+    human, q_ab, q_ba = r["human"], np.asarray(r["q_ab"], float), np.asarray(r["q_ba"], float)
+    a_first, b_first = credit(q_ab, human), credit(1.0 - q_ba, human)  # with B first, P(A) = P(position 2)
+    bias = ((q_ab > 0.5) & (q_ba > 0.5)) | ((q_ab < 0.5) & (q_ba < 0.5))
+    return {"debiased": credit(r["p_a"], human), "a_first": a_first, "b_first": b_first,
+            "no_debias": (a_first + b_first) / 2, "bias": bias.astype(float)}
+
+
+def rm_credit(r: dict[str, Any]) -> np.ndarray:
+    """Per eval pair: 1 when the RM scores the gold/human-preferred answer higher, 0 when lower, 1/2 on a tie."""
+    a, b, h = np.asarray(r["a"], float), np.asarray(r["b"], float), np.asarray(r["human"], int)
+    return np.where(a == b, 0.5, ((a > b) == (h == 0)).astype(float))
 
 
 # ------------------------------------------------------------------------------------------------ reward models
@@ -414,34 +483,48 @@ def _as_messages(response: Any) -> Any:
 
 
 def _write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+    from prs_jax.data.io import write_jsonl
+
+    return write_jsonl(path, rows)
 
 
-def train_rm(cfg: Config, init: str, train_file: Path, eval_file: Path, soft: bool, out: Path,
-             console: Console) -> dict[str, float]:
-    """One RM run (run_train "rm") from `init`; returns its metrics on the held-out pairs."""
+def _fresh_or_done(run_dir: Path) -> bool:
+    """True when `run_dir` holds a finished export (a re-run of identical settings and data reuses it); otherwise
+    clears it so that no stale trainer checkpoint is resumed."""
+    if (run_dir / "export" / "config.json").is_file():
+        return True
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return False
+
+
+def train_rm(cfg: Config, init: str, train_file: Path, eval_file: Path, soft: bool, work: Path, name: str,
+             console: Console) -> str:
+    """One RM run (run_train "rm") from `init`, in a directory named by its settings and data; returns the
+    export directory."""
     from prs_jax.train.run import DataConfig, LossConfig, TrainRunConfig, run_train
     from prs_jax.train.trainer import OptimConfig, TrainerConfig
 
     r = cfg.rm
-    run_cfg = TrainRunConfig(
+    base = TrainRunConfig(
         model=init, dtype=cfg.dtype,
         data=DataConfig(train=str(train_file), eval=str(eval_file), max_length=r.max_length, max_prompt_length=None,
                         use_chat_template=True, pad_multiple=32, on_too_long="drop"),
         loss=LossConfig(soft_labels=soft),
         optim=OptimConfig(lr=r.lr, warmup_steps=r.warmup_steps, schedule="cosine", min_lr_ratio=0.05),
-        trainer=TrainerConfig(out_dir=str(out / "run"), steps=r.steps, batch_size=r.batch_size, seed=cfg.seed,
-                              log_every=10, progress=cfg.progress, async_checkpoint=False, tensorboard=False,
-                              group_by_length=4, mesh=cfg.mesh),
-        export_dir=str(out / "export"))
-    return run_train("rm", run_cfg, console=console)
+        trainer=TrainerConfig(steps=r.steps, batch_size=r.batch_size, seed=cfg.seed, log_every=10,
+                              progress=cfg.progress, async_checkpoint=False, tensorboard=False, group_by_length=4,
+                              mesh=cfg.mesh))
+    run_dir = work / f"rm_{name}-{config_digest(to_dict(base), train_file, eval_file)}"
+    if not _fresh_or_done(run_dir):
+        run_train("rm", dataclasses.replace(base, trainer=dataclasses.replace(base.trainer, out_dir=str(run_dir / "run")),
+                                            export_dir=str(run_dir / "export")), console=console)
+    return str(run_dir / "export")
 
 
-def rm_accuracy(rm_dir: str, pairs: Sequence[Pair], dtype: str, init_head: bool = False) -> float:
-    """Pairwise accuracy of a reward model on labelled pairs (scored with the chat formatter, ties count half).
-    `init_head`: the checkpoint is a causal LM given a fresh head, as run_train("rm") starts (same seed)."""
+def rm_scores(rm_dir: str, pairs: Sequence[Pair], dtype: str, init_head: bool = False
+              ) -> tuple[list[float], list[float]]:
+    """Scores of A and of B for each pair (chat formatter). `init_head`: the checkpoint is a causal LM given a
+    fresh head, as run_train("rm") starts (same seed)."""
     from prs_jax.models import load_reward_model, load_tokenizer
     from prs_jax.tree.scoring import RewardScorer
 
@@ -449,8 +532,7 @@ def rm_accuracy(rm_dir: str, pairs: Sequence[Pair], dtype: str, init_head: bool 
     ctx = [_prompt_text(p.prompt) for p in pairs]
     sa = scorer.score_pairs([(c, _resp_text(p.a)) for c, p in zip(ctx, pairs)])
     sb = scorer.score_pairs([(c, _resp_text(p.b)) for c, p in zip(ctx, pairs)])
-    credit = [0.5 if x == y else float((x > y) == (p.human == 0)) for x, y, p in zip(sa, sb, pairs)]
-    return float(np.mean(credit)) if credit else math.nan
+    return [float(x) for x in sa], [float(x) for x in sb]
 
 
 def _prompt_text(prompt: Any) -> str:
@@ -467,355 +549,457 @@ def _resp_text(response: Any) -> str:
 
 # ------------------------------------------------------------------------------------------------ RL
 def zero_reward(prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
-    """A constant reward: the A2C control run (what the procedure alone does to the policy)."""
+    """A constant reward: the A2C negative control (what the procedure alone does to the policy)."""
     return [0.0] * len(responses)
 
 
-def run_rl(cfg: Config, setting: Setting, rm_dir: str | None, out: Path, console: Console) -> dict[str, float]:
-    """A2C (run_a2c) of the SFT policy against `rm_dir` (None: the constant control reward) on the RM-train
-    prompts; exports the policy."""
-    from prs_jax.train.a2c import (
-        A2CConfig,
-        A2CRunConfig,
-        PromptsConfig,
-        RewardConfig,
-        RolloutConfig,
-        run_a2c,
-    )
+def world_gold_reward(prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
+    """The world's gold reward r*(x, z, y) for A2C, whose prompts are x, a blank line, z (join_preference)."""
+    from prs_jax.world.task import gold_reward
+
+    out = []
+    for p, y in zip(prompts, responses):
+        x, _, z = p.partition("\n\n")
+        out.append(float(gold_reward(x, y, z or None)))
+    return out
+
+
+def run_rl(cfg: Config, setting: Setting, arm: Arm, rm_dirs: dict[str, str], work: Path, console: Console) -> str:
+    """A2C (run_a2c) of the SFT policy for one arm on the RM-train prompts, in a directory named by its settings
+    and data; returns the exported policy directory."""
+    from prs_jax.train.a2c import A2CConfig, A2CRunConfig, PromptsConfig, RewardConfig, RolloutConfig, run_a2c
     from prs_jax.train.trainer import OptimConfig, TrainerConfig
 
     a = cfg.a2c
-    prompts_file = _write_jsonl(out / "prompts.jsonl", [{"id": it.id, "prompt": it.prompt,
-                                                         "preference": it.preference} for it in setting.train_items])
-    run_cfg = A2CRunConfig(
+    prompts_file = _write_jsonl(work / "a2c_prompts.jsonl", [
+        {"id": it.id, "prompt": it.prompt, "preference": it.preference} for it in setting.train_items])
+    reward = {"rlaif": lambda: RewardConfig(reward_model=rm_dirs["ai"]),
+              "rlhf": lambda: RewardConfig(reward_model=rm_dirs["gold" if setting.gold else "human"]),
+              "oracle": lambda: RewardConfig(callable="prs_jax.experiments.rlaif:world_gold_reward"),
+              "constant": lambda: RewardConfig(callable="prs_jax.experiments.rlaif:zero_reward")}[arm]()
+    base = A2CRunConfig(
         model=setting.policy, dtype=cfg.dtype,
-        prompts=PromptsConfig(path=str(prompts_file), include_preference=True),
-        reward=RewardConfig(reward_model=rm_dir) if rm_dir else RewardConfig(
-            callable="prs_jax.experiments.rlaif:zero_reward"),
+        prompts=PromptsConfig(path=str(prompts_file), include_preference=True), reward=reward,
         rollout=RolloutConfig(n=a.n, max_new_tokens=a.max_new_tokens, temperature=a.temperature),
-        a2c=A2CConfig(beta=a.beta, kl_mode=a.kl_mode),
-        optim=OptimConfig(lr=a.lr, clip_norm=1.0),
-        trainer=TrainerConfig(out_dir=str(out / "run"), steps=a.iterations, batch_size=a.prompts_per_iteration * a.n,
-                              seed=cfg.seed, log_every=1, progress=cfg.progress, async_checkpoint=False,
-                              tensorboard=False, mesh=cfg.mesh),
-        export_dir=str(out / "policy"))
-    return run_a2c(run_cfg, console=console)
+        a2c=A2CConfig(beta=a.beta, kl_mode=a.kl_mode), optim=OptimConfig(lr=a.lr, clip_norm=1.0),
+        trainer=TrainerConfig(steps=a.iterations, batch_size=a.prompts_per_iteration * a.n, seed=cfg.seed,
+                              log_every=1, progress=cfg.progress, async_checkpoint=False, tensorboard=False,
+                              mesh=cfg.mesh))
+    run_dir = work / f"a2c_{arm}-{config_digest(to_dict(base), prompts_file)}"
+    if not _fresh_or_done(run_dir):
+        run_a2c(dataclasses.replace(base, trainer=dataclasses.replace(base.trainer, out_dir=str(run_dir / "run")),
+                                    export_dir=str(run_dir / "export")), console=console)
+    return str(run_dir / "export")
 
 
-def win_rate_gold(gold: Callable[[str, str, str | None], float], items: Sequence[PromptItem],
-                  a: Sequence[Sequence[str]], b: Sequence[Sequence[str]]) -> PairedWinRate:
-    """Win rate of policy A over B by the gold reward, sample j against sample j of the same prompt (ties half;
-    prs_jax.eval.stats.win_rate on [prompts, samples] scores: the standard error is over prompts)."""
-    ga, gb = [], []
-    for it, ra, rb in zip(items, a, b):
-        pairs = list(zip(ra, rb))
-        ga.append([gold(it.prompt, x, it.preference) for x, _ in pairs])
-        gb.append([gold(it.prompt, y, it.preference) for _, y in pairs])
-    return win_rate(ga, gb)
+# ------------------------------------------------------------------------------------------------ measure
+POOL_FREE = ("source.world.seed", "source.world.path")  # what may differ between the pooled OUT directories
 
 
-def win_rate_judge(labeler: AILabeler, items: Sequence[PromptItem], a: Sequence[Sequence[str]],
-                   b: Sequence[Sequence[str]], batch: int, seed: int, progress: bool) -> float:
-    """Win rate of A over B with the AI labeler as judge (both orders; see feedback.metrics.judge_win_rate)."""
-    ctx, ra, rb = [], [], []
-    for it, xs, ys in zip(items, a, b):
-        for x, y in zip(xs, ys):
-            ctx.append(join_preference(it.prompt, it.preference))
-            ra.append(x)
-            rb.append(y)
-    fake = [Pair(str(i), c, x, y, 0, "eval") for i, (c, x, y) in enumerate(zip(ctx, ra, rb))]
-    labs = label_pairs(labeler, fake, batch, seed, "judge", progress)
-    return judge_win_rate(labs.q_ab, labs.q_ba).win_rate
+def _measured_config(cfg: Config) -> dict[str, Any]:
+    """The config keys that decide what is measured (not where it is written, the protocol or report settings)."""
+    return json.loads(json.dumps({k: v for k, v in to_dict(cfg).items()
+                                  if k not in ("out_dir", "work_dir", "pool_dirs", "protocol", "n_boot", "progress")},
+                                 default=str))
 
 
-# ------------------------------------------------------------------------------------------------ run
-def run(cfg: Config, console: Any = None) -> dict[str, Any]:
-    """Run the study; returns the result record (results.json)."""
+def _judge_records(labeler: AILabeler, items: Sequence[PromptItem], a: Sequence[Sequence[str]],
+                   b: Sequence[Sequence[str]], cfg: Config, desc: str) -> dict[str, list[list[float]]]:
+    """The AI labeler's both-order judgement of sample j of A against sample j of B, per prompt: P(position 1)
+    with A first (q_ab) and with B first (q_ba), as [prompts][samples]."""
+    fake = [Pair(f"{i}/{j}", [{"role": "user", "content": join_preference(it.prompt, it.preference)}], x, y, 0,
+                 "eval") for i, (it, xs, ys) in enumerate(zip(items, a, b)) for j, (x, y) in enumerate(zip(xs, ys))]
+    keep = [k for k, p in enumerate(fake) if p.a.strip() and p.b.strip()]  # pair readers refuse empty responses
+    labs = label_pairs(labeler, [fake[k] for k in keep], cfg.label_batch, cfg.seed, desc, cfg.progress)
+    q_ab, q_ba = np.full(len(fake), 0.5), np.full(len(fake), 0.5)  # an empty response: no judgement (a tie)
+    q_ab[keep], q_ba[keep] = labs.q_ab, labs.q_ba
+    m = len(a[0]) if a else 0
+    return {"q_ab": q_ab.reshape(-1, m).tolist() if m else [], "q_ba": q_ba.reshape(-1, m).tolist() if m else []}
+
+
+def measure_study(cfg: Config, console: Any = None) -> Path:
+    """Measure: pairs, every variant's labels of the alignment pairs, the RMs' scores of the held-out pairs, the
+    A2C policies' held-out samples; writes OUT/records.jsonl and OUT/measure.json. No tables."""
+    from prs_jax.data.io import write_jsonl, write_text_atomic
     from prs_jax.models import load_causal_lm, load_tokenizer
 
     console = console or Console()
-    rec = Record("rlaif", cfg, cfg.out_dir, cfg.seed)
-    work = rec.out / "work"
-    shutil.rmtree(work, ignore_errors=True)  # a rerun recomputes everything (no stale trainer checkpoints)
-    work.mkdir(parents=True)
-    notes: list[str] = []
+    t_all = time.perf_counter()
+    env = StudyEnv.from_source(cfg.source, console, study="rlaif", require=(), dtype=cfg.dtype)
+    work = Path(cfg.work_dir) / (str(env.world.report.get("key")) if env.world is not None else "real")
+    work.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    # the policy: the pairs' sampler (world), the labeler when real.labeler is unset, A2C's starting point
-    env = StudyEnv.from_source(cfg.source, console, study="rlaif", require=(), dtype=cfg.dtype)
-    setting = _setting(cfg, env, console, notes)
+    setting = _world_setting(cfg, env, console) if env.kind == "world" else _human_pairs_setting(cfg, env)
     pairs = setting.pairs
-    timings["setup_and_pairs_s"] = time.perf_counter() - t0
+    timings["pairs_s"] = time.perf_counter() - t0
     if not pairs:
-        raise ValueError("rlaif: no labelled pairs (every sampled pair was a gold tie); raise prompts or "
+        raise ValueError("rlaif: no labelled pairs (every sampled pair was a gold tie); raise the prompt counts or "
                          "samples_per_prompt.")
     ex_file = _write_jsonl(work / "exemplars.jsonl", setting.exemplar_rows) if setting.exemplar_rows else None
     max_shots = max((v.shots for v in cfg.variants), default=0)
     if max_shots and (ex_file is None or len(setting.exemplar_rows) < max_shots):
         raise ValueError(f"rlaif: a variant asks for {max_shots} exemplars but only {len(setting.exemplar_rows)} "
                          "are available (real source: set real.exemplars).")
-    align = pairs[:cfg.align_pairs]
-    human = np.asarray([p.human for p in align])
-    rec.results["data"] = {"pairs": len(pairs), "train_pairs": sum(p.split == "train" for p in pairs),
-                           "eval_pairs": sum(p.split == "eval" for p in pairs), "align_pairs": len(align),
-                           "share_a_preferred": float(np.mean(human == 0))}
-    if setting.gold is not None:
-        gaps = [abs(p.gold_a - p.gold_b) for p in pairs]  # type: ignore[operator]
-        rec.results["data"]["mean_gold_gap"] = float(np.mean(gaps))
-
-    same = setting.labeler == str(env.policy)
-    model = env.model if same else env.load_policy(setting.labeler)
-    tok = env.tokenizer if same else load_tokenizer(setting.labeler)
-    by_variant = {v.name: v for v in cfg.variants}
-
+    train_pairs = [p for p in pairs if p.split == "train"]
+    eval_pairs = [p for p in pairs if p.split == "eval"]
+    align = eval_pairs[:cfg.align_pairs]
+    human = [p.human for p in align]
+    records: list[dict[str, Any]] = []
+    gates = env.labelers(cfg.labelers, console)["gates"] if env.kind == "world" else None
     # ---------------------------------------------------------------- 1. labeler variants
     t0 = time.perf_counter()
+    loaded: dict[str, tuple[Any, Any]] = {}
+    labelers: dict[str, AILabeler] = {}
     variants: dict[str, dict[str, Any]] = {}
-    all_labels: dict[str, Labels] = {}
     for v in cfg.variants:
-        lab = AILabeler(model, tok, labeler_config(cfg, prompt_config(setting.base_prompt, v, str(ex_file)
-                                                                      if ex_file else None), v))
-        subset = pairs if v.name == cfg.rm.label_variant else align
-        labels = label_pairs(lab, subset, cfg.label_batch, cfg.seed, f"label {v.name}", cfg.progress)
-        all_labels[v.name] = labels
-        head = Labels(labels.p_a[:len(align)], labels.q_ab[:len(align)], labels.q_ba[:len(align)], labels.seconds,
-                      labels.example_rationale)
-        variants[v.name] = {**dataclasses.asdict(v), **alignment_row(head, human),
-                            "example_rationale": labels.example_rationale}
-        console.print(f"  {v.name}: alignment {variants[v.name]['alignment']:.3f} (no debiasing "
-                      f"{variants[v.name]['alignment_no_debias']:.3f}), position bias "
-                      f"{variants[v.name]['position_bias']:.3f}, {labels.seconds:.0f} s", markup=False)
-    rec.results["variants"] = variants
-    rec.table(f"AI labeler alignment with the {'gold' if setting.gold else 'human'} labels ({len(align)} pairs; "
-              "± binomial s.e.)",
-              ["variant", "preamble", "shots", "CoT", "k", "alignment (debiased)", "no debiasing",
-               "position bias", "s"],
-              [[n, r["preamble"], r["shots"], "yes" if r["cot"] else "no", r["self_consistency"],
-                f"{r['alignment']:.3f} ± {r['alignment_se']:.3f}", r["alignment_no_debias"], r["position_bias"],
-                f"{r['seconds']:.0f}"] for n, r in variants.items()])
-
-    timings["variants_s"] = time.perf_counter() - t0
-    # ---------------------------------------------------------------- 1b. labeler size
-    t0 = time.perf_counter()
-    sizes: dict[str, dict[str, Any]] = {}
-    if cfg.sizes:
-        sv = by_variant[cfg.size_variant]
-        sizes["base"] = {**variants[sv.name], "params": param_count(model)}
-        for size in cfg.sizes:
-            if size.model:
-                path = size.model
-            elif cfg.source.kind == "world":
-                spec = cfg.source.world
-                sized = build_world_from(dataclasses.replace(spec, overrides={**spec.overrides, **size.overrides}),
-                                         console)
-                path = str(sized.policy)
-            else:
-                raise ValueError(f"sizes[{size.name}]: set `model` (a labeler checkpoint dir) for a real source.")
-            m = load_causal_lm(path, dtype=cfg.dtype)
-            lab = AILabeler(m, load_tokenizer(path), labeler_config(cfg, prompt_config(
-                setting.base_prompt, sv, str(ex_file) if ex_file else None), sv))
-            labels = label_pairs(lab, align, cfg.label_batch, cfg.seed, f"size {size.name}", cfg.progress)
-            sizes[size.name] = {**alignment_row(labels, human), "params": param_count(m), "model": path,
-                                "overrides": size.overrides}
-            console.print(f"  size {size.name} ({sizes[size.name]['params']:,} params): alignment "
-                          f"{sizes[size.name]['alignment']:.3f}, position bias {sizes[size.name]['position_bias']:.3f}",
-                          markup=False)
-        rec.results["sizes"] = sizes
-        rec.table(f"labeler size (variant {sv.name!r}, {len(align)} pairs)",
-                  ["labeler", "parameters", "alignment (debiased)", "no debiasing", "position bias"],
-                  [[n, f"{r['params']:,}", f"{r['alignment']:.3f} ± {r['alignment_se']:.3f}",
-                    r["alignment_no_debias"], r["position_bias"]]
-                   for n, r in sorted(sizes.items(), key=lambda kv: kv[1]["params"])])
-
-    timings["sizes_s"] = time.perf_counter() - t0
+        path = labeler_path(cfg, env, v, console)
+        if path not in loaded:
+            loaded[path] = (load_causal_lm(path, dtype=cfg.dtype), load_tokenizer(path))
+        model, tok = loaded[path]
+        labelers[v.name] = AILabeler(model, tok, labeler_config(cfg, prompt_config(
+            setting.base_prompt, v, str(ex_file) if ex_file else None), v))
+        labels = label_pairs(labelers[v.name], align, cfg.label_batch, cfg.seed, f"align {v.name}", cfg.progress)
+        records.append({"kind": "align", "variant": v.name, "ids": [p.id for p in align], "human": human,
+                        "p_a": labels.p_a.tolist(), "q_ab": labels.q_ab.tolist(), "q_ba": labels.q_ba.tolist()})
+        variants[v.name] = {**dataclasses.asdict(v), "labeler_path": path, "params": param_count(model),
+                            "seconds": labels.seconds, "example_rationale": labels.example_rationale}
+        u = align_units(records[-1])
+        console.print(f"  {v.name}: alignment {u['debiased'].mean():.3f} (no debiasing {u['no_debias'].mean():.3f}), "
+                      f"position bias {u['bias'].mean():.3f}, {labels.seconds:.0f} s", markup=False)
+    timings["labelers_s"] = time.perf_counter() - t0
     # ---------------------------------------------------------------- 2. reward models
     t0 = time.perf_counter()
-    train_idx = [i for i, p in enumerate(pairs) if p.split == "train"]
-    eval_pairs = [p for p in pairs if p.split == "eval"]
     rm_dirs: dict[str, str] = {}
-    if cfg.rm.steps > 0 and train_idx and eval_pairs:
-        soft = all_labels[cfg.rm.label_variant].p_a[train_idx]
-        train_pairs = [pairs[i] for i in train_idx]
-        tr_human = np.asarray([p.human for p in train_pairs])
+    label_name = "gold" if setting.gold else "human"
+    if cfg.rm.steps > 0 and train_pairs and eval_pairs:
+        v = cfg.rm.label_variant
+        tl = label_pairs(labelers[v], train_pairs, cfg.label_batch, cfg.seed, f"AI labels ({v})", cfg.progress)
+        records.append({"kind": "rm_labels", "variant": v, "ids": [p.id for p in train_pairs],
+                        "human": [p.human for p in train_pairs], "p_a": tl.p_a.tolist()})
         eval_file = _write_jsonl(work / "rm_eval.jsonl", _rm_rows(eval_pairs, None))
-        rms: dict[str, dict[str, Any]] = {}
-        label_name = "gold" if setting.gold else "human"
-        for name, p_a, is_soft in (("ai", soft, True), (label_name, None, False)):
+        for name, p_a in (("ai", tl.p_a), (label_name, None)):
             train_file = _write_jsonl(work / f"rm_train_{name}.jsonl", _rm_rows(train_pairs, p_a))
-            console.print(f"rlaif: training the RM on {'AI soft' if is_soft else label_name} labels "
-                          f"({len(train_pairs)} pairs)", markup=False)
-            metrics = train_rm(cfg, setting.policy, train_file, eval_file, is_soft, work / f"rm_{name}", console)
-            rm_dirs[name] = str(work / f"rm_{name}" / "export")
-            acc = rm_accuracy(rm_dirs[name], eval_pairs, cfg.dtype)
-            rms[name] = {"labels": "AI soft labels" if is_soft else f"{label_name} labels (hard)",
-                         "eval_accuracy": acc, "eval_accuracy_se": _binomial_se(acc, len(eval_pairs)),
-                         "trainer_eval": metrics,
-                         "label_agreement": labeler_alignment(p_a, tr_human) if p_a is not None else 1.0}
-        acc = rm_accuracy(setting.policy, eval_pairs, cfg.dtype, init_head=True)
-        rms["untrained"] = {"labels": "none: the SFT policy with the fresh head both RMs start from",
-                            "eval_accuracy": acc, "eval_accuracy_se": _binomial_se(acc, len(eval_pairs)),
-                            "label_agreement": math.nan}
+            console.print(f"rlaif: RM on {'AI soft' if p_a is not None else label_name} labels "
+                          f"({len(train_pairs)} pairs, {cfg.rm.steps} steps of {cfg.rm.batch_size})", markup=False)
+            rm_dirs[name] = train_rm(cfg, setting.policy, train_file, eval_file, p_a is not None, work, name, console)
+        scored = [(n, d, False) for n, d in rm_dirs.items()] + [("untrained", setting.policy, True)]
         if setting.proxy_rm:
-            acc = rm_accuracy(setting.proxy_rm, eval_pairs, cfg.dtype)
-            rms["world_proxy"] = {"labels": "the world's proxy RM (3000 teacher pairs, gold labels)",
-                                  "eval_accuracy": acc, "eval_accuracy_se": _binomial_se(acc, len(eval_pairs)),
-                                  "label_agreement": math.nan}
-        rec.results["reward_models"] = rms
-        rec.table(f"RM pairwise accuracy on {len(eval_pairs)} held-out {label_name}-labelled pairs "
-                  f"(trained on {len(train_pairs)} pairs; ± binomial s.e.)",
-                  ["reward model", "trained on", "train-label agreement with " + label_name, "held-out accuracy"],
-                  [[n, r["labels"], r["label_agreement"], f"{r['eval_accuracy']:.3f} ± {r['eval_accuracy_se']:.3f}"]
-                   for n, r in rms.items()])
-
+            scored.append(("proxy", setting.proxy_rm, False))
+        for name, d, init_head in scored:
+            a, b = rm_scores(d, eval_pairs, cfg.dtype, init_head=init_head)
+            records.append({"kind": "rm", "rm": name, "ids": [p.id for p in eval_pairs],
+                            "human": [p.human for p in eval_pairs], "a": a, "b": b})
+            console.print(f"  RM {name}: held-out accuracy {rm_credit(records[-1]).mean():.3f}", markup=False)
     timings["reward_models_s"] = time.perf_counter() - t0
     # ---------------------------------------------------------------- 3. A2C
     t0 = time.perf_counter()
-    if cfg.a2c.enabled and rm_dirs and setting.train_items and setting.eval_items:
+    arms_run: list[str] = []
+    if cfg.a2c_enabled and rm_dirs and setting.train_items and setting.eval_items:
         a = cfg.a2c
+        arms = [x for x in a.arms if x != "oracle" or setting.gold is not None]
         policies = {"sft": setting.policy}
-        train_metrics = {}
-        for name, rm_dir in rm_dirs.items():
-            console.print(f"rlaif: A2C against the {name} RM ({a.iterations} iterations)", markup=False)
-            train_metrics[name] = run_rl(cfg, setting, rm_dir, work / f"a2c_{name}", console)
-            policies[name] = str(work / f"a2c_{name}" / "policy")
-        if a.control:
-            console.print(f"rlaif: A2C control with a constant reward ({a.iterations} iterations)", markup=False)
-            train_metrics["control"] = run_rl(cfg, setting, None, work / "a2c_control", console)
-            policies["control"] = str(work / "a2c_control" / "policy")
-        queries = [join_preference(it.prompt, it.preference) for it in setting.eval_items]
-        samples = {}
+        for arm in arms:
+            console.print(f"rlaif: A2C {arm} against {ARM_REWARD[arm]} ({a.iterations} iterations)", markup=False)
+            policies[arm] = run_rl(cfg, setting, arm, rm_dirs, work, console)
+        arms_run = arms
+        items = setting.eval_items
+        queries = [join_preference(it.prompt, it.preference) for it in items]
+        ids = [it.id for it in items]
+        judge = labelers[cfg.rm.label_variant]
+        samples: dict[str, list[list[str]]] = {}
         for name, path in policies.items():
-            pm = model if path == setting.labeler else load_causal_lm(path, dtype=cfg.dtype)
-            ptok = tok if path == setting.labeler else load_tokenizer(path)
-            samples[name] = sample_responses(env, pm, ptok, queries, a.eval_samples, a.eval_temperature,
-                                             a.max_new_tokens, cfg.seed + 1, desc=f"eval {name}",
-                                             progress=cfg.progress)
-        judge = AILabeler(model, tok, labeler_config(cfg, prompt_config(setting.base_prompt, by_variant[
-            cfg.rm.label_variant], str(ex_file) if ex_file else None), by_variant[cfg.rm.label_variant]))
-        rl: dict[str, dict[str, Any]] = {}
-        contests = [(n, "sft") for n in policies if n != "sft"] + (
-            [("ai", next(n for n in rm_dirs if n != "ai"))] if len(rm_dirs) > 1 else [])
-        for x, y in contests:
-            row: dict[str, Any] = {"judge_win_rate": win_rate_judge(judge, setting.eval_items, samples[x], samples[y],
-                                                                    cfg.label_batch, cfg.seed, cfg.progress)}
+            model = env.model if name == "sft" else env.load_policy(path)
+            samples[name] = sample_responses(env, model, env.tokenizer, queries, a.eval_samples, a.eval_temperature,
+                                             a.max_new_tokens, cfg.seed + 1, ids=ids, desc=f"eval {name}",
+                                             progress=cfg.progress)  # one seed: common random numbers
+            row: dict[str, Any] = {"kind": "policy", "policy": name, "ids": ids, "example": samples[name][0][0]}
             if setting.gold is not None:
-                w = win_rate_gold(setting.gold, setting.eval_items, samples[x], samples[y])
-                row["gold_win_rate"], row["gold_win_rate_se"] = w.win_rate, w.se
-            rl[f"{x}_vs_{y}"] = row
-        means = {}
-        if setting.gold is not None:
-            for name, ss in samples.items():
-                g = [float(np.mean([setting.gold(it.prompt, s, it.preference) for s in rs]))
-                     for it, rs in zip(setting.eval_items, ss)]
-                means[name] = mean_se(g)
-        rec.results["rl"] = {"contests": rl, "gold_mean": {k: list(v) for k, v in means.items()},
-                             "train_last": train_metrics,
-                             "example": {"prompt": queries[0], **{k: v[0][0] for k, v in samples.items()}}}
-        heads = ["policy A vs B", "AI-judge win rate"] + (["gold win rate (ties half)"] if setting.gold else [])
-        rec.table(f"A2C policies vs each other on {len(queries)} held-out prompts x {a.eval_samples} samples "
-                  f"({a.iterations} iterations x {a.prompts_per_iteration * a.n} rollouts)", heads,
-                  [[k.replace("_vs_", " vs "), r["judge_win_rate"]]
-                   + ([f"{r['gold_win_rate']:.3f} ± {r['gold_win_rate_se']:.3f}"] if setting.gold else [])
-                   for k, r in rl.items()])
-        if means:
-            rec.table("mean gold reward of the policies' samples (± s.e. over prompts)",
-                      ["policy", "gold reward", "last A2C batch: RM reward", "last A2C batch: KL"],
-                      [[n, f"{m:.3f} ± {se:.3f}", train_metrics.get(n, {}).get("reward", math.nan),
-                        train_metrics.get(n, {}).get("kl", math.nan)] for n, (m, se) in means.items()])
-
+                row["gold"] = [[float(setting.gold(it.prompt, s, it.preference)) for s in ss]
+                               for it, ss in zip(items, samples[name])]
+            if name != "sft":
+                row["judge_vs_sft"] = _judge_records(judge, items, samples[name], samples["sft"], cfg,
+                                                     f"judge {name} vs sft")
+            records.append(row)
     timings["a2c_s"] = time.perf_counter() - t0
-    rec.results["timings"] = timings
-    _plots(rec, variants, sizes, rec.results.get("rl"))
-    rec.notes.extend(notes)
-    rec.notes.extend(_auto_notes(cfg, variants, sizes, rec.results))
-    return rec.finish(console)
-
-
-def _auto_notes(cfg: Config, variants: dict[str, dict[str, Any]], sizes: dict[str, dict[str, Any]],
-                results: dict[str, Any]) -> list[str]:
-    """Plain statements of what the numbers show (computed, not written in advance)."""
-    out = []
-    pre = {n: r for n, r in variants.items() if r["shots"] == 0 and not r["cot"]}
-    if len(pre) > 1:
-        best = max(pre, key=lambda n: pre[n]["alignment"])
-        out.append(f"preamble: best 0-shot alignment with {best!r} ({pre[best]['alignment']:.3f}); the world's "
-                   "policy was trained only on its own judge preamble, so the prs_jax defaults are off-distribution "
-                   "for it and are expected to do worse.")
-    for n, r in variants.items():
-        d = r["alignment"] - r["alignment_no_debias"]
-        out.append(f"{n}: debiasing changes alignment by {d:+.3f}; position bias rate {r['position_bias']:.3f}.")
-    rms = results.get("reward_models")
-    if rms and "ai" in rms:
-        other = next((k for k in rms if k not in ("ai", "world_proxy", "untrained")), None)
-        if other:
-            out.append(f"RM on AI labels: held-out accuracy {rms['ai']['eval_accuracy']:.3f} vs "
-                       f"{rms[other]['eval_accuracy']:.3f} on {other} labels (paper, summarisation: 74.2 vs 79.3); "
-                       f"the untrained start scores {rms['untrained']['eval_accuracy']:.3f}.")
-    rl = results.get("rl")
-    if rl:
-        for k, r in rl["contests"].items():
-            g = f"gold {r['gold_win_rate']:.3f} ± {r['gold_win_rate_se']:.3f}, " if "gold_win_rate" in r else ""
-            out.append(f"A2C {k.replace('_vs_', ' vs ')}: {g}AI judge {r['judge_win_rate']:.3f}.")
-        if "control_vs_sft" in rl["contests"] and "gold_win_rate" in rl["contests"]["control_vs_sft"]:
-            out.append("control: A2C against a constant reward (no signal, only the KL term and the sampling at "
-                       f"T={cfg.a2c.temperature}) wins {rl['contests']['control_vs_sft']['gold_win_rate']:.3f} against "
-                       "SFT by gold; gains beyond it are what the reward models contributed.")
-    if cfg.a2c.enabled:
-        out.append(f"A2C is deliberately small here ({cfg.a2c.iterations} iterations of "
-                   f"{cfg.a2c.prompts_per_iteration * cfg.a2c.n} rollouts): read its win rates as a direction "
-                   "at best, with their standard errors.")
+    out = Path(cfg.out_dir)
+    write_jsonl(out / RECORDS, records)
+    world = None if env.world is None else {
+        "key": env.world.report.get("key"), "root": str(env.world.root), "seed": env.world.config.seed}
+    facts = {"config": _measured_config(cfg), "source": cfg.source.kind, "world": world,
+             "world_seed": None if world is None else world["seed"], "env": env.info,
+             "policy_params": param_count(env.model), "labeler_gates": gates, "variants": variants,
+             "pairs": {"total": len(pairs), "train": len(train_pairs), "eval": len(eval_pairs), "align": len(align),
+                       **setting.facts},
+             "rm_dirs": rm_dirs, "arms": arms_run, "labels": label_name, "timings": timings,
+             "measure_seconds": time.perf_counter() - t_all,
+             "protocol_declared": json.loads(json.dumps(to_dict(cfg.protocol)))}
+    write_text_atomic(out / MEASURE_FACTS, json.dumps(facts, indent=2))
     return out
 
 
-def _plots(rec: Record, variants: dict[str, dict[str, Any]], sizes: dict[str, dict[str, Any]],
-           rl: dict[str, Any] | None) -> None:
+# ------------------------------------------------------------------------------------------------ report
+def find(records: Sequence[dict[str, Any]], kind: str, **match: str) -> dict[str, Any] | None:
+    """The first record of `kind` whose fields equal `match`, or None."""
+    return next((r for r in records if r["kind"] == kind and all(r.get(k) == v for k, v in match.items())), None)
+
+
+def _need(records: Sequence[dict[str, Any]], what: str, kind: str, **match: str) -> dict[str, Any]:
+    r = find(records, kind, **match)
+    if r is None:
+        raise ValueError(f"protocol endpoint {what!r}: no {kind} record of {match}; measure again with it.")
+    return r
+
+
+def _by_id(ids: Sequence[str], values: np.ndarray) -> dict[str, float]:
+    return dict(zip(ids, values.tolist()))
+
+
+def _paired(x: dict[str, float], y: dict[str, float] | None) -> np.ndarray:
+    if y is None:
+        return np.array(list(x.values()), float)
+    return np.array([x[k] - y[k] for k in x if k in y], float)
+
+
+def endpoint_units(name: str, records: Sequence[dict[str, Any]]) -> np.ndarray:
+    """Per-unit values of one endpoint on one seed's records (see the module docstring; units paired by id)."""
+    kind, args = parse_endpoint(name)
+    if kind in ("align", "debias", "bias"):
+        recs = [_need(records, name, "align", variant=v) for v in args]
+        units = [align_units(r) for r in recs]
+        if kind == "debias":
+            return units[0]["debiased"] - units[0]["no_debias"]
+        key = "debiased" if kind == "align" else "bias"
+        vals = [_by_id(r["ids"], u[key] - (0.5 if kind == "align" else 0.0)) for r, u in zip(recs, units)]
+        return _paired(vals[0], vals[1] if len(vals) > 1 else None)
+    if kind == "rm":
+        recs = [_need(records, name, "rm", rm=x) for x in args]
+        vals = [_by_id(r["ids"], rm_credit(r) - 0.5) for r in recs]
+        return _paired(vals[0], vals[1] if len(vals) > 1 else None)
+    p, q = (_need(records, name, "policy", policy=x) for x in args)
+    if "gold" not in p or "gold" not in q:
+        raise ValueError(f"protocol endpoint {name!r}: the policy records have no gold reward (real source).")
+    if kind == "gold":
+        return _paired(_by_id(p["ids"], np.mean(p["gold"], axis=1)), _by_id(q["ids"], np.mean(q["gold"], axis=1)))
+    if p["ids"] != q["ids"]:
+        raise ValueError(f"protocol endpoint {name!r}: the two policies were evaluated on different prompts.")
+    gp, gq = np.asarray(p["gold"], float), np.asarray(q["gold"], float)
+    return np.where(gp > gq, 1.0, np.where(gp < gq, 0.0, 0.5)).mean(axis=1) - 0.5
+
+
+def _ci(c: Sequence[float]) -> str:
+    return f"{c[0]:.3f} [{c[1]:.3f}, {c[2]:.3f}]"
+
+
+def report_study(cfg: Config, console: Any = None, started: float | None = None) -> dict[str, Any]:
+    """Report: alignment, RM and RL tables (95% CIs pooled over the world seeds of out_dir + pool_dirs), plots and
+    the protocol's verdicts, from the saved records alone."""
+    facts_by, by_seed = pool_measured(cfg.out_dir, cfg.pool_dirs, _measured_config(cfg), "rlaif", POOL_FREE,
+                                      MEASURE_FACTS, RECORDS)
+    seeds = sorted(by_seed)
+    facts = next(iter(facts_by.values()))
+    rec = Record("rlaif", cfg, cfg.out_dir, cfg.seed)
+    if started is not None:
+        rec._t0 = started  # run(): the wall time covers measuring too
+    label_name = facts["labels"]
+    where = f"world seeds {seeds}" if facts["world"] is not None else "real source"
+    nb = cfg.n_boot
+
+    def ci_over(values: Callable[[list[dict[str, Any]]], np.ndarray | None], k: int) -> tuple[float, float, float]:
+        groups = [values(by_seed[s]) for s in seeds]
+        return pooled_ci([g for g in groups if g is not None], nb, k)
+
+    # ---------------------------------------------------------------- alignment
+    align: dict[str, dict[str, Any]] = {}
+    for i, v in enumerate(cfg.variants):
+        def unit(key: str, name: str = v.name) -> Callable[[list[dict[str, Any]]], np.ndarray]:
+            return lambda rs: align_units(find(rs, "align", variant=name))[key]
+        info = facts["variants"][v.name]
+        align[v.name] = {"labeler": Path(info["labeler_path"]).name, "params": info["params"],
+                         "pairs": sum(len(find(by_seed[s], "align", variant=v.name)["ids"]) for s in seeds),
+                         **{k: ci_over(unit(k), 100 * i + j) for j, k in enumerate(("debiased", "no_debias", "bias"))},
+                         "seconds": float(np.mean([f["variants"][v.name]["seconds"] for f in facts_by.values()])),
+                         "example_rationale": info.get("example_rationale")}
+    rec.table(f"AI-labeler alignment with the {label_name} labels ({where}; {align[cfg.variants[0].name]['pairs']} "
+              "held-out pairs in all; 95% CI)",
+              ["variant", "labeler", "parameters", "preamble", "shots", "CoT", "k", "alignment (debiased)",
+               "no debiasing", "position bias", "s per seed"],
+              [[v.name, align[v.name]["labeler"], f"{align[v.name]['params']:,}", v.preamble, v.shots,
+                "yes" if v.cot else "no", v.self_consistency, _ci(align[v.name]["debiased"]),
+                _ci(align[v.name]["no_debias"]), _ci(align[v.name]["bias"]), f"{align[v.name]['seconds']:.0f}"]
+               for v in cfg.variants])
+    gates = facts.get("labeler_gates")
+    if gates:
+        rows = []
+        for s in seeds:
+            for g in (facts_by[s].get("labeler_gates") or {}).get("rows", []):
+                rows.append([s, g["gate"], f"{g['value']:.3f}", f"{g['direction']} {g['target']}",
+                             {True: "pass", False: "FAIL"}.get(g.get("passed"), "")])
+        rec.table("Labeler gates of each world (largest labeler, measured when the labelers were built)",
+                  ["world seed", "gate", "value", "target", ""], rows)
+    # ---------------------------------------------------------------- reward models
+    rms: dict[str, dict[str, Any]] = {}
+    rec.results["rm_train_label_agreement"] = None
+    rm_names = [n for n in RM_NAMES if find(by_seed[seeds[0]], "rm", rm=n) is not None]
+    for i, n in enumerate(rm_names):
+        rms[n] = {"accuracy": ci_over(lambda rs, n=n: rm_credit(find(rs, "rm", rm=n)), 1000 + i),
+                  "pairs": sum(len(find(by_seed[s], "rm", rm=n)["ids"]) for s in seeds)}
+    if rms:
+        agree = ci_over(lambda rs: (None if find(rs, "rm_labels") is None else
+                                    credit(find(rs, "rm_labels")["p_a"], find(rs, "rm_labels")["human"])), 1100)
+        train_n = sum(f["pairs"]["train"] for f in facts_by.values())
+        what = {"ai": f"AI soft labels ({cfg.rm.label_variant}; agree with {label_name}: {_ci(agree)})",
+                "gold": "gold labels (hard)", "human": "human labels (hard)",
+                "untrained": "none: the SFT policy with the fresh head both RMs start from",
+                "proxy": "the world's proxy RM (teacher, minimal and policy pairs)"}
+        rec.table(f"RM pairwise accuracy on held-out {label_name}-labelled pairs ({where}; "
+                  f"{rms[rm_names[0]]['pairs']} pairs in all; trained on {train_n} pairs in all; 95% CI)",
+                  ["reward model", "trained on", "held-out accuracy"],
+                  [[n, what[n], _ci(r["accuracy"])] for n, r in rms.items()])
+        rec.results["rm_train_label_agreement"] = agree
+    # ---------------------------------------------------------------- RL
+    rl: dict[str, dict[str, Any]] = {}
+    pols = ["sft", *facts["arms"]]
+    has_gold = facts["world"] is not None
+    for i, p in enumerate(pols if facts["arms"] else []):
+        row: dict[str, Any] = {}
+        if has_gold:
+            row["gold"] = ci_over(lambda rs, p=p: np.mean(find(rs, "policy", policy=p)["gold"], axis=1), 2000 + i)
+            if p != "sft":
+                row["gold_vs_sft"] = ci_over(lambda rs, p=p: endpoint_units(f"gold:{p}:sft", rs), 2100 + i)
+                row["win_vs_sft"] = ci_over(lambda rs, p=p: endpoint_units(f"win:{p}:sft", rs) + 0.5, 2200 + i)
+        if p != "sft":
+            j = [find(by_seed[s], "policy", policy=p)["judge_vs_sft"] for s in seeds]
+            row["judge_win_vs_sft"] = judge_win_rate(np.concatenate([np.ravel(x["q_ab"]) for x in j]),
+                                                     np.concatenate([np.ravel(x["q_ba"]) for x in j])).win_rate
+        rl[p] = row
+    if rl:
+        a = cfg.a2c
+        n_prompts = sum(len(find(by_seed[s], "policy", policy="sft")["ids"]) for s in seeds)
+        heads = ["policy", "reward in A2C"] + (["mean gold reward", "gold - SFT", "gold win rate vs SFT"]
+                                                if has_gold else []) + ["AI-judge win rate vs SFT"]
+        rows = []
+        for p, r in rl.items():
+            cells = [p, "none (the starting SFT policy)" if p == "sft" else ARM_REWARD[p]]
+            if has_gold:
+                cells += [_ci(r["gold"]), "" if p == "sft" else _ci(r["gold_vs_sft"]),
+                          "" if p == "sft" else _ci(r["win_vs_sft"])]
+            cells.append("" if p == "sft" else f"{r['judge_win_vs_sft']:.3f}")
+            rows.append(cells)
+        rec.table(f"A2C policies on {n_prompts} held-out prompts in all x {a.eval_samples} samples ({where}; "
+                  f"{a.iterations} iterations x {a.prompts_per_iteration * a.n} rollouts; 95% CI)", heads, rows)
+    # ---------------------------------------------------------------- protocol, plots, notes
+    verdicts: list[dict[str, Any]] = []
+    if cfg.protocol.endpoints and facts["world"] is not None:
+        verdicts = report_protocol(rec, cfg.protocol, by_seed, endpoint_units, facts_by, MEASURE_FACTS)
+    elif cfg.protocol.endpoints:
+        rec.notes.append("The protocol was not evaluated: its endpoints need the world's gold labels and reward "
+                         "(source.kind: world).")
+    _plots(rec, cfg, align, rl, has_gold)
+    rec.notes.extend(_notes(cfg, facts_by, align, rms, rl, label_name))
+    rec.results.update(world_seeds=seeds, labels=label_name, alignment=align, reward_models=rms, rl=rl,
+                       protocol=verdicts, pairs={str(s): f["pairs"] for s, f in facts_by.items()},
+                       timings={str(s): f["timings"] for s, f in facts_by.items()},
+                       labeler_gates={str(s): f.get("labeler_gates") for s, f in facts_by.items()},
+                       examples={p: find(by_seed[seeds[0]], "policy", policy=p)["example"] for p in rl})
+    return rec.finish(console)
+
+
+def run(cfg: Config, console: Any = None) -> dict[str, Any]:
+    """measure_study, then report_study; returns the result record (also written to out_dir)."""
+    started = time.perf_counter()
+    measure_study(cfg, console)
+    return report_study(cfg, console, started=started)
+
+
+def _notes(cfg: Config, facts_by: dict[int, dict[str, Any]], align: dict[str, dict[str, Any]],
+           rms: dict[str, dict[str, Any]], rl: dict[str, dict[str, Any]], label_name: str) -> list[str]:
+    """The set-up in words, and plain statements of what the numbers show (computed, not written in advance)."""
+    f = next(iter(facts_by.values()))
+    p = f["pairs"]
+    out = [f"Pairs per world seed: {p['train']} RM-train pairs (training prompts) and {p['eval']} held-out pairs "
+           f"(the first {p['align']} are the alignment pairs) with different {label_name} labels; gold ties, "
+           "identical and empty responses skipped." if f["world"] is not None else
+           f"Pairs: {p['total']} human pairs ({p['eval']} held out for RM evaluation)."]
+    out.append("Alignment: the debiased label averages both candidate orders; 'no debiasing' is the mean agreement "
+               "of the two single-order labels (what a both_orders=False run computes); position bias is the share "
+               "of pairs on which the same position wins in both orders.")
+    for n, r in align.items():
+        d = r["debiased"][0] - r["no_debias"][0]
+        out.append(f"{n}: alignment {r['debiased'][0]:.3f}, debiasing changes it by {d:+.3f}, position bias "
+                   f"{r['bias'][0]:.3f}.")
+    if "ai" in rms and label_name in rms:
+        out.append(f"RM on AI soft labels: held-out accuracy {rms['ai']['accuracy'][0]:.3f} vs "
+                   f"{rms[label_name]['accuracy'][0]:.3f} on {label_name} labels (paper, summarisation: 74.2 vs "
+                   f"79.3); the untrained start scores {rms['untrained']['accuracy'][0]:.3f}.")
+    if rl:
+        a = cfg.a2c
+        out.append(f"A2C: {a.iterations} iterations of {a.prompts_per_iteration} prompts x {a.n} rollouts "
+                   f"(T = {a.temperature:g}), beta {a.beta:g} (KL in the {a.kl_mode}), lr {a.lr:g}, from the SFT "
+                   "policy on the RM-train prompts; every policy samples the held-out prompts with one engine seed "
+                   "(common random numbers); the AI judge is the RM's label variant, both orders.")
+    return out
+
+
+def _plots(rec: Record, cfg: Config, align: dict[str, dict[str, Any]], rl: dict[str, dict[str, Any]],
+           has_gold: bool) -> None:
+    def err(cs: Sequence[Sequence[float]]) -> list[list[float]]:
+        return [[c[0] - c[1] for c in cs], [c[2] - c[0] for c in cs]]
+
     def draw_alignment(fig: Any) -> None:
-        ax = fig.add_subplot(1, 2 if sizes else 1, 1)
-        names = list(variants)
+        ax = fig.add_subplot(1, 2, 1)
+        names = list(align)
         x = np.arange(len(names))
-        ax.bar(x - 0.2, [variants[n]["alignment"] for n in names], 0.4,
-               yerr=[variants[n]["alignment_se"] for n in names], capsize=3, label="debiased")
-        ax.bar(x + 0.2, [variants[n]["alignment_no_debias"] for n in names], 0.4, label="no debiasing")
-        ax.plot(x, [variants[n]["position_bias"] for n in names], "k^", label="position-bias rate")
+        for off, key, label in ((-0.2, "debiased", "debiased"), (0.2, "no_debias", "no debiasing")):
+            cs = [align[n][key] for n in names]
+            ax.bar(x + off, [c[0] for c in cs], 0.4, yerr=err(cs), capsize=3, label=label)
+        ax.plot(x, [align[n]["bias"][0] for n in names], "k^", label="position-bias rate")
         ax.axhline(0.5, color="grey", lw=0.8, ls="--")
         ax.set_xticks(x, names, rotation=30, ha="right")
         ax.set_ylim(0, 1)
-        ax.set_ylabel("AI labeler alignment with gold labels")
+        ax.set_ylabel("agreement with gold labels (95% CI)")
         ax.legend(fontsize=8)
         ax.grid(axis="y", alpha=0.3)
-        if sizes:
-            ax2 = fig.add_subplot(1, 2, 2)
-            items = sorted(sizes.items(), key=lambda kv: kv[1]["params"])
-            ps = [r["params"] for _, r in items]
-            ax2.errorbar(ps, [r["alignment"] for _, r in items], yerr=[r["alignment_se"] for _, r in items],
-                         marker="o", capsize=3, label="alignment")
-            ax2.plot(ps, [r["position_bias"] for _, r in items], "k^--", label="position bias")
-            for (n, r), p in zip(items, ps):
-                ax2.annotate(n, (p, r["alignment"]), fontsize=7)
+        ax2 = fig.add_subplot(1, 2, 2)
+        plain = [v for v in cfg.variants if not v.cot and not v.shots and v.preamble == "world"]
+        by_params = sorted({align[v.name]["params"]: v.name for v in plain}.items())
+        if by_params:
+            ps = [p for p, _ in by_params]
+            cs = [align[n]["debiased"] for _, n in by_params]
+            ax2.errorbar(ps, [c[0] for c in cs], yerr=err(cs), marker="o", capsize=3, label="alignment (debiased)")
+            ax2.plot(ps, [align[n]["bias"][0] for _, n in by_params], "k^--", label="position bias")
+            for p, n in by_params:
+                ax2.annotate(n, (p, align[n]["debiased"][0]), fontsize=7)
             ax2.set_xscale("log")
-            ax2.set_xlabel("labeler parameters")
-            ax2.set_ylim(0, 1)
-            ax2.legend(fontsize=8)
-            ax2.grid(alpha=0.3)
+        ax2.set_xlabel("labeler parameters (0-shot, no CoT)")
+        ax2.set_ylim(0, 1)
+        ax2.legend(fontsize=8)
+        ax2.grid(alpha=0.3)
 
-    rec.figure("alignment.png", draw_alignment, figsize=(11, 4.5) if sizes else (7, 4.5))
-    if rl and rl.get("contests"):
-        def draw_wins(fig: Any) -> None:
-            ax = fig.add_subplot(1, 1, 1)
-            names = list(rl["contests"])
-            x = np.arange(len(names))
-            has_gold = all("gold_win_rate" in rl["contests"][n] for n in names)
-            if has_gold:
-                ax.bar(x - 0.2, [rl["contests"][n]["gold_win_rate"] for n in names], 0.4,
-                       yerr=[rl["contests"][n]["gold_win_rate_se"] for n in names], capsize=3,
-                       label="gold reward judge")
-            ax.bar(x + (0.2 if has_gold else 0.0), [rl["contests"][n]["judge_win_rate"] for n in names], 0.4,
-                   label="AI labeler judge")
-            ax.axhline(0.5, color="grey", lw=0.8, ls="--")
-            ax.set_xticks(x, [n.replace("_vs_", " vs ") for n in names])
-            ax.set_ylim(0, 1)
-            ax.set_ylabel("win rate of A over B")
-            ax.legend(fontsize=8)
+    rec.figure("alignment.png", draw_alignment, figsize=(11, 4.5))
+    if not rl:
+        return
+
+    def draw_rl(fig: Any) -> None:
+        arms = [p for p in rl if p != "sft"]
+        ax = fig.add_subplot(1, 2, 1)
+        if has_gold:
+            cs = [rl[p]["gold"] for p in rl]
+            ax.bar(np.arange(len(rl)), [c[0] for c in cs], yerr=err(cs), capsize=3)
+            ax.set_xticks(np.arange(len(rl)), list(rl))
+            ax.set_ylabel("held-out mean gold reward (95% CI)")
             ax.grid(axis="y", alpha=0.3)
+        ax2 = fig.add_subplot(1, 2, 2)
+        x = np.arange(len(arms))
+        if has_gold:
+            cs = [rl[p]["win_vs_sft"] for p in arms]
+            ax2.bar(x - 0.2, [c[0] for c in cs], 0.4, yerr=err(cs), capsize=3, label="gold judge")
+        ax2.bar(x + (0.2 if has_gold else 0.0), [rl[p]["judge_win_vs_sft"] for p in arms], 0.4, label="AI judge")
+        ax2.axhline(0.5, color="grey", lw=0.8, ls="--")
+        ax2.set_xticks(x, arms)
+        ax2.set_ylim(0, 1)
+        ax2.set_ylabel("win rate vs SFT (ties half)")
+        ax2.legend(fontsize=8)
+        ax2.grid(axis="y", alpha=0.3)
 
-        rec.figure("win_rates.png", draw_wins)
+    rec.figure("rl.png", draw_rl, figsize=(10, 4.2))

@@ -1,5 +1,6 @@
-"""The RLAIF study: smoke config end to end on the smoke world (labeler variants, size sweep, soft-label vs gold RM,
-A2C), the real-source path on the same checkpoints, configs that load, and the pure helpers."""
+"""The RLAIF study: smoke config end to end on the smoke world (the world's separate labelers, variants, soft-label
+vs gold RM, the four A2C arms, the protocol), the report re-made from the records, the real-source path, configs
+that load, and the pure per-unit helpers the endpoints are computed from."""
 
 import json
 from pathlib import Path
@@ -9,22 +10,28 @@ import pytest
 
 from prs_jax.config import load_config
 from prs_jax.experiments import run_experiment
+from prs_jax.experiments.protocol import Endpoint, Protocol
 from prs_jax.experiments.rlaif import (
     Config,
     LabelerVariant,
-    Labels,
-    alignment_row,
+    align_units,
+    credit,
+    endpoint_units,
     make_pairs,
+    rm_credit,
 )
 from prs_jax.strategies.base import PromptItem
 
 CONFIGS = Path(__file__).resolve().parents[2] / "experiments" / "configs" / "rlaif"
 
 
-@pytest.mark.parametrize("name", ["smoke", "cpu", "cpu_sizes", "full"])
+@pytest.mark.parametrize("name", ["smoke", "cpu", "full"])
 def test_configs_load(name):
     cfg = load_config(Config, CONFIGS / f"{name}.yaml")
     assert cfg.rm.label_variant in {v.name for v in cfg.variants}
+    if name == "cpu":
+        assert cfg.protocol.seeds == (0, 1, 2) and cfg.align_pairs >= 600 and cfg.protocol.controls
+        assert {v.labeler for v in cfg.variants} == {"small", "medium", "large"}
     if name == "full":
         assert cfg.source.kind == "real" and cfg.real.labeler and cfg.mesh is not None
 
@@ -34,6 +41,14 @@ def test_bad_config_names_the_key():
         Config(variants=(LabelerVariant("a"),))
     with pytest.raises(ValueError, match="self_consistency"):
         LabelerVariant("x", self_consistency=4)
+    with pytest.raises(ValueError, match="no ':'"):
+        LabelerVariant("a:b")
+    with pytest.raises(ValueError, match="align:nope"):
+        Config(protocol=Protocol(endpoints=(Endpoint("align:nope"),)))
+    with pytest.raises(ValueError, match="expected one of"):
+        Config(protocol=Protocol(endpoints=(Endpoint("gold:sft"),)))
+    with pytest.raises(ValueError, match="oracle"):  # the A2C arms were switched off
+        Config(a2c_enabled=False, protocol=Protocol(endpoints=(Endpoint("gold:oracle:sft"),)))
 
 
 def test_labeler_context_is_the_request_text():
@@ -45,55 +60,109 @@ def test_labeler_context_is_the_request_text():
     assert labeler_context(convo) is convo and labeler_context("text") == "text"
 
 
-def test_pairs_skip_ties_and_alignment_metrics():
+def test_pairs_skip_ties_and_per_pair_values():
     item = PromptItem("p", "Name three fruits.", "Please leave out apple.")
     good, bad = "pear, plum, lemon.", "apple, pear, plum."
-    pairs = make_pairs([item], [[good, bad, bad, bad]], lambda x, y, z: float("apple" not in y), set())
-    assert len(pairs) == 1 and pairs[0].human == 0 and pairs[0].split == "train"
-    # a labeler that always picks position 1: 0.5 after debiasing (ties), position bias 1
-    labels = Labels(np.array([0.5, 0.5]), np.array([0.9, 0.9]), np.array([0.9, 0.9]), 0.0)
-    row = alignment_row(labels, np.array([0, 1]))
-    assert row["alignment"] == 0.5 and row["position_bias"] == 1.0 and row["alignment_no_debias"] == 0.5
+    pairs = make_pairs([item], [[good, bad, bad, bad]], lambda x, y, z: float("apple" not in y), "train")
+    assert len(pairs) == 1 and pairs[0].human == 0 and pairs[0].split == "train" and pairs[0].id == "p/0"
+    assert credit([0.9, 0.1, 0.5], [0, 0, 1]).tolist() == [1.0, 0.0, 0.5]
+    # a labeler that always picks position 1: 1/2 after debiasing (ties), position bias 1, single orders 1/2
+    u = align_units({"human": [0, 1], "p_a": [0.5, 0.5], "q_ab": [0.9, 0.9], "q_ba": [0.9, 0.9]})
+    assert u["debiased"].tolist() == [0.5, 0.5] and u["bias"].tolist() == [1.0, 1.0]
+    assert u["a_first"].tolist() == [1.0, 0.0] and u["b_first"].tolist() == [0.0, 1.0]
+    assert u["no_debias"].tolist() == [0.5, 0.5]
+    assert rm_credit({"a": [1.0, 0.0, 2.0], "b": [0.0, 1.0, 2.0], "human": [0, 0, 1]}).tolist() == [1.0, 0.0, 0.5]
 
 
-def test_control_reward_loads_by_name():
+def test_endpoint_units_pair_by_id():
+    ids = ["p/0", "p/1", "q/0"]
+    human = [0, 1, 0]
+    records = [
+        {"kind": "align", "variant": "big", "ids": ids, "human": human, "p_a": [0.8, 0.2, 0.7],
+         "q_ab": [0.8, 0.3, 0.9], "q_ba": [0.2, 0.6, 0.6]},
+        # the small labeler's records in another order: paired by id, not by position
+        {"kind": "align", "variant": "small", "ids": ids[::-1], "human": human[::-1], "p_a": [0.3, 0.5, 0.9],
+         "q_ab": [0.9, 0.9, 0.9], "q_ba": [0.9, 0.9, 0.9]},
+        {"kind": "rm", "rm": "ai", "ids": ids, "human": human, "a": [1.0, 0.0, 0.0], "b": [0.0, 1.0, 1.0]},
+        {"kind": "policy", "policy": "sft", "ids": ["x", "y"], "gold": [[0.2, 0.4], [0.5, 0.5]]},
+        {"kind": "policy", "policy": "rlaif", "ids": ["x", "y"], "gold": [[0.3, 0.4], [0.1, 0.5]]},
+    ]
+    assert endpoint_units("align:big", records).tolist() == [0.5, 0.5, 0.5]
+    # small: q/0 -> wrong (0.3 picks B, human A), p/1 -> tie, p/0 -> right
+    assert endpoint_units("align:big:small", records).tolist() == [0.0, 0.5, 1.0]
+    np.testing.assert_allclose(endpoint_units("debias:big", records), [0.0, 0.0, 0.5])
+    assert endpoint_units("bias:small", records).tolist() == [1.0, 1.0, 1.0]
+    np.testing.assert_allclose(endpoint_units("bias:big:small", records), [-1.0, -1.0, -0.0])
+    np.testing.assert_allclose(endpoint_units("rm:ai", records), [0.5, 0.5, -0.5])
+    np.testing.assert_allclose(endpoint_units("gold:rlaif:sft", records), [0.05, -0.2])
+    np.testing.assert_allclose(endpoint_units("win:rlaif:sft", records), [0.25, -0.25])
+    with pytest.raises(ValueError, match="no align record"):
+        endpoint_units("align:medium", records)
+
+
+def test_rewards_load_by_name(smoke_world):
+    from prs_jax.experiments.rlaif import world_gold_reward
+    from prs_jax.strategies.base import join_preference
     from prs_jax.train.a2c import RewardConfig
+    from prs_jax.world.task import gold_reward
 
     assert RewardConfig(callable="prs_jax.experiments.rlaif:zero_reward").build()(["x", "y"], ["a", "b"]) == [0.0, 0.0]
+    rows = smoke_world.heldout()[:3]
+    prompts = [join_preference(r["prompt"], r["preference"]) for r in rows]
+    answers = ["one, two, three.", "", "Sure! apple, pear."]
+    got = RewardConfig(callable="prs_jax.experiments.rlaif:world_gold_reward").build()(prompts, answers)
+    assert got == [gold_reward(r["prompt"], y, r["preference"]) for r, y in zip(rows, answers)]
+    assert world_gold_reward(prompts[:1], answers[:1]) == got[:1]
 
 
-def test_smoke_end_to_end(smoke_world_root, smoke_world, tmp_path):
+def test_smoke_end_to_end_and_report(smoke_world_root, tmp_path):
     out = tmp_path / "rlaif"
-    rec = run_experiment("rlaif", CONFIGS / "smoke.yaml", [
-        f"source.world.root={smoke_world_root}", f"out_dir={out}", "progress=false",
-        f"sizes=[{{name: same, model: {smoke_world.policy}}}]"])
+    args = [f"source.world.root={smoke_world_root}", f"out_dir={out}", f"work_dir={tmp_path / 'work'}",
+            "progress=false"]
+    rec = run_experiment("rlaif", CONFIGS / "smoke.yaml", args)
     data = json.loads((out / "results.json").read_text())
     for key in ("config", "git_commit", "seed", "versions", "wall_seconds"):
         assert key in data
-    assert data["config"]["seed"] == 0 and data["wall_seconds"] > 0
     res = data["results"]
-    for name, row in res["variants"].items():
-        assert 0.0 <= row["alignment"] <= 1.0 and 0.0 <= row["position_bias"] <= 1.0, name
-    assert res["variants"]["world_cot_sc2"]["example_rationale"] is not None
-    assert res["sizes"]["same"]["alignment"] == pytest.approx(res["variants"]["world"]["alignment"])
-    assert {"ai", "gold", "untrained", "world_proxy"} <= set(res["reward_models"])
-    assert 0.0 <= res["reward_models"]["ai"]["eval_accuracy"] <= 1.0
-    contests = res["rl"]["contests"]
-    assert {"ai_vs_sft", "gold_vs_sft", "ai_vs_gold"} == set(contests)
-    assert all(0.0 <= c["gold_win_rate"] <= 1.0 for c in contests.values())
-    assert (out / "alignment.png").stat().st_size > 0 and (out / "win_rates.png").stat().st_size > 0
-    assert "alignment" in (out / "results.md").read_text()
+    for name, row in res["alignment"].items():
+        assert 0.0 <= row["debiased"][0] <= 1.0 and 0.0 <= row["bias"][0] <= 1.0, name
+    # the labelers are the world's separate models, not the policy
+    facts = json.loads((out / "measure.json").read_text())
+    assert {Path(v["labeler_path"]).name for v in facts["variants"].values()} == {"small", "large"}
+    assert facts["variants"]["small"]["params"] < facts["variants"]["large"]["params"] != facts["policy_params"]
+    assert facts["variants"]["large_cot_sc2"]["example_rationale"] is not None
+    assert {g["gate"] for g in facts["labeler_gates"]["rows"]} >= {"labeler_teacher_accuracy"}
+    assert {"ai", "gold", "untrained", "proxy"} <= set(res["reward_models"])
+    assert set(res["rl"]) == {"sft", "rlaif", "rlhf", "oracle", "constant"}
+    assert all(0.0 <= r["win_vs_sft"][0] <= 1.0 for p, r in res["rl"].items() if p != "sft")
+    assert [v["endpoint"]["name"] for v in res["protocol"]][0] == "align:large"
+    assert {v["verdict"] for v in res["protocol"]} <= {"control passed", "control failed", "reproduced",
+                                                       "not reproduced", "untestable here"}
+    assert (out / "alignment.png").stat().st_size > 0 and (out / "rl.png").stat().st_size > 0
+    assert "Protocol" in (out / "results.md").read_text()
     assert set(rec["results"]) == set(res)
+    # the report alone, from the records, gives the same tables and verdicts
+    run_experiment("rlaif", CONFIGS / "smoke.yaml", args, report_only=True)
+    again = json.loads((out / "results.json").read_text())["results"]
+    for key in ("protocol", "alignment", "reward_models", "rl"):
+        assert again[key] == res[key], key
+    # a re-run reuses the trained RMs and policies (same settings and data) and measures the same
+    run_experiment("rlaif", CONFIGS / "smoke.yaml", [*args[:1], f"out_dir={tmp_path / 'again'}", *args[2:]])
+    rerun = json.loads((tmp_path / "again" / "results.json").read_text())["results"]
+    assert rerun["rl"] == res["rl"] and rerun["reward_models"] == res["reward_models"]
 
 
 def test_real_source_path(smoke_world, tmp_path):
     """source.kind=real on the smoke world's checkpoints and its RM pairs (human label = chosen)."""
     out = tmp_path / "rlaif-real"
     rec = run_experiment("rlaif", CONFIGS / "smoke.yaml", [
-        "source.kind=real", f"source.real.policy={smoke_world.policy}", f"out_dir={out}", "progress=false",
-        f"real.pairs={smoke_world.data / 'rm_eval.jsonl'}", "real.max_pairs=8", "align_pairs=8",
-        "variants=[{name: world}]", "rm.steps=1", "a2c.enabled=false"])
+        "source.kind=real", f"source.real.policy={smoke_world.policy}", f"out_dir={out}",
+        f"work_dir={tmp_path / 'work'}", "progress=false", f"real.pairs={smoke_world.data / 'rm_eval.jsonl'}",
+        "real.max_pairs=8", "align_pairs=8", "variants=[{name: policy}]", "rm.label_variant=policy", "rm.steps=1",
+        "a2c_enabled=false", "protocol.endpoints=[]"])
     res = rec["results"]
-    assert res["data"]["pairs"] == 8 and 0 < res["data"]["share_a_preferred"] < 1  # shown in random order
-    assert set(res["reward_models"]) == {"ai", "human", "untrained"}  # no proxy RM given: no proxy row
-    assert any("no gold reward" in n for n in rec["notes"])
+    facts = json.loads((out / "measure.json").read_text())
+    assert facts["pairs"]["total"] == 8 and 0 < facts["pairs"]["share_a_preferred"] < 1  # shown in random order
+    assert facts["variants"]["policy"]["labeler_path"] == str(smoke_world.policy)
+    assert set(res["reward_models"]) == {"ai", "human", "untrained"} and res["rm_train_label_agreement"]
+    assert res["labels"] == "human" and not res["rl"]
