@@ -58,13 +58,14 @@ import numpy as np
 from rich.console import Console
 from tqdm import tqdm
 
-from prs_jax.config import to_dict
+from prs_jax.config import check_ranges, to_dict
+from prs_jax.data.io import write_jsonl, write_text_atomic
 from prs_jax.experiments.common import Record, Source, param_count, pool_measured
 from prs_jax.experiments.env import StudyEnv
 from prs_jax.experiments.policy_tools import config_digest
 from prs_jax.experiments.protocol import Protocol, pooled_ci, report_protocol
 from prs_jax.feedback.labeler import AILabeler, LabelerConfig
-from prs_jax.feedback.metrics import judge_win_rate
+from prs_jax.feedback.metrics import alignment_credit, same_position
 from prs_jax.feedback.prompts import PromptConfig
 from prs_jax.models.sharding import MeshConfig
 from prs_jax.strategies.base import PromptItem, join_preference
@@ -131,6 +132,8 @@ class A2CSettings:
     def __post_init__(self) -> None:
         if len(set(self.arms)) != len(self.arms):
             raise ValueError(f"a2c.arms: {list(self.arms)} repeats an arm.")
+        check_ranges(self, "a2c", {"iterations": ">= 1", "prompts_per_iteration": ">= 1", "n": ">= 1",
+                                   "eval_samples": ">= 1", "max_new_tokens": ">= 1"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,11 +200,23 @@ class Config:
             raise ValueError(f"samples_per_prompt must be >= 2 (got {self.samples_per_prompt}).")
         if not 0 < self.rm_eval_fraction < 1:
             raise ValueError(f"rm_eval_fraction must be in (0, 1) (got {self.rm_eval_fraction}).")
+        check_ranges(self, "", {"rm_prompts": ">= 1", "eval_prompts": ">= 1", "align_pairs": ">= 1",
+                                "label_batch": ">= 1", "cot_max_new_tokens": ">= 1", "max_new_tokens": ">= 1"})
         for e in self.protocol.endpoints:
             check_endpoint(self, e.name)
 
 
-RM_NAMES = ("ai", "gold", "human", "untrained", "proxy")
+RM_NAMES = ("ai", "gold", "human", "untrained", "proxy")  # report order
+
+
+def measured_names(cfg: Config) -> dict[str, list[str]]:
+    """What a run of `cfg` records, by endpoint kind: variants, RMs and policies."""
+    variants = [v.name for v in cfg.variants]
+    world = cfg.source.kind == "world"
+    rms = ["ai", "gold" if world else "human", "untrained"] + (
+        ["proxy"] if world or cfg.source.real.reward_model else []) if cfg.rm.steps > 0 else []
+    policies = ["sft", *runnable_arms(cfg, gold=world)] if cfg.a2c_enabled else []
+    return {"align": variants, "debias": variants, "bias": variants, "rm": rms, "gold": policies, "win": policies}
 
 
 def parse_endpoint(name: str) -> tuple[str, list[str]]:
@@ -217,10 +232,7 @@ def parse_endpoint(name: str) -> tuple[str, list[str]]:
 def check_endpoint(cfg: Config, name: str) -> None:
     """Raise a ValueError naming the endpoint when it refers to something the config does not measure."""
     kind, args = parse_endpoint(name)
-    variants = [v.name for v in cfg.variants]
-    policies = ["sft", *cfg.a2c.arms] if cfg.a2c_enabled else []
-    known = {"align": variants, "debias": variants, "bias": variants, "rm": list(RM_NAMES),
-             "gold": policies, "win": policies}[kind]
+    known = measured_names(cfg)[kind]
     bad = [a for a in args if a not in known]
     if bad:
         raise ValueError(f"protocol endpoint {name!r}: {bad} not measured by this config (known for {kind!r}: "
@@ -231,7 +243,8 @@ def check_endpoint(cfg: Config, name: str) -> None:
 @dataclasses.dataclass(frozen=True)
 class Pair:
     """A labelled pair: the prompt (text or messages), responses A and B (text or messages), which one the
-    human / gold label prefers (0 = A, 1 = B), the RM split, and the gold rewards when known."""
+    human / gold label prefers (0 = A, 1 = B), the RM split, and its statistical unit (the prompt id in the
+    world, whose pairs share samples; the pair itself for human pairs)."""
 
     id: str
     prompt: Any
@@ -239,8 +252,7 @@ class Pair:
     b: Any
     human: int
     split: Literal["train", "eval"]
-    gold_a: float | None = None
-    gold_b: float | None = None
+    unit: str = ""
 
 
 def sample_responses(env: StudyEnv, model: Any, tok: Any, queries: Sequence[str], m: int, temperature: float,
@@ -274,7 +286,7 @@ def make_pairs(items: Sequence[PromptItem], responses: Sequence[Sequence[str]],
                 continue
             pairs.append(Pair(f"{it.id}/{j // 2}", [{"role": "user", "content": join_preference(it.prompt,
                                                                                             it.preference)}],
-                              a, b, 0 if ga > gb else 1, split, ga, gb))
+                              a, b, 0 if ga > gb else 1, split, it.id))
     return pairs
 
 
@@ -352,7 +364,7 @@ def _human_pairs_setting(cfg: Config, env: StudyEnv) -> Setting:
         a, b = r.a, r.b
         if zlib.crc32(f"{cfg.seed}:{r.id}".encode()) % 2:  # show the human's choice in a random position
             a, b, human = b, a, 1 - human
-        pairs.append(Pair(r.id, r.prompt, a, b, human, "eval" if i in eval_idx else "train"))
+        pairs.append(Pair(r.id, r.prompt, a, b, human, "eval" if i in eval_idx else "train", r.id))
     pairs.sort(key=lambda p: p.split != "eval")  # the alignment pairs are the first eval pairs
     items = env.real_prompts() if spec.prompts_path else []
     n_items_eval = max(1, round(cfg.rm_eval_fraction * len(items))) if items else 0
@@ -437,25 +449,30 @@ def labeler_path(cfg: Config, env: StudyEnv, variant: LabelerVariant, console: C
     else:
         name = name or cfg.real.labeler or env.source.real.policy
     if not Path(name).is_dir():
-        raise FileNotFoundError(f"variants[{variant.name}].labeler: {name!r} is neither a labeler size of the world "
-                                f"({[s.name for s in cfg.labelers.sizes]}) nor a checkpoint directory.")
+        what = (f"neither a labeler size of the world ({[s.name for s in cfg.labelers.sizes]}) nor"
+                if env.kind == "world" else "not")
+        raise FileNotFoundError(f"variants[{variant.name}].labeler: {name!r} is {what} a checkpoint directory "
+                                "(config.json, *.safetensors, tokenizer files).")
     return name
 
 
 # ------------------------------------------------------------------------------------------------ per-unit values
-def credit(p_a: Sequence[float] | np.ndarray, human: Sequence[int] | np.ndarray) -> np.ndarray:
-    """Per pair: 1 when P(A) picks the human/gold-preferred answer, 0 when the other, 1/2 for P(A) = 1/2."""
-    p, h = np.asarray(p_a, float), np.asarray(human, int)
-    return np.where(p > 0.5, (h == 0).astype(float), np.where(p < 0.5, (h == 1).astype(float), 0.5))
-
-
 def align_units(r: dict[str, Any]) -> dict[str, np.ndarray]:
     """One align record's per-pair values: debiased agreement, single-order agreements, position bias."""
     human, q_ab, q_ba = r["human"], np.asarray(r["q_ab"], float), np.asarray(r["q_ba"], float)
-    a_first, b_first = credit(q_ab, human), credit(1.0 - q_ba, human)  # with B first, P(A) = P(position 2)
-    bias = ((q_ab > 0.5) & (q_ba > 0.5)) | ((q_ab < 0.5) & (q_ba < 0.5))
-    return {"debiased": credit(r["p_a"], human), "a_first": a_first, "b_first": b_first,
-            "no_debias": (a_first + b_first) / 2, "bias": bias.astype(float)}
+    a_first = alignment_credit(q_ab, human)
+    b_first = alignment_credit(1.0 - q_ba, human)  # with B first, P(A) = P(position 2)
+    return {"debiased": alignment_credit(r["p_a"], human), "a_first": a_first, "b_first": b_first,
+            "no_debias": (a_first + b_first) / 2, "bias": same_position(q_ab, q_ba)}
+
+
+def unit_means(r: dict[str, Any], values: np.ndarray) -> dict[str, float]:
+    """Per-pair values of a record averaged over each statistical unit (its `units`: the prompt in the world,
+    whose pairs share samples, so pairs are not independent)."""
+    sums: dict[str, list[float]] = {}
+    for u, v in zip(r["units"], np.asarray(values, float).tolist()):
+        sums.setdefault(u, []).append(v)
+    return {u: float(np.mean(v)) for u, v in sums.items()}
 
 
 def rm_credit(r: dict[str, Any]) -> np.ndarray:
@@ -469,7 +486,8 @@ def _rm_rows(pairs: Sequence[Pair], p_a: np.ndarray | None) -> list[dict[str, An
     """RM training rows: soft labels (chosen = A, p_chosen = P(A)) or gold/human hard labels (chosen = better)."""
     rows = []
     for i, p in enumerate(pairs):
-        a, b = _as_messages(p.a), _as_messages(p.b)
+        # a text prompt keeps text responses (the chat template wraps both); a conversation gets messages
+        a, b = (p.a, p.b) if isinstance(p.prompt, str) else (_as_messages(p.a), _as_messages(p.b))
         if p_a is not None:
             rows.append({"id": p.id, "prompt": p.prompt, "chosen": a, "rejected": b, "p_chosen": float(p_a[i])})
         else:
@@ -482,10 +500,10 @@ def _as_messages(response: Any) -> Any:
     return [{"role": "assistant", "content": response}] if isinstance(response, str) else response
 
 
-def _write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> Path:
-    from prs_jax.data.io import write_jsonl
-
-    return write_jsonl(path, rows)
+def _digest(run: Any, *files: Path) -> str:
+    """A run directory's name: its settings (progress bars aside) and data."""
+    return config_digest(to_dict(dataclasses.replace(run, trainer=dataclasses.replace(run.trainer, progress=False))),
+                         *files)
 
 
 def _fresh_or_done(run_dir: Path) -> bool:
@@ -514,21 +532,22 @@ def train_rm(cfg: Config, init: str, train_file: Path, eval_file: Path, soft: bo
         trainer=TrainerConfig(steps=r.steps, batch_size=r.batch_size, seed=cfg.seed, log_every=10,
                               progress=cfg.progress, async_checkpoint=False, tensorboard=False, group_by_length=4,
                               mesh=cfg.mesh))
-    run_dir = work / f"rm_{name}-{config_digest(to_dict(base), train_file, eval_file)}"
+    run_dir = work / f"rm_{name}-{_digest(base, train_file, eval_file)}"
     if not _fresh_or_done(run_dir):
         run_train("rm", dataclasses.replace(base, trainer=dataclasses.replace(base.trainer, out_dir=str(run_dir / "run")),
                                             export_dir=str(run_dir / "export")), console=console)
     return str(run_dir / "export")
 
 
-def rm_scores(rm_dir: str, pairs: Sequence[Pair], dtype: str, init_head: bool = False
+def rm_scores(rm_dir: str, pairs: Sequence[Pair], dtype: str, init_head: bool = False, head_name: str | None = None
               ) -> tuple[list[float], list[float]]:
     """Scores of A and of B for each pair (chat formatter). `init_head`: the checkpoint is a causal LM given a
-    fresh head, as run_train("rm") starts (same seed)."""
+    fresh head, as run_train("rm") starts (same seed); `head_name`: the RM's head parameter (real proxy RMs)."""
     from prs_jax.models import load_reward_model, load_tokenizer
     from prs_jax.tree.scoring import RewardScorer
 
-    scorer = RewardScorer(load_reward_model(rm_dir, dtype=dtype, init_head=init_head), load_tokenizer(rm_dir))
+    scorer = RewardScorer(load_reward_model(rm_dir, dtype=dtype, init_head=init_head, head_name=head_name),
+                          load_tokenizer(rm_dir))
     ctx = [_prompt_text(p.prompt) for p in pairs]
     sa = scorer.score_pairs([(c, _resp_text(p.a)) for c, p in zip(ctx, pairs)])
     sb = scorer.score_pairs([(c, _resp_text(p.b)) for c, p in zip(ctx, pairs)])
@@ -553,17 +572,6 @@ def zero_reward(prompts: Sequence[str], responses: Sequence[str]) -> list[float]
     return [0.0] * len(responses)
 
 
-def world_gold_reward(prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
-    """The world's gold reward r*(x, z, y) for A2C, whose prompts are x, a blank line, z (join_preference)."""
-    from prs_jax.world.task import gold_reward
-
-    out = []
-    for p, y in zip(prompts, responses):
-        x, _, z = p.partition("\n\n")
-        out.append(float(gold_reward(x, y, z or None)))
-    return out
-
-
 def run_rl(cfg: Config, setting: Setting, arm: Arm, rm_dirs: dict[str, str], work: Path, console: Console) -> str:
     """A2C (run_a2c) of the SFT policy for one arm on the RM-train prompts, in a directory named by its settings
     and data; returns the exported policy directory."""
@@ -571,11 +579,12 @@ def run_rl(cfg: Config, setting: Setting, arm: Arm, rm_dirs: dict[str, str], wor
     from prs_jax.train.trainer import OptimConfig, TrainerConfig
 
     a = cfg.a2c
-    prompts_file = _write_jsonl(work / "a2c_prompts.jsonl", [
+    prompts_file = write_jsonl(work / "a2c_prompts.jsonl", [
         {"id": it.id, "prompt": it.prompt, "preference": it.preference} for it in setting.train_items])
     reward = {"rlaif": lambda: RewardConfig(reward_model=rm_dirs["ai"]),
               "rlhf": lambda: RewardConfig(reward_model=rm_dirs["gold" if setting.gold else "human"]),
-              "oracle": lambda: RewardConfig(callable="prs_jax.experiments.rlaif:world_gold_reward"),
+              # the A2C prompts are x, a blank line, z: gold_reward splits them (world.task.split_query)
+              "oracle": lambda: RewardConfig(callable="prs_jax.world.task:gold_reward", interface="pair"),
               "constant": lambda: RewardConfig(callable="prs_jax.experiments.rlaif:zero_reward")}[arm]()
     base = A2CRunConfig(
         model=setting.policy, dtype=cfg.dtype,
@@ -585,7 +594,7 @@ def run_rl(cfg: Config, setting: Setting, arm: Arm, rm_dirs: dict[str, str], wor
         trainer=TrainerConfig(steps=a.iterations, batch_size=a.prompts_per_iteration * a.n, seed=cfg.seed,
                               log_every=1, progress=cfg.progress, async_checkpoint=False, tensorboard=False,
                               mesh=cfg.mesh))
-    run_dir = work / f"a2c_{arm}-{config_digest(to_dict(base), prompts_file)}"
+    run_dir = work / f"a2c_{arm}-{_digest(base, prompts_file)}"
     if not _fresh_or_done(run_dir):
         run_a2c(dataclasses.replace(base, trainer=dataclasses.replace(base.trainer, out_dir=str(run_dir / "run")),
                                     export_dir=str(run_dir / "export")), console=console)
@@ -620,7 +629,6 @@ def _judge_records(labeler: AILabeler, items: Sequence[PromptItem], a: Sequence[
 def measure_study(cfg: Config, console: Any = None) -> Path:
     """Measure: pairs, every variant's labels of the alignment pairs, the RMs' scores of the held-out pairs, the
     A2C policies' held-out samples; writes OUT/records.jsonl and OUT/measure.json. No tables."""
-    from prs_jax.data.io import write_jsonl, write_text_atomic
     from prs_jax.models import load_causal_lm, load_tokenizer
 
     console = console or Console()
@@ -634,39 +642,46 @@ def measure_study(cfg: Config, console: Any = None) -> Path:
     pairs = setting.pairs
     timings["pairs_s"] = time.perf_counter() - t0
     if not pairs:
-        raise ValueError("rlaif: no labelled pairs (every sampled pair was a gold tie); raise the prompt counts or "
-                         "samples_per_prompt.")
-    ex_file = _write_jsonl(work / "exemplars.jsonl", setting.exemplar_rows) if setting.exemplar_rows else None
-    max_shots = max((v.shots for v in cfg.variants), default=0)
-    if max_shots and (ex_file is None or len(setting.exemplar_rows) < max_shots):
-        raise ValueError(f"rlaif: a variant asks for {max_shots} exemplars but only {len(setting.exemplar_rows)} "
-                         "are available (real source: set real.exemplars).")
+        raise ValueError("rlaif: no labelled pairs (every sampled pair was a gold tie or empty); raise rm_prompts, "
+                         "eval_prompts or samples_per_prompt." if env.kind == "world" else
+                         f"rlaif: {cfg.real.pairs}: no pair with a human choice.")
+    ex_file = write_jsonl(work / "exemplars.jsonl", setting.exemplar_rows) if setting.exemplar_rows else None
+    for v in cfg.variants:
+        if v.shots > len(setting.exemplar_rows):
+            raise ValueError(f"variants[{v.name}].shots: {v.shots} exemplars asked for, {len(setting.exemplar_rows)} "
+                             "available (" + ("the world offers 4" if env.kind == "world" else
+                                              "set real.exemplars to a JSONL of solved pairs") + ").")
     train_pairs = [p for p in pairs if p.split == "train"]
     eval_pairs = [p for p in pairs if p.split == "eval"]
     align = eval_pairs[:cfg.align_pairs]
-    human = [p.human for p in align]
+    warnings = _unit_shortfalls(cfg, align, eval_pairs, setting.eval_items)
+    for w in warnings:
+        console.print(f"rlaif: warning: {w}", markup=False)
     records: list[dict[str, Any]] = []
     gates = env.labelers(cfg.labelers, console)["gates"] if env.kind == "world" else None
     # ---------------------------------------------------------------- 1. labeler variants
     t0 = time.perf_counter()
     loaded: dict[str, tuple[Any, Any]] = {}
-    labelers: dict[str, AILabeler] = {}
     variants: dict[str, dict[str, Any]] = {}
+    judge: AILabeler | None = None  # the RM's label variant: labels the RM-train pairs and judges the policies
     for v in cfg.variants:
         path = labeler_path(cfg, env, v, console)
         if path not in loaded:
             loaded[path] = (load_causal_lm(path, dtype=cfg.dtype), load_tokenizer(path))
         model, tok = loaded[path]
-        labelers[v.name] = AILabeler(model, tok, labeler_config(cfg, prompt_config(
+        labeler = AILabeler(model, tok, labeler_config(cfg, prompt_config(
             setting.base_prompt, v, str(ex_file) if ex_file else None), v))
-        labels = label_pairs(labelers[v.name], align, cfg.label_batch, cfg.seed, f"align {v.name}", cfg.progress)
-        records.append({"kind": "align", "variant": v.name, "ids": [p.id for p in align], "human": human,
-                        "p_a": labels.p_a.tolist(), "q_ab": labels.q_ab.tolist(), "q_ba": labels.q_ba.tolist()})
+        if v.name == cfg.rm.label_variant:
+            judge = labeler
+        labels = label_pairs(labeler, align, cfg.label_batch, cfg.seed, f"align {v.name}", cfg.progress)
+        records.append({"kind": "align", "variant": v.name, **_pair_fields(align), "p_a": labels.p_a.tolist(),
+                        "q_ab": labels.q_ab.tolist(), "q_ba": labels.q_ba.tolist()})
         variants[v.name] = {**dataclasses.asdict(v), "labeler_path": path, "params": param_count(model),
                             "seconds": labels.seconds, "example_rationale": labels.example_rationale}
         u = align_units(records[-1])
         console.print(f"  {v.name}: alignment {u['debiased'].mean():.3f} (no debiasing {u['no_debias'].mean():.3f}), "
                       f"position bias {u['bias'].mean():.3f}, {labels.seconds:.0f} s", markup=False)
+    loaded.clear()  # only the judge's labeler stays in memory for the RM and RL parts
     timings["labelers_s"] = time.perf_counter() - t0
     # ---------------------------------------------------------------- 2. reward models
     t0 = time.perf_counter()
@@ -674,39 +689,34 @@ def measure_study(cfg: Config, console: Any = None) -> Path:
     label_name = "gold" if setting.gold else "human"
     if cfg.rm.steps > 0 and train_pairs and eval_pairs:
         v = cfg.rm.label_variant
-        tl = label_pairs(labelers[v], train_pairs, cfg.label_batch, cfg.seed, f"AI labels ({v})", cfg.progress)
-        records.append({"kind": "rm_labels", "variant": v, "ids": [p.id for p in train_pairs],
-                        "human": [p.human for p in train_pairs], "p_a": tl.p_a.tolist()})
-        eval_file = _write_jsonl(work / "rm_eval.jsonl", _rm_rows(eval_pairs, None))
+        tl = label_pairs(judge, train_pairs, cfg.label_batch, cfg.seed, f"AI labels ({v})", cfg.progress)
+        records.append({"kind": "rm_labels", "variant": v, **_pair_fields(train_pairs), "p_a": tl.p_a.tolist()})
+        eval_file = write_jsonl(work / "rm_eval.jsonl", _rm_rows(eval_pairs, None))
         for name, p_a in (("ai", tl.p_a), (label_name, None)):
-            train_file = _write_jsonl(work / f"rm_train_{name}.jsonl", _rm_rows(train_pairs, p_a))
+            train_file = write_jsonl(work / f"rm_train_{name}.jsonl", _rm_rows(train_pairs, p_a))
             console.print(f"rlaif: RM on {'AI soft' if p_a is not None else label_name} labels "
                           f"({len(train_pairs)} pairs, {cfg.rm.steps} steps of {cfg.rm.batch_size})", markup=False)
             rm_dirs[name] = train_rm(cfg, setting.policy, train_file, eval_file, p_a is not None, work, name, console)
-        scored = [(n, d, False) for n, d in rm_dirs.items()] + [("untrained", setting.policy, True)]
+        scored = [(n, d, False, None) for n, d in rm_dirs.items()] + [("untrained", setting.policy, True, None)]
         if setting.proxy_rm:
-            scored.append(("proxy", setting.proxy_rm, False))
-        for name, d, init_head in scored:
-            a, b = rm_scores(d, eval_pairs, cfg.dtype, init_head=init_head)
-            records.append({"kind": "rm", "rm": name, "ids": [p.id for p in eval_pairs],
-                            "human": [p.human for p in eval_pairs], "a": a, "b": b})
+            scored.append(("proxy", setting.proxy_rm, False, env.rm_head_name))
+        for name, d, init_head, head in scored:
+            a, b = rm_scores(d, eval_pairs, cfg.dtype, init_head=init_head, head_name=head)
+            records.append({"kind": "rm", "rm": name, **_pair_fields(eval_pairs), "a": a, "b": b})
             console.print(f"  RM {name}: held-out accuracy {rm_credit(records[-1]).mean():.3f}", markup=False)
     timings["reward_models_s"] = time.perf_counter() - t0
     # ---------------------------------------------------------------- 3. A2C
     t0 = time.perf_counter()
-    arms_run: list[str] = []
-    if cfg.a2c_enabled and rm_dirs and setting.train_items and setting.eval_items:
+    arms = runnable_arms(cfg, gold=setting.gold is not None) if rm_dirs or cfg.rm.steps == 0 else []
+    if cfg.a2c_enabled and arms and setting.train_items and setting.eval_items:
         a = cfg.a2c
-        arms = [x for x in a.arms if x != "oracle" or setting.gold is not None]
         policies = {"sft": setting.policy}
         for arm in arms:
             console.print(f"rlaif: A2C {arm} against {ARM_REWARD[arm]} ({a.iterations} iterations)", markup=False)
             policies[arm] = run_rl(cfg, setting, arm, rm_dirs, work, console)
-        arms_run = arms
         items = setting.eval_items
         queries = [join_preference(it.prompt, it.preference) for it in items]
         ids = [it.id for it in items]
-        judge = labelers[cfg.rm.label_variant]
         samples: dict[str, list[list[str]]] = {}
         for name, path in policies.items():
             model = env.model if name == "sft" else env.load_policy(path)
@@ -721,6 +731,8 @@ def measure_study(cfg: Config, console: Any = None) -> Path:
                 row["judge_vs_sft"] = _judge_records(judge, items, samples[name], samples["sft"], cfg,
                                                      f"judge {name} vs sft")
             records.append(row)
+    else:
+        arms = []
     timings["a2c_s"] = time.perf_counter() - t0
     out = Path(cfg.out_dir)
     write_jsonl(out / RECORDS, records)
@@ -730,11 +742,39 @@ def measure_study(cfg: Config, console: Any = None) -> Path:
              "world_seed": None if world is None else world["seed"], "env": env.info,
              "policy_params": param_count(env.model), "labeler_gates": gates, "variants": variants,
              "pairs": {"total": len(pairs), "train": len(train_pairs), "eval": len(eval_pairs), "align": len(align),
+                       "align_units": len({p.unit for p in align}), "eval_units": len({p.unit for p in eval_pairs}),
                        **setting.facts},
-             "rm_dirs": rm_dirs, "arms": arms_run, "labels": label_name, "timings": timings,
+             "rm_dirs": rm_dirs, "arms": arms, "labels": label_name, "warnings": warnings, "timings": timings,
              "measure_seconds": time.perf_counter() - t_all,
              "protocol_declared": json.loads(json.dumps(to_dict(cfg.protocol)))}
     write_text_atomic(out / MEASURE_FACTS, json.dumps(facts, indent=2))
+    return out
+
+
+def _pair_fields(pairs: Sequence[Pair]) -> dict[str, list]:
+    """What every per-pair record carries: pair ids, statistical units and the gold / human labels."""
+    return {"ids": [p.id for p in pairs], "units": [p.unit for p in pairs], "human": [p.human for p in pairs]}
+
+
+def runnable_arms(cfg: Config, gold: bool) -> list[str]:
+    """The A2C arms this config can run: rlaif / rlhf need trained RMs (rm.steps > 0), oracle the gold reward."""
+    return [x for x in cfg.a2c.arms if (x not in ("rlaif", "rlhf") or cfg.rm.steps > 0) and (x != "oracle" or gold)]
+
+
+def _unit_shortfalls(cfg: Config, align: Sequence[Pair], eval_pairs: Sequence[Pair],
+                     eval_items: Sequence[PromptItem]) -> list[str]:
+    """Endpoints whose declared units exceed what was sampled (they will read "untestable here"): said at once,
+    not after the RM and RL parts."""
+    have = {"align": len({p.unit for p in align}), "rm": len({p.unit for p in eval_pairs}),
+            "gold": len(eval_items)}
+    out = []
+    for e in cfg.protocol.endpoints:
+        kind = parse_endpoint(e.name)[0]
+        group = {"debias": "align", "bias": "align", "win": "gold"}.get(kind, kind)
+        need = cfg.protocol.units if e.units is None else e.units
+        if have[group] < need:
+            out.append(f"endpoint {e.name!r} declares {need} units per seed, the pairs give {have[group]}; "
+                       "raise eval_prompts / align_pairs or lower its units.")
     return out
 
 
@@ -751,39 +791,44 @@ def _need(records: Sequence[dict[str, Any]], what: str, kind: str, **match: str)
     return r
 
 
-def _by_id(ids: Sequence[str], values: np.ndarray) -> dict[str, float]:
-    return dict(zip(ids, values.tolist()))
-
-
 def _paired(x: dict[str, float], y: dict[str, float] | None) -> np.ndarray:
     if y is None:
         return np.array(list(x.values()), float)
     return np.array([x[k] - y[k] for k in x if k in y], float)
 
 
+def judge_credit(judgement: dict[str, list[list[float]]]) -> np.ndarray:
+    """Per prompt: the share of samples j whose debiased AI judgement prefers the policy's sample to SFT's
+    (ties 1/2), from the both-order P(position 1) of `_judge_records`."""
+    q_ab, q_ba = np.asarray(judgement["q_ab"], float), np.asarray(judgement["q_ba"], float)
+    p = (q_ab + (1.0 - q_ba)) / 2.0
+    return np.where(p > 0.5, 1.0, np.where(p < 0.5, 0.0, 0.5)).mean(axis=1)
+
+
 def endpoint_units(name: str, records: Sequence[dict[str, Any]]) -> np.ndarray:
-    """Per-unit values of one endpoint on one seed's records (see the module docstring; units paired by id)."""
+    """Per-unit values of one endpoint on one seed's records (see the module docstring). Pair endpoints average
+    each unit's pairs (a world prompt's pairs share samples) and pair units by id; prompts pair by id."""
     kind, args = parse_endpoint(name)
     if kind in ("align", "debias", "bias"):
         recs = [_need(records, name, "align", variant=v) for v in args]
         units = [align_units(r) for r in recs]
         if kind == "debias":
-            return units[0]["debiased"] - units[0]["no_debias"]
-        key = "debiased" if kind == "align" else "bias"
-        vals = [_by_id(r["ids"], u[key] - (0.5 if kind == "align" else 0.0)) for r, u in zip(recs, units)]
+            return _paired(unit_means(recs[0], units[0]["debiased"] - units[0]["no_debias"]), None)
+        key, off = ("debiased", 0.5) if kind == "align" else ("bias", 0.0)
+        vals = [unit_means(r, u[key] - off) for r, u in zip(recs, units)]
         return _paired(vals[0], vals[1] if len(vals) > 1 else None)
     if kind == "rm":
         recs = [_need(records, name, "rm", rm=x) for x in args]
-        vals = [_by_id(r["ids"], rm_credit(r) - 0.5) for r in recs]
+        vals = [unit_means(r, rm_credit(r) - 0.5) for r in recs]
         return _paired(vals[0], vals[1] if len(vals) > 1 else None)
     p, q = (_need(records, name, "policy", policy=x) for x in args)
     if "gold" not in p or "gold" not in q:
         raise ValueError(f"protocol endpoint {name!r}: the policy records have no gold reward (real source).")
-    if kind == "gold":
-        return _paired(_by_id(p["ids"], np.mean(p["gold"], axis=1)), _by_id(q["ids"], np.mean(q["gold"], axis=1)))
     if p["ids"] != q["ids"]:
         raise ValueError(f"protocol endpoint {name!r}: the two policies were evaluated on different prompts.")
     gp, gq = np.asarray(p["gold"], float), np.asarray(q["gold"], float)
+    if kind == "gold":
+        return gp.mean(axis=1) - gq.mean(axis=1)
     return np.where(gp > gq, 1.0, np.where(gp < gq, 0.0, 0.5)).mean(axis=1) - 0.5
 
 
@@ -792,8 +837,8 @@ def _ci(c: Sequence[float]) -> str:
 
 
 def report_study(cfg: Config, console: Any = None, started: float | None = None) -> dict[str, Any]:
-    """Report: alignment, RM and RL tables (95% CIs pooled over the world seeds of out_dir + pool_dirs), plots and
-    the protocol's verdicts, from the saved records alone."""
+    """Report: alignment, RM and RL tables (95% CIs pooled over the world seeds of out_dir + pool_dirs, the unit
+    a prompt), plots and the protocol's verdicts, from the saved records alone."""
     facts_by, by_seed = pool_measured(cfg.out_dir, cfg.pool_dirs, _measured_config(cfg), "rlaif", POOL_FREE,
                                       MEASURE_FACTS, RECORDS)
     seeds = sorted(by_seed)
@@ -809,59 +854,61 @@ def report_study(cfg: Config, console: Any = None, started: float | None = None)
         groups = [values(by_seed[s]) for s in seeds]
         return pooled_ci([g for g in groups if g is not None], nb, k)
 
+    def per_unit(r: dict[str, Any] | None, values: np.ndarray) -> np.ndarray | None:
+        return None if r is None else np.array(list(unit_means(r, values).values()), float)
+
+    count = {k: sum(f["pairs"][k] for f in facts_by.values()) for k in ("align", "align_units", "eval", "eval_units",
+                                                                       "train")}
     # ---------------------------------------------------------------- alignment
     align: dict[str, dict[str, Any]] = {}
     for i, v in enumerate(cfg.variants):
-        def unit(key: str, name: str = v.name) -> Callable[[list[dict[str, Any]]], np.ndarray]:
-            return lambda rs: align_units(find(rs, "align", variant=name))[key]
+        def unit(key: str, name: str = v.name) -> Callable[[list[dict[str, Any]]], np.ndarray | None]:
+            return lambda rs: per_unit(find(rs, "align", variant=name),
+                                       align_units(find(rs, "align", variant=name))[key])
         info = facts["variants"][v.name]
         align[v.name] = {"labeler": Path(info["labeler_path"]).name, "params": info["params"],
-                         "pairs": sum(len(find(by_seed[s], "align", variant=v.name)["ids"]) for s in seeds),
                          **{k: ci_over(unit(k), 100 * i + j) for j, k in enumerate(("debiased", "no_debias", "bias"))},
                          "seconds": float(np.mean([f["variants"][v.name]["seconds"] for f in facts_by.values()])),
                          "example_rationale": info.get("example_rationale")}
-    rec.table(f"AI-labeler alignment with the {label_name} labels ({where}; {align[cfg.variants[0].name]['pairs']} "
-              "held-out pairs in all; 95% CI)",
+    rec.table(f"AI-labeler alignment with the {label_name} labels ({where}; {count['align']} held-out pairs of "
+              f"{count['align_units']} units in all; 95% CI over units)",
               ["variant", "labeler", "parameters", "preamble", "shots", "CoT", "k", "alignment (debiased)",
                "no debiasing", "position bias", "s per seed"],
               [[v.name, align[v.name]["labeler"], f"{align[v.name]['params']:,}", v.preamble, v.shots,
                 "yes" if v.cot else "no", v.self_consistency, _ci(align[v.name]["debiased"]),
                 _ci(align[v.name]["no_debias"]), _ci(align[v.name]["bias"]), f"{align[v.name]['seconds']:.0f}"]
                for v in cfg.variants])
-    gates = facts.get("labeler_gates")
-    if gates:
-        rows = []
-        for s in seeds:
-            for g in (facts_by[s].get("labeler_gates") or {}).get("rows", []):
-                rows.append([s, g["gate"], f"{g['value']:.3f}", f"{g['direction']} {g['target']}",
-                             {True: "pass", False: "FAIL"}.get(g.get("passed"), "")])
+    gate_rows = [[s, g["gate"], f"{g['value']:.3f}", f"{g['direction']} {g['target']}",
+                  {True: "pass", False: "FAIL"}.get(g.get("passed"), "")]
+                 for s in seeds for g in (facts_by[s].get("labeler_gates") or {}).get("rows", [])]
+    if gate_rows:
         rec.table("Labeler gates of each world (largest labeler, measured when the labelers were built)",
-                  ["world seed", "gate", "value", "target", ""], rows)
+                  ["world seed", "gate", "value", "target", ""], gate_rows)
     # ---------------------------------------------------------------- reward models
     rms: dict[str, dict[str, Any]] = {}
-    rec.results["rm_train_label_agreement"] = None
     rm_names = [n for n in RM_NAMES if find(by_seed[seeds[0]], "rm", rm=n) is not None]
     for i, n in enumerate(rm_names):
-        rms[n] = {"accuracy": ci_over(lambda rs, n=n: rm_credit(find(rs, "rm", rm=n)), 1000 + i),
-                  "pairs": sum(len(find(by_seed[s], "rm", rm=n)["ids"]) for s in seeds)}
+        rms[n] = {"accuracy": ci_over(lambda rs, n=n: per_unit(find(rs, "rm", rm=n), rm_credit(find(rs, "rm", rm=n))),
+                                      1000 + i)}
+    agree = None
     if rms:
-        agree = ci_over(lambda rs: (None if find(rs, "rm_labels") is None else
-                                    credit(find(rs, "rm_labels")["p_a"], find(rs, "rm_labels")["human"])), 1100)
-        train_n = sum(f["pairs"]["train"] for f in facts_by.values())
+        agree = ci_over(lambda rs: (None if find(rs, "rm_labels") is None else per_unit(
+            find(rs, "rm_labels"), alignment_credit(find(rs, "rm_labels")["p_a"], find(rs, "rm_labels")["human"]))),
+            1100)
         what = {"ai": f"AI soft labels ({cfg.rm.label_variant}; agree with {label_name}: {_ci(agree)})",
                 "gold": "gold labels (hard)", "human": "human labels (hard)",
                 "untrained": "none: the SFT policy with the fresh head both RMs start from",
-                "proxy": "the world's proxy RM (teacher, minimal and policy pairs)"}
-        rec.table(f"RM pairwise accuracy on held-out {label_name}-labelled pairs ({where}; "
-                  f"{rms[rm_names[0]]['pairs']} pairs in all; trained on {train_n} pairs in all; 95% CI)",
+                "proxy": ("the world's proxy RM (teacher, minimal and policy pairs)" if facts["world"] is not None
+                          else "source.real.reward_model")}
+        rec.table(f"RM pairwise accuracy on held-out {label_name}-labelled pairs ({where}; {count['eval']} pairs of "
+                  f"{count['eval_units']} units in all; trained on {count['train']} pairs in all; 95% CI over units)",
                   ["reward model", "trained on", "held-out accuracy"],
                   [[n, what[n], _ci(r["accuracy"])] for n, r in rms.items()])
-        rec.results["rm_train_label_agreement"] = agree
+    rec.results["rm_train_label_agreement"] = agree
     # ---------------------------------------------------------------- RL
     rl: dict[str, dict[str, Any]] = {}
-    pols = ["sft", *facts["arms"]]
     has_gold = facts["world"] is not None
-    for i, p in enumerate(pols if facts["arms"] else []):
+    for i, p in enumerate(["sft", *facts["arms"]] if facts["arms"] else []):
         row: dict[str, Any] = {}
         if has_gold:
             row["gold"] = ci_over(lambda rs, p=p: np.mean(find(rs, "policy", policy=p)["gold"], axis=1), 2000 + i)
@@ -869,9 +916,8 @@ def report_study(cfg: Config, console: Any = None, started: float | None = None)
                 row["gold_vs_sft"] = ci_over(lambda rs, p=p: endpoint_units(f"gold:{p}:sft", rs), 2100 + i)
                 row["win_vs_sft"] = ci_over(lambda rs, p=p: endpoint_units(f"win:{p}:sft", rs) + 0.5, 2200 + i)
         if p != "sft":
-            j = [find(by_seed[s], "policy", policy=p)["judge_vs_sft"] for s in seeds]
-            row["judge_win_vs_sft"] = judge_win_rate(np.concatenate([np.ravel(x["q_ab"]) for x in j]),
-                                                     np.concatenate([np.ravel(x["q_ba"]) for x in j])).win_rate
+            row["judge_win_vs_sft"] = ci_over(
+                lambda rs, p=p: judge_credit(find(rs, "policy", policy=p)["judge_vs_sft"]), 2300 + i)
         rl[p] = row
     if rl:
         a = cfg.a2c
@@ -884,10 +930,11 @@ def report_study(cfg: Config, console: Any = None, started: float | None = None)
             if has_gold:
                 cells += [_ci(r["gold"]), "" if p == "sft" else _ci(r["gold_vs_sft"]),
                           "" if p == "sft" else _ci(r["win_vs_sft"])]
-            cells.append("" if p == "sft" else f"{r['judge_win_vs_sft']:.3f}")
+            cells.append("" if p == "sft" else _ci(r["judge_win_vs_sft"]))
             rows.append(cells)
         rec.table(f"A2C policies on {n_prompts} held-out prompts in all x {a.eval_samples} samples ({where}; "
-                  f"{a.iterations} iterations x {a.prompts_per_iteration * a.n} rollouts; 95% CI)", heads, rows)
+                  f"{a.iterations} iterations x {a.prompts_per_iteration * a.n} rollouts; 95% CI over prompts)",
+                  heads, rows)
     # ---------------------------------------------------------------- protocol, plots, notes
     verdicts: list[dict[str, Any]] = []
     if cfg.protocol.endpoints and facts["world"] is not None:
@@ -895,7 +942,7 @@ def report_study(cfg: Config, console: Any = None, started: float | None = None)
     elif cfg.protocol.endpoints:
         rec.notes.append("The protocol was not evaluated: its endpoints need the world's gold labels and reward "
                          "(source.kind: world).")
-    _plots(rec, cfg, align, rl, has_gold)
+    _plots(rec, cfg, align, rl, has_gold, label_name)
     rec.notes.extend(_notes(cfg, facts_by, align, rms, rl, label_name))
     rec.results.update(world_seeds=seeds, labels=label_name, alignment=align, reward_models=rms, rl=rl,
                        protocol=verdicts, pairs={str(s): f["pairs"] for s, f in facts_by.items()},
@@ -915,12 +962,17 @@ def run(cfg: Config, console: Any = None) -> dict[str, Any]:
 def _notes(cfg: Config, facts_by: dict[int, dict[str, Any]], align: dict[str, dict[str, Any]],
            rms: dict[str, dict[str, Any]], rl: dict[str, dict[str, Any]], label_name: str) -> list[str]:
     """The set-up in words, and plain statements of what the numbers show (computed, not written in advance)."""
-    f = next(iter(facts_by.values()))
-    p = f["pairs"]
-    out = [f"Pairs per world seed: {p['train']} RM-train pairs (training prompts) and {p['eval']} held-out pairs "
-           f"(the first {p['align']} are the alignment pairs) with different {label_name} labels; gold ties, "
-           "identical and empty responses skipped." if f["world"] is not None else
-           f"Pairs: {p['total']} human pairs ({p['eval']} held out for RM evaluation)."]
+    out = []
+    for s, f in facts_by.items():
+        p = f["pairs"]
+        out.append(f"World seed {s}: {p['train']} RM-train pairs (training prompts) and {p['eval']} held-out pairs "
+                   f"on {p['eval_units']} prompts (the first {p['align']}, on {p['align_units']} prompts, are the "
+                   f"alignment pairs) with different {label_name} labels; gold ties, identical and empty responses "
+                   "skipped." if f["world"] is not None else
+                   f"Pairs: {p['total']} human pairs ({p['eval']} held out for RM evaluation).")
+        out += [f"World seed {s}: {w}" for w in f.get("warnings", [])]
+    out.append("Statistical unit: a held-out prompt (its pairs share samples, so they are averaged first); the "
+               "intervals and the protocol's tests resample units within each world seed.")
     out.append("Alignment: the debiased label averages both candidate orders; 'no debiasing' is the mean agreement "
                "of the two single-order labels (what a both_orders=False run computes); position bias is the share "
                "of pairs on which the same position wins in both orders.")
@@ -937,12 +989,13 @@ def _notes(cfg: Config, facts_by: dict[int, dict[str, Any]], align: dict[str, di
         out.append(f"A2C: {a.iterations} iterations of {a.prompts_per_iteration} prompts x {a.n} rollouts "
                    f"(T = {a.temperature:g}), beta {a.beta:g} (KL in the {a.kl_mode}), lr {a.lr:g}, from the SFT "
                    "policy on the RM-train prompts; every policy samples the held-out prompts with one engine seed "
-                   "(common random numbers); the AI judge is the RM's label variant, both orders.")
+                   "(common random numbers). The AI judge is the RM's label variant, both orders: the same labeler "
+                   "whose labels trained the RLAIF RM, so its win rates lean towards rlaif; the gold columns do not.")
     return out
 
 
 def _plots(rec: Record, cfg: Config, align: dict[str, dict[str, Any]], rl: dict[str, dict[str, Any]],
-           has_gold: bool) -> None:
+           has_gold: bool, label_name: str) -> None:
     def err(cs: Sequence[Sequence[float]]) -> list[list[float]]:
         return [[c[0] - c[1] for c in cs], [c[2] - c[0] for c in cs]]
 
@@ -957,12 +1010,16 @@ def _plots(rec: Record, cfg: Config, align: dict[str, dict[str, Any]], rl: dict[
         ax.axhline(0.5, color="grey", lw=0.8, ls="--")
         ax.set_xticks(x, names, rotation=30, ha="right")
         ax.set_ylim(0, 1)
-        ax.set_ylabel("agreement with gold labels (95% CI)")
+        ax.set_ylabel(f"agreement with {label_name} labels (95% CI)")
         ax.legend(fontsize=8)
         ax.grid(axis="y", alpha=0.3)
         ax2 = fig.add_subplot(1, 2, 2)
-        plain = [v for v in cfg.variants if not v.cot and not v.shots and v.preamble == "world"]
-        by_params = sorted({align[v.name]["params"]: v.name for v in plain}.items())
+        # the size curve: the prompt set-up (preamble, shots, CoT, k) shared by the most labelers
+        groups: dict[tuple, dict[int, str]] = {}
+        for v in cfg.variants:
+            groups.setdefault((v.preamble, v.shots, v.cot, v.self_consistency), {})[align[v.name]["params"]] = v.name
+        setup, sized = max(groups.items(), key=lambda kv: len(kv[1]))
+        by_params = sorted(sized.items())
         if by_params:
             ps = [p for p, _ in by_params]
             cs = [align[n]["debiased"] for _, n in by_params]
@@ -971,7 +1028,8 @@ def _plots(rec: Record, cfg: Config, align: dict[str, dict[str, Any]], rl: dict[
             for p, n in by_params:
                 ax2.annotate(n, (p, align[n]["debiased"][0]), fontsize=7)
             ax2.set_xscale("log")
-        ax2.set_xlabel("labeler parameters (0-shot, no CoT)")
+        ax2.set_xlabel(f"labeler parameters (preamble {setup[0]}, {setup[1]} shots, CoT {'on' if setup[2] else 'off'}, "
+                       f"k {setup[3]})")
         ax2.set_ylim(0, 1)
         ax2.legend(fontsize=8)
         ax2.grid(alpha=0.3)
@@ -989,12 +1047,16 @@ def _plots(rec: Record, cfg: Config, align: dict[str, dict[str, Any]], rl: dict[
             ax.set_xticks(np.arange(len(rl)), list(rl))
             ax.set_ylabel("held-out mean gold reward (95% CI)")
             ax.grid(axis="y", alpha=0.3)
+        else:
+            ax.text(0.5, 0.5, "no gold reward on a real source", ha="center", va="center")
+            ax.set_axis_off()
         ax2 = fig.add_subplot(1, 2, 2)
         x = np.arange(len(arms))
         if has_gold:
             cs = [rl[p]["win_vs_sft"] for p in arms]
             ax2.bar(x - 0.2, [c[0] for c in cs], 0.4, yerr=err(cs), capsize=3, label="gold judge")
-        ax2.bar(x + (0.2 if has_gold else 0.0), [rl[p]["judge_win_vs_sft"] for p in arms], 0.4, label="AI judge")
+        cs = [rl[p]["judge_win_vs_sft"] for p in arms]
+        ax2.bar(x + (0.2 if has_gold else 0.0), [c[0] for c in cs], 0.4, yerr=err(cs), capsize=3, label="AI judge")
         ax2.axhline(0.5, color="grey", lw=0.8, ls="--")
         ax2.set_xticks(x, arms)
         ax2.set_ylim(0, 1)

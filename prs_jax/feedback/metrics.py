@@ -27,14 +27,20 @@ def _credit(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
     return np.where((pred == -1) | (target == -1), 0.5, (pred == target).astype(np.float64))
 
 
-def labeler_alignment(p_a: Sequence[float] | np.ndarray, human: Sequence[int] | np.ndarray) -> float:
-    """Mean over pairs of 1[argmax soft label == human label] (human: 0 = A preferred, 1 = B); ties count half."""
+def alignment_credit(p_a: Sequence[float] | np.ndarray, human: Sequence[int] | np.ndarray) -> np.ndarray:
+    """Per pair: 1 where the soft label picks the human-preferred answer, 0 where the other, 1/2 for a tie."""
     pred, target = verdicts(p_a), np.asarray(human, np.int64).reshape(-1)
     if pred.shape != target.shape:
         raise ValueError(f"labeler_alignment: {pred.size} soft labels but {target.size} human labels.")
     if not np.isin(target, (0, 1)).all():
         raise ValueError("labeler_alignment: human labels must be 0 (A preferred) or 1 (B preferred).")
-    return float(_credit(pred, target).mean()) if pred.size else math.nan
+    return _credit(pred, target)
+
+
+def labeler_alignment(p_a: Sequence[float] | np.ndarray, human: Sequence[int] | np.ndarray) -> float:
+    """Mean over pairs of 1[argmax soft label == human label] (human: 0 = A preferred, 1 = B); ties count half."""
+    c = alignment_credit(p_a, human)
+    return float(c.mean()) if c.size else math.nan
 
 
 def _first_position(q: Sequence[float] | np.ndarray) -> np.ndarray:
@@ -45,12 +51,16 @@ def _first_position(q: Sequence[float] | np.ndarray) -> np.ndarray:
 def position_bias_rate(q_ab: Sequence[float] | np.ndarray, q_ba: Sequence[float] | np.ndarray) -> float:
     """Share of pairs where the same POSITION wins in both orders. `q_ab` / `q_ba` are P(position 1 wins) with
     A first and with B first (or [N, 2] distributions over positions); a tie in either order is no win."""
+    same = same_position(q_ab, q_ba)
+    return float(same.mean()) if same.size else math.nan
+
+
+def same_position(q_ab: Sequence[float] | np.ndarray, q_ba: Sequence[float] | np.ndarray) -> np.ndarray:
+    """Per pair: 1.0 where the same position wins in both orders (see position_bias_rate), else 0.0."""
     a, b = _first_position(q_ab), _first_position(q_ba)
     if a.shape != b.shape:
         raise ValueError(f"position_bias_rate: {a.size} judgements with A first but {b.size} with B first.")
-    if not a.size:
-        return math.nan
-    return float(np.mean(((a > 0.5) & (b > 0.5)) | ((a < 0.5) & (b < 0.5))))
+    return (((a > 0.5) & (b > 0.5)) | ((a < 0.5) & (b < 0.5))).astype(np.float64)
 
 
 def agreement(p_a_1: Sequence[float] | np.ndarray, p_a_2: Sequence[float] | np.ndarray) -> float:

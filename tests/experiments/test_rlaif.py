@@ -2,6 +2,7 @@
 vs gold RM, the four A2C arms, the protocol), the report re-made from the records, the real-source path, configs
 that load, and the pure per-unit helpers the endpoints are computed from."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -9,17 +10,19 @@ import numpy as np
 import pytest
 
 from prs_jax.config import load_config
+from prs_jax.errors import ConfigError
 from prs_jax.experiments import run_experiment
 from prs_jax.experiments.protocol import Endpoint, Protocol
 from prs_jax.experiments.rlaif import (
     Config,
     LabelerVariant,
+    Pair,
     align_units,
-    credit,
     endpoint_units,
     make_pairs,
     rm_credit,
 )
+from prs_jax.feedback.metrics import alignment_credit
 from prs_jax.strategies.base import PromptItem
 
 CONFIGS = Path(__file__).resolve().parents[2] / "experiments" / "configs" / "rlaif"
@@ -49,6 +52,12 @@ def test_bad_config_names_the_key():
         Config(protocol=Protocol(endpoints=(Endpoint("gold:sft"),)))
     with pytest.raises(ValueError, match="oracle"):  # the A2C arms were switched off
         Config(a2c_enabled=False, protocol=Protocol(endpoints=(Endpoint("gold:oracle:sft"),)))
+    with pytest.raises(ValueError, match="rlaif"):  # no RMs trained: no RLAIF arm
+        Config(rm=dataclasses.replace(Config().rm, steps=0), protocol=Protocol(endpoints=(Endpoint("gold:rlaif:sft"),)))
+    with pytest.raises(ValueError, match="human"):  # the world's labels are gold
+        Config(protocol=Protocol(endpoints=(Endpoint("rm:human"),)))
+    with pytest.raises(ConfigError, match="a2c.eval_samples"):
+        load_config(Config, CONFIGS / "smoke.yaml", ["a2c.eval_samples=0"])
 
 
 def test_labeler_context_is_the_request_text():
@@ -65,7 +74,8 @@ def test_pairs_skip_ties_and_per_pair_values():
     good, bad = "pear, plum, lemon.", "apple, pear, plum."
     pairs = make_pairs([item], [[good, bad, bad, bad]], lambda x, y, z: float("apple" not in y), "train")
     assert len(pairs) == 1 and pairs[0].human == 0 and pairs[0].split == "train" and pairs[0].id == "p/0"
-    assert credit([0.9, 0.1, 0.5], [0, 0, 1]).tolist() == [1.0, 0.0, 0.5]
+    assert pairs[0].unit == "p"  # the prompt: its pairs share samples
+    assert alignment_credit([0.9, 0.1, 0.5], [0, 0, 1]).tolist() == [1.0, 0.0, 0.5]
     # a labeler that always picks position 1: 1/2 after debiasing (ties), position bias 1, single orders 1/2
     u = align_units({"human": [0, 1], "p_a": [0.5, 0.5], "q_ab": [0.9, 0.9], "q_ba": [0.9, 0.9]})
     assert u["debiased"].tolist() == [0.5, 0.5] and u["bias"].tolist() == [1.0, 1.0]
@@ -74,34 +84,50 @@ def test_pairs_skip_ties_and_per_pair_values():
     assert rm_credit({"a": [1.0, 0.0, 2.0], "b": [0.0, 1.0, 2.0], "human": [0, 0, 1]}).tolist() == [1.0, 0.0, 0.5]
 
 
-def test_endpoint_units_pair_by_id():
-    ids = ["p/0", "p/1", "q/0"]
+def test_endpoint_units_pair_by_unit():
+    ids, units = ["p/0", "p/1", "q/0"], ["p", "p", "q"]
     human = [0, 1, 0]
     records = [
-        {"kind": "align", "variant": "big", "ids": ids, "human": human, "p_a": [0.8, 0.2, 0.7],
+        {"kind": "align", "variant": "big", "ids": ids, "units": units, "human": human, "p_a": [0.8, 0.2, 0.7],
          "q_ab": [0.8, 0.3, 0.9], "q_ba": [0.2, 0.6, 0.6]},
-        # the small labeler's records in another order: paired by id, not by position
-        {"kind": "align", "variant": "small", "ids": ids[::-1], "human": human[::-1], "p_a": [0.3, 0.5, 0.9],
-         "q_ab": [0.9, 0.9, 0.9], "q_ba": [0.9, 0.9, 0.9]},
-        {"kind": "rm", "rm": "ai", "ids": ids, "human": human, "a": [1.0, 0.0, 0.0], "b": [0.0, 1.0, 1.0]},
+        # the small labeler's records in another order: paired by unit, not by position
+        {"kind": "align", "variant": "small", "ids": ids[::-1], "units": units[::-1], "human": human[::-1],
+         "p_a": [0.3, 0.5, 0.9], "q_ab": [0.9, 0.9, 0.9], "q_ba": [0.9, 0.9, 0.9]},
+        {"kind": "rm", "rm": "ai", "ids": ids, "units": units, "human": human, "a": [1.0, 0.0, 0.0],
+         "b": [0.0, 1.0, 1.0]},
         {"kind": "policy", "policy": "sft", "ids": ["x", "y"], "gold": [[0.2, 0.4], [0.5, 0.5]]},
         {"kind": "policy", "policy": "rlaif", "ids": ["x", "y"], "gold": [[0.3, 0.4], [0.1, 0.5]]},
     ]
-    assert endpoint_units("align:big", records).tolist() == [0.5, 0.5, 0.5]
-    # small: q/0 -> wrong (0.3 picks B, human A), p/1 -> tie, p/0 -> right
-    assert endpoint_units("align:big:small", records).tolist() == [0.0, 0.5, 1.0]
-    np.testing.assert_allclose(endpoint_units("debias:big", records), [0.0, 0.0, 0.5])
-    assert endpoint_units("bias:small", records).tolist() == [1.0, 1.0, 1.0]
-    np.testing.assert_allclose(endpoint_units("bias:big:small", records), [-1.0, -1.0, -0.0])
-    np.testing.assert_allclose(endpoint_units("rm:ai", records), [0.5, 0.5, -0.5])
+    # one value per unit (prompt p averages its two pairs), units in the first record's order
+    assert endpoint_units("align:big", records).tolist() == [0.5, 0.5]
+    # small: q/0 -> wrong (0.3 picks B, human A), p/1 -> tie, p/0 -> right; p = (1 + 0.5) / 2
+    assert endpoint_units("align:big:small", records).tolist() == [0.25, 1.0]
+    np.testing.assert_allclose(endpoint_units("debias:big", records), [0.0, 0.5])
+    assert endpoint_units("bias:small", records).tolist() == [1.0, 1.0]
+    np.testing.assert_allclose(endpoint_units("bias:big:small", records), [-1.0, 0.0])
+    np.testing.assert_allclose(endpoint_units("rm:ai", records), [0.5, -0.5])
     np.testing.assert_allclose(endpoint_units("gold:rlaif:sft", records), [0.05, -0.2])
     np.testing.assert_allclose(endpoint_units("win:rlaif:sft", records), [0.25, -0.25])
     with pytest.raises(ValueError, match="no align record"):
         endpoint_units("align:medium", records)
 
 
+def test_rm_rows_keep_the_prompt_format():
+    """Text pairs (e.g. TL;DR comparisons) stay text; conversations get message responses: the RM trainer's
+    pair parser refuses a mix."""
+    from prs_jax.data.pairs import parse_pair
+    from prs_jax.experiments.rlaif import _rm_rows
+
+    text = Pair("t", "Summarise: the cat sat.", "A cat sat.", "Dogs.", 1, "train", "t")
+    chat = Pair("c", [{"role": "user", "content": "hi"}], "hello", "bye", 0, "train", "c")
+    for rows in (_rm_rows([text, chat], None), _rm_rows([text, chat], np.array([0.3, 0.8]))):
+        assert rows[0]["chosen"] in ("A cat sat.", "Dogs.") and isinstance(rows[1]["chosen"], list)
+        for r in rows:
+            parse_pair(r)
+    assert _rm_rows([text], None)[0]["chosen"] == "Dogs."  # human prefers B
+
+
 def test_rewards_load_by_name(smoke_world):
-    from prs_jax.experiments.rlaif import world_gold_reward
     from prs_jax.strategies.base import join_preference
     from prs_jax.train.a2c import RewardConfig
     from prs_jax.world.task import gold_reward
@@ -110,9 +136,9 @@ def test_rewards_load_by_name(smoke_world):
     rows = smoke_world.heldout()[:3]
     prompts = [join_preference(r["prompt"], r["preference"]) for r in rows]
     answers = ["one, two, three.", "", "Sure! apple, pear."]
-    got = RewardConfig(callable="prs_jax.experiments.rlaif:world_gold_reward").build()(prompts, answers)
+    # the oracle arm's reward: A2C prompts are x, a blank line, z
+    got = RewardConfig(callable="prs_jax.world.task:gold_reward", interface="pair").build()(prompts, answers)
     assert got == [gold_reward(r["prompt"], y, r["preference"]) for r, y in zip(rows, answers)]
-    assert world_gold_reward(prompts[:1], answers[:1]) == got[:1]
 
 
 def test_smoke_end_to_end_and_report(smoke_world_root, tmp_path):
