@@ -534,8 +534,9 @@ def train_rm(cfg: Config, init: str, train_file: Path, eval_file: Path, soft: bo
                               mesh=cfg.mesh))
     run_dir = work / f"rm_{name}-{_digest(base, train_file, eval_file)}"
     if not _fresh_or_done(run_dir):
-        run_train("rm", dataclasses.replace(base, trainer=dataclasses.replace(base.trainer, out_dir=str(run_dir / "run")),
-                                            export_dir=str(run_dir / "export")), console=console)
+        trainer = dataclasses.replace(base.trainer, out_dir=str(run_dir / "run"))
+        run_train("rm", dataclasses.replace(base, trainer=trainer, export_dir=str(run_dir / "export")),
+                  console=console)
     return str(run_dir / "export")
 
 
@@ -878,7 +879,8 @@ def report_study(cfg: Config, console: Any = None, started: float | None = None)
                 "yes" if v.cot else "no", v.self_consistency, _ci(align[v.name]["debiased"]),
                 _ci(align[v.name]["no_debias"]), _ci(align[v.name]["bias"]), f"{align[v.name]['seconds']:.0f}"]
                for v in cfg.variants])
-    gate_rows = [[s, g["gate"], f"{g['value']:.3f}", f"{g['direction']} {g['target']}",
+    gate_rows = [[s, g["gate"], "n/a" if g["value"] is None else f"{g['value']:.3f}",
+                  f"{g['direction']} {g['target']}",
                   {True: "pass", False: "FAIL"}.get(g.get("passed"), "")]
                  for s in seeds for g in (facts_by[s].get("labeler_gates") or {}).get("rows", [])]
     if gate_rows:
