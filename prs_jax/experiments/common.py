@@ -194,6 +194,12 @@ def _without(config: dict[str, Any], dotted: Sequence[str]) -> dict[str, Any]:
     return out
 
 
+def measured_config(cfg: Any, not_measured: Sequence[str]) -> dict[str, Any]:
+    """A study config as plain JSON without the `not_measured` top-level keys: what measure.json records as the
+    config that decided the records, and what a report must match (pool_measured)."""
+    return json.loads(json.dumps({k: v for k, v in to_dict(cfg).items() if k not in not_measured}, default=str))
+
+
 def pool_measured(out_dir: str | Path, pool_dirs: Sequence[str], config: dict[str, Any], study: str,
                   pool_free: Sequence[str] = ("source.world.seed",), facts_name: str = "measure.json",
                   records_name: str = "records.jsonl"

@@ -37,7 +37,7 @@ from typing import Any, Literal
 import numpy as np
 
 from prs_jax.config import to_dict
-from prs_jax.experiments.common import Record, Source, pool_measured
+from prs_jax.experiments.common import Record, Source, measured_config, pool_measured
 from prs_jax.experiments.env import StudyEnv
 from prs_jax.experiments.protocol import Protocol, pooled_ci, report_protocol
 from prs_jax.experiments.policy_tools import (
@@ -296,14 +296,8 @@ def parse_endpoint(name: str) -> tuple[str, tuple[str, int], tuple[str, int]]:
                      "'greedy:prs-sft_best@3:rand-sft_best@3'; iteration 0 is the starting policy).")
 
 
-def _measured_config(cfg: Config) -> dict[str, Any]:
-    """The config keys that decide the records, as plain JSON (not the output places, the protocol, pooling
-    and report settings)."""
-    import json
-
-    return json.loads(json.dumps({k: v for k, v in to_dict(cfg).items()
-                                  if k not in ("out_dir", "work_dir", "pool_dirs", "protocol", "n_boot")},
-                                 default=str))
+# config keys that do not decide the records (where they go, the protocol, pooling and report settings)
+NOT_MEASURED = ("out_dir", "work_dir", "pool_dirs", "protocol", "n_boot")
 
 
 def measure_study(cfg: Config, console: Any = None) -> Path:
@@ -393,7 +387,7 @@ def measure_study(cfg: Config, console: Any = None) -> Path:
     world = None if env.world is None else {
         "key": env.world.report.get("key"), "root": str(env.world.root), "seed": env.world.config.seed,
         "rm_heldout_accuracy": env.world.report.get("rm_heldout_accuracy")}
-    facts = {"config": _measured_config(cfg), "source": cfg.source.kind, "world": world,
+    facts = {"config": measured_config(cfg, NOT_MEASURED), "source": cfg.source.kind, "world": world,
              "world_seed": None if world is None else world["seed"],
              "judge": "gold reward" if gold is not None else "reward model (no gold reward on real checkpoints)",
              "env": env.info, "arms": arms_out, "start_seconds": start_seconds,
@@ -451,7 +445,7 @@ def report_study(cfg: Config, console: Any = None, started: float | None = None)
     """Report: per-metric tables by iteration (95% CIs pooled over the world seeds of out_dir + pool_dirs),
     the data table, the curves and the protocol's verdicts, from the saved records alone."""
     _check(cfg)
-    facts_by, by_seed = pool_measured(cfg.out_dir, cfg.pool_dirs, _measured_config(cfg), "offline_rl",
+    facts_by, by_seed = pool_measured(cfg.out_dir, cfg.pool_dirs, measured_config(cfg, NOT_MEASURED), "offline_rl",
                                       ("source.world.seed",), MEASURE_FACTS, RECORDS)
     seeds = sorted(by_seed)
     facts = next(iter(facts_by.values()))

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from prs_jax.eval.stats import mean_se, win_rate
-from prs_jax.experiments.common import Record, Source, pool_measured
+from prs_jax.experiments.common import Record, Source, measured_config, pool_measured
 from prs_jax.experiments.protocol import Protocol, evaluated_seeds, pooled_ci, report_protocol
 from prs_jax.experiments.reward_vs_n import Generation, Method, _seed_for, run_paired, study_env
 from prs_jax.strategies.base import PromptItem
@@ -240,13 +240,8 @@ def teacher_records(world: Any, prompts: Sequence[Any], groups: Sequence[str], n
     return rows
 
 
-def _measured_config(cfg: Config) -> dict[str, Any]:
-    """The config keys that decide the records, as plain JSON (the protocol, pooling and report settings are
-    applied by the report)."""
-    from prs_jax.config import to_dict
-
-    return json.loads(json.dumps({k: v for k, v in to_dict(cfg).items()
-                                  if k not in ("out_dir", "pool_dirs", "protocol", "n_boot")}, default=str))
+# config keys that do not decide the records (where they go, the protocol, pooling and report settings)
+NOT_MEASURED = ("out_dir", "pool_dirs", "protocol", "n_boot")
 
 
 def measure_study(cfg: Config, console: Any = None) -> Path:
@@ -292,7 +287,7 @@ def measure_study(cfg: Config, console: Any = None) -> Path:
     world = None if env.world is None else {
         "key": env.world.report.get("key"), "root": str(env.world.root), "seed": env.world.config.seed,
         "rm_heldout_accuracy": env.world.report.get("rm_heldout_accuracy")}
-    facts = {"config": _measured_config(cfg), "source": cfg.source.kind, "prompts": len(items),
+    facts = {"config": measured_config(cfg, NOT_MEASURED), "source": cfg.source.kind, "prompts": len(items),
              "judge": "gold reward" if prompt_of is not None else "reward model (also the selector)",
              "world": world, "world_seed": None if world is None else world["seed"],
              "policy_parameters": env.param_count(), "run_seconds": seconds, "teacher_seconds": teacher_s,
@@ -462,7 +457,8 @@ def report_study(cfg: Config, console: Any = None, started: float | None = None)
     intervals, the teacher ceiling beside each), the figure, the protocol's verdicts and results.json /
     results.md from the saved records alone; re-runnable without models."""
     _check(cfg)
-    facts_by, by_seed = pool_measured(cfg.out_dir, cfg.pool_dirs, _measured_config(cfg), "preference_adaptation",
+    measured = measured_config(cfg, NOT_MEASURED)
+    facts_by, by_seed = pool_measured(cfg.out_dir, cfg.pool_dirs, measured, "preference_adaptation",
                                       ("source.world.seed",), MEASURE_FACTS, RECORDS)
     facts = next(iter(facts_by.values()))
     rec = Record("preference_adaptation", cfg, cfg.out_dir, cfg.seed)

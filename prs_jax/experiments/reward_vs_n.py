@@ -27,7 +27,7 @@ from typing import Any, Literal
 import numpy as np
 
 from prs_jax.eval.stats import mean_se
-from prs_jax.experiments.common import Record, Source, pool_measured
+from prs_jax.experiments.common import Record, Source, measured_config, pool_measured
 from prs_jax.experiments.env import StudyEnv
 from prs_jax.experiments.protocol import Protocol, evaluated_seeds, pooled_ci, report_protocol
 from prs_jax.models.sharding import MeshConfig
@@ -738,14 +738,8 @@ def _check(cfg: Config) -> None:
                              "counterpart (Rand, PRand, two-layer PRS).")
 
 
-def _measured_config(cfg: Config) -> dict[str, Any]:
-    """The config keys that decide the records, as plain JSON (the protocol, comparisons, pooling and report
-    settings are applied by the report)."""
-    from prs_jax.config import to_dict
-
-    return json.loads(json.dumps({k: v for k, v in to_dict(cfg).items()
-                                  if k not in ("out_dir", "pool_dirs", "protocol", "comparisons", "n_boot")},
-                                 default=str))
+# config keys that do not decide the records (where they go, the protocol, pooling and report settings)
+NOT_MEASURED = ("out_dir", "pool_dirs", "protocol", "comparisons", "n_boot")
 
 
 def measure_study(cfg: Config, console: Any = None) -> Path:
@@ -772,7 +766,7 @@ def measure_study(cfg: Config, console: Any = None) -> Path:
         teacher_s = time.perf_counter() - t0
     out = Path(cfg.out_dir)
     write_jsonl(out / RECORDS, records)
-    facts = {"config": _measured_config(cfg), "source": cfg.source.kind, "prompts": len(items),
+    facts = {"config": measured_config(cfg, NOT_MEASURED), "source": cfg.source.kind, "prompts": len(items),
              "policy_parameters": env.param_count(), "run_seconds": seconds, "teacher_seconds": teacher_s,
              "compilations": env.compilations,
              "world_seed": None if env.world is None else env.world.config.seed,
@@ -796,7 +790,8 @@ def report_study(cfg: Config, console: Any = None, started: float | None = None)
     AlpacaEval outputs files) from the saved records alone, pooled over the world seeds of out_dir + pool_dirs;
     re-runnable without models."""
     _check(cfg)
-    facts_by, by_seed = pool_measured(cfg.out_dir, cfg.pool_dirs, _measured_config(cfg), "reward_vs_n", POOL_FREE,
+    measured = measured_config(cfg, NOT_MEASURED)
+    facts_by, by_seed = pool_measured(cfg.out_dir, cfg.pool_dirs, measured, "reward_vs_n", POOL_FREE,
                                       MEASURE_FACTS, RECORDS)
     seeds = sorted(by_seed)
     facts = next(iter(facts_by.values()))

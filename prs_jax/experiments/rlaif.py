@@ -60,7 +60,7 @@ from tqdm import tqdm
 
 from prs_jax.config import check_ranges, to_dict
 from prs_jax.data.io import write_jsonl, write_text_atomic
-from prs_jax.experiments.common import Record, Source, param_count, pool_measured
+from prs_jax.experiments.common import Record, Source, measured_config, param_count, pool_measured
 from prs_jax.experiments.env import StudyEnv
 from prs_jax.experiments.policy_tools import config_digest
 from prs_jax.experiments.protocol import Protocol, pooled_ci, report_protocol
@@ -606,11 +606,8 @@ def run_rl(cfg: Config, setting: Setting, arm: Arm, rm_dirs: dict[str, str], wor
 POOL_FREE = ("source.world.seed", "source.world.path")  # what may differ between the pooled OUT directories
 
 
-def _measured_config(cfg: Config) -> dict[str, Any]:
-    """The config keys that decide what is measured (not where it is written, the protocol or report settings)."""
-    return json.loads(json.dumps({k: v for k, v in to_dict(cfg).items()
-                                  if k not in ("out_dir", "work_dir", "pool_dirs", "protocol", "n_boot", "progress")},
-                                 default=str))
+# config keys that do not decide the records (where they go, the protocol, pooling and report settings)
+NOT_MEASURED = ("out_dir", "work_dir", "pool_dirs", "protocol", "n_boot", "progress")
 
 
 def _judge_records(labeler: AILabeler, items: Sequence[PromptItem], a: Sequence[Sequence[str]],
@@ -739,7 +736,7 @@ def measure_study(cfg: Config, console: Any = None) -> Path:
     write_jsonl(out / RECORDS, records)
     world = None if env.world is None else {
         "key": env.world.report.get("key"), "root": str(env.world.root), "seed": env.world.config.seed}
-    facts = {"config": _measured_config(cfg), "source": cfg.source.kind, "world": world,
+    facts = {"config": measured_config(cfg, NOT_MEASURED), "source": cfg.source.kind, "world": world,
              "world_seed": None if world is None else world["seed"], "env": env.info,
              "policy_params": param_count(env.model), "labeler_gates": gates, "variants": variants,
              "pairs": {"total": len(pairs), "train": len(train_pairs), "eval": len(eval_pairs), "align": len(align),
@@ -840,7 +837,8 @@ def _ci(c: Sequence[float]) -> str:
 def report_study(cfg: Config, console: Any = None, started: float | None = None) -> dict[str, Any]:
     """Report: alignment, RM and RL tables (95% CIs pooled over the world seeds of out_dir + pool_dirs, the unit
     a prompt), plots and the protocol's verdicts, from the saved records alone."""
-    facts_by, by_seed = pool_measured(cfg.out_dir, cfg.pool_dirs, _measured_config(cfg), "rlaif", POOL_FREE,
+    measured = measured_config(cfg, NOT_MEASURED)
+    facts_by, by_seed = pool_measured(cfg.out_dir, cfg.pool_dirs, measured, "rlaif", POOL_FREE,
                                       MEASURE_FACTS, RECORDS)
     seeds = sorted(by_seed)
     facts = next(iter(facts_by.values()))

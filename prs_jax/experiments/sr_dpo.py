@@ -41,7 +41,7 @@ import numpy as np
 
 from prs_jax.config import to_dict
 from prs_jax.eval.stats import mean_se, win_rate
-from prs_jax.experiments.common import Record, Source, param_count, pool_measured
+from prs_jax.experiments.common import Record, Source, measured_config, param_count, pool_measured
 from prs_jax.experiments.env import StudyEnv
 from prs_jax.experiments.policy_tools import (
     assistant,
@@ -449,13 +449,9 @@ def _orient(lp: dict[str, np.ndarray], rows: Sequence[dict[str, Any]], index: di
 
 
 RECORDS, MEASURE_FACTS = "records.jsonl", "measure.json"
-# the protocol is applied by the report (it is recorded at measure time: the report says when it changed since)
-_NOT_MEASURED = ("out_dir", "pool_dirs", "protocol")
-
-
-def _measured_config(cfg: Config) -> dict[str, Any]:
-    """The config keys that decide the records, as plain JSON."""
-    return json.loads(json.dumps({k: v for k, v in to_dict(cfg).items() if k not in _NOT_MEASURED}, default=str))
+# config keys that do not decide the records; the protocol is applied by the report (it is recorded at measure
+# time: the report says when it changed since)
+NOT_MEASURED = ("out_dir", "pool_dirs", "protocol")
 
 
 def _f(x: Any) -> float | None:
@@ -591,7 +587,8 @@ def measure_study(cfg: Config, console: Any = None, reward_model: str | Path | N
     world = None if env.world is None else {
         "key": env.world.report.get("key"), "root": str(env.world.root), "seed": env.world.config.seed,
         "rm_heldout_accuracy": env.world.report.get("rm_heldout_accuracy")}
-    facts = {"config": _measured_config(cfg), "protocol_declared": json.loads(json.dumps(to_dict(cfg.protocol))),
+    facts = {"config": measured_config(cfg, NOT_MEASURED),
+             "protocol_declared": json.loads(json.dumps(to_dict(cfg.protocol))),
              "world": world, "world_seed": None if world is None else world["seed"],
              "judge": "gold reward" if env.gold is not None else "reward model (no gold reward on real checkpoints)",
              "prompt_prefix": prefix, "policy_parameters": param_count(sft), "reward_model": str(env.reward_model), "pairs": pair_info, "runs": runs,
@@ -699,7 +696,8 @@ _POOL_FREE = ("source.world.seed", "work_dir")
 def report_study(cfg: Config, console: Any = None, started: float | None = None) -> dict[str, Any]:
     """Report: tables, controls, the protocol's verdicts (per world seed and pooled over out_dir + pool_dirs),
     figures and results.json / results.md from the saved records alone; re-runnable without models."""
-    facts_by, seeds = pool_measured(cfg.out_dir, cfg.pool_dirs, _measured_config(cfg), "sr_dpo", _POOL_FREE,
+    measured = measured_config(cfg, NOT_MEASURED)
+    facts_by, seeds = pool_measured(cfg.out_dir, cfg.pool_dirs, measured, "sr_dpo", _POOL_FREE,
                                     MEASURE_FACTS, RECORDS)
     facts, records = next(iter(facts_by.values())), next(iter(seeds.values()))
     rec = Record("sr_dpo", cfg, cfg.out_dir, cfg.seed)

@@ -56,7 +56,7 @@ import numpy as np
 from rich.console import Console
 
 from prs_jax.eval.stats import mean_se
-from prs_jax.experiments.common import Record, Source, pool_measured
+from prs_jax.experiments.common import Record, Source, measured_config, pool_measured
 from prs_jax.experiments.env import StudyEnv
 from prs_jax.experiments.protocol import Protocol, pooled_ci, report_protocol
 from prs_jax.models.sharding import MeshConfig
@@ -572,13 +572,8 @@ def dpo_sharpen(cfg: Config, setting: Setting, env: StudyEnv, model: Any, work: 
     return str(work / "dpo_policy"), summary
 
 
-def _measured_config(cfg: Config) -> dict[str, Any]:
-    """The config keys that decide the records, as plain JSON (protocol, pooling and report settings apart)."""
-    from prs_jax.config import to_dict
-
-    return json.loads(json.dumps({k: v for k, v in to_dict(cfg).items()
-                                  if k not in ("out_dir", "pool_dirs", "protocol", "n_boot", "progress")},
-                                 default=str))
+# config keys that do not decide the records (where they go, the protocol, pooling and report settings)
+NOT_MEASURED = ("out_dir", "pool_dirs", "protocol", "n_boot", "progress")
 
 
 def measure_study(cfg: Config, console: Any = None) -> Path:
@@ -644,7 +639,7 @@ def measure_study(cfg: Config, console: Any = None) -> Path:
     write_jsonl(out / RECORDS, records)
     wrep = None if env.world is None else {"key": env.world.report.get("key"), "root": str(env.world.root),
                                            "seed": env.world.config.seed}
-    facts = {"config": _measured_config(cfg), "source": cfg.source.kind, "gold": setting.gold,
+    facts = {"config": measured_config(cfg, NOT_MEASURED), "source": cfg.source.kind, "gold": setting.gold,
              "prompts": len(setting.items), "world": wrep, "world_seed": None if wrep is None else wrep["seed"],
              "p_base": None if world is None else {c: world.p_base(c) for c in
                                                    sorted({r["category"] for r in records if "category" in r})},
@@ -790,7 +785,7 @@ def _ci(groups: Sequence[Sequence[float]], n_boot: int, seed: int) -> str:
 def report_study(cfg: Config, console: Any = None, started: float | None = None) -> dict[str, Any]:
     """Report: every table, figure and the protocol's verdicts from the saved records (per world seed and pooled
     over out_dir + pool_dirs); re-runnable without models."""
-    facts_by, by_seed = pool_measured(cfg.out_dir, cfg.pool_dirs, _measured_config(cfg), "verbalized",
+    facts_by, by_seed = pool_measured(cfg.out_dir, cfg.pool_dirs, measured_config(cfg, NOT_MEASURED), "verbalized",
                                       ("source.world.seed",), MEASURE_FACTS, RECORDS)
     facts = next(iter(facts_by.values()))
     records = next(iter(by_seed.values()))
