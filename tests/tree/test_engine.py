@@ -122,6 +122,34 @@ def test_compilations_are_few_and_counted(model_tok):
     assert eng.compilations == warm
 
 
+def test_compilations_under_pool_growth(model_tok):
+    """The KV pool grows 4x at a time: each pool size compiles its prefill and decode programs once, so the count
+    is bounded by the number of sizes, and nothing compiles again once the pool stops growing."""
+    model, tok = model_tok
+    # page_size 4 and a 2-page start: the calls pass through pool sizes 2, 8, 32, 128, ...
+    eng = TreeEngine(model, tok, seed=0, config=EngineConfig(
+        page_size=4, initial_pool_pages=2, pool_pages=2048, min_prefix_bucket=32, min_groups_bucket=8,
+        min_extend_bucket=16))
+    rng = np.random.default_rng(0)
+    sizes, roots = [], []
+    for k in range(8):  # nothing is released: the pool has to hold every node's pages
+        roots += eng.add_prompts([list(rng.integers(7, 400, size=rng.integers(3, 14))) for _ in range(1 + k)])
+        eng.expand(roots[-1 - k:], 2, SamplingParams(), max_new_tokens=int(rng.integers(3, 12)))
+        sizes.append(eng.kv_stats()["pages_allocated"])
+    assert sizes == sorted(sizes) and len(set(sizes)) >= 3, sizes  # it grew, several times, and never shrank
+    steps = [2 * 4 ** i for i in range(8) if 2 * 4 ** i <= sizes[-1]]  # every size the pool passed through
+    assert set(sizes) <= set(steps), sizes
+    # two programs (prefill, decode) per pool size at most (fewer when an earlier engine compiled them)
+    assert eng.compilations <= 2 * len(steps), (eng.compilations, steps)
+    warm = eng.compilations
+    eng.release_descendants(roots)  # room inside the current pool
+    for _ in range(2):
+        more = eng.add_prompts([list(rng.integers(7, 400, size=rng.integers(3, 14))) for _ in range(4)])
+        eng.expand(more, 2, SamplingParams(), max_new_tokens=int(rng.integers(3, 12)))
+    assert eng.kv_stats()["pages_allocated"] == sizes[-1]
+    assert eng.compilations == warm
+
+
 def test_bad_inputs(model_tok):
     model, tok = model_tok
     eng = TreeEngine(model, tok, seed=0)
