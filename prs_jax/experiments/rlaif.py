@@ -305,7 +305,7 @@ class Setting:
     facts: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
-def _world_setting(cfg: Config, env: StudyEnv, console: Console) -> Setting:
+def _sampled_pairs_setting(cfg: Config, env: StudyEnv, console: Console) -> Setting:
     """Gold-labelled pairs of the policy's own samples: RM-train pairs on training prompts, alignment and RM-eval
     pairs on held-out prompts."""
     from prs_jax.world.corpus import JUDGE_PROMPT
@@ -636,7 +636,7 @@ def measure_study(cfg: Config, console: Any = None) -> Path:
     work.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    setting = _world_setting(cfg, env, console) if env.kind == "world" else _human_pairs_setting(cfg, env)
+    setting = _sampled_pairs_setting(cfg, env, console) if env.kind == "world" else _human_pairs_setting(cfg, env)
     pairs = setting.pairs
     timings["pairs_s"] = time.perf_counter() - t0
     if not pairs:
