@@ -25,11 +25,12 @@ from typing import Any
 from prs_jax.errors import ConfigError
 from prs_jax.experiments.common import Source, build_world_from, param_count
 from prs_jax.strategies.base import CallableScorer, PromptItem, RewardModelScorer, Scorer
+from prs_jax.tree.engine import STUDY_FLOORS, study_engine_config
 
 GoldFn = Callable[[str, str, "str | None"], float]
 
-# bucket floors of every study engine: few compiled shapes across prompt lengths, widths and refinement rounds
-ENGINE_FLOORS: dict[str, int] = {"min_prefix_bucket": 64, "min_new_tokens_bucket": 32, "min_extend_bucket": 32}
+# the bucket floors of every study engine (shared with the world's gates: prs_jax.tree.engine.STUDY_FLOORS)
+ENGINE_FLOORS: dict[str, int] = STUDY_FLOORS
 
 # what each source.real key is, for the errors that name a missing one
 REAL_KEYS: dict[str, str] = {
@@ -47,9 +48,7 @@ class SourceError(ConfigError, ValueError):
 def engine_config(**options: Any):
     """The EngineConfig of a study engine: the shared bucket floors plus `options` (attention_impl,
     min_groups_bucket, min_rows_bucket, ...)."""
-    from prs_jax.tree.engine import EngineConfig
-
-    return EngineConfig(**{**ENGINE_FLOORS, **options})
+    return study_engine_config(**options)
 
 
 class StudyEnv:

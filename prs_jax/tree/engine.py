@@ -89,6 +89,16 @@ class EngineConfig:
                 raise ValueError(f"EngineConfig.{name} must be >= 0, got {getattr(self, name)}.")
 
 
+# bucket floors of the engines that serve many calls of varied shapes (the studies, the world's skill gates):
+# few compiled programs across prompt lengths, widths and refinement rounds
+STUDY_FLOORS: dict[str, int] = {"min_prefix_bucket": 64, "min_new_tokens_bucket": 32, "min_extend_bucket": 32}
+
+
+def study_engine_config(**options: Any) -> EngineConfig:
+    """An EngineConfig with STUDY_FLOORS plus `options` (attention_impl, min_groups_bucket, min_rows_bucket, ...)."""
+    return EngineConfig(**{**STUDY_FLOORS, **options})
+
+
 @dataclasses.dataclass(frozen=True)
 class Stop:
     """When a generated segment ends: EOS token ids (checked in the loop) and stop strings (on decoded text)."""

@@ -82,12 +82,11 @@ def _prompt_of(row: dict[str, Any]) -> Prompt:
 
 def _engine(policy_dir: Path | str, seed: int):
     from prs_jax.models import load_causal_lm, load_tokenizer
-    from prs_jax.tree.engine import EngineConfig, TreeEngine
+    from prs_jax.tree.engine import TreeEngine, study_engine_config
 
     tok = load_tokenizer(policy_dir)
     model = load_causal_lm(policy_dir)
-    return TreeEngine(model, tok, seed=seed, config=EngineConfig(min_prefix_bucket=64, min_new_tokens_bucket=32,
-                                                                 min_extend_bucket=32, min_rows_bucket=8)), tok
+    return TreeEngine(model, tok, seed=seed, config=study_engine_config(min_rows_bucket=8)), tok
 
 
 def _release_tree(engine: Any, roots: Sequence[Any]) -> None:
