@@ -15,18 +15,12 @@ import hashlib
 from collections.abc import Sequence
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from prs_jax.data.pairs import Encoder
 from prs_jax.feedback.probs import label_log_probs, plan_rows, split_labels
-from prs_jax.kernels.cascade import use_pallas_default
-from prs_jax.kernels.paged import gather_pages
-from prs_jax.models.layers import CascadeCache
-from prs_jax.tree.engine import TreeEngine, bucket, counting
-from prs_jax.tree.scoring import chunk_groups, rows_per_group
+from prs_jax.tree.engine import TreeEngine
+from prs_jax.tree.executor import READ, ReadGroup, ReadLimits, counting
 from prs_jax.tree.tree import Node
 
 
@@ -42,12 +36,12 @@ class LabelQuery:
 
 @dataclasses.dataclass(frozen=True)
 class ReaderConfig:
-    """Limits that size each program and the row-length bucket floor.
+    """Limits that size each program and the row-length bucket floor (`tree.executor.ReadLimits`).
 
     Groups of one shape class (rows per group n, prefix bucket P, row bucket T) are packed g to a program, g
     the largest power of two with g * n * (P + T) <= token_budget, g * n <= max_rows and the attention
     activations (8 * heads * n * T * (P + T) bytes per group) <= activation_budget_bytes; a group too big
-    for one program is split into sub-groups (`tree.scoring.chunk_groups` / `rows_per_group`)."""
+    for one program is split into sub-groups."""
 
     max_rows: int = 128
     min_row_bucket: int = 16
@@ -55,98 +49,50 @@ class ReaderConfig:
     activation_budget_bytes: int = 2 << 30
 
 
-def _label_fn(state, pool, table, prefix_len, tokens, mask, positions, vocab_ids, *, graphdef, rows_per_group,
-              prefix_size, impl):
-    """log_softmax at `positions` [R, Q] of rows `tokens` [R, T] run after their group's prefix (read from the
-    engine's KV pool by block table), restricted to `vocab_ids` [U]: [R, Q, U] float32."""
-    model = nnx.merge(graphdef, state)
-    prefix_kv, prefix_mask = gather_pages(pool, table, prefix_len, prefix_size)
-    n_layers = prefix_kv.shape[0]
-    pk = tuple(prefix_kv[i, 0] for i in range(n_layers))
-    pv = tuple(prefix_kv[i, 1] for i in range(n_layers))
-    cache = CascadeCache.init(model.config, pk, pv, prefix_mask, rows_per_group, tokens.shape[1], impl)
-    hidden, _ = model.model(tokens, attention_mask=mask, cache=cache)
-    h = jnp.take_along_axis(hidden, positions[:, :, None], axis=1)
-    logits = model.unembed(h).astype(jnp.float32)  # vocabulary projection only where a label is read
-    logp = logits - jax.nn.logsumexp(logits, axis=-1, keepdims=True)
-    return jnp.take(logp, vocab_ids, axis=-1)
-
-
-LABEL_LOGPROBS = jax.jit(_label_fn, static_argnames=("graphdef", "rows_per_group", "prefix_size", "impl"))
-
-
 class LabelReader:
-    """Batched label log-probs for queries on one TreeEngine (its model, KV and bucket floors)."""
+    """Batched label log-probs for queries on one TreeEngine (its model, KV and bucket floors): the engine
+    executor's "labels" head."""
 
     def __init__(self, engine: TreeEngine, config: ReaderConfig = ReaderConfig()):
         self.engine, self.config = engine, config
-        self._graphdef, self._state = nnx.split(engine.model)
-        impl = engine.config.attention_impl
-        self._impl = ("pallas" if use_pallas_default() else "reference") if impl == "auto" else impl
+        self.mesh_context = engine.mesh_context
         self.compilations = 0
-        self._run = counting(LABEL_LOGPROBS, self)
+        self._run = counting(READ, self)
         self.last_chunks: list[tuple[int, int, int, int]] = []  # (groups, rows per group, P, T) per program
 
     def log_probs(self, queries: Sequence[LabelQuery], exclusive: bool = True) -> list[np.ndarray]:
         """Log-prob of every label of every query (one array [K] per query, in query order)."""
-        groups: dict[tuple[int, int], tuple[Node, int, list[tuple[int, tuple[int, ...], list[int]]]]] = {}
+        engine = self.engine
         for qi, q in enumerate(queries):
             if not 1 <= q.keep <= q.parent.context_len:
                 raise ValueError(f"LabelQuery {qi}: keep={q.keep} outside 1..{q.parent.context_len} (node "
                                  f"#{q.parent.id}'s context length).")
+            engine.check_context(q.keep + len(q.tail) + max(len(t) for t in q.labels), "label query")
+        # one group per (node, keep): its context is read once; each row is [its last kept token, tail, label
+        # prefix], read at the position before the label prefix and at each position after it
+        groups: dict[tuple[int, int], tuple[Node, int, list]] = {}
+        for qi, q in enumerate(queries):
             last = q.parent.context_tokens()[q.keep - 1]
             _, _, rows = groups.setdefault((q.parent.id, q.keep), (q.parent, q.keep, []))
             for ext in plan_rows(q.labels):
                 rows.append((qi, ext, [last, *q.tail, *ext]))
-        for q in queries:
-            self.engine.check_context(q.keep + len(q.tail) + max(len(t) for t in q.labels), "label query")
-        table: dict[int, dict[tuple[int, ...], dict[int, float]]] = {i: {} for i in range(len(queries))}
-        cfg, heads = self.config, self.engine.cfg.num_attention_heads
-        classes: dict[tuple[int, int, int], list] = {}
-        for parent, keep, rows in groups.values():
-            p = bucket(keep - 1, self.engine.config.min_prefix_bucket)
-            t = bucket(max(len(r[2]) for r in rows), cfg.min_row_bucket)
-            n = rows_per_group(cfg, heads, bucket(len(rows)), p, t)
-            for s in range(0, len(rows), n):
-                classes.setdefault((n, p, t), []).append((parent, keep, rows[s:s + n]))
-        self.last_chunks = []
-        for (n, p, t), members in sorted(classes.items()):
-            g_cap = chunk_groups(cfg, heads, n, p, t)
-            for s in range(0, len(members), g_cap):
-                self._run_chunk(members[s:s + g_cap], n, queries, table, t=t)
-        return [label_log_probs(table[i], q.labels, exclusive) for i, q in enumerate(queries)]
-
-    def _run_chunk(self, chunk, n: int, queries: Sequence[LabelQuery], table, t: int | None = None) -> None:
-        engine = self.engine
-        g = bucket(len(chunk), engine.config.min_groups_bucket)
-        blocks, prefix_len, prefix_size = engine.prefix_tables([p for p, _, _ in chunk], [k - 1 for _, k, _ in chunk],
-                                                              g)
-        rows = [r for _, _, rs in chunk for r in rs]
-        t = t or bucket(max(len(r[2]) for r in rows), self.config.min_row_bucket)
-        self.last_chunks.append((g, n, prefix_size, t))
-        qn = bucket(max(len(r[1]) for r in rows) + 1)
+        read = [ReadGroup(parent, keep - 1, [toks for _, _, toks in rows],
+                          [list(range(len(toks) - len(ext) - 1, len(toks))) for _, ext, toks in rows])
+                for parent, keep, rows in groups.values()]
         vocab = sorted({tok for q in queries for lab in q.labels for tok in lab})
-        u = bucket(len(vocab), 8)
         col = {tok: i for i, tok in enumerate(vocab)}
-        tokens = np.full((g * n, t), engine.pad_id, np.int32)
-        mask = np.zeros((g * n, t), bool)
-        positions = np.zeros((g * n, qn), np.int32)
-        where: list[tuple[int, int, tuple[int, ...]]] = []  # (row, query, extension)
-        for gi, (_, _, members) in enumerate(chunk):
-            for j, (qi, ext, toks) in enumerate(members):
-                row = gi * n + j
-                tokens[row, :len(toks)] = toks
-                mask[row, :len(toks)] = True
-                first = len(toks) - len(ext) - 1  # the row position whose logits give the first label token
-                positions[row] = np.minimum(first + np.arange(qn), t - 1)
-                where.append((row, qi, ext))
-        out = np.asarray(self._run(self._state, engine.kv_pool(), jnp.asarray(blocks), jnp.asarray(prefix_len),
-                                   jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(positions),
-                                   jnp.asarray(np.pad(vocab, (0, u - len(vocab)))), graphdef=self._graphdef,
-                                   rows_per_group=n, prefix_size=prefix_size, impl=self._impl))
-        for row, qi, ext in where:
-            for j in range(len(ext) + 1):
-                table[qi][ext[:j]] = {tok: float(out[row, j, c]) for tok, c in col.items()}
+        cfg = self.config
+        limits = ReadLimits(max_rows=cfg.max_rows, token_budget=cfg.token_budget,
+                            activation_budget_bytes=cfg.activation_budget_bytes, min_row_bucket=cfg.min_row_bucket,
+                            min_groups_bucket=engine.config.min_groups_bucket)
+        out = engine.read(read, "labels", limits, vocab_ids=vocab, run=self._run)
+        self.last_chunks = [(c.g, c.n, c.p, c.t) for c in engine.last_read_chunks]
+        table: dict[int, dict[tuple[int, ...], dict[int, float]]] = {i: {} for i in range(len(queries))}
+        for (_, _, rows), res in zip(groups.values(), out):
+            for (qi, ext, _), lp in zip(rows, res):
+                for j in range(len(ext) + 1):
+                    table[qi][ext[:j]] = {tok: float(lp[j, c]) for tok, c in col.items()}
+        return [label_log_probs(table[i], q.labels, exclusive) for i, q in enumerate(queries)]
 
 
 def share_prefixes(engine: TreeEngine, groups: Sequence[Sequence[list[int]]], min_tail: int = 0

@@ -41,15 +41,11 @@ from prs_jax.models.layers import CascadeCache
 from prs_jax.models.sharding import MeshContext, constrain, mesh_context_of, use_rules
 from prs_jax.models.tokenizer import encode_chat
 from prs_jax.models.transformer import CausalLM
+from prs_jax.tree.executor import (READ, Head, ReadGroup, ReadLimits, _stack_layers, bucket, counting,
+                                   forward_rows, read_rows)
 from prs_jax.tree.pages import PageAllocator, PlanBuilder, apply_write_plan
 from prs_jax.tree.sampling import SamplingParams, sample
 from prs_jax.tree.tree import Node, Tree
-
-
-def bucket(x: int, minimum: int = 1) -> int:
-    """Smallest power of two >= max(x, minimum)."""
-    x = max(int(x), int(minimum), 1)
-    return 1 << (x - 1).bit_length()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,35 +135,13 @@ def path_keys(key: jax.Array, words: jax.Array) -> jax.Array:
     return jax.vmap(one)(words)
 
 
-def _stack_layers(kv: jax.Array) -> tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]:
-    # [L, 2, G, K, P, D] -> per-layer tuples of [G, K, P, D]
-    return tuple(kv[i, 0] for i in range(kv.shape[0])), tuple(kv[i, 1] for i in range(kv.shape[0]))
-
-
-def extend_rows(module: Any, prefix_kv: jax.Array, prefix_mask: jax.Array, tokens: jax.Array, mask: jax.Array, *,
-                rows_per_group: int, impl: str, want_hidden: bool) -> tuple[jax.Array, jax.Array | None]:
-    """Run `tokens` [R, T] (valid where `mask`) after their group's prefix KV [L, 2, G, K, P, D].
-
-    Works for any module with a `.model` backbone (causal LM or reward model). Returns the new tokens' KV
-    [L, 2, R, K, T, D] and, if asked, the final hidden state at each row's last valid token [R, hidden].
-    """
-    pk, pv = _stack_layers(prefix_kv)
-    cache = CascadeCache.init(module.config, pk, pv, prefix_mask, rows_per_group, tokens.shape[1], impl)
-    hidden, cache = module.model(tokens, attention_mask=mask, cache=cache)
-    suffix = jnp.stack([jnp.stack([k, v]) for k, v in zip(cache.suffix_k, cache.suffix_v)])
-    if not want_hidden:
-        return suffix, None
-    last = jnp.max(jnp.where(mask, jnp.arange(tokens.shape[1])[None, :], 0), axis=-1)
-    return suffix, jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
-
-
 def _extend_fn(state, pool, table, prefix_len, tokens, mask, plan, *, graphdef, prefix_size, impl, rules=None):
     """Prefill rows after their group's prefix (read from the pool by block table) and write their KV into the
     pool (donated) as `plan` says, in one program."""
     with use_rules(rules):
         prefix_kv, prefix_mask = gather_pages(pool, table, prefix_len, prefix_size)
-        suffix, _ = extend_rows(nnx.merge(graphdef, state), prefix_kv, prefix_mask, tokens, mask, rows_per_group=1,
-                                impl=impl, want_hidden=False)
+        _, suffix = forward_rows(nnx.merge(graphdef, state), prefix_kv, prefix_mask, tokens, mask, rows_per_group=1,
+                                 impl=impl)
         return constrain(apply_write_plan(pool, suffix, plan), POOL_AXES)
 
 
@@ -254,24 +228,6 @@ GROW_POOL = jax.jit(_grow_pool_fn, static_argnames=("extra", "rules"))  # a new,
 POOL_AXES = (None, None, None, None, "kv_heads", None)  # pool [L, 2, N, ps, K, D]: heads on tensor
 
 
-def counting(fn, owner: Any):
-    """Call jitted `fn`, adding the number of programs it compiled to `owner.compilations`. With an
-    `owner.mesh_context`, the call is traced and run inside it and `fn` gets its rules (static `rules`)."""
-
-    def call(*args, **kwargs):
-        before = fn._cache_size()
-        ctx = getattr(owner, "mesh_context", None)
-        if ctx is None:
-            out = fn(*args, **kwargs)
-        else:
-            with ctx.activate():
-                out = fn(*args, rules=ctx.frozen_rules, **kwargs)
-        owner.compilations += fn._cache_size() - before
-        return out
-
-    return call
-
-
 class TreeEngine:
     """Builds and expands sampling trees with a causal LM (and optionally its tokenizer for text I/O)."""
 
@@ -307,12 +263,36 @@ class TreeEngine:
         self._extend_jit = counting(EXTEND, self)
         self._decode_jit = counting(DECODE, self)
         self._gather_jit = counting(GATHER, self)
+        self._read_jit = counting(READ, self)
+        self.last_read_chunks: list[Any] = []
         c = self.cfg
         ps = config.page_size
         itemsize = jnp.dtype(self._dtype).itemsize
         page_bytes = c.num_hidden_layers * 2 * ps * c.num_key_value_heads * c.head_dim * itemsize
         self.pages = PageAllocator(config.pool_pages, config.initial_pool_pages, ps, page_bytes)
         self._pool: jax.Array | None = None  # [L, 2, N, page_size, K, D], created at the first call
+
+    def model_split(self) -> tuple[Any, Any]:
+        """(graph definition, state) of the engine's model, as its programs take them."""
+        return self._graphdef, self._state
+
+    @property
+    def attention_impl(self) -> str:
+        """The attention implementation the engine's programs use ("reference" or "pallas")."""
+        return self._impl
+
+    def read(self, groups: Sequence[ReadGroup], head: Head, limits: ReadLimits = ReadLimits(), *,
+             vocab_ids: Sequence[int] = (), run: Any = None) -> list[list[Any]]:
+        """Read `head` ("reward" or "labels") on rows built on tree nodes, batched within `limits`
+        (`tree.executor.read_rows`); outputs per group per row. `last_read_chunks` lists the programs run."""
+        out, self.last_read_chunks = read_rows(self, groups, head, limits, vocab_ids=vocab_ids,
+                                               run=run if run is not None else self._read_jit)
+        return out
+
+    def clear(self) -> None:
+        """Release every node's KV and start an empty tree (the compiled programs and the pool stay)."""
+        self.release(list(self.tree))
+        self.tree = Tree()
 
     # ----------------------------------------------------------------------------------------- KV pool
     def _in_mesh(self, fn, *args, **kwargs):
