@@ -23,7 +23,6 @@ from prs_jax.models import KVCache, load_causal_lm, load_tokenizer, save_pretrai
 from prs_jax.models.hf_io import _slot
 from prs_jax.models.safetensors_io import SafetensorsFile, iter_checkpoint_files
 from prs_jax.models.sharding import DEFAULT_RULES, LAYER_AXIS, _spec_for
-from prs_jax.tree.decode import generate, left_pad
 from prs_jax.tree.engine import TreeEngine
 from prs_jax.tree.sampling import SamplingParams
 
@@ -136,14 +135,18 @@ def test_prefill_and_decode_match(pair):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=2e-5, rtol=0)
 
 
-def test_generate_and_tree_engine_match(pair):
+def test_tree_engine_matches_unrolled(pair):
     path, plain, scanned = pair
     rng = np.random.default_rng(3)
-    ids, mask = left_pad([list(rng.integers(7, 500, size=n)) for n in (9, 4, 6)], pad_id=0)
-    runs = [generate(m, ids, mask, max_new_tokens=6, sampling=SamplingParams(greedy=True), pad_id=0)
-            for m in (plain, scanned)]
-    np.testing.assert_array_equal(np.asarray(runs[1].tokens), np.asarray(runs[0].tokens))
-    np.testing.assert_allclose(np.asarray(runs[1].logprobs), np.asarray(runs[0].logprobs), atol=1e-4)
+    prompts = [list(rng.integers(7, 500, size=n)) for n in (9, 4, 6)]
+    greedy = []
+    for m in (plain, scanned):  # flat batch: one greedy child per prompt
+        eng = TreeEngine(m, None, seed=0, eos_ids=(), pad_id=0)
+        kids = eng.expand(eng.add_prompts(prompts), 1, SamplingParams(greedy=True), max_new_tokens=6)
+        greedy.append([(k.tokens, k.logprobs) for (k,) in kids])
+    for (t0, l0), (t1, l1) in zip(*greedy):
+        assert list(t1) == list(t0)
+        np.testing.assert_allclose(np.asarray(l1), np.asarray(l0), atol=1e-4)
     tok = load_tokenizer(path)
     trees = []
     for m in (plain, scanned):  # shared-prefix expansion: the cascade cache

@@ -81,6 +81,26 @@ def test_greedy_engine_matches_transformers_generate(model_tok, llama_dir, hf_re
         assert k.tokens == ref[:len(k.tokens)]
 
 
+def test_greedy_engine_matches_transformers_on_gpt_neox(make_checkpoint, hf_ref):
+    """The tree engine is the only decoder (the flat one folded into it): greedy parity on a second
+    architecture, batched prompts of different lengths, an EOS id that can stop rows early."""
+    import torch
+
+    path = make_checkpoint("gpt_neox")
+    model = load_causal_lm(path)
+    eng = TreeEngine(model, None, seed=0, eos_ids=[6], pad_id=0)
+    rng = np.random.default_rng(3)
+    prompts = [list(rng.integers(7, 500, size=n)) for n in (9, 4, 6)]
+    kids = eng.expand(eng.add_prompts(prompts), 1, SamplingParams(greedy=True), max_new_tokens=12)
+    ref_model = hf_ref.causal_lm(path)
+    for p, (k,) in zip(prompts, kids):
+        with torch.no_grad():
+            ref = ref_model.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False, eos_token_id=6,
+                                     pad_token_id=0)[0, len(p):].tolist()
+        assert k.tokens == ref[:len(k.tokens)] and len(k.tokens) >= 1
+        assert all(lp <= 0 for lp in k.logprobs)
+
+
 def test_stop_strings_cut_on_decoded_text(model_tok, run_padded):
     model, tok = model_tok
     eng = TreeEngine(model, tok, seed=0)

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from prs_jax.tree.sampling import SamplingParams, apply_penalties, sample, sampling_distribution
+from prs_jax.tree.sampling import SamplingParams, apply_penalties, sample, sampling_distribution, truncate
 
 
 @pytest.mark.parametrize("params", [
@@ -78,6 +78,16 @@ def test_invalid_params():
         SamplingParams(min_p=1.0)
     with pytest.raises(ValueError, match="repetition_penalty"):
         SamplingParams(repetition_penalty=0.0)
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        SamplingParams(temperature=0.0)
+
+
+def test_truncation_top_k_top_p():
+    logits = jnp.log(jnp.asarray([[0.5, 0.25, 0.15, 0.1]]))
+    k2 = truncate(logits, SamplingParams(top_k=2))
+    assert np.isfinite(np.asarray(k2)).sum() == 2
+    p = truncate(logits, SamplingParams(top_p=0.7))  # 0.5 + 0.25 reaches 0.7
+    np.testing.assert_array_equal(np.isfinite(np.asarray(p))[0], [True, True, False, False])
 
 
 def test_inverse_cdf_edges_never_draw_removed_tokens():
