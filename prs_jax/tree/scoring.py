@@ -102,14 +102,14 @@ class ScorerConfig:
                           activation_budget_bytes=self.activation_budget_bytes, min_row_bucket=self.min_suffix_bucket,
                           stable_rows=self.stable_rows, stable_groups=self.stable_groups)
 
-    def engine_config(self) -> EngineConfig:
-        # the pool holds one wave of prompt parts (plus what its last page-straddling rows need: nothing, reads
-        # write no KV)
-        pages = max(self.prompt_pages, 1)
+    def engine_config(self, window: int) -> EngineConfig:
+        """The RM engine's settings: its pool holds one wave of prompt parts, i.e. prompt_pages pages or one
+        prompt part as long as the RM's `window` (reads write no KV)."""
+        pages = max(self.prompt_pages, -(-window // self.page_size), 1)
         return EngineConfig(attention_impl=self.attention_impl, min_prefix_bucket=self.min_prefix_bucket,
                             min_extend_bucket=self.min_prefix_bucket, token_budget=self.token_budget,
                             group_tile=self.stable_groups if self.stable_rows else 0, page_size=self.page_size,
-                            pool_pages=4 * pages, initial_pool_pages=min(1024, 4 * pages))
+                            pool_pages=pages, initial_pool_pages=min(1024, pages))
 
 
 class RewardScorer:
@@ -121,7 +121,7 @@ class RewardScorer:
         self.rm, self.tokenizer, self.formatter, self.config = rm, tokenizer, formatter, config
         pad = int(pad_id if pad_id is not None else (tokenizer.pad_token_id or 0))
         # the RM's own engine: its KV pool holds the prompt parts; programs run inside the mesh the RM lives on
-        self.engine = TreeEngine(rm, None, config=config.engine_config(), eos_ids=(), pad_id=pad,
+        self.engine = TreeEngine(rm, None, config=config.engine_config(window_of(rm)), eos_ids=(), pad_id=pad,
                                  mesh_context=mesh_context)
         self.mesh_context = self.engine.mesh_context
         self.pad_id = pad

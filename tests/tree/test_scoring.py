@@ -86,3 +86,20 @@ def test_stable_rows_make_scores_batch_invariant(rm_tok):
     halves = scorer.score_pairs(pairs[5:]), scorer.score_pairs(pairs[:5])
     assert together == alone == halves[1] + halves[0]
     np.testing.assert_allclose(together, RewardScorer(rm, tok).score_pairs(pairs), atol=1e-5)
+
+
+def test_prompt_waves_release_the_pool_and_score_the_same(rm_tok):
+    """Prompt parts enter the RM's KV pool in waves of `prompt_pages` pages and leave it after scoring: one
+    page per wave gives the same scores, and the pool is empty after every call."""
+    from prs_jax.tree.scoring import ScorerConfig
+
+    rm, tok = rm_tok
+    pairs = [(f"prompt number {i % 4} " + "long " * (i % 4) * 9, f"response {i}") for i in range(12)]
+    want = RewardScorer(rm, tok).score_pairs(pairs)
+    waves = RewardScorer(rm, tok, config=ScorerConfig(prompt_pages=1, page_size=4))
+    np.testing.assert_allclose(waves.score_pairs(pairs), want, atol=1e-5)
+    stats = waves.engine.kv_stats()
+    assert stats["pages_used"] == 0 and stats["pages_peak"] >= 1 and len(waves.engine.tree) == 0
+    before = waves.compilations
+    waves.score_pairs(pairs[::-1])  # same shapes: nothing new to compile
+    assert waves.compilations == before
