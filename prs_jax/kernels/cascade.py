@@ -140,13 +140,42 @@ def use_pallas_default() -> bool:
     return jax.default_backend() in VERIFIED_BACKENDS
 
 
+QUERY_BLOCK = 512  # queries per attention block (cascade and plain attention): long inputs never hold
+# [rows, heads, T, keys] scores at once
+
+
 def cascade_attention(q_gnthd: jax.Array, prefix_k: jax.Array, prefix_v: jax.Array, prefix_mask_gp: jax.Array,
                       suffix_k: jax.Array, suffix_v: jax.Array, suffix_mask_rts: jax.Array, *,
-                      impl: str = "reference") -> jax.Array:
+                      impl: str = "reference", q_block: int | None = QUERY_BLOCK) -> jax.Array:
     """Attention of each row's new tokens over (shared prefix ++ own suffix); returns [G, n, T, H, D].
 
     impl: "reference" (pure JAX) or "pallas" (prefix part as a Pallas kernel; interpret mode on CPU).
+    With more than `q_block` new tokens per row (a long prefill) the queries run in equal blocks of at most
+    `q_block` (lax.map, each block rematerialised in the backward pass): the scores held at once are
+    [rows, heads, block, P + S] instead of [rows, heads, T, P + S]; every query's result is the same
+    computation. None or 0: one block.
     """
+    t = q_gnthd.shape[2]
+    if not q_block or t <= q_block:
+        return _cascade_block(q_gnthd, prefix_k, prefix_v, prefix_mask_gp, suffix_k, suffix_v, suffix_mask_rts,
+                              impl)
+    g, n, _, h, d = q_gnthd.shape
+    nb = -(-t // q_block)
+    per = -(-t // nb)
+    block = -(-per // 8) * 8  # equal blocks, a multiple of 8
+    pad = nb * block - t
+    q = jnp.pad(q_gnthd, ((0, 0), (0, 0), (0, pad), (0, 0), (0, 0)))
+    q = q.reshape(g, n, nb, block, h, d).transpose(2, 0, 1, 3, 4, 5)  # [nb, G, n, block, H, D]
+    m = jnp.pad(suffix_mask_rts, ((0, 0), (0, pad), (0, 0)))
+    m = m.reshape(g * n, nb, block, -1).swapaxes(0, 1)  # [nb, R, block, S]
+    one = jax.checkpoint(lambda qm: _cascade_block(qm[0], prefix_k, prefix_v, prefix_mask_gp, suffix_k, suffix_v,
+                                                   qm[1], impl))
+    out = jax.lax.map(one, (q, m))  # [nb, G, n, block, H, D]
+    return out.transpose(1, 2, 0, 3, 4, 5).reshape(g, n, nb * block, h, d)[:, :, :t]
+
+
+def _cascade_block(q_gnthd: jax.Array, prefix_k: jax.Array, prefix_v: jax.Array, prefix_mask_gp: jax.Array,
+                   suffix_k: jax.Array, suffix_v: jax.Array, suffix_mask_rts: jax.Array, impl: str) -> jax.Array:
     g, n, t, h, d = q_gnthd.shape
     kh = prefix_k.shape[1]
     gq = h // kh

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from prs_jax.kernels.cascade import cascade_attention
+from prs_jax.kernels.cascade import QUERY_BLOCK, cascade_attention
 from prs_jax.models.config import ModelConfig, RopeConfig
 from prs_jax.models.sharding import constrain
 
@@ -142,7 +142,6 @@ def apply_rope(x_bthd: jax.Array, cos_btr: jax.Array, sin_btr: jax.Array) -> jax
     return jnp.concatenate([out, x_pass], axis=-1) if x_pass.shape[-1] else out
 
 
-QUERY_BLOCK = 512  # queries per attention block: longer inputs never materialise [B, H, T, S] scores at once
 
 
 def attention(q_bthd: jax.Array, k_bksd: jax.Array, v_bksd: jax.Array, mask_bts: jax.Array, *,

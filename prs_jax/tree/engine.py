@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from prs_jax.kernels.cascade import use_pallas_default
+from prs_jax.kernels.cascade import QUERY_BLOCK, use_pallas_default
 from prs_jax.kernels.paged import gather_pages
 from prs_jax.models.layers import CascadeCache
 from prs_jax.models.sharding import MeshContext, constrain, mesh_context_of, use_rules
@@ -74,13 +74,16 @@ class EngineConfig:
     # x 2 x kv_heads x head_dim x dtype size); needing more raises an error that names this key
     initial_pool_pages: int = 1024  # the pool starts this big and grows 4x at a time as needed up to
     # pool_pages; each size compiles its own programs (set it to pool_pages for one fixed pool, no growth)
+    activation_budget_bytes: int = 2 << 30  # group_tile = 0: a prefill program's attention scores (float32
+    # scores and probabilities, 8 x heads x min(T, 512) x (prefix + T) bytes per group: queries run in blocks
+    # of 512) stay within this; 0: unbounded
 
     def __post_init__(self) -> None:
         for name in ("min_prefix_bucket", "min_new_tokens_bucket", "min_groups_bucket", "min_extend_bucket",
                      "page_size", "pool_pages", "initial_pool_pages"):
             if getattr(self, name) < 1:
                 raise ValueError(f"EngineConfig.{name} must be >= 1, got {getattr(self, name)}.")
-        for name in ("min_rows_bucket", "group_tile", "token_budget"):
+        for name in ("min_rows_bucket", "group_tile", "token_budget", "activation_budget_bytes"):
             if getattr(self, name) < 0:
                 raise ValueError(f"EngineConfig.{name} must be >= 0, got {getattr(self, name)}.")
 
@@ -290,9 +293,11 @@ class TreeEngine:
         return out
 
     def clear(self) -> None:
-        """Release every node's KV and start an empty tree (the compiled programs and the pool stay)."""
+        """Release every node's KV and start an empty tree, as a new engine with the same seed would (the same
+        prompts and ids draw the same keys again); the compiled programs and the pool stay."""
         self.release(list(self.tree))
         self.tree = Tree()
+        self._occurrences = {}
 
     # ----------------------------------------------------------------------------------------- KV pool
     def _in_mesh(self, fn, *args, **kwargs):
@@ -429,8 +434,8 @@ class TreeEngine:
             return ""
         return self.tokenizer.decode(list(tokens), skip_special_tokens=True)
 
-    def _tiles(self, keys: Sequence[Any], todo: Sequence[int], costs: Sequence[int] | None = None
-               ) -> list[tuple[list[int], int]]:
+    def _tiles(self, keys: Sequence[Any], todo: Sequence[int], costs: Sequence[int] | None = None,
+               act: Sequence[int] | None = None) -> list[tuple[list[int], int]]:
         """Split items `todo` into programs: (item indices, groups of the program).
 
         group_tile = 0: programs of bucketed group counts, each within `token_budget` padded tokens (`costs[i]`:
@@ -446,20 +451,28 @@ class TreeEngine:
             if budget <= 0 or costs is None:
                 return [(todo, bucket(len(todo), floor))]
 
-            def groups(n: int, cost: int) -> int:
-                # the floor pads a program only as far as the budget allows (a floor above what the budget
+            acts = act if act is not None else [0] * len(costs)
+            act_budget = self.config.activation_budget_bytes or float("inf")
+
+            def groups(n: int, cost: int, a: int) -> int:
+                # the floor pads a program only as far as the budgets allow (a floor above what the budget
                 # holds would otherwise pad every one-item program to the floor)
                 padded = bucket(n, floor)
-                return padded if padded * cost <= budget else bucket(n)
+                return padded if padded * cost <= budget and padded * a <= act_budget else bucket(n)
 
             programs: list[list[int]] = [[]]
+            peak = 0  # the largest activation of an item in the current program
             for i in sorted(todo, key=lambda j: -costs[j]):  # longest first: the first item sets the program's cost
                 cur = programs[-1]
-                if cur and groups(len(cur) + 1, costs[cur[0]]) * costs[cur[0]] > budget:
+                a = max(peak, acts[i])
+                n = groups(len(cur) + 1, costs[cur[0]], a) if cur else 1
+                if cur and (n * costs[cur[0]] > budget or n * a > act_budget):
                     programs.append([i])
+                    peak = acts[i]
                 else:
                     cur.append(i)
-            return [(sorted(p), groups(len(p), costs[p[0]])) for p in programs]
+                    peak = a
+            return [(sorted(p), groups(len(p), costs[p[0]], max(acts[i] for i in p))) for p in programs]
         parts: dict[Any, list[int]] = {}
         for i in todo:
             parts.setdefault(keys[i], []).append(i)
@@ -490,7 +503,9 @@ class TreeEngine:
         keys = [(bucket(length, self.config.min_prefix_bucket), bucket(len(t), self.config.min_extend_bucket))
                 for length, t in zip(prefix_lengths, new_tokens)]
         costs = [a + b for a, b in keys]
-        for todo, groups in self._tiles(keys, [i for i, t in enumerate(new_tokens) if t], costs):
+        heads = self.cfg.num_attention_heads
+        acts = [8 * heads * min(b, QUERY_BLOCK) * (a + b) for a, b in keys]  # float32 scores + probs, one row
+        for todo, groups in self._tiles(keys, [i for i, t in enumerate(new_tokens) if t], costs, acts):
             table, length, size = self.prefix_tables([parents[i] for i in todo], [prefix_lengths[i] for i in todo],
                                                      groups)
             t_bucket = bucket(max(len(new_tokens[i]) for i in todo), self.config.min_extend_bucket)

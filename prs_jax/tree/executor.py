@@ -9,8 +9,10 @@ with cascade attention (`forward_rows`). The uses differ only in the head applie
   "reward"  a reward model's scalar head at each row's last valid token (`tree.scoring.RewardScorer`)
   "labels"  log-softmax at given positions over a few vocabulary ids (`feedback.reader.LabelReader`)
 
-The writing heads ("kv", "decode") live in the engine, which also packs them (`pack_by_cost`: longest items
-first, each program within `EngineConfig.token_budget`). The reading heads run through `read_rows`: groups
+"kv" and the reading heads run the rows through `forward_rows`; "decode" steps the same cascade cache one
+token at a time inside its while_loop. The writing heads live in the engine, which also packs them
+(`TreeEngine._tiles`: longest items first, each program within `EngineConfig.token_budget` and, for
+prefill, `activation_budget_bytes`). The reading heads run through `read_rows`: groups
 are bucketed into shape classes (rows per group n, prefix bucket P, row bucket T) and packed g groups to a
 program, g the largest power of two within the token, row and activation budgets (`ReadLimits`); a group too
 big for one program is split into sub-groups. One program launch per packed chunk; results are scattered
@@ -69,7 +71,7 @@ def _stack_layers(kv: jax.Array) -> tuple[tuple[jax.Array, ...], tuple[jax.Array
 def forward_rows(module: Any, prefix_kv: jax.Array, prefix_mask: jax.Array, tokens: jax.Array, mask: jax.Array, *,
                  rows_per_group: int, impl: str) -> tuple[jax.Array, jax.Array]:
     """Run `tokens` [R, T] (valid where `mask`) after their group's prefix KV [L, 2, G, K, P, D] (rows
-    r * rows_per_group .. belong to group r). Any module with a `.model` backbone (causal LM or reward model).
+    g * n .. g * n + n - 1 belong to group g, n = rows_per_group). Any module with a `.model` backbone (causal LM or reward model).
     Returns the final hidden states [R, T, hidden] and the new tokens' KV [L, 2, R, K, T, D]."""
     pk, pv = _stack_layers(prefix_kv)
     cache = CascadeCache.init(module.config, pk, pv, prefix_mask, rows_per_group, tokens.shape[1], impl)
@@ -110,9 +112,11 @@ class ReadLimits:
 
     A program holds g groups of n rows with prefix bucket P and row bucket T: g * n * (P + T) <= token_budget,
     g * n <= max_rows, attention activations (scores and probabilities in float32: 8 * heads * n * T * (P + T)
-    bytes per group) <= activation_budget_bytes. stable_rows > 0: shapes that depend on a group's own lengths
-    only (every group exactly stable_rows rows, split by row bucket or padded; every program exactly
-    min(stable_groups, the budgets' g) groups), so a row's floats never depend on what else was read."""
+    bytes per group) <= activation_budget_bytes; the group floor `min_groups_bucket` pads a program only within
+    those budgets. stable_rows > 0: shapes that depend on a group's own lengths only (every group's rows split
+    by row bucket and cut or padded to stable_rows rows, halved while one group exceeds the budgets; every
+    program exactly min(pow2_floor(stable_groups), the budgets' g) groups), so a row's floats never depend on
+    what else was read."""
 
     max_rows: int = 256
     token_budget: int = 65536
@@ -205,9 +209,8 @@ def plan_reads(groups: Sequence[ReadGroup], limits: ReadLimits, heads: int, min_
             cap = min(cap, pow2_floor(limits.stable_groups))
         for s in range(0, len(members), cap):
             part = members[s:s + cap]
-            g = cap if stable else bucket(len(part), limits.min_groups_bucket)
-            if not stable and g * n * (p + t) > limits.token_budget:
-                g = bucket(len(part))  # the group floor pads only as far as the budget allows
+            # cap is a power of two >= len(part) within every budget: the group floor pads only up to it
+            g = cap if stable else min(bucket(len(part), limits.min_groups_bucket), cap)
             chunks.append(Chunk(g, n, p, t, part))
     return chunks
 
@@ -230,6 +233,9 @@ def read_rows(engine: Any, groups: Sequence[ReadGroup], head: Head, limits: Read
         for j, row in enumerate(grp.rows):
             if not row:
                 raise ValueError(f"read_rows: group {gi} row {j} is empty.")
+            if head == "labels" and (not grp.positions[j] or not all(0 <= q < len(row) for q in grp.positions[j])):
+                raise ValueError(f"read_rows: group {gi} row {j}: positions {grp.positions[j]} must be a non-empty "
+                                 f"list of indices into the row's {len(row)} tokens.")
             engine.check_context(grp.prefix_len + len(row), f"read_rows: group {gi} row {j}")
     chunks = plan_reads(groups, limits, heads, engine.config.min_prefix_bucket)
     out: list[list[Any]] = [[None] * len(g.rows) for g in groups]

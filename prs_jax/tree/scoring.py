@@ -9,9 +9,9 @@ its own with no prefix.
 Memory is bounded per program: rows of one shape class (rows per group, prefix and row length buckets) are
 packed into programs sized by a token budget (rows x padded length) and an activation budget for the attention
 scores the reference attention materialises ([rows, heads, T, prefix + T]), never by a row count alone; the
-prompt prefill runs within the same token budget, and prompts enter the KV pool in waves of at most
-`prompt_pages` pages. With `stable_rows` every pair is scored in shapes that depend on its own lengths only
-(batch-invariant floats, see `ScorerConfig`).
+prompt prefill runs within the same token and activation budgets (its queries in blocks of 512), and prompts
+enter the KV pool in waves of at most `prompt_pages` pages. With `stable_rows` every pair is scored in shapes
+that depend on its own lengths only (batch-invariant floats, see `ScorerConfig`).
 """
 
 from __future__ import annotations
@@ -77,7 +77,8 @@ class ScorerConfig:
     A program holds g groups of n rows with prefix bucket P and response bucket T: g * n * (P + T) <=
     token_budget, g * n <= max_rows, attention activations (8 * heads * n * T * (P + T) bytes per group) <=
     activation_budget_bytes; a group too big for one program is split into sub-groups (down to one row, which
-    always runs). The prompt prefill runs in programs within token_budget too. Prompt parts enter the RM's KV
+    always runs). The prompt prefill runs in programs within token_budget and activation_budget_bytes too
+    (with stable_rows: in fixed tiles of stable_groups prompt parts). Prompt parts enter the RM's KV
     pool `prompt_pages` pages at a time (page_size tokens each) and leave it after their responses are scored.
 
     stable_rows > 0 makes the floats batch-invariant: every group has exactly this many rows (pairs with the
@@ -108,6 +109,7 @@ class ScorerConfig:
         pages = max(self.prompt_pages, -(-window // self.page_size), 1)
         return EngineConfig(attention_impl=self.attention_impl, min_prefix_bucket=self.min_prefix_bucket,
                             min_extend_bucket=self.min_prefix_bucket, token_budget=self.token_budget,
+                            activation_budget_bytes=self.activation_budget_bytes,
                             group_tile=self.stable_groups if self.stable_rows else 0, page_size=self.page_size,
                             pool_pages=pages, initial_pool_pages=min(1024, pages))
 
@@ -140,8 +142,10 @@ class RewardScorer:
             check_fits(len(head) + len(tail), window, what=f"reward-model input {i} (prompt + response)",
                        model="reward model", index=i,
                        fix="use a reward model with a longer window, shorter prompts, or a smaller max_new_tokens.")
-            # unshareable pairs (tokenisation merges across the boundary) each form their own group
-            groups.setdefault(tuple(head) if head else ("whole", i), []).append((i, tail if head else head + tail))
+            # unshareable pairs (tokenisation merges across the boundary) have no prefix: each is its own group,
+            # or with stable_rows all share one (the planner splits rows by their own length bucket)
+            key = tuple(head) if head else ("whole", 0 if cfg.stable_rows else i)
+            groups.setdefault(key, []).append((i, tail if head else head + tail))
         out = np.zeros(len(pairs), np.float32)
         ps = cfg.page_size
         waves: list[list[tuple]] = [[]]
@@ -162,17 +166,17 @@ class RewardScorer:
         shared = [k for k in keys if k and k[0] != "whole"]
         ids = [hashlib.sha256(repr(k).encode()).hexdigest()[:32] for k in shared]
         before = engine.compilations
-        roots = dict(zip(shared, engine.add_prompts([list(k) for k in shared], ids=ids))) if shared else {}
-        self.compilations += engine.compilations - before
-        read_groups, index = [], []
-        for k in keys:
-            members = groups[k]
-            if k in roots:  # the root's KV covers all but its last token: each row starts with that token
-                read_groups.append(ReadGroup(roots[k], len(k) - 1, [[k[-1], *tail] for _, tail in members]))
-            else:
-                read_groups.append(ReadGroup(None, 0, [tokens for _, tokens in members]))
-            index.append([i for i, _ in members])
         try:
+            roots = dict(zip(shared, engine.add_prompts([list(k) for k in shared], ids=ids))) if shared else {}
+            self.compilations += engine.compilations - before
+            read_groups, index = [], []
+            for k in keys:
+                members = groups[k]
+                if k in roots:  # the root's KV covers all but its last token: each row starts with that token
+                    read_groups.append(ReadGroup(roots[k], len(k) - 1, [[k[-1], *tail] for _, tail in members]))
+                else:
+                    read_groups.append(ReadGroup(None, 0, [tokens for _, tokens in members]))
+                index.append([i for i, _ in members])
             scores = engine.read(read_groups, "reward", self.config.limits(), run=self._read)
             self.last_chunks.extend((c.g, c.n, c.p, c.t) for c in engine.last_read_chunks)
         finally:

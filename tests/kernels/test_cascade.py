@@ -125,3 +125,46 @@ def test_pallas_prefix_kernel_compiled_on_gpu():
     o, _ = prefix_attention_pallas(q, k, v, mask, interpret=False)
     o_ref, _ = prefix_attention_reference(q, k, v, mask)
     np.testing.assert_allclose(np.asarray(o), np.asarray(o_ref), atol=2e-3, rtol=2e-3)
+
+
+@settings(max_examples=8, deadline=None)
+@given(st.data())
+def test_query_blocks_equal_one_block_values_and_gradients(data):
+    """Long prefills run their queries in blocks (no [rows, heads, T, keys] scores at once): the same outputs
+    and gradients as one block, for ragged prefixes and suffixes and a T that the blocks do not divide."""
+    rng = np.random.default_rng(data.draw(st.integers(0, 10_000)))
+    g, n, t = data.draw(st.integers(1, 2)), data.draw(st.integers(1, 3)), data.draw(st.integers(9, 41))
+    kh, gq, d, p = data.draw(st.sampled_from([1, 2])), data.draw(st.sampled_from([1, 2])), 8, 12
+    s = t + 3
+    args = _case(rng, g, n, t, kh, gq, d, p, s, rng.integers(0, p + 1, size=g), rng.integers(0, 4, size=g * n))
+    args = tuple(map(jnp.asarray, args))
+    q_block = data.draw(st.sampled_from([8, 16]))
+    one = cascade_attention(*args, q_block=None)
+    blocked = cascade_attention(*args, q_block=q_block)
+    np.testing.assert_allclose(np.asarray(blocked), np.asarray(one), atol=2e-6, rtol=1e-6)
+
+    def loss(q, pk, sv, qb):
+        out = cascade_attention(q, pk, args[2], args[3], args[4], sv, args[6], q_block=qb)
+        return jnp.sum(jnp.sin(out))
+
+    g_one = jax.grad(loss, argnums=(0, 1, 2))(args[0], args[1], args[5], None)
+    g_blk = jax.grad(loss, argnums=(0, 1, 2))(args[0], args[1], args[5], q_block)
+    for a, b in zip(g_blk, g_one):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5)
+
+
+def test_query_blocks_bound_the_prefill_scores_buffer():
+    """The compiled cascade attention of a long prefill (the tree engine's add_prompts) holds
+    [rows, heads, block, keys] scores, not [rows, heads, T, keys]."""
+    rng = np.random.default_rng(0)
+    t, p = 1024, 16
+    args = tuple(map(jnp.asarray, _case(rng, 2, 1, t, 2, 2, 16, p, t, [p, 5], [0, 0])))
+
+    def temp_bytes(q_block):
+        fn = jax.jit(lambda *a: cascade_attention(*a, q_block=q_block))
+        return fn.lower(*args).compile().memory_analysis().temp_size_in_bytes
+
+    full_scores = 2 * 4 * t * t * 4  # rows x heads x T x suffix keys, float32
+    dense, blocked = temp_bytes(None), temp_bytes(128)
+    assert dense >= full_scores
+    assert blocked < full_scores / 2 and dense / blocked > 4

@@ -302,3 +302,29 @@ def test_group_floor_never_pads_past_the_token_budget(model_tok):
     assert [g for _, g in tiles] == [4, 4, 2] and sorted(i for ids, _ in tiles for i in ids) == list(range(10))
     roomy = TreeEngine(model, tok, seed=0, config=EngineConfig(min_groups_bucket=8, token_budget=1 << 16))
     assert roomy._tiles([None] * 3, range(3), [100] * 3) == [([0, 1, 2], 8)]  # the floor still applies when it fits
+
+
+def test_activation_budget_splits_prefill_programs_without_changing_trees(model_tok):
+    """Prefill programs stay within `activation_budget_bytes` of attention scores (padded groups count, the
+    group floor included): a budget that holds one prompt's scores runs every prompt in its own program; the
+    trees are the same."""
+    model, tok = model_tok
+    prompts = ["one two three four five six seven", "four five", "a b c d e f g h i j k l", "x y"]
+    heads = model.config.num_attention_heads
+
+    def run(act):
+        eng = TreeEngine(model, tok, seed=2, config=EngineConfig(activation_budget_bytes=act, min_groups_bucket=4))
+        before = eng.compilations
+        roots = eng.add_prompts(prompts, ids=[str(i) for i in range(len(prompts))])
+        kids = eng.expand(roots, 2, SamplingParams(temperature=1.0), max_new_tokens=5)
+        return [[k.tokens for k in ks] for ks in kids], eng, eng.compilations - before
+
+    one = 8 * heads * 16 * (16 + 16)  # one group: prefix bucket 16, 16 new tokens (the floors)
+    want, _, _ = run(0)
+    got, eng, _ = run(one)
+    assert got == want
+    tiles = eng._tiles([None] * 4, range(4), [32] * 4, [one] * 4)
+    assert [g for _, g in tiles] == [1, 1, 1, 1]  # the floor of 4 groups would hold 4x the budget
+    assert [g for _, g in eng._tiles([None] * 4, range(4), [32] * 4, [one // 4] * 4)] == [4]
+    with pytest.raises(ValueError, match="activation_budget_bytes must be >= 0"):
+        EngineConfig(activation_budget_bytes=-1)
