@@ -395,6 +395,11 @@ class TreeEngine:
                 self.pages.decref(n.block_table)
             n.block_table, n.kv_valid = None, 0
 
+    def release_tree(self, roots: Sequence[Node]) -> None:
+        """Release `roots` and every node below them: a measured tree nothing will be built on."""
+        self.release_descendants(roots)
+        self.release(roots)
+
     def release_descendants(self, nodes: Sequence[Node]) -> None:
         """Release every node below `nodes` (not the nodes themselves): for a caller that builds several
         independent trees on the same parents (e.g. PRS at several budgets on one set of drafts)."""

@@ -111,7 +111,7 @@ class ScorerConfig:
                             min_extend_bucket=self.min_prefix_bucket, token_budget=self.token_budget,
                             activation_budget_bytes=self.activation_budget_bytes,
                             group_tile=self.stable_groups if self.stable_rows else 0, page_size=self.page_size,
-                            pool_pages=pages, initial_pool_pages=min(1024, pages))
+                            pool_pages=pages, initial_pool_pages=min(256, pages))  # grows 4x as needed
 
 
 class RewardScorer:

@@ -89,12 +89,6 @@ def _engine(policy_dir: Path | str, seed: int):
     return TreeEngine(model, tok, seed=seed, config=study_engine_config(min_rows_bucket=8)), tok
 
 
-def _release_tree(engine: Any, roots: Sequence[Any]) -> None:
-    """Give the KV pages of `roots` and everything below them back to the pool (measured, not built on)."""
-    engine.release_descendants(roots)
-    engine.release(roots)
-
-
 def answered_prompt(tok: Any, user_text: str, answer: str) -> list[int]:
     """Token ids of a user turn and an assistant answer left open, as if the policy had written the answer: the
     feedback turn appended on top (strategies.templates.require_turn_text) then renders exactly the trained
@@ -127,7 +121,7 @@ def policy_pairs(policy_dir: Path | str, world: World, prompts: Sequence[Prompt]
         kids = engine.expand(roots, samples, SamplingParams(temperature=1.0), max_new_tokens=40)
         for p, ks in zip(chunk, kids):
             rows += sample_pairs(p, [k.text for k in ks], prompt_rng(seed, p.id, 7), per_prompt)
-        _release_tree(engine, roots)
+        engine.release_tree(roots)
     return rows
 
 
@@ -220,7 +214,7 @@ def measure_gates(built: Any, cfg: GateConfig, console: Console | None = None) -
                           "policy_met_xz": float(np.mean(s["pxz"])), "teacher_met_xz": float(np.mean(s["txz"]))}
     pol["gold_x"] = float(np.mean([gold_reward(p.x, c.text, p.z) for p, ks in zip(prompts, kx) for c in ks]))
     pol["gold_xz"] = float(np.mean([gold_reward(p.x, c.text, p.z) for p, ks in zip(prompts, kxz) for c in ks]))
-    _release_tree(engine, roots_x)
+    engine.release_tree(roots_x)
 
     # ---- critiques: of teacher drafts placed in the conversation, and of the policy's own first draft
     t_drafts = [world.draft(p, "xz", prompt_rng(seed, p.id, 22)) for p in prompts]
@@ -230,7 +224,7 @@ def measure_gates(built: Any, cfg: GateConfig, console: Console | None = None) -
     match_t = [parse_feedback(c) == (violations(p.x, p.z, d.text()), 0) for p, d, c in zip(prompts, t_drafts, crit_t)]
     by_kind_t = critique_breakdown([violations(p.x, p.z, d.text()) for p, d in zip(prompts, t_drafts)],
                                    [parse_feedback(c)[0] for c in crit_t])
-    _release_tree(engine, roots_t)
+    engine.release_tree(roots_t)
     drafts = [ks[0] for ks in kxz]
     engine.release([k for ks in kxz for k in ks[1:]])  # only the first draft is built on
     ask = engine.append(drafts, [require_turn_text(tok, FEEDBACK_TURN, d) for d in drafts])
@@ -253,7 +247,7 @@ def measure_gates(built: Any, cfg: GateConfig, console: Console | None = None) -
         g = np.array([[gold_reward(p.x, c.text, p.z) for c in ks] for p, ks in zip(prompts, kids)])
         gains[name] = float((g.mean(axis=1) - g_draft).mean())
         engine.release([c for ks in kids for c in ks])  # scored: their KV pages go back to the pool
-    _release_tree(engine, roots_xz)
+    engine.release_tree(roots_xz)
     t_gain_true, t_gain_none = [], []
     for p, a in zip(prompts, t_drafts):  # the teacher refines its own drafts (its ceiling)
         named = violations(p.x, p.z, a.text())
@@ -336,8 +330,8 @@ def measure_gates(built: Any, cfg: GateConfig, console: Console | None = None) -
             verb += [v for _, v in lst]
             true += [base[i] / z for i, _ in lst]
     vs_pearson = float(np.corrcoef(verb, true)[0, 1]) if len(verb) > 2 and np.std(verb) > 0 else float("nan")
-    _release_tree(engine, r_single)
-    _release_tree(engine, vs_roots)
+    engine.release_tree(r_single)
+    engine.release_tree(vs_roots)
 
     rows = []
     for kind, v in lift.items():

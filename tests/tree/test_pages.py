@@ -190,3 +190,11 @@ def test_release_descendants_keeps_the_parents_and_gives_back_the_rest(model_tok
     assert all(d.block_table is not None for d in flat) and all(k.block_table is None for ks in first for k in ks)
     second = eng.expand(flat, 2, SamplingParams(temperature=1.0), max_new_tokens=6)  # the parents still build
     assert len(second) == len(flat) and eng.kv_stats()["pages_used"] > base
+    eng.release_tree(roots)  # the whole tree: every page back, the nodes' text stays
+    assert eng.kv_stats()["pages_used"] == 0 and all(n.block_table is None for n in eng.tree)
+    assert all(k.tokens for ks in second for k in ks)
+    eng.clear()  # a new, empty tree; the same prompts draw the same keys as in a new engine
+    again = eng.expand(eng.add_prompts([list(range(5, 12)), list(range(20, 29))]), 2,
+                       SamplingParams(temperature=1.0), max_new_tokens=5)
+    assert [[k.tokens for k in ks] for ks in again] == [[k.tokens for k in ks] for ks in drafts]
+    assert len(eng.tree) == 2 + 4
