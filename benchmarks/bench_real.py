@@ -41,6 +41,8 @@ from prs_jax.models import load_causal_lm, load_tokenizer  # noqa: E402
 from prs_jax.tree.engine import EngineConfig, Stop, TreeEngine  # noqa: E402
 from prs_jax.tree.sampling import SamplingParams  # noqa: E402
 
+from bench_engine import matmul_peak, timed  # noqa: E402  (same measurement helpers as B1-B3)
+
 QUESTIONS = [
     "Write a short note inviting a colleague to lunch on Friday.",
     "Explain in two sentences why the sky looks blue.",
@@ -61,31 +63,6 @@ QUESTIONS = [
 ]
 NO_EOS = Stop(eos_ids=())
 SAMPLING = SamplingParams(temperature=0.8, top_k=50)
-
-
-def timed(fn, repeats: int) -> tuple[float, list[float]]:
-    t0 = time.perf_counter()
-    fn()
-    first = time.perf_counter() - t0
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return first, times
-
-
-def matmul_peak(repeats: int = 5) -> float:
-    """f32 matmul GFLOP/s (2048^3), this machine, this run."""
-    a = jnp.ones((2048, 2048), jnp.float32)
-    f = jax.jit(lambda x, y: x @ y)
-    f(a, a).block_until_ready()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        f(a, a).block_until_ready()
-        times.append(time.perf_counter() - t0)
-    return 2 * 2048**3 / statistics.median(times) / 1e9
 
 
 def read_bandwidth(repeats: int = 5) -> float:
