@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from prs_jax.data.batches import SharedPromptBatch, TokenBatch
+from prs_jax.data.batches import SharedPromptBatch
 from prs_jax.train.logprobs import tail_token_batch
 
 
