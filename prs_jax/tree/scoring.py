@@ -19,8 +19,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Literal, Sequence
 
-import hashlib
-
 import numpy as np
 
 from prs_jax.models.sharding import MeshContext
@@ -114,6 +112,11 @@ class ScorerConfig:
                             pool_pages=pages, initial_pool_pages=min(256, pages))  # grows 4x as needed
 
 
+def _is_head(key: tuple) -> bool:
+    """A group key is a prompt part's token ids, or ("whole", n) for pairs scored without a shared prefix."""
+    return isinstance(key[0], int)
+
+
 class RewardScorer:
     """Scores responses with a reward model, batched and bucketed, sharing each prompt's prefix KV."""
 
@@ -145,13 +148,13 @@ class RewardScorer:
             # unshareable pairs (tokenisation merges across the boundary) have no prefix: each is its own group,
             # or with stable_rows all share one (the planner splits rows by their own length bucket)
             key = tuple(head) if head else ("whole", 0 if cfg.stable_rows else i)
-            groups.setdefault(key, []).append((i, tail if head else head + tail))
+            groups.setdefault(key, []).append((i, tail))  # without a head, tail is the whole input
         out = np.zeros(len(pairs), np.float32)
         ps = cfg.page_size
         waves: list[list[tuple]] = [[]]
         used = 0
         for key in groups:  # prompt parts enter the pool in waves of at most prompt_pages pages
-            need = -(-len(key) // ps) if key and key[0] != "whole" else 0
+            need = -(-len(key) // ps) if _is_head(key) else 0
             if waves[-1] and used + need > cfg.prompt_pages:
                 waves.append([])
                 used = 0
@@ -163,11 +166,10 @@ class RewardScorer:
 
     def _score_wave(self, keys: list[tuple], groups: dict, out: np.ndarray) -> None:
         engine = self.engine
-        shared = [k for k in keys if k and k[0] != "whole"]
-        ids = [hashlib.sha256(repr(k).encode()).hexdigest()[:32] for k in shared]
+        shared = [k for k in keys if _is_head(k)]
         before = engine.compilations
-        try:
-            roots = dict(zip(shared, engine.add_prompts([list(k) for k in shared], ids=ids))) if shared else {}
+        try:  # reads draw no samples: the roots need no prompt ids
+            roots = dict(zip(shared, engine.add_prompts([list(k) for k in shared]))) if shared else {}
             self.compilations += engine.compilations - before
             read_groups, index = [], []
             for k in keys:
