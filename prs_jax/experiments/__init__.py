@@ -12,7 +12,7 @@ STUDIES: tuple[str, ...] = ("reward_vs_n", "offline_rl", "preference_adaptation"
                             "scaling")
 # the studies split into measure_study (raw per-prompt records) and report_study (tables, plots, verdicts)
 REPORT_STUDIES: tuple[str, ...] = ("reward_vs_n", "sr_dpo", "preference_adaptation", "verbalized", "offline_rl",
-                                   "rlaif")
+                                   "rlaif", "scaling")
 
 
 def run_experiment(name: str, config: str | Path | None, overrides: Sequence[str] = (), console: Any = None,

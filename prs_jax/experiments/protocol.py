@@ -12,7 +12,8 @@ claims to be testable at all (e.g. "refinement after the true critique beats no 
   over the primary (non-control) endpoints;
 - the effect as a fraction of its teacher ceiling, when the study gives one;
 - a verdict: "reproduced" (adjusted p <= alpha and the pooled interval clears the margin), "not reproduced", or
-  "untestable here" when a positive control did not clear its margin (the evidence names it) or the endpoint
+  "untestable here" when a positive control it depends on (every control, unless the endpoint names its own in
+  `requires`) did not clear its margin (the evidence names it) or the endpoint
   itself has fewer units than promised (e.g. a mechanism measured on the prompts where it can act, and the
   policy left too few of them). A control with too few units fails.
 
@@ -47,6 +48,9 @@ class Endpoint:
     # units per seed this endpoint promises, when it differs from the protocol's (e.g. a control measured on
     # the subset of prompts where a mechanism can act); None: Protocol.units
     units: int | None = None
+    # the positive controls this claim depends on (their names); None: every control of the protocol. A study
+    # with independent parts (e.g. scaling's reward-vs-N and Sr-DPO parts) scopes each claim to its own controls.
+    requires: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -83,6 +87,12 @@ class Protocol:
         names = [e.name for e in self.endpoints]
         if len(set(names)) != len(names):
             raise ValueError(f"protocol: endpoint names must be unique, got {names}")
+        controls = {e.name for e in self.endpoints if e.control}
+        for e in self.endpoints:
+            unknown = [r for r in (e.requires or ()) if r not in controls]
+            if unknown:
+                raise ValueError(f"protocol endpoint {e.name!r}: requires {unknown}, which are not control endpoints "
+                                 f"of this protocol (controls: {sorted(controls)})")
 
     @property
     def primary(self) -> tuple[Endpoint, ...]:
@@ -205,11 +215,12 @@ def evaluate(protocol: Protocol, diffs: Mapping[str, Mapping[int, Sequence[float
             out.append(EffectResult(e, per_seed, pooled, units, p, p, ceilings.get(e.name), verdict, evidence))
             continue
         p_adj = float(adjusted[e.name])
-        if failed_controls:
+        blocking = [c for c in failed_controls if e.requires is None or c.name in e.requires]
+        if blocking:
             verdict: Verdict = "untestable here"
             evidence = ("positive control(s) failed: " + ", ".join(
                 f"{c.name} {rows[c.name][1][0]:+.3f} [{rows[c.name][1][1]:+.3f}, {rows[c.name][1][2]:+.3f}]"
-                for c in failed_controls) + f"; measured {ci}")
+                for c in blocking) + f"; measured {ci}")
         elif e.name in short:
             verdict = "untestable here"
             evidence = few + f"measured {ci}"
@@ -283,7 +294,15 @@ def declared_note(protocol: Protocol, facts_by_seed: Mapping[int, Mapping[str, A
     from prs_jax.config import to_dict
 
     now = json.loads(json.dumps(to_dict(protocol)))
-    differ = [s for s, f in facts_by_seed.items() if f.get("protocol_declared") != now]
+
+    def recorded(f: Mapping[str, Any]) -> Any:
+        # measured before endpoints could name the controls they require: the same as requiring all of them
+        d = json.loads(json.dumps(f.get("protocol_declared")))
+        for e in (d or {}).get("endpoints", []):
+            e.setdefault("requires", None)
+        return d
+
+    differ = [s for s, f in facts_by_seed.items() if recorded(f) != now]
     if not differ:
         return None
     return (f"The protocol of this report differs from the one declared when world seed(s) {differ} were measured "

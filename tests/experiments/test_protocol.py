@@ -46,6 +46,23 @@ def test_a_failed_positive_control_makes_every_claim_untestable():
     assert by["claim"].verdict == "untestable here" and "mechanism" in by["claim"].evidence
 
 
+def test_a_claim_depends_only_on_the_controls_it_requires():
+    proto = _protocol(Endpoint("mech_a", margin=0.05, control=True), Endpoint("mech_b", control=True),
+                      Endpoint("claim_a", requires=("mech_a",)), Endpoint("claim_b", requires=("mech_b",)),
+                      Endpoint("claim_all"))
+    res = evaluate(proto, {"mech_a": _diffs(0.0), "mech_b": _diffs(0.3, offset=2), "claim_a": _diffs(0.3, offset=3),
+                           "claim_b": _diffs(0.3, offset=4), "claim_all": _diffs(0.3, offset=5)})
+    by = {r.endpoint.name: r for r in res}
+    assert by["mech_a"].verdict == "control failed" and by["mech_b"].verdict == "control passed"
+    assert by["claim_a"].verdict == "untestable here" and "mech_a" in by["claim_a"].evidence
+    assert by["claim_b"].verdict == "reproduced"  # its own control passed; mech_a does not concern it
+    assert by["claim_all"].verdict == "untestable here"  # no requires: every control
+    with pytest.raises(ValueError, match="not control endpoints"):
+        _protocol(Endpoint("c", requires=("nope",)))
+    with pytest.raises(ValueError, match="not control endpoints"):
+        _protocol(Endpoint("m"), Endpoint("c", requires=("m",)))  # m is a primary endpoint, not a control
+
+
 def test_the_margin_is_tested_not_zero():
     proto = _protocol(Endpoint("small", margin=0.1))
     (r,) = evaluate(proto, {"small": _diffs(0.05, sd=0.05)})
@@ -104,3 +121,8 @@ def test_declared_note_names_the_seeds_measured_under_another_protocol():
     other = {"protocol_declared": json.loads(json.dumps(to_dict(_protocol(Endpoint("b"), units=10))))}
     note = declared_note(proto, {0: same, 2: other}, "measure.json")
     assert note is not None and "[2]" in note and "measure.json" in note
+    # recorded before endpoints had `requires`: the same protocol (requires None = every control)
+    old = json.loads(json.dumps(to_dict(proto)))
+    for e in old["endpoints"]:
+        del e["requires"]
+    assert declared_note(proto, {0: {"protocol_declared": old}}, "measure.json") is None
