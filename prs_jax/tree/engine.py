@@ -53,7 +53,12 @@ class EngineConfig:
     """Engine settings: attention implementation, prefix sharing, bucket floors."""
 
     attention_impl: Literal["auto", "reference", "pallas"] = "auto"
-    share_prefix: bool = True  # False copies the parent's KV for every child (baseline for benchmarks)
+    share_prefix: bool | Literal["auto"] = True  # True: a parent's children attend its prefix once per group
+    # (cascade); False: every child attends its own gathered copy of the prefix (the no-sharing baseline); "auto":
+    # per parent, share when it has >= 2 children and a prefix of >= share_min_ratio x max_new_tokens tokens, else
+    # copy (a short prompt under a long suffix: the cascade's second attention part costs more than it saves;
+    # benchmarks/bench_real.py R2). Decided from the parent's own lengths, so batching never changes it.
+    share_min_ratio: float = 0.5
     min_prefix_bucket: int = 16
     min_new_tokens_bucket: int = 16
     min_groups_bucket: int = 1
@@ -86,6 +91,10 @@ class EngineConfig:
         for name in ("min_rows_bucket", "group_tile", "token_budget", "activation_budget_bytes"):
             if getattr(self, name) < 0:
                 raise ValueError(f"EngineConfig.{name} must be >= 0, got {getattr(self, name)}.")
+        if self.share_prefix not in (True, False, "auto"):
+            raise ValueError(f"EngineConfig.share_prefix must be true, false or 'auto', got {self.share_prefix!r}.")
+        if self.share_min_ratio < 0:
+            raise ValueError(f"EngineConfig.share_min_ratio must be >= 0, got {self.share_min_ratio}.")
 
 
 # bucket floors of the engines that serve many calls of varied shapes (the studies, the world's skill gates):
@@ -599,6 +608,14 @@ class TreeEngine:
         self._extend(parents, nodes, [p.context_len - 1 for p in parents], items, 1, "append")
         return nodes
 
+    def shares_prefix(self, parent: Node, n: int, max_new_tokens: int) -> bool:
+        """Whether `parent`'s n children share its prefix in one cascade group (EngineConfig.share_prefix; "auto"
+        decides from this parent's own lengths only)."""
+        mode = self.config.share_prefix
+        if mode != "auto":
+            return bool(mode)
+        return n >= 2 and parent.context_len - 1 >= self.config.share_min_ratio * max_new_tokens
+
     def expand(self, parents: Sequence[Node], n: int, sampling: SamplingParams = SamplingParams(), *,
                max_new_tokens: int, stop: Any = None) -> list[list[Node]]:
         """Generate `n` children for each parent in one batched decode (one per tile with `group_tile`);
@@ -617,22 +634,26 @@ class TreeEngine:
         keys = [bucket(p.context_len - 1, self.config.min_prefix_bucket) for p in parents]
         buf = bucket(max_new_tokens, self.config.min_new_tokens_bucket)
         rows = bucket(n, self.config.min_rows_bucket) if self.config.min_rows_bucket > 0 else n
-        costs = [k + rows * buf if self.config.share_prefix else n * (k + buf) for k in keys]
-        tiles = self._tiles(keys, range(len(parents)), costs)
+        shares = [self.shares_prefix(p, n, max_new_tokens) for p in parents]
+        costs = [k + rows * buf if sh else n * (k + buf) for k, sh in zip(keys, shares)]
+        # shared and copied parents run in programs of their own kind
+        tiles = [(todo, groups, sh) for sh in (True, False)
+                 for todo, groups in self._tiles(keys, [i for i in range(len(parents)) if shares[i] == sh], costs)]
         # before any branch is counted: the largest program must fit (what each program does not keep is freed
         # before the next, so a call of several programs can still run out later)
         self.pages.need(max(n * sum(self.pages.pages_for(parents[i].context_len, parents[i].context_len
-                                                         + max_new_tokens) for i in todo) for todo, _ in tiles),
+                                                         + max_new_tokens) for i in todo) for todo, _, _ in tiles),
                         f"expand ({len(parents)} parents x {n} children, max_new_tokens={max_new_tokens})")
         kid_paths = []
         for p in parents:
             e = self._branch(p)
             kid_paths.append([p.key_path + ((e, c),) for c in range(n)])
         result: list[list[Node]] = [[] for _ in parents]
-        stats: dict[str, int] = {"groups": 0, "rows": 0, "prefix_kv_bytes": 0, "suffix_kv_bytes": 0, "programs": 0}
-        for todo, groups in tiles:
+        stats: dict[str, int] = {"groups": 0, "rows": 0, "prefix_kv_bytes": 0, "suffix_kv_bytes": 0, "programs": 0,
+                                 "parents_shared": sum(shares), "parents_copied": len(parents) - sum(shares)}
+        for todo, groups, share in tiles:
             kids = self._expand_tile([parents[i] for i in todo], [kid_paths[i] for i in todo], n, groups, sampling,
-                                     max_new_tokens, stop_spec, stats)
+                                     max_new_tokens, stop_spec, stats, share)
             for i, ks in zip(todo, kids):
                 result[i] = ks
         stats.update({f"kv_{k}": v for k, v in self.kv_stats().items()})
@@ -640,10 +661,10 @@ class TreeEngine:
         return result
 
     def _expand_tile(self, parents: Sequence[Node], kid_paths: Sequence[Sequence[tuple]], n: int, groups: int,
-                     sampling: SamplingParams, max_new_tokens: int, stop_spec: Stop, stats: dict[str, int]
-                     ) -> list[list[Node]]:
-        """One decode program for `parents` in `groups` groups (n children each); creates the child nodes."""
-        share = self.config.share_prefix
+                     sampling: SamplingParams, max_new_tokens: int, stop_spec: Stop, stats: dict[str, int],
+                     share: bool) -> list[list[Node]]:
+        """One decode program for `parents` in `groups` groups (n children each; `share`: the children of a parent
+        share its prefix as one group, else each child is a group of its own); creates the child nodes."""
         rows_per_group = (bucket(n, self.config.min_rows_bucket) if self.config.min_rows_bucket > 0 else n
                           ) if share else 1
         stride = rows_per_group if share else n  # row of child c of parent pi: pi * stride + c

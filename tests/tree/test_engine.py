@@ -61,8 +61,29 @@ def test_seed_determines_tree_independent_of_batching(model_tok):
     together = run([[0, 1, 2]])
     assert together == run([[2], [0, 1]])  # batching does not change the tree
     assert together == run([[0, 1, 2]], share=False)  # copied-prefix path: same samples
+    assert together == run([[0, 2], [1]], share="auto")  # chosen per parent: same samples
     assert together != run([[0, 1, 2]], seed=4)
     assert together == run([[0, 2], [1]], min_rows=8)  # children padded to 8 rows per parent: same samples
+
+
+def test_auto_prefix_sharing_is_decided_per_parent(model_tok):
+    model, tok = model_tok
+    eng = TreeEngine(model, tok, seed=0, config=EngineConfig(share_prefix="auto", share_min_ratio=0.5))
+    short, long_ = eng.add_prompts([[5, 6, 7], list(range(10, 40))])  # prefixes of 2 and 29 tokens
+    assert not eng.shares_prefix(short, 4, 16) and eng.shares_prefix(long_, 4, 16)
+    assert not eng.shares_prefix(long_, 1, 16)  # one child: nothing to share
+    assert eng.shares_prefix(short, 4, 4)  # 2 >= 0.5 x 4
+    kids = eng.expand([short, long_], 4, SamplingParams(greedy=True), max_new_tokens=16)
+    st = eng.last_decode_stats
+    assert st["parents_shared"] == 1 and st["parents_copied"] == 1 and st["programs"] == 2
+    for mode in (True, False):  # greedy: the same children whichever path ran them
+        ref = TreeEngine(model, tok, seed=0, config=EngineConfig(share_prefix=mode))
+        roots = ref.add_prompts([[5, 6, 7], list(range(10, 40))])
+        assert [[k.tokens for k in ks] for ks in ref.expand(roots, 4, SamplingParams(greedy=True),
+                                                             max_new_tokens=16)] == \
+            [[k.tokens for k in ks] for ks in kids]
+    with pytest.raises(ValueError, match="share_prefix"):
+        EngineConfig(share_prefix="sometimes")
 
 
 def test_greedy_engine_matches_transformers_generate(model_tok, llama_dir, hf_ref):
