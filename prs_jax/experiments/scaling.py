@@ -333,7 +333,9 @@ def measure_study(cfg: Config, console: Any = None) -> Path:
             items = items if items is not None else load_items(env, cfg.prompts)  # real: the first size's prompts
             recs, seconds = measure_records(env, cfg.generation, items, cfg.methods, cfg.budgets, cfg.seed,
                                             cfg.reuse_samples)
-            records += [{**r, "size": size.name} for r in recs]
+            # the report needs the rewards only: the texts stay out (4 sizes x every candidate would be tens of MB
+            # per seed; the reward_vs_n study keeps them)
+            records += [{**{k: v for k, v in r.items() if k != "texts"}, "size": size.name} for r in recs]
             facts.update(parameters=env.param_count(), measure_seconds=sum(seconds.values()),
                          compilations=env.compilations)
             del env
@@ -383,11 +385,15 @@ def _seed_data(cfg: Config, facts: dict[str, Any], records: list[dict[str, Any]]
 
 def report_study(cfg: Config, console: Any = None, started: float | None = None) -> dict[str, Any]:
     """Report: tables, log-log fits, figures and the protocol's verdicts from the saved records alone, pooled over
-    the world seeds of out_dir + pool_dirs; re-runnable without models."""
+    the world seeds of out_dir + pool_dirs (an out_dir that was never measured only receives the report: the first
+    pool_dir must then match the config exactly); re-runnable without models."""
     _check(cfg)
-    facts_by, by_seed = pool_measured(cfg.out_dir, cfg.pool_dirs, measured_config(cfg, NOT_MEASURED), "scaling",
+    measured = [cfg.out_dir, *cfg.pool_dirs]
+    if not (Path(cfg.out_dir) / MEASURE_FACTS).is_file() and cfg.pool_dirs:
+        measured = list(cfg.pool_dirs)  # a report-only directory: pool the seeds' OUTs without copying them
+    facts_by, by_seed = pool_measured(measured[0], measured[1:], measured_config(cfg, NOT_MEASURED), "scaling",
                                       POOL_FREE, MEASURE_FACTS, RECORDS)
-    dirs = dict(zip(facts_by, [cfg.out_dir, *cfg.pool_dirs]))
+    dirs = dict(zip(facts_by, measured))
     seeds = list(by_seed)
     data = {s: _seed_data(cfg, facts_by[s], by_seed[s], dirs[s]) for s in seeds}
     facts = facts_by[seeds[0]]

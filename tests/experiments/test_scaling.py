@@ -77,6 +77,12 @@ def test_smoke_end_to_end(smoke_world_root, tmp_path):
     again = json.loads((out / "results.json").read_text())["results"]
     assert again["protocol"] == res["protocol"] and again["reward_vs_n"]["gains"] == part["gains"]
     assert (out / "work" / "h64-l2").is_dir()  # the per-size work directories live under OUT (sr_dpo.work_dir: "")
+    assert not any("texts" in json.loads(line) for line in (out / "records.jsonl").open())  # rewards only
+    # a report-only directory pools the measured OUTs without copying them (here: the one seed)
+    pooled = tmp_path / "pooled"
+    run_experiment("scaling", CONFIGS / "smoke.yaml", [f"source.world.root={smoke_world_root}", f"out_dir={pooled}",
+                                                       f"pool_dirs=[{out}]"], report_only=True)
+    assert json.loads((pooled / "results.json").read_text())["results"]["protocol"] == res["protocol"]
 
 
 def test_slope_units_are_the_slope_of_the_mean():
