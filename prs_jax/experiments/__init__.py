@@ -6,20 +6,17 @@ import importlib
 from pathlib import Path
 from typing import Any, Sequence
 
-# study name -> module under prs_jax.experiments (each defines `Config` and `run(cfg, console)`; a study that
-# also defines `report_study(cfg, console)` can remake its report from its saved records: `--report`)
+# study name -> module under prs_jax.experiments. Each defines `Config`, `measure_study(cfg, console)` (raw
+# per-unit records), `report_study(cfg, console)` (tables, plots, verdicts from the saved records alone:
+# `--report`) and `run(cfg, console)` (both)
 STUDIES: tuple[str, ...] = ("reward_vs_n", "offline_rl", "preference_adaptation", "sr_dpo", "rlaif", "verbalized",
                             "scaling")
-# the studies split into measure_study (raw per-prompt records) and report_study (tables, plots, verdicts)
-REPORT_STUDIES: tuple[str, ...] = ("reward_vs_n", "sr_dpo", "preference_adaptation", "verbalized", "offline_rl",
-                                   "rlaif", "scaling")
 
 
 def run_experiment(name: str, config: str | Path | None, overrides: Sequence[str] = (), console: Any = None,
                    report_only: bool = False) -> dict[str, Any]:
     """Load the study's typed config from YAML (+ dotted overrides) and run it; returns the result record.
-    `report_only`: remake the tables, plots and results from the study's saved records without measuring (the
-    studies with a `report_study`)."""
+    `report_only`: remake the tables, plots and results from the study's saved records without measuring."""
     from prs_jax.config import load_config
 
     if name not in STUDIES:
@@ -32,9 +29,6 @@ def run_experiment(name: str, config: str | Path | None, overrides: Sequence[str
         raise
     cfg = load_config(module.Config, config, overrides)
     if report_only:
-        if name not in REPORT_STUDIES:
-            raise ValueError(f"study {name!r} has no separate report step yet (--report works for "
-                             f"{', '.join(REPORT_STUDIES)}); run it without --report.")
         return module.report_study(cfg, console)  # no checkpoints needed: no preflight
     from prs_jax.experiments.common import preflight
 

@@ -104,9 +104,6 @@ def test_smoke_end_to_end(smoke_world_root, tmp_path):
                        [f"source.world.root={smoke_world_root}", f"out_dir={out}", "seed=1"], report_only=True)
     with pytest.raises(FileNotFoundError, match="measure first"):
         run_experiment("reward_vs_n", CONFIGS / "smoke.yaml", [f"out_dir={out / 'nothing'}"], report_only=True)
-    with pytest.raises(ValueError, match="no separate report step"):
-        run_experiment("scaling", Path(__file__).parents[2] / "experiments" / "configs" / "scaling" /
-                       "smoke.yaml", [f"out_dir={out}"], report_only=True)
 
 
 def test_endpoint_names_and_units():
