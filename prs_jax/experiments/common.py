@@ -202,14 +202,16 @@ def measured_config(cfg: Any, not_measured: Sequence[str]) -> dict[str, Any]:
 
 def pool_measured(out_dir: str | Path, pool_dirs: Sequence[str], config: dict[str, Any], study: str,
                   pool_free: Sequence[str] = ("source.world.seed",), facts_name: str = "measure.json",
-                  records_name: str = "records.jsonl"
+                  records_name: str = "records.jsonl", ignore: Sequence[str] = ()
                   ) -> tuple[dict[int, dict[str, Any]], dict[int, list[dict[str, Any]]]]:
     """The measure-time facts and the records of every world seed, keyed by seed (out_dir's seed first):
     `out_dir` plus `pool_dirs` (one OUT per world seed, measured with the same study config apart from the
     dotted `pool_free` keys, e.g. the world seed). `config` is the measured config of the report's study config;
-    `out_dir` must have been measured with exactly it."""
+    `out_dir` must have been measured with exactly it, apart from the dotted `ignore` keys (settings that do not
+    decide the records, e.g. a cache directory)."""
     facts, records = load_measured(out_dir, study, facts_name, records_name)
-    diff = sorted(k for k in set(config) | set(facts["config"]) if config.get(k) != facts["config"].get(k))
+    config, theirs0 = _without(config, ignore), _without(facts["config"], ignore)
+    diff = sorted(k for k in set(config) | set(theirs0) if config.get(k) != theirs0.get(k))
     if diff:
         raise ValueError(f"{Path(out_dir) / facts_name}: measured with another config (keys {', '.join(diff)} "
                          "differ); report with the config it was measured with, or measure again.")

@@ -397,11 +397,11 @@ def _summarise_rows(runs: Sequence[dict[str, Any]], n: int, with_gold: bool, ful
     all_gold: list[list[float]] = []
     all_proxy: list[list[float]] = []
     for r in runs:
-        k = n if prefix else len(r["texts"])
+        k = n if prefix else len(r["proxy"])
         proxies = r["proxy"][:k]
         i = _argmax_first(proxies)
         sel_proxy.append(proxies[i])
-        sel_text.append(r["texts"][i])
+        sel_text.append(r["texts"][i] if "texts" in r else None)  # records kept without texts (scaling)
         sel_layer.append(r["layer"][i])
         all_proxy.append(proxies)
         if with_gold:
@@ -460,7 +460,7 @@ def selected_gold(records: Sequence[dict[str, Any]], methods: Sequence[Method], 
         for n in _targets(m, n_run, budgets, reuse_samples):
             sel = out.setdefault((m.name, n), {})
             for r in by_run.get((m.name, n_run), []):
-                k = n if prefix else len(r["texts"])
+                k = n if prefix else len(r["proxy"])
                 sel[r["id"]] = float(r["gold"][_argmax_first(r["proxy"][:k])])
     return out
 

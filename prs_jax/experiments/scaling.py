@@ -392,7 +392,7 @@ def report_study(cfg: Config, console: Any = None, started: float | None = None)
     if not (Path(cfg.out_dir) / MEASURE_FACTS).is_file() and cfg.pool_dirs:
         measured = list(cfg.pool_dirs)  # a report-only directory: pool the seeds' OUTs without copying them
     facts_by, by_seed = pool_measured(measured[0], measured[1:], measured_config(cfg, NOT_MEASURED), "scaling",
-                                      POOL_FREE, MEASURE_FACTS, RECORDS)
+                                      POOL_FREE, MEASURE_FACTS, RECORDS, ignore=("sr_dpo.work_dir",))
     dirs = dict(zip(facts_by, measured))
     seeds = list(by_seed)
     data = {s: _seed_data(cfg, facts_by[s], by_seed[s], dirs[s]) for s in seeds}
