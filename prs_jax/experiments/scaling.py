@@ -57,6 +57,7 @@ from prs_jax.experiments.reward_vs_n import (
     default_comparisons,
     load_items,
     measure_records,
+    paired_gold,
     public_rows,
     selected_gold,
     study_env,
@@ -239,29 +240,23 @@ def parse_endpoint(name: str, cfg: Config) -> tuple[str, str | None, str]:
 
 
 def _sr_per_prompt(inner: str, records: Sequence[dict[str, Any]]) -> dict[Any, float]:
-    """win:A:B (A's per-prompt win share against B, ties 1/2, minus 1/2) or mean:A (per-prompt mean judge reward
-    of A's samples), keyed by prompt id, from one size's sr_dpo records."""
+    """win:A:B (sr_dpo.win_shares: A's per-prompt win share against B, ties 1/2, minus 1/2) or mean:A (per-prompt
+    mean judge reward of A's samples), keyed by prompt id, from one size's sr_dpo records."""
     kind, _, rest = inner.partition(":")
-    scores: dict[str, dict[Any, list[float]]] = {}
-    for r in records:
-        if r["kind"] == "win":
-            scores.setdefault(r["run"], {})[r["id"]] = r["scores"]
-    a, _, b = rest.partition(":")
-    for run in (a, b) if kind == "win" else (a,):
-        if run not in scores:
-            raise KeyError(f"scaling protocol: {inner!r}: no win-rate samples of {run!r}; measured: {sorted(scores)}")
-    if kind == "mean":
-        return {i: float(np.mean(v)) for i, v in scores[a].items()}
-    sa, sb = scores[a], scores[b]
-    return {i: float(np.mean([1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(sa[i], sb[i])])) - 0.5
-            for i in sa if i in sb}
+    if kind == "win":
+        a, _, b = rest.partition(":")
+        return sr_dpo.win_shares(records, a, b, inner)
+    scores = {r["id"]: r["scores"] for r in records if r["kind"] == "win" and r["run"] == rest}
+    if not scores:
+        raise KeyError(f"scaling protocol: {inner!r}: no win-rate samples of {rest!r}; measured: "
+                       f"{sorted({r['run'] for r in records if r['kind'] == 'win'})}")
+    return {i: float(np.mean(v)) for i, v in scores.items()}
 
 
-def _gold_per_prompt(inner: str, records: Sequence[dict[str, Any]], cfg: Config) -> dict[Any, float]:
-    """gold:A@N or gold:A:B@N per prompt id from one size's reward-vs-N records."""
+def _gold_per_prompt(inner: str, sel: dict[tuple[str, int], dict[Any, float]]) -> dict[Any, float]:
+    """gold:A@N or gold:A:B@N per prompt id, from one size's selections (reward_vs_n.selected_gold)."""
     head, _, n = inner.rpartition("@")
     arms = head.split(":")[1:]
-    sel = selected_gold(records, cfg.methods, cfg.budgets, cfg.reuse_samples)
     a = sel[(arms[0], int(n))]
     if len(arms) == 1:
         return dict(a)
@@ -269,9 +264,9 @@ def _gold_per_prompt(inner: str, records: Sequence[dict[str, Any]], cfg: Config)
     return {i: a[i] - b[i] for i in a if i in b}
 
 
-def _inner_per_prompt(inner: str, data: dict[str, Any], size: str, cfg: Config) -> dict[Any, float]:
+def _inner_per_prompt(inner: str, data: dict[str, Any], size: str) -> dict[Any, float]:
     if inner.startswith("gold:"):
-        return _gold_per_prompt(inner, data["records"][size], cfg)
+        return _gold_per_prompt(inner, data["selected"][size])
     return _sr_per_prompt(inner, data["sr"][size])
 
 
@@ -299,13 +294,10 @@ def endpoint_units(name: str, data: dict[str, Any], cfg: Config) -> np.ndarray:
     if kind == "teacher":
         return rvn_endpoint_units(name, data["teacher"], cfg.methods, cfg.budgets, cfg.reuse_samples)
     if kind == "at":
-        if inner.startswith("gold:"):
-            return np.array(list(_gold_per_prompt(inner, data["records"][size], cfg).values()), float)
-        if inner.partition(":")[0] in ("win", "mean"):
-            return np.array(list(_sr_per_prompt(inner, data["sr"][size]).values()), float)
+        if inner.partition(":")[0] in INNER_KINDS:
+            return np.array(list(_inner_per_prompt(inner, data, size).values()), float)
         return sr_dpo.endpoint_units(inner, data["sr"][size])
-    sizes = [s.name for s in cfg.sizes]
-    return slope_units({s: _inner_per_prompt(inner, data, s, cfg) for s in sizes}, data["params"])
+    return slope_units({s.name: _inner_per_prompt(inner, data, s.name) for s in cfg.sizes}, data["params"])
 
 
 def measure_study(cfg: Config, console: Any = None) -> Path:
@@ -371,11 +363,14 @@ def measure_study(cfg: Config, console: Any = None) -> Path:
 
 def _seed_data(cfg: Config, facts: dict[str, Any], records: list[dict[str, Any]], out_dir: str | Path
                ) -> dict[str, Any]:
-    """One world seed's data for the report and the endpoints (see endpoint_units)."""
+    """One world seed's data for the report and the endpoints (see endpoint_units), each size's selections
+    (reward_vs_n.selected_gold) computed once."""
     names = [s.name for s in cfg.sizes]
     data: dict[str, Any] = {"records": {s: [r for r in records if r.get("size") == s] for s in names},
                             "teacher": [r for r in records if r.get("kind") == "teacher"], "sr": {},
                             "params": {s: facts["sizes"][s]["parameters"] for s in names}, "sr_facts": {}}
+    data["selected"] = {s: selected_gold(data["records"][s], cfg.methods, cfg.budgets, cfg.reuse_samples)
+                        for s in names} if "reward_vs_n" in cfg.parts else {}
     if "sr_dpo" in cfg.parts:
         for s in names:
             f, recs = load_measured(Path(out_dir) / facts["sizes"][s]["sr_dpo_dir"], "sr_dpo")
@@ -404,7 +399,7 @@ def report_study(cfg: Config, console: Any = None, started: float | None = None)
     params = data[seeds[0]]["params"]
     order = sorted(params, key=lambda s: params[s])
     rec.results.update({"source": facts["source"], "rm": cfg.rm, "parts": list(cfg.parts), "world_seeds": seeds,
-                        "sizes": {s: {k: v for k, v in facts["sizes"][s].items()} for s in order},
+                        "sizes": {s: dict(facts["sizes"][s]) for s in order},
                         "sizes_per_seed": {str(k): f["sizes"] for k, f in facts_by.items()}})
     _sizes_table(rec, cfg, facts_by, order, with_gold)
     if "reward_vs_n" in cfg.parts:
@@ -531,11 +526,8 @@ def _reward_vs_n_report(rec: Record, cfg: Config, data: dict[int, dict[str, Any]
         for n in budgets:
             name = f"{a} - {b} N={n}"
             g: dict[str, Any] = {}
-            for s in order:
-                per = [list(_gold_per_prompt(f"gold:{a}:{b}@{n}", d["records"][s], cfg).values())
-                       if with_gold else [] for d in data.values()]
-                if not with_gold:
-                    continue
+            for s in order if with_gold else ():
+                per = [list(paired_gold(d["selected"][s], a, b, n, name)) for d in data.values()]
                 g[s] = dict(zip(("mean", "low", "high"), pooled_ci(per, cfg.fit_boot, 100 * ci + n)))
             t = [x for d in data.values()
                  for x in rvn_endpoint_units(f"teacher:{a}:{b}@{n}", d["teacher"], cfg.methods, budgets)]
@@ -558,7 +550,7 @@ def _reward_vs_n_report(rec: Record, cfg: Config, data: dict[int, dict[str, Any]
                     continue
                 # per prompt (every seed's prompts in seed order, the same order for every size): paired across sizes
                 units = [[1.0 - v for d in data.values()
-                          for v in _gold_per_prompt(f"gold:{m.name}@{n}", d["records"][s], cfg).values()]
+                          for v in d["selected"][s][(m.name, n)].values()]
                          for s in order]
                 fit = _loglog(xs, [float(np.mean(u)) for u in units], units,
                               paired=len({len(u) for u in units}) == 1, n_boot=cfg.fit_boot, seed=cfg.seed)
@@ -634,7 +626,8 @@ def _sr_dpo_report(rec: Record, cfg: Config, data: dict[int, dict[str, Any]], or
             base = sr_dpo.run_key(sr_dpo.BASE_OF[m["loss"]], m["flip"])
             vs = [("sft", "SFT")] + ([(base, runs_meta[base]["label"])] if base != key and base in runs_meta else [])
             for other, label in vs:
-                per = [list(_sr_per_prompt(f"win:{key}:{other}", d["sr"][s]).values()) for d in data.values()]
+                per = [list(sr_dpo.win_shares(d["sr"][s], key, other, f"win:{key}:{other}").values())
+                       for d in data.values()]
                 mean, lo, hi = pooled_ci(per, cfg.fit_boot, 11 + i)
                 h2h[f"{key} vs {other}"] = {"run": m["label"], "vs": label, "win_rate": mean + 0.5,
                                             "low": lo + 0.5, "high": hi + 0.5}

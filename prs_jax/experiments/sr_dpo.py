@@ -603,6 +603,20 @@ def measure_study(cfg: Config, console: Any = None, reward_model: str | Path | N
 ENDPOINT_KINDS = ("win", "partial_corr", "partial_corr_refx", "flipped_delta_neg", "flipped_delta_neg_refx")
 
 
+def win_shares(records: Sequence[dict[str, Any]], a: str, b: str, name: str) -> dict[Any, float]:
+    """Per held-out prompt both policies were sampled on (by prompt id): the share of A's samples that beat B's
+    (ties 1/2) minus 1/2 (pure; `name` labels the error)."""
+    sa = {r["id"]: r["scores"] for r in records if r["kind"] == "win" and r["run"] == a}
+    sb = {r["id"]: r["scores"] for r in records if r["kind"] == "win" and r["run"] == b}
+    ids = [i for i in sa if i in sb]
+    if not ids:
+        runs = sorted({r["run"] for r in records if r["kind"] == "win"})
+        raise KeyError(f"sr_dpo protocol: endpoint {name!r}: no paired win-rate samples of {a!r} and {b!r}; "
+                       f"measured policies: {runs}")
+    return {i: float(np.mean([1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(sa[i], sb[i])])) - 0.5
+            for i in ids}
+
+
 def endpoint_units(name: str, records: Sequence[dict[str, Any]]) -> np.ndarray:
     """The per-unit values of a declared endpoint, from one seed's records (pure). Names:
       win:A:B                  per held-out prompt, the share of A's samples that beat B's (ties 1/2) - 0.5
@@ -617,15 +631,7 @@ def endpoint_units(name: str, records: Sequence[dict[str, Any]]) -> np.ndarray:
                          f"{', '.join(ENDPOINT_KINDS)} (see sr_dpo.endpoint_units)")
     if kind == "win":
         a, _, b = rest.partition(":")
-        sa = {r["id"]: r["scores"] for r in records if r["kind"] == "win" and r["run"] == a}
-        sb = {r["id"]: r["scores"] for r in records if r["kind"] == "win" and r["run"] == b}
-        ids = [i for i in sa if i in sb]
-        if not ids:
-            runs = sorted({r["run"] for r in records if r["kind"] == "win"})
-            raise KeyError(f"sr_dpo protocol: endpoint {name!r}: no paired win-rate samples of {a!r} and {b!r}; "
-                           f"measured policies: {runs}")
-        return np.array([np.mean([1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(sa[i], sb[i])]) - 0.5
-                         for i in ids])
+        return np.array(list(win_shares(records, a, b, name).values()), float)
     rows = [r for r in records if r["kind"] == "train_pair" and r["run"] == rest]
     if not rows:
         runs = sorted({r["run"] for r in records if r["kind"] == "train_pair"})
