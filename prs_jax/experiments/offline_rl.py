@@ -431,12 +431,12 @@ def endpoint_units(name: str, records: Sequence[dict[str, Any]]) -> np.ndarray:
 def _curves(by_seed: dict[int, list[dict[str, Any]]], cfg: Config) -> dict[str, dict[str, list]]:
     """metric -> arm tag -> per iteration (mean, low, high), pooled over seeds (seed-stratified bootstrap)."""
     out: dict[str, dict[str, list]] = {}
-    for mi, m in enumerate(_metric_names(cfg)):
-        for ai, arm in enumerate(cfg.arms):
+    for m in _metric_names(cfg):
+        for arm in cfg.arms:
             row = []
             for it in range(cfg.iterations + 1):
                 per = [find_record(by_seed[s], m, arm.tag, it)["values"] for s in sorted(by_seed)]
-                row.append(pooled_ci(per, cfg.n_boot, 10000 * mi + 100 * ai + it))
+                row.append(pooled_ci(per, cfg.n_boot, f"{m}:{arm.tag}@{it}"))
             out.setdefault(m, {})[arm.tag] = row
     return out
 
@@ -455,12 +455,12 @@ def report_study(cfg: Config, console: Any = None, started: float | None = None)
     judge = facts["judge"]
     curves = _curves(by_seed, cfg)
     data_ci: dict[str, list] = {}
-    for ai, arm in enumerate(cfg.arms):
+    for arm in cfg.arms:
         row = []
         for it in range(1, cfg.iterations + 1):
             recs = [find_record(by_seed[s], "data", arm.tag, it) for s in seeds]
             per = [r.get("gold", r["proxy"]) for r in recs]
-            row.append(pooled_ci(per, cfg.n_boot, 500 + 100 * ai + it))
+            row.append(pooled_ci(per, cfg.n_boot, f"data:{arm.tag}@{it}"))
         data_ci[arm.tag] = row
     _report(rec, cfg, curves, data_ci, facts_by, judge)
     verdicts: list[dict[str, Any]] = []

@@ -397,7 +397,7 @@ def summarise(by_seed: dict[int, list[dict[str, Any]]], cfg: Config, groups: Seq
     with_gold = all("gold" in r for s in seeds for r in by_seed[s] if r["kind"] == "method")
     tm = {m.name: teacher_method(m, cfg.n) for m in cfg.methods}
     out: dict[str, Any] = {}
-    for gi, group in enumerate([*groups, None]):
+    for group in [*groups, None]:
         gname = group if group is not None else "all"
 
         def rows(s: int, m: str) -> list[dict[str, Any]]:
@@ -407,7 +407,7 @@ def summarise(by_seed: dict[int, list[dict[str, Any]]], cfg: Config, groups: Seq
                                                                                        or r["group"] == group)]
         entry: dict[str, Any] = {"prompts": sum(len(rows(s, names[0])) for s in seeds), "win_rates": {},
                                  "methods": {}}
-        for k, (a, b) in enumerate(cfg.comparisons):
+        for a, b in cfg.comparisons:
             per = []
             for s in seeds:
                 ra, rb = {r["id"]: r for r in rows(s, a)}, {r["id"]: r for r in rows(s, b)}
@@ -415,20 +415,20 @@ def summarise(by_seed: dict[int, list[dict[str, Any]]], cfg: Config, groups: Seq
             flat = [x for p in per for x in p]
             w = win_rate([x for x, _ in flat], [y for _, y in flat])
             wins, ties, losses = w.shares()
-            ci = pooled_ci([[_win(x, y) for x, y in p] for p in per], cfg.n_boot, 100 * gi + k)
+            ci = pooled_ci([[_win(x, y) for x, y in p] for p in per], cfg.n_boot, f"win:{a}:{b}:{gname}")
             row = {"win_rate": w.win_rate, "se": w.se, "low": ci[1], "high": ci[2], "wins": wins, "ties": ties,
                    "losses": losses, "prompts": w.n}
             if teacher and with_gold and tm[a] and tm[b]:
                 row["teacher"] = float(np.mean([_win(r["gold"][tm[a]], r["gold"][tm[b]]) for r in teacher]))
             entry["win_rates"][f"{a} vs {b}"] = row
-        for j, m in enumerate(cfg.methods):
+        for m in cfg.methods:
             e: dict[str, Any] = {}
             per = [rows(s, m.name) for s in seeds]
             e["proxy"], e["proxy_se"] = mean_se([float(r["proxy"][r["selected"]]) for p in per for r in p])
             if with_gold:
-                g = pooled_ci([[_judge(r) for r in p] for p in per], cfg.n_boot, 100 * gi + 10 + j)
+                g = pooled_ci([[_judge(r) for r in p] for p in per], cfg.n_boot, f"gold:{m.name}:{gname}")
                 sat = pooled_ci([[float(r["satisfied"][r["selected"]]) for r in p] for p in per], cfg.n_boot,
-                          100 * gi + 20 + j)
+                                f"satisfied:{m.name}:{gname}")
                 e.update(gold=g[0], gold_low=g[1], gold_high=g[2], satisfaction=sat[0], satisfaction_low=sat[1],
                          satisfaction_high=sat[2],
                          satisfaction_se=mean_se([float(r["satisfied"][r["selected"]]) for p in per for r in p])[1],
@@ -443,7 +443,7 @@ def summarise(by_seed: dict[int, list[dict[str, Any]]], cfg: Config, groups: Seq
                 if any("feedback_named" in r for p in per for r in p):
                     fb = [[float(r["feedback_named"]) for r in p if r.get("feedback_named") is not None]
                           for p in per]
-                    c = pooled_ci(fb, cfg.n_boot, 100 * gi + 30 + j)
+                    c = pooled_ci(fb, cfg.n_boot, f"feedback_named:{m.name}:{gname}")
                     e["best_draft_misses_preference"] = sum(len(f) for f in fb)
                     e["feedback_names_unmet_preference"] = c[0]
                     e["feedback_names_low"], e["feedback_names_high"] = c[1], c[2]

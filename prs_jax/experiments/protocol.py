@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import zlib
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
@@ -131,10 +132,18 @@ class EffectResult:
                 "verdict": self.verdict, "evidence": self.evidence}
 
 
-def stratified_bootstrap_ci(groups: Sequence[np.ndarray], n_boot: int, alpha: float, seed: int
-                            ) -> tuple[float, float, float]:
+def draw_key(protocol_seed: int, name: str, *tag: int) -> list[int]:
+    """The generator key of one resampling: the protocol's seed, the CRC-32 of a stable name (an endpoint's,
+    a table cell's) and integer tags (a world seed), so a CI does not move when endpoints or cells are added,
+    removed or reordered."""
+    return [int(protocol_seed), zlib.crc32(name.encode()), *map(int, tag)]
+
+
+def stratified_bootstrap_ci(groups: Sequence[np.ndarray], n_boot: int, alpha: float,
+                            seed: int | Sequence[int]) -> tuple[float, float, float]:
     """(mean, low, high) of the pooled units of `groups`, resampling units within each group (each group keeps
-    its size, so each seed keeps its weight in the pooled mean)."""
+    its size, so each seed keeps its weight in the pooled mean). `seed` is anything np.random.default_rng takes
+    (an int or a key from `draw_key`)."""
     groups = [np.asarray(g, dtype=float) for g in groups]
     pooled = np.concatenate(groups)
     rng = np.random.default_rng(seed)
@@ -146,7 +155,7 @@ def stratified_bootstrap_ci(groups: Sequence[np.ndarray], n_boot: int, alpha: fl
     return float(pooled.mean()), float(lo), float(hi)
 
 
-def _one_sided_p(d: np.ndarray, direction: str, n_perm: int, seed: int) -> float:
+def _one_sided_p(d: np.ndarray, direction: str, n_perm: int, seed: Sequence[int]) -> float:
     """p of "the mean of d is not on the claimed side of 0" from the two-sided sign-flip test."""
     if not np.any(d):
         return 1.0
@@ -178,26 +187,29 @@ def evaluate(protocol: Protocol, diffs: Mapping[str, Mapping[int, Sequence[float
                 raise ValueError(f"protocol: endpoint {e.name!r}, seed {s}: non-finite differences")
         measured[e.name] = arrays
 
-    def stats(e: Endpoint, k: int) -> tuple[dict[int, tuple[float, float, float]], tuple[float, float, float], float]:
+    def stats(e: Endpoint) -> tuple[dict[int, tuple[float, float, float]], tuple[float, float, float], float]:
         arrays = measured[e.name]
         if any(a.size == 0 for a in arrays.values()):
             nan3 = (math.nan, math.nan, math.nan)
             return {s: nan3 for s in protocol.seeds}, nan3, 1.0
         per_seed = {}
-        for j, s in enumerate(protocol.seeds):
+        # draws keyed by the endpoint's name and the world seeds, never by position: a one-seed "pooled" interval
+        # is that seed's own
+        for s in protocol.seeds:
             per_seed[s] = stratified_bootstrap_ci([arrays[s]], protocol.n_boot, protocol.alpha,
-                                                  protocol.seed + 1000 * k + j)
+                                                  draw_key(protocol.seed, e.name, s))
         pooled = stratified_bootstrap_ci([arrays[s] for s in protocol.seeds], protocol.n_boot, protocol.alpha,
-                                         protocol.seed + 1000 * k + 999)
+                                         draw_key(protocol.seed, e.name, *protocol.seeds))
         shifted = np.concatenate([arrays[s] for s in protocol.seeds]) - e.margin
-        return per_seed, pooled, _one_sided_p(shifted, e.direction, protocol.n_perm, protocol.seed + k)
+        return per_seed, pooled, _one_sided_p(shifted, e.direction, protocol.n_perm,
+                                              draw_key(protocol.seed, e.name + "/permutation", *protocol.seeds))
 
     def clears(e: Endpoint, ci: tuple[float, float, float]) -> bool:
         if e.name in short:
             return False
         return ci[1] > e.margin if e.direction == "greater" else ci[2] < e.margin
 
-    rows = {e.name: stats(e, k) for k, e in enumerate(protocol.endpoints)}
+    rows = {e.name: stats(e) for e in protocol.endpoints}
     failed_controls = [e for e in protocol.controls if not clears(e, rows[e.name][1])]
     adjusted = dict(zip([e.name for e in protocol.primary],
                         holm([rows[e.name][2] for e in protocol.primary]) if protocol.primary else []))
@@ -259,15 +271,16 @@ def evaluated_seeds(protocol: Protocol, measured: Mapping[int, Any]) -> tuple[in
     return tuple(s for s in protocol.seeds if s in measured) or tuple(sorted(measured))
 
 
-def pooled_ci(groups: Sequence[Sequence[float]], n_boot: int, seed: int, alpha: float = 0.05
+def pooled_ci(groups: Sequence[Sequence[float]], n_boot: int, key: str, alpha: float = 0.05
               ) -> tuple[float, float, float]:
     """stratified_bootstrap_ci over the finite values of each group (groups left empty are dropped); NaNs when
-    nothing is left."""
+    nothing is left. `key` names the quantity (e.g. "gold:PRS:Rand@16"): the draws are keyed by it, so a table
+    cell's interval does not depend on which other cells the table has."""
     arrays = [np.asarray([x for x in g if math.isfinite(x)], float) for g in groups]
     arrays = [a for a in arrays if a.size]
     if not arrays:
         return math.nan, math.nan, math.nan
-    return stratified_bootstrap_ci(arrays, n_boot, alpha, seed)
+    return stratified_bootstrap_ci(arrays, n_boot, alpha, draw_key(0, key))
 
 
 def apply_protocol(protocol: Protocol, by_seed: Mapping[int, Any], units: Any,

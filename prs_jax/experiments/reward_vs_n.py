@@ -516,12 +516,12 @@ def effects(by_seed: dict[int, list[dict[str, Any]]], cfg: "Config") -> list[dic
     by_m = {m.name: m for m in cfg.methods}
     sel = {s: selected_gold(by_seed[s], cfg.methods, budgets, cfg.reuse_samples) for s in sorted(by_seed)}
     out = []
-    for ci, (a, b) in enumerate(comps):
+    for a, b in comps:
         for n in budgets:
             if any(by_m[x].kind == "prs" and by_m[x].widths(n) is None for x in (a, b)):
                 continue
             per = [paired_gold(sel[s], a, b, n, f"gold:{a}:{b}@{n}") for s in sorted(by_seed)]
-            mean, lo, hi = pooled_ci([list(x) for x in per], cfg.n_boot, 1000 * ci + n)
+            mean, lo, hi = pooled_ci([list(x) for x in per], cfg.n_boot, f"gold:{a}:{b}@{n}")
             row = {"a": a, "b": b, "n": n, "effect": mean, "low": lo, "high": hi, "prompts": int(sum(map(len, per)))}
             tea = [endpoint_units(f"teacher:{a}:{b}@{n}", by_seed[s], cfg.methods, budgets) for s in sorted(by_seed)]
             if sum(map(len, tea)):

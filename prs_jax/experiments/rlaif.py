@@ -849,9 +849,9 @@ def report_study(cfg: Config, console: Any = None, started: float | None = None)
     where = f"world seeds {seeds}" if facts["world"] is not None else "real source"
     nb = cfg.n_boot
 
-    def ci_over(values: Callable[[list[dict[str, Any]]], np.ndarray | None], k: int) -> tuple[float, float, float]:
+    def ci_over(values: Callable[[list[dict[str, Any]]], np.ndarray | None], key: str) -> tuple[float, float, float]:
         groups = [values(by_seed[s]) for s in seeds]
-        return pooled_ci([g for g in groups if g is not None], nb, k)
+        return pooled_ci([g for g in groups if g is not None], nb, key)
 
     def per_unit(r: dict[str, Any] | None, values: np.ndarray) -> np.ndarray | None:
         return None if r is None else np.array(list(unit_means(r, values).values()), float)
@@ -860,13 +860,13 @@ def report_study(cfg: Config, console: Any = None, started: float | None = None)
                                                                        "train")}
     # ---------------------------------------------------------------- alignment
     align: dict[str, dict[str, Any]] = {}
-    for i, v in enumerate(cfg.variants):
+    for v in cfg.variants:
         def unit(key: str, name: str = v.name) -> Callable[[list[dict[str, Any]]], np.ndarray | None]:
             return lambda rs: per_unit(find(rs, "align", variant=name),
                                        align_units(find(rs, "align", variant=name))[key])
         info = facts["variants"][v.name]
         align[v.name] = {"labeler": Path(info["labeler_path"]).name, "params": info["params"],
-                         **{k: ci_over(unit(k), 100 * i + j) for j, k in enumerate(("debiased", "no_debias", "bias"))},
+                         **{k: ci_over(unit(k), f"align:{v.name}:{k}") for k in ("debiased", "no_debias", "bias")},
                          "seconds": float(np.mean([f["variants"][v.name]["seconds"] for f in facts_by.values()])),
                          "example_rationale": info.get("example_rationale")}
     rec.table(f"AI-labeler alignment with the {label_name} labels ({where}; {count['align']} held-out pairs of "
@@ -887,14 +887,14 @@ def report_study(cfg: Config, console: Any = None, started: float | None = None)
     # ---------------------------------------------------------------- reward models
     rms: dict[str, dict[str, Any]] = {}
     rm_names = [n for n in RM_NAMES if find(by_seed[seeds[0]], "rm", rm=n) is not None]
-    for i, n in enumerate(rm_names):
+    for n in rm_names:
         rms[n] = {"accuracy": ci_over(lambda rs, n=n: per_unit(find(rs, "rm", rm=n), rm_credit(find(rs, "rm", rm=n))),
-                                      1000 + i)}
+                                      f"rm:{n}")}
     agree = None
     if rms:
         agree = ci_over(lambda rs: (None if find(rs, "rm_labels") is None else per_unit(
             find(rs, "rm_labels"), alignment_credit(find(rs, "rm_labels")["p_a"], find(rs, "rm_labels")["human"]))),
-            1100)
+            "rm_labels")
         what = {"ai": f"AI soft labels ({cfg.rm.label_variant}; agree with {label_name}: {_ci(agree)})",
                 "gold": "gold labels (hard)", "human": "human labels (hard)",
                 "untrained": "none: the SFT policy with the fresh head both RMs start from",
@@ -908,16 +908,16 @@ def report_study(cfg: Config, console: Any = None, started: float | None = None)
     # ---------------------------------------------------------------- RL
     rl: dict[str, dict[str, Any]] = {}
     has_gold = facts["world"] is not None
-    for i, p in enumerate(["sft", *facts["arms"]] if facts["arms"] else []):
+    for p in (["sft", *facts["arms"]] if facts["arms"] else []):
         row: dict[str, Any] = {}
         if has_gold:
-            row["gold"] = ci_over(lambda rs, p=p: np.mean(find(rs, "policy", policy=p)["gold"], axis=1), 2000 + i)
+            row["gold"] = ci_over(lambda rs, p=p: np.mean(find(rs, "policy", policy=p)["gold"], axis=1), f"gold:{p}")
             if p != "sft":
-                row["gold_vs_sft"] = ci_over(lambda rs, p=p: endpoint_units(f"gold:{p}:sft", rs), 2100 + i)
-                row["win_vs_sft"] = ci_over(lambda rs, p=p: endpoint_units(f"win:{p}:sft", rs) + 0.5, 2200 + i)
+                row["gold_vs_sft"] = ci_over(lambda rs, p=p: endpoint_units(f"gold:{p}:sft", rs), f"gold:{p}:sft")
+                row["win_vs_sft"] = ci_over(lambda rs, p=p: endpoint_units(f"win:{p}:sft", rs) + 0.5, f"win:{p}:sft")
         if p != "sft":
             row["judge_win_vs_sft"] = ci_over(
-                lambda rs, p=p: judge_credit(find(rs, "policy", policy=p)["judge_vs_sft"]), 2300 + i)
+                lambda rs, p=p: judge_credit(find(rs, "policy", policy=p)["judge_vs_sft"]), f"judge_win:{p}:sft")
         rl[p] = row
     if rl:
         a = cfg.a2c

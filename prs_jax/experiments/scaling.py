@@ -522,13 +522,13 @@ def _reward_vs_n_report(rec: Record, cfg: Config, data: dict[int, dict[str, Any]
     comps = default_comparisons(cfg.methods)
     gains: dict[str, dict[str, Any]] = {}
     grows = []
-    for ci, (a, b) in enumerate(comps):
+    for a, b in comps:
         for n in budgets:
             name = f"{a} - {b} N={n}"
             g: dict[str, Any] = {}
             for s in order if with_gold else ():
                 per = [list(paired_gold(d["selected"][s], a, b, n, name)) for d in data.values()]
-                g[s] = dict(zip(("mean", "low", "high"), pooled_ci(per, cfg.fit_boot, 100 * ci + n)))
+                g[s] = dict(zip(("mean", "low", "high"), pooled_ci(per, cfg.fit_boot, f"at:{s}:gold:{a}:{b}@{n}")))
             t = [x for d in data.values()
                  for x in rvn_endpoint_units(f"teacher:{a}:{b}@{n}", d["teacher"], cfg.methods, budgets)]
             teach = float(np.mean(t)) if t else None
@@ -619,16 +619,16 @@ def _sr_dpo_report(rec: Record, cfg: Config, data: dict[int, dict[str, Any]], or
             pp = [summ[k][1]["judge_per_prompt"] if tag == "sft" else summ[k][0].get(tag, {}).get("judge_per_prompt",
                                                                                                   [])
                   for k in data]
-            means[tag] = dict(zip(("mean", "low", "high"), pooled_ci(pp, cfg.fit_boot, 7)))
+            means[tag] = dict(zip(("mean", "low", "high"), pooled_ci(pp, cfg.fit_boot, f"at:{s}:mean:{tag}")))
             means[tag]["per_prompt"] = [x for p in pp for x in p]
         h2h = {}
-        for i, (key, m) in enumerate(runs_meta.items()):
+        for key, m in runs_meta.items():
             base = sr_dpo.run_key(sr_dpo.BASE_OF[m["loss"]], m["flip"])
             vs = [("sft", "SFT")] + ([(base, runs_meta[base]["label"])] if base != key and base in runs_meta else [])
             for other, label in vs:
                 per = [list(sr_dpo.win_shares(d["sr"][s], key, other, f"win:{key}:{other}").values())
                        for d in data.values()]
-                mean, lo, hi = pooled_ci(per, cfg.fit_boot, 11 + i)
+                mean, lo, hi = pooled_ci(per, cfg.fit_boot, f"at:{s}:win:{key}:{other}")
                 h2h[f"{key} vs {other}"] = {"run": m["label"], "vs": label, "win_rate": mean + 0.5,
                                             "low": lo + 0.5, "high": hi + 0.5}
         controls = sr_dpo.controls_summary([r for d in data.values() for r in d["sr"][s]])

@@ -777,8 +777,8 @@ def _finite_mean(xs: Sequence[float]) -> float:
     return float(np.mean(vals)) if vals else math.nan
 
 
-def _ci(groups: Sequence[Sequence[float]], n_boot: int, seed: int) -> str:
-    m, lo, hi = pooled_ci(groups, n_boot, seed)
+def _ci(groups: Sequence[Sequence[float]], n_boot: int, key: str) -> str:
+    m, lo, hi = pooled_ci(groups, n_boot, key)
     return "-" if math.isnan(m) else f"{m:.3f} [{lo:.3f}, {hi:.3f}]"
 
 
@@ -864,8 +864,8 @@ def report_study(cfg: Config, console: Any = None, started: float | None = None)
     phases = [p for p in PHASES if any((p, "direct") in t for t in tables.values())]
     if phases:
         rows = []
-        for i, phase in enumerate(phases):
-            for j, method in enumerate(("direct", "vs")):
+        for phase in phases:
+            for method in ("direct", "vs"):
                 per = [[v["kl"] for v in t.get((phase, method), {}).values()] for t in tables.values()]
                 ent = [[v["entropy"] for v in t.get((phase, method), {}).values()] for t in tables.values()]
                 val = [[v["valid"] for v in t.get((phase, method), {}).values()] for t in tables.values()]
@@ -873,8 +873,9 @@ def report_study(cfg: Config, console: Any = None, started: float | None = None)
                                              "entropy": _finite_mean([x for p in ent for x in p]),
                                              "valid": _finite_mean([x for p in val for x in p])}
                 rows.append([phase, "Direct" if method == "direct" else "VS (one draw per list)",
-                             _ci(per, cfg.n_boot, 10 * i + j), _ci(ent, cfg.n_boot, 10 * i + j + 5),
-                             _ci(val, cfg.n_boot, 10 * i + j + 7)])
+                             _ci(per, cfg.n_boot, f"kl:{phase}:{method}"),
+                             _ci(ent, cfg.n_boot, f"entropy:{phase}:{method}"),
+                             _ci(val, cfg.n_boot, f"valid:{phase}:{method}")])
             verb, true = [], []
             for s in seeds:
                 for r in by_seed[s]:

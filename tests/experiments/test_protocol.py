@@ -126,3 +126,18 @@ def test_declared_note_names_the_seeds_measured_under_another_protocol():
     for e in old["endpoints"]:
         del e["requires"]
     assert declared_note(proto, {0: {"protocol_declared": old}}, "measure.json") is None
+
+
+def test_intervals_are_keyed_by_endpoint_name_not_position():
+    """Adding, removing or reordering endpoints does not move another endpoint's CI or p (the draws are keyed by
+    the endpoint's name and the world seeds), while two endpoints with the same data get different draws."""
+    a, b, c = Endpoint("a"), Endpoint("b"), Endpoint("c", direction="less")
+    data = {"a": _diffs(0.05, sd=0.5), "b": _diffs(0.05, sd=0.5), "c": _diffs(-0.02, offset=3)}
+    one = {r.endpoint.name: r for r in evaluate(_protocol(a, b, c), data)}
+    other = {r.endpoint.name: r for r in evaluate(_protocol(c, a), data)}
+    assert one["a"].per_seed == other["a"].per_seed and one["a"].pooled == other["a"].pooled
+    assert one["a"].p == other["a"].p and one["c"].pooled == other["c"].pooled
+    assert one["a"].pooled[0] == one["b"].pooled[0] and one["a"].pooled[1:] != one["b"].pooled[1:]
+    # one seed: the pooled interval is that seed's own
+    single = evaluate(_protocol(a, seeds=(1,)), {"a": {1: data["a"][1]}})[0]
+    assert single.pooled == single.per_seed[1]
