@@ -51,14 +51,14 @@ def test_info_error_is_reported(tmp_path, capsys):
     assert "no config.json" in capsys.readouterr().err
 
 
-def test_quickstart_smoke(tmp_path):
-    """The main job at smoke size (reward_vs_n's quickstart preset): builds the smoke world (tokenizer, SFT policy,
-    proxy RM), compares the methods paired, writes results + records + plots; a second run reuses the cached world
-    and reproduces the results exactly; --pool pools per-seed runs under the declared protocol."""
+def test_quickstart_smoke(smoke_world_root, tmp_path):
+    """The main job at smoke size (reward_vs_n's quickstart preset) on the session's smoke world (the CLI's world
+    build is tested in tests/world): compares the methods paired, writes results + records + plots; a second
+    process reproduces the results exactly; --pool pools per-seed runs under the declared protocol."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     out = tmp_path / "q"
     cmd = [sys.executable, "-m", "prs_jax.cli", "quickstart", "--smoke", "--out", str(out),
-           "--world-root", str(tmp_path / "world")]
+           "--world-root", str(smoke_world_root)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     saved = json.loads((out / "results.json").read_text())

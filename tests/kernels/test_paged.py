@@ -42,7 +42,7 @@ def _paged(rng, dense_gkpd, lengths, ps, spare):
     return pool, table
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=12, deadline=None)
 @given(st.data())
 def test_paged_prefix_attention_equals_dense(data):
     rng = np.random.default_rng(data.draw(st.integers(0, 10_000)))
@@ -142,7 +142,7 @@ def _close(o, lse, o_ref, lse_ref):
     np.testing.assert_allclose(lse[fin], lse_ref[fin], atol=2e-6, rtol=1e-6)
 
 
-@settings(max_examples=15, deadline=None)  # interpret mode: a compile per drawn shape
+@settings(max_examples=10, deadline=None)  # interpret mode: a compile per drawn shape
 @given(st.data())
 def test_paged_pallas_kernel_matches_paged_reference_interpret(data):
     rng = np.random.default_rng(data.draw(st.integers(0, 10_000)))
