@@ -152,10 +152,17 @@ def pytest_sessionfinish(session, exitstatus):
 def smoke_world_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Root directory holding the smoke-size synthetic world, built once per test session and shared by every
     study's smoke test and the quickstart; pass it as `source.world.root` (or `--world-root`) with preset "smoke"."""
+    from filelock import FileLock
+
     from prs_jax.experiments.common import WorldSpec, build_world_from
 
-    root = tmp_path_factory.mktemp("worlds")
-    build_world_from(WorldSpec(preset="smoke", root=str(root)))
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n: the workers share one build (the first builds it)
+        root = tmp_path_factory.getbasetemp().parent / "worlds"
+        root.mkdir(exist_ok=True)
+    else:
+        root = tmp_path_factory.mktemp("worlds")
+    with FileLock(str(root / ".build.lock")):
+        build_world_from(WorldSpec(preset="smoke", root=str(root)))
     return root
 
 
