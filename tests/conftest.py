@@ -20,6 +20,11 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+# The tests' models are tiny, so their time is XLA compiling, not running: LLVM's optimisation level 0 compiles
+# about 1.4-1.7x faster (measured: the sr_dpo smoke 42 -> 30 s, the smoke world build 78 -> 46 s). Only the
+# tests do this; a flag the caller already gave wins.
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
 
 from pathlib import Path  # noqa: E402
 
