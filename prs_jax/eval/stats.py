@@ -123,13 +123,13 @@ def win_rate(a: Sequence[float] | Sequence[Sequence[float]] | np.ndarray,
 
 # ------------------------------------------------------------------------------------------------ tests
 def paired_permutation_p(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray, n_perm: int = 10000,
-                         seed: int = 0) -> float:
+                         seed: int | Sequence[int] = 0) -> float:
     """Two-sided p-value of "the mean paired difference a - b is zero" by a sign-flip permutation test.
 
     Under the null each unit's difference is as likely to have either sign, so the statistic |mean(s * d)| is
     recomputed for random signs s. When 2^n <= n_perm every sign pattern is enumerated (exact p); otherwise
-    p = (1 + #{|T*| >= |T|}) / (1 + n_perm) with `n_perm` draws from a generator seeded by `seed`. Identical
-    inputs give p = 1."""
+    p = (1 + #{|T*| >= |T|}) / (1 + n_perm) with `n_perm` draws from a generator seeded by `seed` (anything
+    np.random.default_rng takes, e.g. protocol.draw_key's list). Identical inputs give p = 1."""
     x, y = _paired_scores(a, b, "paired_permutation_p")
     if x.ndim != 1:
         raise ValueError(f"paired_permutation_p: pass one score per unit (1-D), got shape {x.shape}.")

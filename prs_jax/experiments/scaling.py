@@ -257,6 +257,10 @@ def _gold_per_prompt(inner: str, sel: dict[tuple[str, int], dict[Any, float]]) -
     """gold:A@N or gold:A:B@N per prompt id, from one size's selections (reward_vs_n.selected_gold)."""
     head, _, n = inner.rpartition("@")
     arms = head.split(":")[1:]
+    missing = [x for x in arms if (x, int(n)) not in sel]
+    if missing:
+        raise KeyError(f"scaling protocol: {inner!r}: the records have no selection of {missing} at N={n}; "
+                       f"measured: {sorted(sel)}")
     a = sel[(arms[0], int(n))]
     if len(arms) == 1:
         return dict(a)
