@@ -40,6 +40,16 @@ def bucket(x: int, minimum: int = 1) -> int:
     return 1 << (x - 1).bit_length()
 
 
+def length_bucket(x: int, minimum: int = 1, fine: bool = True) -> int:
+    """A token-length bucket: the smallest 2^k or 3 * 2^(k-1) >= max(x, minimum) (`fine`, half-octave steps: the
+    padded length is under 1.5x the length), else the smallest power of two (under 2x). Prefill and reads
+    cost in proportion to the padded length, so the finer steps buy compute for about twice the programs."""
+    p = bucket(x, minimum)
+    if fine and p >= 4 and 3 * p // 4 >= max(int(x), int(minimum), 1):
+        return 3 * p // 4
+    return p
+
+
 def pow2_floor(x: int) -> int:
     """Largest power of two <= max(x, 1)."""
     return 1 << (max(int(x), 1).bit_length() - 1)
@@ -122,6 +132,7 @@ class ReadLimits:
     token_budget: int = 65536
     activation_budget_bytes: int = 2 << 30
     min_row_bucket: int = 16
+    fine_row_buckets: bool = True  # row lengths in half-octave buckets (executor.length_bucket), else powers of 2
     min_groups_bucket: int = 1
     stable_rows: int = 0
     stable_groups: int = 8
@@ -190,7 +201,7 @@ def plan_reads(groups: Sequence[ReadGroup], limits: ReadLimits, heads: int, min_
         if stable:  # rows of one bucket per group: no row's padded length depends on another row's
             parts: dict[int, list[int]] = {}
             for j, row in enumerate(grp.rows):
-                parts.setdefault(bucket(len(row), limits.min_row_bucket), []).append(j)
+                parts.setdefault(length_bucket(len(row), limits.min_row_bucket, limits.fine_row_buckets), []).append(j)
             for t, idx in sorted(parts.items()):
                 n = rows_per_group(limits, heads, stable, p, t)
                 for s in range(0, len(idx), n):
@@ -198,7 +209,7 @@ def plan_reads(groups: Sequence[ReadGroup], limits: ReadLimits, heads: int, min_
             continue
         if not grp.rows:
             continue
-        t = bucket(max(len(r) for r in grp.rows), limits.min_row_bucket)
+        t = length_bucket(max(len(r) for r in grp.rows), limits.min_row_bucket, limits.fine_row_buckets)
         n = rows_per_group(limits, heads, bucket(len(grp.rows)), p, t)
         for s in range(0, len(grp.rows), n):
             classes.setdefault((n, p, t), []).append((gi, list(range(s, min(s + n, len(grp.rows))))))

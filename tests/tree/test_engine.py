@@ -349,3 +349,17 @@ def test_activation_budget_splits_prefill_programs_without_changing_trees(model_
     assert [g for _, g in eng._tiles([None] * 4, range(4), [32] * 4, [one // 4] * 4)] == [4]
     with pytest.raises(ValueError, match="activation_budget_bytes must be >= 0"):
         EngineConfig(activation_budget_bytes=-1)
+
+
+def test_half_octave_prefill_buckets_agree_with_powers_of_two(model_tok, run_padded):
+    """Prefill lengths padded to 2^k or 3 * 2^(k-1) (the default) give the trees that powers of two give."""
+    model, tok = model_tok
+    prompts = [list(range(3, 3 + n)) for n in (5, 11, 17, 33, 46)]  # buckets 8, 12, 24, 48, 48 (fine)
+    trees = []
+    for fine in (True, False):
+        eng = TreeEngine(model, tok, seed=1, config=EngineConfig(fine_extend_buckets=fine))
+        kids = eng.expand(eng.add_prompts(prompts), 2, SamplingParams(greedy=True), max_new_tokens=6)
+        trees.append(kids)
+        for node in [k for ks in kids for k in ks]:
+            np.testing.assert_allclose(node.logprobs, _logprobs_alone(model, node, run_padded), atol=1e-4)
+    assert [[k.tokens for k in ks] for ks in trees[0]] == [[k.tokens for k in ks] for ks in trees[1]]

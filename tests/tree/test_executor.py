@@ -63,3 +63,13 @@ def test_limits_are_validated():
         ReadLimits(token_budget=0)
     with pytest.raises(ValueError, match="stable_rows must be >= 0"):
         ReadLimits(stable_rows=-1)
+
+
+def test_length_bucket_half_octaves():
+    from prs_jax.tree.executor import length_bucket
+
+    got = {x: length_bucket(x, 8) for x in (1, 8, 9, 12, 13, 17, 25, 33, 46, 49, 65, 129)}
+    assert got == {1: 8, 8: 8, 9: 12, 12: 12, 13: 16, 17: 24, 25: 32, 33: 48, 46: 48, 49: 64, 65: 96, 129: 192}
+    assert [length_bucket(x, 8, fine=False) for x in (9, 33, 46, 65)] == [16, 64, 64, 128]
+    for x in range(9, 2000):  # never below x, under 1.5x above the floor
+        assert x <= length_bucket(x, 8) < 1.5 * x
