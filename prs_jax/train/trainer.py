@@ -382,7 +382,10 @@ class Trainer:
                 from tensorboardX import SummaryWriter
 
                 # purge_step: TensorBoard drops the events at and after it that an earlier, killed run wrote
-                self._writer = SummaryWriter(str(self.out_dir / "tensorboard"), purge_step=self.step + 1)
+                # the suffix keeps a resumed run's event file apart: tensorboardX names files by the second and
+                # opens them "wb", so a resume within the same second as the killed run truncated its events
+                self._writer = SummaryWriter(str(self.out_dir / "tensorboard"), purge_step=self.step + 1,
+                                             filename_suffix=f".from_step{self.step}.{time.time_ns()}")
         except BaseException:
             self._lock.release()
             raise

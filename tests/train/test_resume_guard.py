@@ -69,7 +69,13 @@ def _rows(run_dir):
     return [json.loads(x) for x in (run_dir / "run" / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_metrics_after_crash_and_resume_hold_each_step_once(llama_dir, tmp_path):
+def test_metrics_after_crash_and_resume_hold_each_step_once(llama_dir, tmp_path, monkeypatch):
+    import types
+
+    from tensorboardX import event_file_writer
+
+    # every event file named in the same second (a fast resume): a resumed run must not truncate the killed one's
+    monkeypatch.setattr(event_file_writer, "time", types.SimpleNamespace(time=lambda: 1.7e9))
     arrays = pair_arrays(n=10)
     _trainer(llama_dir, tmp_path / "a", steps=6, save_every=2, tensorboard=True).fit(ArraySource(arrays))
     with pytest.raises(Crash):  # steps 1-3 logged, checkpoint at 2, crash while building step 4's batch
