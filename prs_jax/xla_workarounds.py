@@ -6,19 +6,21 @@ reduce fusion: with that one fusion type disabled (`--xla_cpu_experimental_ynn_f
 the reproduction is exact, while 0.10.2 keeps its YNNPACK matmuls, which decode a real checkpoint ~1.4x faster
 than 0.10.1 on CPU (measured on SmolLM2-135M, see the README's benchmark table). XLA reads XLA_FLAGS when it
 compiles its first program, so the flag is added to the environment at import, before any prs_jax program
-compiles. A caller who already compiled JAX programs before importing prs_jax gets a warning instead: the flag
-can no longer take effect in that process.
+compiles. A caller who already initialised JAX before importing prs_jax gets a warning instead and XLA_FLAGS is
+left as it is: the flag could no longer take effect in that process, and JAX's persistent compilation cache keys
+programs by XLA_FLAGS, so setting it anyway would file miscompiled programs under the fixed flags' key.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
 import os
+import re
 import sys
 import warnings
 
 YNN_REDUCE_OFF = "--xla_cpu_experimental_ynn_fusion_type=-LIBRARY_FUSION_TYPE_REDUCE"
-AFFECTED_JAXLIB = ("0.10.2",)
+AFFECTED_RELEASES = ((0, 10, 2),)  # release numbers: 0.10.2, 0.10.2.post1 and dev builds of it alike
 
 
 def jaxlib_version() -> str | None:
@@ -30,7 +32,8 @@ def jaxlib_version() -> str | None:
 
 def needs_ynn_reduce_off(version: str | None) -> bool:
     """Whether this jaxlib version carries jax-ml/jax#39103."""
-    return version in AFFECTED_JAXLIB
+    m = re.match(r"(\d+)\.(\d+)\.(\d+)", version or "")
+    return m is not None and tuple(map(int, m.groups())) in AFFECTED_RELEASES
 
 
 def flags_with_workaround(flags: str) -> str:
@@ -56,11 +59,12 @@ def apply(environ: dict | None = None) -> bool:
     new = flags_with_workaround(flags)
     if new == flags:
         return False
-    env["XLA_FLAGS"] = new
     if environ is None and _compiled_already():
         warnings.warn(
-            f"jaxlib {jaxlib_version()} miscompiles vmapped matmul + reduction on CPU (jax-ml/jax#39103); prs_jax "
-            f"added {YNN_REDUCE_OFF} to XLA_FLAGS, but JAX was already initialised in this process, so the flag may "
-            "not take effect. Import prs_jax before running any JAX computation, or set XLA_FLAGS yourself.",
+            f"jaxlib {jaxlib_version()} miscompiles vmapped matmul + reduction on CPU (jax-ml/jax#39103), and JAX "
+            f"was initialised before prs_jax was imported, so prs_jax cannot add {YNN_REDUCE_OFF} to XLA_FLAGS any "
+            "more. Import prs_jax before running any JAX computation, or set that flag in XLA_FLAGS yourself.",
             RuntimeWarning, stacklevel=3)
+        return False
+    env["XLA_FLAGS"] = new
     return True

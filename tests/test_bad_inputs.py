@@ -236,6 +236,8 @@ CASES: list[Case] = [
      f"another run is writing {{d}}/g7.jsonl (pid {os.getpid()})"),
     ("generate-stamp-differs", lambda c: c.gen("strategy.n=4", f"out={_stamped(c, 'g8.jsonl', _gen_stamp(c, 8))}"),
      1, "differing keys: strategy.n (strategy.n: 8 -> 4)"),
+    ("generate-older-engine-shapes", lambda c: c.gen("strategy.n=8", "out=" + _stamped(
+        c, "g8s.jsonl", {**_gen_stamp(c, 8), "engine_shape_scheme": "pow2"})), 1, "differing keys: engine_shape_scheme"),
     ("generate-broken-line-in-output", lambda c: c.gen(f"out={c.file('g9.jsonl', '{bad' + chr(10) + ROW + chr(10))}"),
      1, "g9.jsonl:1: invalid JSON"),
     ("generate-reward-model-window", lambda c: c.gen(f"out={c.d / 'g10.jsonl'}", "prompts=" + _one_prompt(

@@ -51,6 +51,18 @@ def test_workaround_flag_only_for_the_affected_jaxlib(monkeypatch):
     monkeypatch.setattr(xw, "jaxlib_version", lambda: "0.10.1")
     clean: dict = {}
     assert not xw.apply(clean) and clean == {}
+    assert [xw.needs_ynn_reduce_off(v) for v in ("0.10.2", "0.10.2.post1", "0.10.2.dev20261201", "0.10.20",
+                                                 "0.10.1", None)] == [True, True, True, False, False, False]
+
+
+def test_no_flag_once_jax_is_initialised(monkeypatch):
+    """Too late to take effect, and the compilation cache keys programs by XLA_FLAGS: warn, leave it alone."""
+    monkeypatch.setattr(xw, "jaxlib_version", lambda: "0.10.2")
+    monkeypatch.setattr(xw, "_compiled_already", lambda: True)
+    monkeypatch.setenv("XLA_FLAGS", "--xla_backend_optimization_level=0")
+    with pytest.warns(RuntimeWarning, match="39103"):
+        assert not xw.apply()
+    assert os.environ["XLA_FLAGS"] == "--xla_backend_optimization_level=0"
 
 
 @pytest.mark.skipif(not xw.needs_ynn_reduce_off(xw.jaxlib_version()), reason="jaxlib is not 0.10.2")

@@ -28,7 +28,7 @@ from prs_jax.models.window import ContextError, check_fits, policy_prompt_ids, w
 from prs_jax.strategies.base import CallableScorer, PromptItem, RewardModelScorer, Scorer, join_preference
 from prs_jax.strategies.prs import PRS, BestOfN
 from prs_jax.strategies.verbalized import VerbalizedSampling
-from prs_jax.tree.engine import EngineConfig, TreeEngine
+from prs_jax.tree.engine import SHAPE_SCHEME, EngineConfig, TreeEngine
 from prs_jax.tree.sampling import SamplingParams
 from prs_jax.tree.scoring import RewardFormatter, RewardScorer, ScorerConfig
 
@@ -195,6 +195,7 @@ def row_config(cfg: GenerateConfig) -> dict[str, Any]:
     d = to_dict(cfg)
     for key in ("out", "batch_size", "max_prompts", "attention_impl"):
         d.pop(key)
+    d["engine_shape_scheme"] = SHAPE_SCHEME  # the floats of a row depend on its padded shapes
     return d
 
 

@@ -383,9 +383,10 @@ class Trainer:
 
                 # purge_step: TensorBoard drops the events at and after it that an earlier, killed run wrote
                 # the suffix keeps a resumed run's event file apart: tensorboardX names files by the second and
-                # opens them "wb", so a resume within the same second as the killed run truncated its events
+                # opens them "wb", so a resume within the same second as the killed run truncated its events;
+                # the fixed-width clock first keeps TensorBoard's name order the order the runs started
                 self._writer = SummaryWriter(str(self.out_dir / "tensorboard"), purge_step=self.step + 1,
-                                             filename_suffix=f".from_step{self.step}.{time.time_ns()}")
+                                             filename_suffix=f".{time.time_ns()}.from_step{self.step}")
         except BaseException:
             self._lock.release()
             raise

@@ -100,6 +100,11 @@ class EngineConfig:
             raise ValueError(f"EngineConfig.share_min_ratio must be >= 0, got {self.share_min_ratio}.")
 
 
+# How programs are shaped (length buckets): XLA's float results depend on a row's padded shape, so a restartable
+# output (prs-jax generate) stamps this and refuses to resume rows written under another scheme. Bump it with any
+# change to the bucketing of prefill, reads or decode.
+SHAPE_SCHEME = "prefill-half-octave-v1"
+
 # bucket floors of the engines that serve many calls of varied shapes (the studies, the world's skill gates):
 # few compiled programs across prompt lengths, widths and refinement rounds
 STUDY_FLOORS: dict[str, int] = {"min_prefix_bucket": 64, "min_new_tokens_bucket": 32, "min_extend_bucket": 32}

@@ -99,7 +99,7 @@ def _tensorboard_steps(logdir, tag):
     from tensorboardX.proto.event_pb2 import Event, SessionLog
 
     kept: list[int] = []
-    for path in sorted(logdir.glob("events.out.tfevents.*"), key=lambda q: q.stat().st_mtime_ns):
+    for path in sorted(logdir.glob("events.out.tfevents.*")):  # TensorBoard reads them in name order
         data = path.read_bytes()
         at = 0
         while at < len(data):
