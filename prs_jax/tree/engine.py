@@ -65,7 +65,7 @@ class EngineConfig:
     min_extend_bucket: int = 8  # new tokens per prefill call
     fine_extend_buckets: bool = True  # prefill lengths in half-octave buckets (2^k or 3 * 2^(k-1):
     # executor.length_bucket), else powers of two; prefill costs in proportion to the padded length (16 chat
-    # prompts of 39-46 tokens: 48 instead of 64 per row), for about twice the compiled prefill programs
+    # prompts feeding 38-45 tokens: 48 instead of 64 per row), for about twice the compiled prefill programs
     min_rows_bucket: int = 0  # > 0: children per parent padded to a power of two >= this (fewer compiled
     # programs when many different n are used, e.g. best-of-N sweeps; padded rows are inactive)
     group_tile: int = 0  # > 0: batch-invariant shapes. Every program runs exactly this many groups, and only

@@ -44,10 +44,9 @@ def length_bucket(x: int, minimum: int = 1, fine: bool = True) -> int:
     """A token-length bucket: the smallest 2^k or 3 * 2^(k-1) >= max(x, minimum) (`fine`, half-octave steps: the
     padded length is under 1.5x the length), else the smallest power of two (under 2x). Prefill and reads
     cost in proportion to the padded length, so the finer steps buy compute for about twice the programs."""
-    p = bucket(x, minimum)
-    if fine and p >= 4 and 3 * p // 4 >= max(int(x), int(minimum), 1):
-        return 3 * p // 4
-    return p
+    n = max(int(x), int(minimum), 1)
+    p = bucket(n)
+    return 3 * p // 4 if fine and p >= 4 and 3 * p // 4 >= n else p
 
 
 def pow2_floor(x: int) -> int:
