@@ -4,7 +4,8 @@
 
 Same random tiny Llama for every contender: hidden 256, 4 layers, 4 heads, vocab 32000, float32.
 B1 plain batch sampling (16 x (64 prompt + 64 new)); B2 shared prefix (one 1024-token prompt, 32 children x 64
-new; B2d a depth-4 tree timed per level, KV pool peak); B3 prefill throughput (16 x 256 = 4096 tokens per call) as MFU against the f32 matmul peak measured in
+new; B2d a depth-4 tree timed per level, KV pool peak; B2m the multi-level cascade: PRS's second layer on long
+prompts, each prompt's drafts read its pages once as an outer level, vs two levels); B3 prefill throughput (16 x 256 = 4096 tokens per call) as MFU against the f32 matmul peak measured in
 this run, and against torch's forward. Medians of repeats, contenders alternated; compile time reported apart.
 """
 
@@ -74,34 +75,93 @@ def forward_flops(cfg, batch: int, length: int) -> float:
     return batch * length * (l * (per_token_layer + attn) + 2 * h * v)
 
 
+def bench_multi_level(model, rng, reps: int, quick: bool) -> dict:
+    """B2m: PRS's second layer on long prompts. P prompts of L tokens, D drafts each (32 new) with an 8-token
+    feedback turn appended; then each draft gets C children (the timed expansion). Two levels: each draft's
+    group reads prompt + draft; multi-level: the prompt's full pages once per prompt (outer level), then each
+    draft's own pages. Contenders alternate, median of repeats; greedy children equal (checked)."""
+    n_prompts, length, drafts, children, new = (4, 256, 4, 4, 16) if quick else (4, 1024, 4, 4, 64)
+    prompts = [list(rng.integers(10, model.config.vocab_size, size=length)) for _ in range(n_prompts)]
+    params = SamplingParams(temperature=1.0)
+    engines = {"two_levels": TreeEngine(model, None, seed=0, config=EngineConfig(outer_level=False)),
+               "multi_level": TreeEngine(model, None, seed=0, config=EngineConfig(outer_level=True))}
+    times: dict[str, list[float]] = {k: [] for k in engines}
+    out: dict = {"prompts": n_prompts, "prompt_tokens": length, "drafts": drafts, "children": children,
+                 "new_tokens": new, "goal": "multi-level faster than two levels where a prompt is shared by groups"}
+    for rep in range(reps + 1):  # the first round compiles
+        for name, eng in engines.items():
+            roots = eng.add_prompts(prompts, ids=[str(i) for i in range(n_prompts)])
+            ds = eng.expand(roots, drafts, params, max_new_tokens=32, stop=NO_EOS)
+            asks = eng.append([d for dd in ds for d in dd], [[11, 12, 13, 14, 15, 16, 17, 18]] * (n_prompts * drafts))
+            t0 = time.perf_counter()
+            eng.expand(asks, children, params, max_new_tokens=new, stop=NO_EOS)
+            dt = time.perf_counter() - t0
+            if rep:
+                times[name].append(dt)
+            st = eng.last_decode_stats
+            out[name] = {"prefix_kv_bytes": st["prefix_kv_bytes"], "outer_kv_bytes": st["outer_kv_bytes"],
+                         "outer_programs": st["outer_programs"]}
+            eng.release(list(eng.tree))
+    for name in engines:
+        med = statistics.median(times[name])
+        out[name].update({"steady_s": med, "new_tok_per_s": n_prompts * drafts * children * new / med})
+    # sampled tokens on a random model's near-uniform 32k-way distributions flip with last-bit float changes;
+    # the check: greedy children equal, first-token log-probs agree to float tolerance
+    greedy = {}
+    for name, eng in engines.items():
+        roots = eng.add_prompts(prompts, ids=[str(i) for i in range(n_prompts)])
+        ds = eng.expand(roots, drafts, params, max_new_tokens=32, stop=NO_EOS)
+        asks = eng.append([d for dd in ds for d in dd], [[11, 12, 13, 14, 15, 16, 17, 18]] * (n_prompts * drafts))
+        greedy[name] = [k for ks in eng.expand(asks, children, SamplingParams(greedy=True), max_new_tokens=new,
+                                               stop=NO_EOS) for k in ks]
+        eng.release(list(eng.tree))
+    out["greedy_equal"] = [k.tokens for k in greedy["two_levels"]] == [k.tokens for k in greedy["multi_level"]]
+    out["max_first_logprob_diff"] = max(abs(a.logprobs[0] - b.logprobs[0])
+                                        for a, b in zip(greedy["two_levels"], greedy["multi_level"]))
+    out["speedup_multi_vs_two"] = out["multi_level"]["new_tok_per_s"] / out["two_levels"]["new_tok_per_s"]
+    out["prefix_bytes_ratio"] = out["multi_level"]["prefix_kv_bytes"] / out["two_levels"]["prefix_kv_bytes"]
+    print("B2m", json.dumps(out, indent=1))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/engine.json"))
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="fewer tokens, for a smoke run")
+    ap.add_argument("--only", choices=("b2m",), default=None,
+                    help="run one section alone (b2m: the multi-level cascade, no torch needed)")
     args = ap.parse_args()
+
+    tmp = Path(tempfile.mkdtemp(prefix="prs_bench_"))
+    ckpt = build_checkpoint(tmp / "llama-h256", "llama", seed=0, **CONFIG)
+    model = load_causal_lm(ckpt)
+    cfg = model.config
+    rng = np.random.default_rng(0)
+    reps = args.repeats
+    new = 16 if args.quick else 64
+    results: dict = {"date": datetime.date.today().isoformat(), "machine": f"{platform.machine()}, "
+                     f"{os.cpu_count()} cpus, jax {jax.__version__} ({jax.default_backend()})",
+                     "model": CONFIG, "repeats": reps}
+    params = SamplingParams(temperature=1.0)
+    if args.only == "b2m":
+        results["B2m_multi_level"] = bench_multi_level(model, rng, reps, args.quick)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=2))
+        print(f"wrote {args.out}")
+        return
 
     import torch
     from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(2)
-    tmp = Path(tempfile.mkdtemp(prefix="prs_bench_"))
-    ckpt = build_checkpoint(tmp / "llama-h256", "llama", seed=0, **CONFIG)
-    model = load_causal_lm(ckpt)
-    cfg = model.config
+    results["machine"] += f", torch {torch.__version__}"
     hf = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32, attn_implementation="sdpa").eval()
-    rng = np.random.default_rng(0)
-    reps = args.repeats
-    new = 16 if args.quick else 64
-    results: dict = {"date": datetime.date.today().isoformat(), "machine": f"{platform.machine()}, "
-                     f"{os.cpu_count()} cpus, jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__}",
-                     "model": CONFIG, "repeats": reps}
 
     # ---------------- B1: plain batch sampling
     b, t = 16, 64
     prompts = [list(rng.integers(10, cfg.vocab_size, size=t)) for _ in range(b)]
     ids = np.asarray(prompts, np.int64)
-    params = SamplingParams(temperature=1.0)
 
     def hf_b1():
         with torch.no_grad():
@@ -189,6 +249,7 @@ def main() -> None:
                       "level_over_first": (med / med[0]).tolist(), "kv_peak_bytes": eng.kv_stats()["bytes_peak"]}
     results["B2d_depth4_levels"] = b2d
     print("B2d", json.dumps(b2d, indent=1))
+    results["B2m_multi_level"] = bench_multi_level(model, rng, reps, args.quick)
 
     # ---------------- B3: prefill throughput
     pb, pt = 16, 256

@@ -17,10 +17,18 @@ is exact. A part that sees no valid key has lse = -inf and weight 0.
 
 `prefix_attention_reference` is the pure-JAX definition; `prefix_attention_pallas` is a Pallas kernel (online
 softmax over prefix blocks) verified against it in interpret mode. `cascade_attention` dispatches.
+
+Multi-level (an optional outer level, `Outer`): S outer prefixes [S, K, P0, D] (e.g. a prompt), each shared by up
+to F groups (e.g. the prompt's drafts), whose own prefixes then hold only what follows the outer one. Group g
+belongs to outer prefix `group[g]` at slot `slot[g]` < F. The queries of all rows of an outer prefix's groups
+form one [F*n*T*H/K, D] matrix per (outer prefix, kv head), so the outer keys are read once for all of them; the
+three parts (outer, group prefix, own suffix) merge exactly by log-sum-exp. Slots no group fills compute on
+zero queries and are never read back.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -46,6 +54,29 @@ def attention_with_lse(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array
     out = jnp.einsum("...ms,...sd->...md", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
     out = jnp.where(l > 0, out / jnp.where(l > 0, l, 1.0), 0.0)
     lse = jnp.where(l[..., 0] > 0, m_safe[..., 0] + jnp.log(jnp.where(l[..., 0] > 0, l[..., 0], 1.0)), NEG_INF)
+    return out, lse
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Outer:
+    """The outer cascade level of one layer: k/v [S, K, P0, D], mask [S, P0] (valid slots), and for each group its
+    outer prefix `group` [G] int32 and its slot `slot` [G] int32 among that prefix's `fanout` (static) groups
+    (pairs (group[g], slot[g]) distinct; group[g] = S: group g has no outer part)."""
+
+    k: jax.Array
+    v: jax.Array
+    mask: jax.Array
+    group: jax.Array
+    slot: jax.Array
+    fanout: int = dataclasses.field(metadata=dict(static=True))
+
+
+def merge_partials_lse(parts: list[tuple[jax.Array, jax.Array]]) -> tuple[jax.Array, jax.Array]:
+    """Exact merge of normalised partial attentions [(o [..., D], lse [...]), ...]; returns (o, lse)."""
+    lse = functools.reduce(jnp.logaddexp, [l for _, l in parts])
+    lse_safe = jnp.where(jnp.isfinite(lse), lse, 0.0)
+    out = sum(o * jnp.where(jnp.isfinite(l), jnp.exp(l - lse_safe), 0.0)[..., None] for o, l in parts)
     return out, lse
 
 
@@ -146,8 +177,10 @@ QUERY_BLOCK = 512  # queries per attention block (cascade and plain attention): 
 
 def cascade_attention(q_gnthd: jax.Array, prefix_k: jax.Array, prefix_v: jax.Array, prefix_mask_gp: jax.Array,
                       suffix_k: jax.Array, suffix_v: jax.Array, suffix_mask_rts: jax.Array, *,
-                      impl: str = "reference", q_block: int | None = QUERY_BLOCK) -> jax.Array:
-    """Attention of each row's new tokens over (shared prefix ++ own suffix); returns [G, n, T, H, D].
+                      impl: str = "reference", q_block: int | None = QUERY_BLOCK, outer: Outer | None = None
+                      ) -> jax.Array:
+    """Attention of each row's new tokens over ([outer prefix ++] group prefix ++ own suffix); returns
+    [G, n, T, H, D]. `outer`: the optional outer level (see the module docstring).
 
     impl: "reference" (pure JAX) or "pallas" (prefix part as a Pallas kernel; interpret mode on CPU).
     With more than `q_block` new tokens per row (a long prefill) the queries run in equal blocks of at most
@@ -158,7 +191,7 @@ def cascade_attention(q_gnthd: jax.Array, prefix_k: jax.Array, prefix_v: jax.Arr
     t = q_gnthd.shape[2]
     if not q_block or t <= q_block:
         return _cascade_block(q_gnthd, prefix_k, prefix_v, prefix_mask_gp, suffix_k, suffix_v, suffix_mask_rts,
-                              impl)
+                              impl, outer)
     g, n, _, h, d = q_gnthd.shape
     nb = -(-t // q_block)
     per = -(-t // nb)
@@ -169,26 +202,49 @@ def cascade_attention(q_gnthd: jax.Array, prefix_k: jax.Array, prefix_v: jax.Arr
     m = jnp.pad(suffix_mask_rts, ((0, 0), (0, pad), (0, 0)))
     m = m.reshape(g * n, nb, block, -1).swapaxes(0, 1)  # [nb, R, block, S]
     one = jax.checkpoint(lambda qm: _cascade_block(qm[0], prefix_k, prefix_v, prefix_mask_gp, suffix_k, suffix_v,
-                                                   qm[1], impl))
+                                                   qm[1], impl, outer))
     out = jax.lax.map(one, (q, m))  # [nb, G, n, block, H, D]
     return out.transpose(1, 2, 0, 3, 4, 5).reshape(g, n, nb * block, h, d)[:, :, :t]
 
 
+def _prefix_part(q_gkmd: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, impl: str
+                 ) -> tuple[jax.Array, jax.Array]:
+    if impl == "pallas":
+        return prefix_attention_pallas(q_gkmd, k, v, mask, interpret=jax.default_backend() == "cpu")
+    if impl == "reference":
+        return prefix_attention_reference(q_gkmd, k, v, mask)
+    raise ValueError(f"cascade_attention: impl must be 'reference' or 'pallas', got {impl!r}")
+
+
+def _outer_part(q_pre: jax.Array, outer: Outer, impl: str) -> tuple[jax.Array, jax.Array]:
+    """The outer level: q [G, K, M, D] placed at (group[g], slot[g]) of [S, F, K, M, D], one [F*M, D] query matrix
+    per (outer prefix, kv head), then each group's part read back: (o [G, K, M, D], lse [G, K, M])."""
+    g, kh, m, d = q_pre.shape
+    s_n, f = outer.k.shape[0], outer.fanout
+    q = jnp.zeros((s_n, f, kh, m, d), q_pre.dtype).at[outer.group, outer.slot].set(q_pre, mode="drop")
+    q = q.transpose(0, 2, 1, 3, 4).reshape(s_n, kh, f * m, d)
+    o, lse = _prefix_part(q, outer.k, outer.v, outer.mask, impl)
+    # a group whose outer index is S (out of range) has no outer part: zeros with lse -inf (weight 0)
+    o = o.reshape(s_n, kh, f, m, d).transpose(0, 2, 1, 3, 4).at[outer.group, outer.slot].get(mode="fill",
+                                                                                                fill_value=0.0)
+    lse = lse.reshape(s_n, kh, f, m).transpose(0, 2, 1, 3).at[outer.group, outer.slot].get(mode="fill",
+                                                                                             fill_value=NEG_INF)
+    return o, lse
+
+
 def _cascade_block(q_gnthd: jax.Array, prefix_k: jax.Array, prefix_v: jax.Array, prefix_mask_gp: jax.Array,
-                   suffix_k: jax.Array, suffix_v: jax.Array, suffix_mask_rts: jax.Array, impl: str) -> jax.Array:
+                   suffix_k: jax.Array, suffix_v: jax.Array, suffix_mask_rts: jax.Array, impl: str,
+                   outer: Outer | None = None) -> jax.Array:
     g, n, t, h, d = q_gnthd.shape
     kh = prefix_k.shape[1]
     gq = h // kh
     q = (q_gnthd.astype(jnp.float32) * (1.0 / math.sqrt(d))).astype(q_gnthd.dtype)
     # prefix: all siblings' queries of one kv head form one [n*T*gq, D] matrix
     q_pre = q.reshape(g, n, t, kh, gq, d).transpose(0, 3, 1, 2, 4, 5).reshape(g, kh, n * t * gq, d)
-    if impl == "pallas":
-        o1, lse1 = prefix_attention_pallas(q_pre, prefix_k, prefix_v, prefix_mask_gp,
-                                           interpret=jax.default_backend() == "cpu")
-    elif impl == "reference":
-        o1, lse1 = prefix_attention_reference(q_pre, prefix_k, prefix_v, prefix_mask_gp)
-    else:
-        raise ValueError(f"cascade_attention: impl must be 'reference' or 'pallas', got {impl!r}")
+    o1, lse1 = _prefix_part(q_pre, prefix_k, prefix_v, prefix_mask_gp, impl)
+    if outer is not None:  # the outer level merges into the group-prefix part first
+        o0, lse0 = _outer_part(q_pre, outer, impl)
+        o1, lse1 = merge_partials_lse([(o0, lse0), (o1, lse1)])
     o1 = o1.reshape(g, kh, n, t, gq, d).transpose(0, 2, 3, 1, 4, 5)  # [G, n, T, K, gq, D]
     lse1 = lse1.reshape(g, kh, n, t, gq).transpose(0, 2, 3, 1, 4)
     # suffix: per row, [K, T*gq, D] against its own [K, S, D]

@@ -5,13 +5,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from prs_jax.kernels.cascade import QUERY_BLOCK, cascade_attention
+from prs_jax.kernels.cascade import QUERY_BLOCK, Outer, cascade_attention
 from prs_jax.models.config import ModelConfig, RopeConfig
 from prs_jax.models.sharding import constrain
 
@@ -231,21 +232,46 @@ class CascadeCache:
     suffix_mask: jax.Array
     index: jax.Array
     impl: str = dataclasses.field(default="reference", metadata=dict(static=True))
+    # the optional outer level (kernels.cascade.Outer): per layer [S, K, P0, D], mask [S, P0], group -> (outer
+    # prefix, slot); a group's context is its outer prefix, then its own prefix, then each row's suffix
+    outer_k: tuple[jax.Array, ...] | None = None
+    outer_v: tuple[jax.Array, ...] | None = None
+    outer_mask: jax.Array | None = None
+    outer_group: jax.Array | None = None
+    outer_slot: jax.Array | None = None
+    outer_fanout: int = dataclasses.field(default=0, metadata=dict(static=True))
 
     @classmethod
     def init(cls, cfg: ModelConfig, prefix_k: tuple[jax.Array, ...], prefix_v: tuple[jax.Array, ...],
-             prefix_mask: jax.Array, rows_per_group: int, suffix_len: int, impl: str = "reference"
-             ) -> "CascadeCache":
-        """A cascade cache over given prefixes with an empty suffix of `suffix_len` slots per row."""
+             prefix_mask: jax.Array, rows_per_group: int, suffix_len: int, impl: str = "reference",
+             outer: tuple[tuple[jax.Array, ...], tuple[jax.Array, ...], jax.Array, jax.Array, jax.Array, int]
+             | None = None) -> "CascadeCache":
+        """A cascade cache over given prefixes with an empty suffix of `suffix_len` slots per row. `outer`:
+        (k per layer, v per layer, mask [S, P0], group [G], slot [G], fanout) of the outer level, or None."""
         g = prefix_mask.shape[0]
         r = g * rows_per_group
         shape = (r, cfg.num_key_value_heads, suffix_len, cfg.head_dim)
         dtype = prefix_k[0].dtype
+        prefix_len = jnp.sum(prefix_mask, axis=-1, dtype=jnp.int32)
+        extra: dict[str, Any] = {}
+        if outer is not None:
+            ok, ov, omask, group, slot, fanout = outer
+            outer_len = jnp.sum(omask, axis=-1, dtype=jnp.int32)
+            prefix_len = prefix_len + outer_len.at[group].get(mode="fill", fill_value=0)
+            extra = dict(outer_k=tuple(ok), outer_v=tuple(ov), outer_mask=omask, outer_group=group, outer_slot=slot,
+                         outer_fanout=int(fanout))
         return cls(prefix_k=tuple(prefix_k), prefix_v=tuple(prefix_v), prefix_mask=prefix_mask,
-                   prefix_len=jnp.sum(prefix_mask, axis=-1, dtype=jnp.int32),
+                   prefix_len=prefix_len,
                    suffix_k=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_hidden_layers)),
                    suffix_v=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_hidden_layers)),
-                   suffix_mask=jnp.zeros((r, suffix_len), bool), index=jnp.zeros((), jnp.int32), impl=impl)
+                   suffix_mask=jnp.zeros((r, suffix_len), bool), index=jnp.zeros((), jnp.int32), impl=impl, **extra)
+
+    def outer_level(self, k: jax.Array, v: jax.Array) -> Outer | None:
+        """The outer level of one layer (its k/v given), or None without one."""
+        if self.outer_mask is None:
+            return None
+        return Outer(k=k, v=v, mask=self.outer_mask, group=self.outer_group, slot=self.outer_slot,
+                     fanout=self.outer_fanout)
 
     @property
     def rows_per_group(self) -> int:
@@ -298,16 +324,18 @@ class Attention(nnx.Module):
         k_bksd = k.transpose(0, 2, 1, 3)
         v_bksd = v.transpose(0, 2, 1, 3)
         if ctx.cascade is not None:
-            pk, pv, sk, sv = kv
+            ok, ov = kv[:-4] or (None, None)  # with an outer level: (outer k, outer v, prefix k, v, suffix k, v)
+            pk, pv, sk, sv = kv[-4:]
             pk, pv = constrain(pk, _KV_AXES), constrain(pv, _KV_AXES)
             start = (0, 0, ctx.write_index, 0)
             sk = constrain(jax.lax.dynamic_update_slice(sk, k_bksd.astype(sk.dtype), start), _KV_AXES)
             sv = constrain(jax.lax.dynamic_update_slice(sv, v_bksd.astype(sv.dtype), start), _KV_AXES)
             g = ctx.cascade.prefix_mask.shape[0]
+            outer = None if ok is None else ctx.cascade.outer_level(ok, ov)
             out = cascade_attention(q.reshape(g, b // g, t, self.num_heads, self.head_dim), pk, pv,
-                                    ctx.cascade.prefix_mask, sk, sv, ctx.mask_bts, impl=ctx.cascade.impl)
+                                    ctx.cascade.prefix_mask, sk, sv, ctx.mask_bts, impl=ctx.cascade.impl, outer=outer)
             out = out.reshape(b, t, self.num_heads * self.head_dim)
-            return self.o_proj(out), (pk, pv, sk, sv)
+            return self.o_proj(out), (*kv[:-4], pk, pv, sk, sv)
         if kv is not None:
             k_cache, v_cache = kv
             start = (0, 0, ctx.write_index, 0)

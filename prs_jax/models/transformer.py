@@ -174,6 +174,8 @@ class Backbone(nnx.Module):
         for i, layer in enumerate(self._unstacked()):
             if cascade is not None:
                 kv = (cascade.prefix_k[i], cascade.prefix_v[i], cascade.suffix_k[i], cascade.suffix_v[i])
+                if cascade.outer_k is not None:
+                    kv = (cascade.outer_k[i], cascade.outer_v[i], *kv)
             else:
                 kv = (cache.k[i], cache.v[i]) if cache is not None else None
             if remat and kv is None:

@@ -85,6 +85,15 @@ class EngineConfig:
     activation_budget_bytes: int = 2 << 30  # group_tile = 0: a prefill program's attention scores (float32
     # scores and probabilities, 8 x heads x min(T, 512) x (prefix + T) bytes per group: queries run in blocks
     # of 512) stay within this; 0: unbounded
+    outer_level: bool | Literal["auto"] = "auto"  # multi-level cascade in decode programs: groups of one
+    # program whose prefixes start with the same full pages (e.g. a prompt's drafts, each a group of its
+    # refinements) read those pages once, as an outer level shared by up to F groups, then their own pages,
+    # then each row's suffix (kernels/cascade.py Outer). "auto": where it cuts the prefix slots a program reads
+    # by >= outer_min_saving and group_tile = 0 (which groups share a program depends on the batching, and
+    # splitting a softmax into more parts changes floats in the last bits); True: wherever groups share
+    # >= outer_min_tokens (group_tile = 0 only); False: two levels (group prefix, row suffix).
+    outer_min_tokens: int = 64
+    outer_min_saving: float = 0.25
 
     def __post_init__(self) -> None:
         for name in ("min_prefix_bucket", "min_new_tokens_bucket", "min_groups_bucket", "min_extend_bucket",
@@ -98,6 +107,15 @@ class EngineConfig:
             raise ValueError(f"EngineConfig.share_prefix must be true, false or 'auto', got {self.share_prefix!r}.")
         if self.share_min_ratio < 0:
             raise ValueError(f"EngineConfig.share_min_ratio must be >= 0, got {self.share_min_ratio}.")
+        if self.outer_level not in (True, False, "auto"):
+            raise ValueError(f"EngineConfig.outer_level must be true, false or 'auto', got {self.outer_level!r}.")
+        if self.outer_level is True and self.group_tile > 0:
+            raise ValueError("EngineConfig.outer_level=true needs group_tile=0: with group_tile > 0 every row must be "
+                             "bitwise the same whatever it is batched with, and which groups share an outer level "
+                             "depends on the batching. Use outer_level='auto' (off under group_tile) or false.")
+        if self.outer_min_tokens < 1 or not 0 <= self.outer_min_saving < 1:
+            raise ValueError(f"EngineConfig: outer_min_tokens must be >= 1 and outer_min_saving in [0, 1), got "
+                             f"{self.outer_min_tokens} and {self.outer_min_saving}.")
 
 
 # How programs are shaped (length buckets): XLA's float results depend on a row's padded shape, so a restartable
@@ -166,15 +184,24 @@ def _extend_fn(state, pool, table, prefix_len, tokens, mask, plan, *, graphdef, 
 
 
 def _decode_fn(state, pool, table, prefix_len, first_tok, row_keys, active, max_new, context_seen, plan,
-               *, graphdef, rows_per_group, prefix_size, buf, params, eos_ids, pad_id, impl, rules=None):
+               outer=None, *, graphdef, rows_per_group, prefix_size, buf, params, eos_ids, pad_id, impl,
+               outer_size=0, outer_fanout=0, rules=None):
     """The whole expansion in one program: the prefixes are read from the pool by block table, cascade decode
     runs in a while_loop that stops when every row is done, and the rows' KV is written into the pool
-    (donated) as `plan` says."""
+    (donated) as `plan` says. `outer`: (table [S, nb], lengths [S], group -> outer [G], slot [G]) of the outer
+    cascade level (read once per outer prefix), or None."""
     with use_rules(rules):
         prefix_kv, prefix_mask = gather_pages(pool, table, prefix_len, prefix_size)
+        outer_kv = None
+        if outer is not None:
+            o_table, o_len, o_group, o_slot = outer
+            okv, omask = gather_pages(pool, o_table, o_len, outer_size)
+            ok, ov = _stack_layers(okv)
+            outer_kv = (ok, ov, omask, o_group, o_slot, outer_fanout)
         out_tok, out_lp, lengths, hit_eos, suffix = _decode_body(
             state, prefix_kv, prefix_mask, first_tok, row_keys, active, max_new, context_seen, graphdef=graphdef,
-            rows_per_group=rows_per_group, buf=buf, params=params, eos_ids=eos_ids, pad_id=pad_id, impl=impl)
+            rows_per_group=rows_per_group, buf=buf, params=params, eos_ids=eos_ids, pad_id=pad_id, impl=impl,
+            outer=outer_kv)
         return out_tok, out_lp, lengths, hit_eos, constrain(apply_write_plan(pool, suffix, plan), POOL_AXES)
 
 
@@ -195,11 +222,11 @@ def _grow_pool_fn(pool, *, extra, rules=None):
 
 
 def _decode_body(state, prefix_kv, prefix_mask, first_tok, row_keys, active, max_new, context_seen,
-                 *, graphdef, rows_per_group, buf, params, eos_ids, pad_id, impl):
+                 *, graphdef, rows_per_group, buf, params, eos_ids, pad_id, impl, outer=None):
     model = nnx.merge(graphdef, state)
     r = first_tok.shape[0]
     pk, pv = _stack_layers(prefix_kv)
-    cache = CascadeCache.init(model.config, pk, pv, prefix_mask, rows_per_group, buf, impl)
+    cache = CascadeCache.init(model.config, pk, pv, prefix_mask, rows_per_group, buf, impl, outer=outer)
     eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
     vocab = model.config.vocab_size
     counts = jnp.zeros((r, vocab), jnp.int32) if params.needs_counts else None
@@ -241,7 +268,8 @@ def _decode_body(state, prefix_kv, prefix_mask, first_tok, row_keys, active, max
 # The logical-axis rules are a static argument: a program cached for one engine never carries another's rules.
 EXTEND = jax.jit(_extend_fn, static_argnames=("graphdef", "prefix_size", "impl", "rules"), donate_argnums=(1,))
 DECODE = jax.jit(_decode_fn, static_argnames=("graphdef", "rows_per_group", "prefix_size", "buf", "params", "eos_ids",
-                                              "pad_id", "impl", "rules"), donate_argnums=(1,))
+                                              "pad_id", "impl", "outer_size", "outer_fanout", "rules"),
+                 donate_argnums=(1,))
 GATHER = jax.jit(_gather_fn, static_argnames=("size", "rules"))
 NEW_POOL = jax.jit(_new_pool_fn, static_argnames=("shape", "dtype", "rules"))
 GROW_POOL = jax.jit(_grow_pool_fn, static_argnames=("extra", "rules"))  # a new, larger buffer
@@ -370,6 +398,63 @@ class TreeEngine:
             table[g, :len(pages)] = pages
             length[g] = n
         return table, length, size
+
+    def outer_tables(self, parents: Sequence[Node], lengths: Sequence[int], groups: int
+                     ) -> tuple[tuple[np.ndarray, ...], int, int, np.ndarray, np.ndarray, int] | None:
+        """The multi-level split of a decode program's groups (EngineConfig.outer_level), or None to run two
+        levels. Groups whose first lengths[g] context tokens start with the same full pages (at least
+        outer_min_tokens) form an outer prefix: (outer table [S, nb0], outer lengths [S], group -> outer [G]
+        (S: none), slot [G]), the outer padded length P0 and fanout F, and each group's own block table [G, nb1]
+        and lengths [G] past its outer prefix (prefix_tables' layout)."""
+        cfg = self.config
+        if cfg.outer_level is False or (cfg.outer_level == "auto" and cfg.group_tile > 0) or len(parents) < 2:
+            return None
+        ps = cfg.page_size
+        pages = [list(node.block_table[:-(-n // ps)]) if n > 0 else [] for node, n in zip(parents, lengths)]
+        clusters: dict[int, list[int]] = {}
+        for g, (pg, n) in enumerate(zip(pages, lengths)):
+            if n // ps >= 1:
+                clusters.setdefault(pg[0], []).append(g)
+        outers: list[tuple[list[int], int]] = []  # (groups, shared full pages)
+        for members in clusters.values():
+            if len(members) < 2:
+                continue
+            full = min(lengths[g] // ps for g in members)
+            k = 0
+            while k < full and all(pages[g][k] == pages[members[0]][k] for g in members):
+                k += 1
+            if k * ps >= cfg.outer_min_tokens:
+                outers.append((members, k))
+        if not outers:
+            return None
+        s_n = bucket(len(outers))
+        fanout = bucket(max(len(m) for m, _ in outers))
+        size0 = bucket(max(k for _, k in outers) * ps, cfg.min_prefix_bucket)
+        o_table = np.zeros((s_n, -(-size0 // ps)), np.int32)
+        o_len = np.zeros((s_n,), np.int32)
+        o_group = np.full((groups,), s_n, np.int32)
+        o_slot = np.zeros((groups,), np.int32)
+        skip = [0] * len(parents)
+        for si, (members, k) in enumerate(outers):
+            o_table[si, :k] = pages[members[0]][:k]
+            o_len[si] = k * ps
+            for j, g in enumerate(members):
+                o_group[g], o_slot[g], skip[g] = si, j, k
+        rest = [n - k * ps for n, k in zip(lengths, skip)]
+        size = bucket(max(rest, default=0), cfg.min_prefix_bucket)
+        old_size = bucket(max(lengths, default=0), cfg.min_prefix_bucket)
+        if cfg.outer_level == "auto" and groups * size + s_n * size0 > (1 - cfg.outer_min_saving) * groups * old_size:
+            return None
+        table = np.zeros((groups, -(-size // ps)), np.int32)
+        length = np.zeros((groups,), np.int32)
+        for g, (node, n) in enumerate(zip(parents, lengths)):
+            if n <= 0:
+                continue
+            self._check_kv(node, n)
+            own = pages[g][skip[g]:]
+            table[g, :len(own)] = own
+            length[g] = rest[g]
+        return (o_table, o_len, o_group, o_slot), size0, fanout, table, length, size
 
     def prefix_batch(self, parents: Sequence[Node | None], lengths: Sequence[int], groups: int
                      ) -> tuple[jax.Array, jax.Array]:
@@ -660,7 +745,8 @@ class TreeEngine:
             kid_paths.append([p.key_path + ((e, c),) for c in range(n)])
         result: list[list[Node]] = [[] for _ in parents]
         stats: dict[str, int] = {"groups": 0, "rows": 0, "prefix_kv_bytes": 0, "suffix_kv_bytes": 0, "programs": 0,
-                                 "parents_shared": sum(shares), "parents_copied": len(parents) - sum(shares)}
+                                 "parents_shared": sum(shares), "parents_copied": len(parents) - sum(shares),
+                                 "outer_kv_bytes": 0, "outer_programs": 0}
         for todo, groups, share in tiles:
             kids = self._expand_tile([parents[i] for i in todo], [kid_paths[i] for i in todo], n, groups, sampling,
                                      max_new_tokens, stop_spec, stats, share)
@@ -683,7 +769,13 @@ class TreeEngine:
         buf = bucket(max_new_tokens, self.config.min_new_tokens_bucket)
         group_parents = list(parents) if share else [p for p in parents for _ in range(n)]
         lengths = [p.context_len - 1 for p in group_parents]
-        table, prefix_len, prefix_size = self.prefix_tables(group_parents, lengths, groups)
+        split = self.outer_tables(group_parents, lengths, groups) if share else None
+        if split is None:
+            table, prefix_len, prefix_size = self.prefix_tables(group_parents, lengths, groups)
+            outer, outer_size, fanout = None, 0, 0
+        else:
+            outer_np, outer_size, fanout, table, prefix_len, prefix_size = split
+            outer = tuple(jnp.asarray(a) for a in outer_np)
         r = groups * rows_per_group
         # every child gets pages for max_new_tokens before the program (what it does not use is freed after)
         starts = [p.context_len for p in parents]
@@ -717,8 +809,9 @@ class TreeEngine:
         out_tok, out_lp, out_len, hit_eos, self._pool = self._decode_jit(
             self._state, self._pool, jnp.asarray(table), jnp.asarray(prefix_len), jnp.asarray(first),
             path_keys(self._key, jnp.asarray(words)), jnp.asarray(active), jnp.int32(max_new_tokens), context_seen,
-            plan.build(), graphdef=self._graphdef, rows_per_group=rows_per_group, prefix_size=prefix_size, buf=buf,
-            params=sampling, eos_ids=stop_spec.eos_ids, pad_id=self.pad_id, impl=self._impl)
+            plan.build(), outer, graphdef=self._graphdef, rows_per_group=rows_per_group, prefix_size=prefix_size,
+            buf=buf, params=sampling, eos_ids=stop_spec.eos_ids, pad_id=self.pad_id, impl=self._impl,
+            outer_size=outer_size, outer_fanout=fanout)
         for pi, p in enumerate(parents):
             if completer.get(p.id) == pi:
                 p.kv_valid = len(p.tokens)
@@ -727,7 +820,10 @@ class TreeEngine:
         stats["groups"] += groups
         stats["rows"] += r
         stats["programs"] += 1
-        stats["prefix_kv_bytes"] = max(stats["prefix_kv_bytes"], groups * prefix_size * slot_bytes)  # per program
+        outer_bytes = 0 if outer is None else int(outer[0].shape[0]) * outer_size * slot_bytes
+        stats["prefix_kv_bytes"] = max(stats["prefix_kv_bytes"], groups * prefix_size * slot_bytes + outer_bytes)
+        stats["outer_kv_bytes"] = max(stats["outer_kv_bytes"], outer_bytes)  # both per program
+        stats["outer_programs"] += outer is not None
         stats["suffix_kv_bytes"] = max(stats["suffix_kv_bytes"], r * buf * slot_bytes)
         toks, lps = np.asarray(out_tok), np.asarray(out_lp)
         lens, eos_hit = np.asarray(out_len), np.asarray(hit_eos)

@@ -171,3 +171,98 @@ def test_query_blocks_bound_the_prefill_scores_buffer():
     dense, blocked = temp_bytes(None), temp_bytes(128)
     assert dense >= full_scores
     assert blocked < full_scores / 2 and dense / blocked > 4
+
+
+# ----------------------------------------------------------------------------------- multi-level (outer level)
+
+def _outer_case(data, rng):
+    """G groups of n rows; S outer prefixes of up to F groups each (a group may have none: index S)."""
+    g, n, t = data.draw(st.integers(1, 5)), data.draw(st.integers(1, 3)), data.draw(st.integers(1, 3))
+    kh, gq = data.draw(st.sampled_from([1, 2])), data.draw(st.sampled_from([1, 2, 3]))
+    s_n, f = data.draw(st.integers(1, 3)), data.draw(st.integers(1, 3))
+    slots = [(a, b) for a in range(s_n) for b in range(f)]
+    order = rng.permutation(len(slots))
+    group, slot = [], []
+    for gi in range(g):  # distinct (outer, slot) pairs; groups beyond the slots, or drawn so, have no outer part
+        if gi < len(slots) and data.draw(st.booleans()) | (gi == 0):
+            a, b = slots[order[gi]]
+        else:
+            a, b = s_n, 0
+        group.append(a)
+        slot.append(b)
+    p0, p, s = data.draw(st.integers(1, 12)), data.draw(st.integers(1, 12)), data.draw(st.integers(t, t + 4))
+    q, pk, pv, pmask, sk, sv, smask = _case(rng, g, n, t, kh, gq, 8, p, s,
+                                            [data.draw(st.integers(0, p)) for _ in range(g)],
+                                            [data.draw(st.integers(0, s - t)) for _ in range(g * n)])
+    ok, ov = (rng.normal(size=(s_n, kh, p0, 8)).astype(np.float32) for _ in range(2))
+    omask = np.arange(p0)[None, :] < np.asarray([data.draw(st.integers(0, p0)) for _ in range(s_n)])[:, None]
+    # masked outer slots must not count (finite garbage: the paged gather zeroes them before any attention)
+    ok[~np.broadcast_to(omask[:, None, :, None], ok.shape)] = 1e3
+    ov[~np.broadcast_to(omask[:, None, :, None], ov.shape)] = -1e3
+    return (q, pk, pv, pmask, sk, sv, smask), (ok, ov, omask, np.asarray(group, np.int32), np.asarray(slot, np.int32),
+                                               f)
+
+
+def _check_outer(base, outer, impl):
+    from prs_jax.kernels.cascade import Outer
+
+    q, pk, pv, pmask, sk, sv, smask = base
+    ok, ov, omask, group, slot, f = outer
+    g, n, t, h, d = q.shape
+    kh = pk.shape[1]
+    lvl = Outer(k=jnp.asarray(ok), v=jnp.asarray(ov), mask=jnp.asarray(omask), group=jnp.asarray(group),
+                slot=jnp.asarray(slot), fanout=f)
+    out = np.asarray(cascade_attention(*map(jnp.asarray, base), impl=impl, outer=lvl))
+    s_n = ok.shape[0]
+    for gi in range(g):
+        o = group[gi]
+        for i in range(n):
+            r = gi * n + i
+            for hh in range(h):
+                kv = hh // (h // kh)
+                parts_k, parts_v, parts_m = [], [], []
+                if o < s_n:
+                    parts_k.append(ok[o, kv])
+                    parts_v.append(ov[o, kv])
+                    parts_m.append(np.broadcast_to(omask[o], (t, omask.shape[1])))
+                parts_k += [pk[gi, kv], sk[r, kv]]
+                parts_v += [pv[gi, kv], sv[r, kv]]
+                parts_m += [np.broadcast_to(pmask[gi], (t, pmask.shape[1])), smask[r]]
+                ref = _plain(q[gi, i, :, hh].astype(np.float64), np.concatenate(parts_k).astype(np.float64),
+                             np.concatenate(parts_v).astype(np.float64), np.concatenate(parts_m, axis=1))
+                np.testing.assert_allclose(out[gi, i, :, hh], ref, atol=2e-5, rtol=1e-5)
+
+
+@settings(max_examples=8, deadline=None)
+@given(st.data())
+def test_outer_level_equals_plain_attention_over_all_three_parts(data):
+    rng = np.random.default_rng(data.draw(st.integers(0, 10_000)))
+    base, outer = _outer_case(data, rng)
+    _check_outer(base, outer, "reference")
+
+
+@settings(max_examples=3, deadline=None)
+@given(st.data())
+def test_outer_level_with_the_pallas_prefix_kernel_interpret(data):
+    rng = np.random.default_rng(data.draw(st.integers(0, 10_000)))
+    base, outer = _outer_case(data, rng)
+    _check_outer(base, outer, "pallas")
+
+
+def test_outer_level_ignores_unfilled_slots_and_absent_groups():
+    """Changing an outer prefix no group uses, or a fanout slot no group fills, changes nothing."""
+    from prs_jax.kernels.cascade import Outer
+
+    rng = np.random.default_rng(3)
+    base = _case(rng, 2, 2, 2, 1, 2, 8, 5, 4, [3, 5], [0, 1, 2, 0])
+    ok, ov = (rng.normal(size=(3, 1, 6, 8)).astype(np.float32) for _ in range(2))
+    omask = np.ones((3, 6), bool)
+
+    def run(k):
+        lvl = Outer(k=jnp.asarray(k), v=jnp.asarray(ov), mask=jnp.asarray(omask),
+                    group=jnp.asarray([0, 3], jnp.int32), slot=jnp.asarray([1, 0], jnp.int32), fanout=2)
+        return np.asarray(cascade_attention(*map(jnp.asarray, base), outer=lvl))
+
+    k2 = ok.copy()
+    k2[1:] = 1e3  # outer prefixes 1 and 2 serve no group
+    np.testing.assert_array_equal(run(ok), run(k2))

@@ -363,3 +363,41 @@ def test_half_octave_prefill_buckets_agree_with_powers_of_two(model_tok, run_pad
         for node in [k for ks in kids for k in ks]:
             np.testing.assert_allclose(node.logprobs, _logprobs_alone(model, node, run_padded), atol=1e-4)
     assert [[k.tokens for k in ks] for ks in trees[0]] == [[k.tokens for k in ks] for ks in trees[1]]
+
+
+def test_outer_level_shares_a_prompt_across_groups_exactly(model_tok, run_padded):
+    """Multi-level cascade: the drafts of a long prompt, each a group of refinements, read the prompt's full pages
+    once as an outer level. Same samples (keys by path) and log-probs as two levels, and as a full forward."""
+    model, tok = model_tok
+    prompts = [list(range(5, 5 + 110)), list(range(40, 40 + 83)), [7, 8, 9]]  # 6, 5 and 0 full pages of 16
+
+    def run(outer):
+        eng = TreeEngine(model, tok, seed=5, config=EngineConfig(outer_level=outer, page_size=16))
+        roots = eng.add_prompts(prompts, ids=["a", "b", "c"])
+        drafts = eng.expand(roots, 3, SamplingParams(temperature=1.0), max_new_tokens=6)
+        asks = eng.append([d for ds in drafts for d in ds], [[3, 4]] * 9)
+        kids = eng.expand(asks, 2, SamplingParams(temperature=0.9, top_k=50), max_new_tokens=5)
+        return kids, dict(eng.last_decode_stats)
+
+    two, two_stats = run(False)
+    three, three_stats = run(True)
+    assert two_stats["outer_programs"] == 0 and three_stats["outer_programs"] == 1
+    assert 0 < three_stats["outer_kv_bytes"] and three_stats["prefix_kv_bytes"] < two_stats["prefix_kv_bytes"]
+    assert [[k.tokens for k in ks] for ks in two] == [[k.tokens for k in ks] for ks in three]
+    for a, b in zip(two, three):
+        for x, y in zip(a, b):
+            np.testing.assert_allclose(x.logprobs, y.logprobs, atol=1e-5)
+            np.testing.assert_allclose(y.logprobs, _logprobs_alone(model, y, run_padded), atol=1e-4)
+    auto, auto_stats = run("auto")  # 110- and 83-token prompts under 8-token suffixes: it pays
+    assert auto_stats["outer_programs"] == 1
+    assert [[k.tokens for k in ks] for ks in auto] == [[k.tokens for k in ks] for ks in three]
+
+
+def test_outer_level_config_errors():
+    with pytest.raises(ValueError, match="outer_level=true needs group_tile=0"):
+        EngineConfig(outer_level=True, group_tile=8)
+    with pytest.raises(ValueError, match="outer_level must be"):
+        EngineConfig(outer_level="always")
+    with pytest.raises(ValueError, match="outer_min_saving"):
+        EngineConfig(outer_min_saving=1.0)
+    assert EngineConfig(group_tile=8).outer_level == "auto"  # auto stays off under group_tile
