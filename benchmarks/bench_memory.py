@@ -96,7 +96,7 @@ def main() -> None:
 
         prompts = mt_bench_questions()
         items = load_mt_bench(prompts)
-        n_prompts = len(items) if args.prompts >= len(items) else args.prompts
+        n_prompts = min(n_prompts, len(items))  # --quick: the first 16
         lengths = [len(tok(it.prompt)["input_ids"]) for it in items[:n_prompts]]
         source = {"prompts": str(prompts), "prompt_format": "mt_bench"}
     else:

@@ -159,6 +159,8 @@ class Backbone(nnx.Module):
             q_slot = write_index + jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
             if cascade is not None and self.config.sliding_window is not None:
                 total = cascade.prefix_mask.shape[1] + cascade.suffix_mask.shape[1]
+                if cascade.outer_mask is not None:  # the outer level's slots come before the group prefix
+                    total += cascade.outer_mask.shape[1]
                 if total > self.config.sliding_window:
                     raise NotImplementedError(
                         f"cascade decoding with sliding_window={self.config.sliding_window} over contexts of up "

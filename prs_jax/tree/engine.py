@@ -91,7 +91,8 @@ class EngineConfig:
     # then each row's suffix (kernels/cascade.py Outer). "auto": where it cuts the prefix slots a program reads
     # by >= outer_min_saving and group_tile = 0 (which groups share a program depends on the batching, and
     # splitting a softmax into more parts changes floats in the last bits); True: wherever groups share
-    # >= outer_min_tokens (group_tile = 0 only); False: two levels (group prefix, row suffix).
+    # >= outer_min_tokens (group_tile = 0 only); False: two levels (group prefix, row suffix). Shared tiles only:
+    # copied children (share_prefix False, or "auto" copying a parent) each read their own prefix copy.
     outer_min_tokens: int = 64
     outer_min_saving: float = 0.25
 
@@ -107,7 +108,7 @@ class EngineConfig:
             raise ValueError(f"EngineConfig.share_prefix must be true, false or 'auto', got {self.share_prefix!r}.")
         if self.share_min_ratio < 0:
             raise ValueError(f"EngineConfig.share_min_ratio must be >= 0, got {self.share_min_ratio}.")
-        if self.outer_level not in (True, False, "auto"):
+        if not (isinstance(self.outer_level, bool) or self.outer_level == "auto"):  # 0 / 1 are not booleans here
             raise ValueError(f"EngineConfig.outer_level must be true, false or 'auto', got {self.outer_level!r}.")
         if self.outer_level is True and self.group_tile > 0:
             raise ValueError("EngineConfig.outer_level=true needs group_tile=0: with group_tile > 0 every row must be "
@@ -410,6 +411,9 @@ class TreeEngine:
         if cfg.outer_level is False or (cfg.outer_level == "auto" and cfg.group_tile > 0) or len(parents) < 2:
             return None
         ps = cfg.page_size
+        for node, n in zip(parents, lengths):
+            if n > 0:
+                self._check_kv(node, n)
         pages = [list(node.block_table[:-(-n // ps)]) if n > 0 else [] for node, n in zip(parents, lengths)]
         clusters: dict[int, list[int]] = {}
         for g, (pg, n) in enumerate(zip(pages, lengths)):
@@ -443,14 +447,17 @@ class TreeEngine:
         rest = [n - k * ps for n, k in zip(lengths, skip)]
         size = bucket(max(rest, default=0), cfg.min_prefix_bucket)
         old_size = bucket(max(lengths, default=0), cfg.min_prefix_bucket)
-        if cfg.outer_level == "auto" and groups * size + s_n * size0 > (1 - cfg.outer_min_saving) * groups * old_size:
+        # "auto": the prefix slots read must drop by outer_min_saving, and the prefix attention's work (query rows
+        # x slots; the outer level computes S x F query groups, empty fanout slots included) must not grow
+        if cfg.outer_level == "auto" and (
+                groups * size + s_n * size0 > (1 - cfg.outer_min_saving) * groups * old_size
+                or groups * size + s_n * fanout * size0 > groups * old_size):
             return None
         table = np.zeros((groups, -(-size // ps)), np.int32)
         length = np.zeros((groups,), np.int32)
-        for g, (node, n) in enumerate(zip(parents, lengths)):
+        for g, n in enumerate(lengths):
             if n <= 0:
                 continue
-            self._check_kv(node, n)
             own = pages[g][skip[g]:]
             table[g, :len(own)] = own
             length[g] = rest[g]

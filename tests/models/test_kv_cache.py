@@ -47,3 +47,23 @@ def test_chunked_prefill_equals_one_shot(llama_dir):
     a, cache = model(ids[:, :7], cache=cache)
     b, cache = model(ids[:, 7:], cache=cache)
     np.testing.assert_allclose(np.concatenate([a, b], axis=1), np.asarray(full), atol=1e-4, rtol=0)
+
+
+def test_cascade_sliding_window_guard_counts_the_outer_level(make_checkpoint):
+    """Cascade decoding has no window masking, so a context longer than the window must be refused; with an outer
+    level the context is outer + group prefix + suffix (the group prefix alone fits)."""
+    from prs_jax.models.layers import CascadeCache
+
+    model = load_causal_lm(make_checkpoint("mistral", num_key_value_heads=2, sliding_window=8))
+    cfg = model.config
+    kh, d, layers = cfg.num_key_value_heads, cfg.head_dim, cfg.num_hidden_layers
+    pk = tuple(jnp.zeros((1, kh, 4, d)) for _ in range(layers))
+    mask = jnp.ones((1, 4), bool)
+    x = jnp.asarray([[5]], jnp.int32)
+    two = CascadeCache.init(cfg, pk, pk, mask, 1, 4)  # 4 + 4 slots: within the window
+    model(x, cache=two)
+    ok = tuple(jnp.zeros((1, kh, 4, d)) for _ in range(layers))
+    outer = (ok, ok, jnp.ones((1, 4), bool), jnp.zeros((1,), jnp.int32), jnp.zeros((1,), jnp.int32), 1)
+    three = CascadeCache.init(cfg, pk, pk, mask, 1, 4, outer=outer)  # 4 + 4 + 4 slots > 8
+    with pytest.raises(NotImplementedError, match="sliding_window=8 over contexts of up to 12 tokens"):
+        model(x, cache=three)

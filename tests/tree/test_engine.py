@@ -400,4 +400,6 @@ def test_outer_level_config_errors():
         EngineConfig(outer_level="always")
     with pytest.raises(ValueError, match="outer_min_saving"):
         EngineConfig(outer_min_saving=1.0)
+    with pytest.raises(ValueError, match="outer_level must be"):
+        EngineConfig(outer_level=0)  # not False: 0 would otherwise read as "on without the saving check"
     assert EngineConfig(group_tile=8).outer_level == "auto"  # auto stays off under group_tile
