@@ -273,7 +273,7 @@ def drill_rates(b: Behaviour) -> Behaviour:
     category, a repeated item) are common, and each preference is met half the time, so a critic has to look at
     the answer instead of relying on how often a violation occurs."""
     return dataclasses.replace(b, count_error=0.3, count_error_quality=0.3, off_topic=0.12, off_topic_quality=0.12,
-                               repeat=0.3, repeat_quality=0.3, attend=0.5, attend_quality=0.5)
+                               repeat=0.5, repeat_quality=0.5, attend=0.5, attend_quality=0.5)
 
 
 def _percents(p: np.ndarray) -> list[float]:

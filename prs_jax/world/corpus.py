@@ -137,9 +137,9 @@ class Mixture:
     answer_x: float = 0.04
     answer_xz: float = 0.10
     answer_pxz: float = 0.05
-    critique: float = 0.18  # own draft -> critique (the PRS conversation, stopped after the critique)
-    critique_given: float = 0.10  # critique of an answer quoted in the user turn
-    critique_drill: float = 0.06  # the same on error-rich answers (behaviour.drill_rates): rare violations
+    critique: float = 0.12  # own draft -> critique (the PRS conversation, stopped after the critique)
+    critique_given: float = 0.06  # critique of an answer quoted in the user turn
+    critique_drill: float = 0.16  # the same on error-rich answers (behaviour.drill_rates): rare violations
     reflect: float = 0.20  # own draft -> critique -> refinement
     reflect_no_feedback: float = 0.04
     judge: float = 0.03  # the policy keeps a little judging (the separate labelers are trained on much more)
