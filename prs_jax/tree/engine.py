@@ -419,16 +419,21 @@ class TreeEngine:
         for g, (pg, n) in enumerate(zip(pages, lengths)):
             if n // ps >= 1:
                 clusters.setdefault(pg[0], []).append(g)
-        outers: list[tuple[list[int], int]] = []  # (groups, shared full pages)
-        for members in clusters.values():
-            if len(members) < 2:
-                continue
+        def split(members: list[int], k: int) -> list[tuple[list[int], int]]:
+            """members share their first k pages: extend k while they agree; too short an agreement (a short
+            prompt over long drafts) splits them by the page where they part, and each part goes on."""
             full = min(lengths[g] // ps for g in members)
-            k = 0
             while k < full and all(pages[g][k] == pages[members[0]][k] for g in members):
                 k += 1
             if k * ps >= cfg.outer_min_tokens:
-                outers.append((members, k))
+                return [(members, k)]
+            parts: dict[int, list[int]] = {}
+            for g in members:
+                if lengths[g] // ps > k:
+                    parts.setdefault(pages[g][k], []).append(g)
+            return [o for part in parts.values() if len(part) >= 2 for o in split(part, k + 1)]
+
+        outers = [o for members in clusters.values() if len(members) >= 2 for o in split(members, 1)]
         if not outers:
             return None
         s_n = bucket(len(outers))

@@ -403,3 +403,28 @@ def test_outer_level_config_errors():
     with pytest.raises(ValueError, match="outer_level must be"):
         EngineConfig(outer_level=0)  # not False: 0 would otherwise read as "on without the saving check"
     assert EngineConfig(group_tile=8).outer_level == "auto"  # auto stays off under group_tile
+
+
+def test_outer_level_splits_groups_that_part_after_a_short_prompt(model_tok, run_padded):
+    """A short prompt (2 full pages) under two long drafts, each asked twice: the four groups share only the
+    prompt's pages (too few), but each draft's two groups share prompt + draft, which becomes their outer level."""
+    from prs_jax.tree.engine import Stop
+
+    model, tok = model_tok
+
+    def run(outer):
+        eng = TreeEngine(model, tok, seed=9, config=EngineConfig(outer_level=outer, page_size=16))
+        root = eng.add_prompts([list(range(5, 45))], ids=["p"])[0]
+        d = eng.expand([root], 2, SamplingParams(temperature=1.0), max_new_tokens=80, stop=Stop(eos_ids=()))[0]
+        asks = eng.append([d[0], d[0], d[1], d[1]], [[3, 4], [5, 6], [3, 4], [5, 6]])
+        kids = eng.expand(asks, 2, SamplingParams(temperature=0.9), max_new_tokens=5)
+        return kids, dict(eng.last_decode_stats)
+
+    two, _ = run(False)
+    three, stats = run(True)
+    assert stats["outer_programs"] == 1 and stats["outer_kv_bytes"] > 0
+    assert [[k.tokens for k in ks] for ks in two] == [[k.tokens for k in ks] for ks in three]
+    for a, b in zip(two, three):
+        for x, y in zip(a, b):
+            np.testing.assert_allclose(x.logprobs, y.logprobs, atol=1e-5)
+            np.testing.assert_allclose(y.logprobs, _logprobs_alone(model, y, run_padded), atol=1e-4)
