@@ -290,6 +290,9 @@ class AttnContext:
 
 
 _KV_AXES = ("batch", "kv_heads", None, None)  # KV cache [B, K, S, D]: rows on the batch axes, heads on tensor
+# outer cascade level [S, K, P0, D]: a few prefixes each read by many groups, kept whole on the batch axes (every
+# data shard's groups read them) and split by kv heads like the rest of the KV
+_OUTER_KV_AXES = (None, "kv_heads", None, None)
 
 
 class Attention(nnx.Module):
@@ -325,6 +328,8 @@ class Attention(nnx.Module):
         v_bksd = v.transpose(0, 2, 1, 3)
         if ctx.cascade is not None:
             ok, ov = kv[:-4] or (None, None)  # with an outer level: (outer k, outer v, prefix k, v, suffix k, v)
+            if ok is not None:
+                ok, ov = constrain(ok, _OUTER_KV_AXES), constrain(ov, _OUTER_KV_AXES)
             pk, pv, sk, sv = kv[-4:]
             pk, pv = constrain(pk, _KV_AXES), constrain(pv, _KV_AXES)
             start = (0, 0, ctx.write_index, 0)
@@ -335,7 +340,7 @@ class Attention(nnx.Module):
             out = cascade_attention(q.reshape(g, b // g, t, self.num_heads, self.head_dim), pk, pv,
                                     ctx.cascade.prefix_mask, sk, sv, ctx.mask_bts, impl=ctx.cascade.impl, outer=outer)
             out = out.reshape(b, t, self.num_heads * self.head_dim)
-            return self.o_proj(out), (*kv[:-4], pk, pv, sk, sv)
+            return self.o_proj(out), (*(() if ok is None else (ok, ov)), pk, pv, sk, sv)
         if kv is not None:
             k_cache, v_cache = kv
             start = (0, 0, ctx.write_index, 0)

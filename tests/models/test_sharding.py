@@ -76,6 +76,8 @@ ENGINE_SCRIPT = textwrap.dedent(r"""
         def __call__(self, *args, **kwargs):
             out = self.fn(*args, **kwargs)
             calls["pool"] = out[-1]
+            outer = args[10] if len(args) > 10 else kwargs.get("outer")
+            calls["outer"] = None if outer is None else outer[0]  # the outer level's block table [S, nb]
             calls["text"] = self.fn.lower(*args, **kwargs).as_text()
             return out
 
@@ -98,6 +100,25 @@ ENGINE_SCRIPT = textwrap.dedent(r"""
                                     calls["text"])
         report[name] = dict(pool=spec(pool), shape=list(pool.shape), constraints=sorted(set(kv_constraints)),
                             n_kids=[len(k) for k in kids], engine_pool=spec(engine.kv_pool()))
+    # multi-level cascade (prompt -> draft -> refinement) on the mesh equals the unsharded engine; the outer
+    # level's KV [S, K, P0, D] is constrained whole on the batch axes and split by kv heads on tensor
+    multi = {}
+    for name, ctx in (("plain", None), ("mesh", MeshConfig(data=2, fsdp=1, tensor=4).context())):
+        model = load_causal_lm(path) if ctx is None else load_causal_lm(path, mesh=ctx.mesh, sharding_rules=ctx.rules)
+        engine = E.TreeEngine(model, load_tokenizer(path), seed=5, mesh_context=ctx, config=E.EngineConfig(
+            attention_impl="reference", outer_level=True, page_size=16))
+        roots = engine.add_prompts([list(range(5, 115)), list(range(40, 123))], ids=["a", "b"])
+        drafts = engine.expand(roots, 3, SamplingParams(temperature=1.0), max_new_tokens=6)
+        asks = engine.append([d for ds in drafts for d in ds], [[3, 4]] * 6)
+        kids = engine.expand(asks, 2, SamplingParams(greedy=True), max_new_tokens=5)
+        n_outer = int(calls["outer"].shape[0])
+        pattern = r"sdy\.sharding_constraint %\S+ <@mesh, (\[.*?\])> : tensor<" + str(n_outer) + r"x4x\d+x16xf32>"
+        found = re.findall(pattern, calls["text"]) if ctx is not None else []
+        multi[name] = dict(tokens=[[list(map(int, k.tokens)) for k in ks] for ks in kids],
+                           logprobs=[[list(map(float, k.logprobs)) for k in ks] for ks in kids],
+                           outer_programs=engine.last_decode_stats["outer_programs"],
+                           outer_constraints=sorted(set(found)))
+    report["multilevel"] = multi
     print(json.dumps(report))
 """)
 
@@ -124,3 +145,10 @@ def test_engine_kv_sharded_on_kv_heads(make_checkpoint):
     assert replicated["pool"][4] is None, replicated
     assert replicated["constraints"] and all(c.startswith('[{"data"') and c.endswith('}, {}, {}, {}]')
                                              for c in replicated["constraints"]), replicated
+    plain, mesh = report["multilevel"]["plain"], report["multilevel"]["mesh"]
+    assert plain["outer_programs"] == mesh["outer_programs"] == 1
+    assert mesh["tokens"] == plain["tokens"]
+    for a, b in zip(mesh["logprobs"], plain["logprobs"]):
+        for x, y in zip(a, b):
+            assert max(abs(u - v) for u, v in zip(x, y)) < 1e-4
+    assert mesh["outer_constraints"] == ['[{}, {"tensor"}, {}, {}]'], mesh["outer_constraints"]
