@@ -7,7 +7,7 @@ the RM (corpus, tokenizer, curriculum, SFT) depends on nothing the overrides tou
 from the built default world (its .phases records, data, tokenizer and policy) and the build resumes at the
 policy-sample phase (its pairs depend on rm_pairs through the shared random stream) and the RM. The gate rows
 are printed beside the default build's."""
-import dataclasses, json, shutil, sys
+import json, shutil, sys
 from pathlib import Path
 
 from prs_jax.config import load_config, to_dict
