@@ -15,13 +15,12 @@ from prs_jax.world.build import WorldConfig, build_world, preset, world_key
 
 SEED = int(sys.argv[1])
 overrides = sys.argv[2:]
-bad = [o for o in overrides if not o.split("=", 1)[0].startswith("rm_")]
-if bad:
-    raise SystemExit(f"rm_budget.py: only rm_* keys may change (the earlier phases are reused), got {bad}")
 base_cfg = load_config(WorldConfig, None, [f"seed={SEED}"], defaults=to_dict(preset("default")))
 cfg = load_config(WorldConfig, None, [f"seed={SEED}", *overrides], defaults=to_dict(preset("default")))
-changed = {k for k, v in to_dict(cfg).items() if to_dict(base_cfg)[k] != v}
-assert changed and all(k.startswith("rm_") for k in changed), changed
+base_dict = to_dict(base_cfg)
+changed = {k for k, v in to_dict(cfg).items() if base_dict[k] != v}
+if not changed or not all(k.startswith("rm_") for k in changed):
+    raise SystemExit(f"rm_budget.py: give rm_* overrides only (the earlier phases are reused), got {sorted(changed)}")
 base = Path("runs/world") / f"world-{world_key(base_cfg)}"
 if not (base / "report.json").is_file():
     raise SystemExit(f"rm_budget.py: build the default world of seed {SEED} first ({base} has no report.json)")
